@@ -1,0 +1,5 @@
+//! The Flotilla agent.
+#![forbid(unsafe_code)]
+
+pub mod probe;
+pub mod telemetry;

@@ -1,0 +1,1 @@
+//! Human-readable report of what the collectors see.

@@ -1,0 +1,410 @@
+//! The agent's configuration (`/etc/flotilla/agent.toml`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{Checker, ConfigError, from_toml, read_file};
+
+/// The defaults `flotilla up` and tests start from: every key at its default, paths relative.
+pub const EMBEDDED: &str = r#"
+[uplink]
+aggregator = "127.0.0.1:7443"
+
+[tls]
+ca_cert = "tls/ca.pem"
+cert = "tls/host.pem"
+key = "tls/host.key"
+
+[spool]
+path = "spool"
+"#;
+
+/// The agent's validated configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where and how to send telemetry.
+    pub uplink: UplinkConfig,
+    /// Certificates.
+    pub tls: AgentTlsConfig,
+    /// What to collect and how often.
+    pub telemetry: TelemetryConfig,
+    /// The on-disk queue of unacknowledged batches.
+    pub spool: SpoolConfig,
+    /// Operator labels sent in the inventory.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `[uplink]`, validated.
+#[derive(Debug, Clone)]
+pub struct UplinkConfig {
+    /// Aggregator QUIC address.
+    pub aggregator: SocketAddr,
+    /// Name to expect in the aggregator's certificate.
+    pub server_name: String,
+    /// How often a batch is sealed and sent.
+    pub interval: Duration,
+    /// First reconnect delay.
+    pub backoff_initial: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+/// `[tls]`, validated (paths resolved).
+#[derive(Debug, Clone)]
+pub struct AgentTlsConfig {
+    /// Fleet CA certificate.
+    pub ca_cert: PathBuf,
+    /// This host's certificate.
+    pub cert: PathBuf,
+    /// This host's key.
+    pub key: PathBuf,
+}
+
+/// `[telemetry]`, validated.
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// Time between samples.
+    pub sample_interval: Duration,
+    /// Whether to read NVIDIA GPUs.
+    pub nvml: NvmlMode,
+    /// Whether to read `/sys/class/hwmon`.
+    pub hwmon: bool,
+    /// Commands printing accelerator readings as JSON lines.
+    pub exec: Vec<ExecSourceConfig>,
+}
+
+/// How the NVML collector behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NvmlMode {
+    /// Use NVML when the driver is present; log one line and go on when it is not.
+    Auto,
+    /// Never load NVML.
+    Off,
+    /// Fail at start if NVML cannot be loaded (for GPU hosts that must report GPUs).
+    Required,
+}
+
+/// One `[[telemetry.exec]]` source, validated.
+#[derive(Debug, Clone)]
+pub struct ExecSourceConfig {
+    /// Source name (`exec:NAME` in readings).
+    pub name: String,
+    /// Program and arguments.
+    pub command: Vec<String>,
+    /// How long one run may take.
+    pub timeout: Duration,
+}
+
+/// `[spool]`, validated.
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    /// sled directory.
+    pub path: PathBuf,
+    /// Cap on stored batches, bytes; the oldest are dropped (and counted) beyond it.
+    pub max_bytes: u64,
+}
+
+// === raw ===
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgentConfig {
+    /// Where and how to send telemetry.
+    uplink: RawUplink,
+    /// Certificates (paths relative to the config file's directory).
+    tls: RawTls,
+    /// What to collect.
+    #[serde(default)]
+    telemetry: RawTelemetry,
+    /// On-disk queue.
+    spool: RawSpool,
+    /// Free-form labels (instance_type, lifecycle, zone, ...).
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUplink {
+    /// `IP:port` of the aggregator's QUIC listener.
+    aggregator: String,
+    /// Name in the aggregator's certificate.
+    #[serde(default = "default_server_name")]
+    server_name: String,
+    /// Seconds between sealed batches.
+    #[serde(default = "default_uplink_secs")]
+    interval_secs: u64,
+    /// First reconnect delay, ms.
+    #[serde(default = "default_backoff_initial_ms")]
+    backoff_initial_ms: u64,
+    /// Longest reconnect delay, ms.
+    #[serde(default = "default_backoff_max_ms")]
+    backoff_max_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_cert: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    /// Milliseconds between samples.
+    #[serde(default = "default_sample_ms")]
+    sample_interval_ms: u64,
+    /// auto | off | required.
+    #[serde(default = "default_nvml")]
+    nvml: NvmlMode,
+    /// Read hwmon sensors.
+    #[serde(default)]
+    hwmon: bool,
+    /// Exec sources.
+    #[serde(default)]
+    exec: Vec<RawExec>,
+}
+
+impl Default for RawTelemetry {
+    fn default() -> Self {
+        Self {
+            sample_interval_ms: default_sample_ms(),
+            nvml: default_nvml(),
+            hwmon: false,
+            exec: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExec {
+    name: String,
+    command: Vec<String>,
+    #[serde(default = "default_exec_timeout_ms")]
+    timeout_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpool {
+    path: PathBuf,
+    #[serde(default = "default_spool_max_bytes")]
+    max_bytes: u64,
+}
+
+fn default_server_name() -> String {
+    crate::tls::DEFAULT_SERVER_NAME.to_owned()
+}
+fn default_uplink_secs() -> u64 {
+    5
+}
+fn default_backoff_initial_ms() -> u64 {
+    200
+}
+fn default_backoff_max_ms() -> u64 {
+    30_000
+}
+fn default_sample_ms() -> u64 {
+    1000
+}
+fn default_nvml() -> NvmlMode {
+    NvmlMode::Auto
+}
+fn default_exec_timeout_ms() -> u64 {
+    2000
+}
+fn default_spool_max_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+
+// === impl AgentConfig ===
+
+impl AgentConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let (text, origin, base) = read_file(path)?;
+        Self::parse(&text, &origin, &base)
+    }
+
+    /// Parses and validates TOML text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Self, ConfigError> {
+        let raw: RawAgentConfig = from_toml(text, origin)?;
+        let mut c = Checker::default();
+        let u = &raw.uplink;
+        let uplink = UplinkConfig {
+            aggregator: c.socket_addr("uplink.aggregator", &u.aggregator),
+            server_name: u.server_name.clone(),
+            interval: Duration::from_secs(c.range(
+                "uplink.interval_secs",
+                u.interval_secs,
+                1,
+                3600,
+            )),
+            backoff_initial: Duration::from_millis(c.range(
+                "uplink.backoff_initial_ms",
+                u.backoff_initial_ms,
+                10,
+                60_000,
+            )),
+            backoff_max: Duration::from_millis(c.range(
+                "uplink.backoff_max_ms",
+                u.backoff_max_ms,
+                100,
+                3_600_000,
+            )),
+        };
+        if u.server_name.is_empty() {
+            c.problem(
+                "uplink.server_name",
+                "must be the DNS name in the aggregator's certificate",
+                "",
+            );
+        }
+        if u.backoff_max_ms < u.backoff_initial_ms {
+            c.problem(
+                "uplink.backoff_max_ms",
+                &format!("must be >= uplink.backoff_initial_ms ({})", u.backoff_initial_ms),
+                u.backoff_max_ms,
+            );
+        }
+        let tls = AgentTlsConfig {
+            ca_cert: c.path("tls.ca_cert", &raw.tls.ca_cert, base),
+            cert: c.path("tls.cert", &raw.tls.cert, base),
+            key: c.path("tls.key", &raw.tls.key, base),
+        };
+        let t = &raw.telemetry;
+        let mut exec = Vec::new();
+        for (i, e) in t.exec.iter().enumerate() {
+            let key = format!("telemetry.exec[{i}]");
+            let valid_name = !e.name.is_empty()
+                && e.name.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_".contains(ch));
+            if !valid_name {
+                c.problem(
+                    &format!("{key}.name"),
+                    "must be 1+ characters of a-z, 0-9, '-', '_'",
+                    &e.name,
+                );
+            }
+            if e.command.first().is_none_or(String::is_empty) {
+                c.problem(
+                    &format!("{key}.command"),
+                    "must name a program, e.g. [\"/usr/bin/fpga-stats\", \"--json\"]",
+                    &e.command,
+                );
+            }
+            let timeout_ms = c.range(&format!("{key}.timeout_ms"), e.timeout_ms, 10, 60_000);
+            exec.push(ExecSourceConfig {
+                name: e.name.clone(),
+                command: e.command.clone(),
+                timeout: Duration::from_millis(timeout_ms),
+            });
+        }
+        let telemetry = TelemetryConfig {
+            sample_interval: Duration::from_millis(c.range(
+                "telemetry.sample_interval_ms",
+                t.sample_interval_ms,
+                100,
+                3_600_000,
+            )),
+            nvml: t.nvml,
+            hwmon: t.hwmon,
+            exec,
+        };
+        let spool = SpoolConfig {
+            path: c.path("spool.path", &raw.spool.path, base),
+            max_bytes: c.range("spool.max_bytes", raw.spool.max_bytes, 1024 * 1024, 1 << 40),
+        };
+        for k in raw.labels.keys() {
+            if k.is_empty() || !k.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+            {
+                c.problem(&format!("labels.{k}"), "label keys must be a-z, 0-9, '-', '_', '.'", k);
+            }
+        }
+        let config = Self { uplink, tls, telemetry, spool, labels: raw.labels };
+        c.finish(origin, config)
+    }
+
+    /// The embedded defaults with paths under `base`.
+    pub fn embedded(base: &Path) -> Self {
+        // The embedded text is fixed and covered by a unit test.
+        Self::parse(EMBEDDED, "<embedded>", base).unwrap_or_else(|e| unreachable!("{e}"))
+    }
+
+    /// A short fingerprint of the settings, sent as Hello.config_version.
+    pub fn version(&self) -> String {
+        format!(
+            "s{}ms-u{}s",
+            self.telemetry.sample_interval.as_millis(),
+            self.uplink.interval.as_secs()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let c = AgentConfig::embedded(Path::new("/data"));
+        assert_eq!(c.uplink.interval, Duration::from_secs(5));
+        assert_eq!(c.telemetry.sample_interval, Duration::from_secs(1));
+        assert_eq!(c.spool.path, Path::new("/data/spool"));
+        assert_eq!(c.uplink.server_name, "flotilla-aggregator");
+    }
+
+    #[test]
+    fn every_bad_value_is_named() {
+        let text = r#"
+[uplink]
+aggregator = "nowhere"
+interval_secs = 0
+backoff_initial_ms = 5000
+backoff_max_ms = 1000
+[tls]
+ca_cert = ""
+cert = "c.pem"
+key = "c.key"
+[telemetry]
+sample_interval_ms = 5
+[[telemetry.exec]]
+name = "bad name"
+command = []
+[spool]
+path = "s"
+"#;
+        let err = AgentConfig::parse(text, "agent.toml", Path::new(".")).unwrap_err().to_string();
+        for needle in [
+            "uplink.aggregator: must be an IP address and port such as 127.0.0.1:7443, got \"nowhere\"",
+            "uplink.interval_secs: must be 1..=3600, got 0",
+            "uplink.backoff_max_ms",
+            "tls.ca_cert",
+            "telemetry.sample_interval_ms: must be 100..=3600000, got 5",
+            "telemetry.exec[0].name",
+            "telemetry.exec[0].command",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_refused_by_name() {
+        let text = format!("{EMBEDDED}\n[telemetry]\nsample_every = 3\n");
+        let err = AgentConfig::parse(&text, "a.toml", Path::new(".")).unwrap_err().to_string();
+        assert!(err.contains("sample_every"), "{err}");
+        let text = EMBEDDED.replace("[spool]", "[spool]\nmax_bytes = \"lots\"");
+        let err = AgentConfig::parse(&text, "a.toml", Path::new(".")).unwrap_err().to_string();
+        assert!(err.contains("max_bytes"), "{err}");
+        let text = format!("{EMBEDDED}\n[telemetry]\nnvml = \"maybe\"\n");
+        let err = AgentConfig::parse(&text, "a.toml", Path::new(".")).unwrap_err().to_string();
+        assert!(err.contains("maybe") && err.contains("auto"), "{err}");
+    }
+}

@@ -1,0 +1,280 @@
+//! The aggregator's configuration (`/etc/flotilla/aggregator.toml`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{Checker, ConfigError, from_toml, read_file};
+
+/// The defaults `flotilla up` and tests start from; paths relative to the data directory.
+pub const EMBEDDED: &str = r#"
+[listen]
+quic = "127.0.0.1:7443"
+admin = "127.0.0.1:7070"
+
+[tls]
+ca_cert = "tls/ca.pem"
+cert = "tls/server.pem"
+key = "tls/server.key"
+
+[store]
+path = "store"
+"#;
+
+/// The aggregator's validated configuration.
+#[derive(Debug, Clone)]
+pub struct AggregatorConfig {
+    /// Sockets.
+    pub listen: ListenConfig,
+    /// Certificates.
+    pub tls: ServerTlsConfig,
+    /// Storage and retention.
+    pub store: StoreConfig,
+    /// Telemetry intake.
+    pub ingest: IngestConfig,
+}
+
+/// `[listen]`, validated.
+#[derive(Debug, Clone)]
+pub struct ListenConfig {
+    /// QUIC (UDP) address for agents.
+    pub quic: SocketAddr,
+    /// Admin HTTP address.
+    pub admin: SocketAddr,
+    /// File holding the admin bearer token; required when `admin` is not loopback.
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// `[tls]`, validated (paths resolved).
+#[derive(Debug, Clone)]
+pub struct ServerTlsConfig {
+    /// Fleet CA certificate (trust anchor for agents).
+    pub ca_cert: PathBuf,
+    /// Server certificate.
+    pub cert: PathBuf,
+    /// Server key.
+    pub key: PathBuf,
+}
+
+/// `[store]`, validated.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// sled directory.
+    pub path: PathBuf,
+    /// How long raw samples are kept.
+    pub raw_retention: Duration,
+    /// How long 1-minute rollups are kept.
+    pub minute_retention: Duration,
+    /// How long 1-hour rollups are kept.
+    pub hour_retention: Duration,
+}
+
+/// `[ingest]`, validated.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Largest frame accepted from agents.
+    pub max_frame_bytes: u32,
+    /// A host not heard from for this long is shown as offline.
+    pub offline_after: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAggregatorConfig {
+    listen: RawListen,
+    tls: RawTls,
+    store: RawStore,
+    #[serde(default)]
+    ingest: RawIngest,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    #[serde(default = "default_quic")]
+    quic: String,
+    #[serde(default = "default_admin")]
+    admin: String,
+    #[serde(default)]
+    admin_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_cert: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: PathBuf,
+    #[serde(default = "default_raw_hours")]
+    raw_retention_hours: u64,
+    #[serde(default = "default_minute_days")]
+    minute_retention_days: u64,
+    #[serde(default = "default_hour_days")]
+    hour_retention_days: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIngest {
+    #[serde(default = "default_max_frame")]
+    max_frame_bytes: u32,
+    #[serde(default = "default_offline_secs")]
+    offline_after_secs: u64,
+}
+
+impl Default for RawIngest {
+    fn default() -> Self {
+        Self { max_frame_bytes: default_max_frame(), offline_after_secs: default_offline_secs() }
+    }
+}
+
+fn default_quic() -> String {
+    "0.0.0.0:7443".into()
+}
+fn default_admin() -> String {
+    "127.0.0.1:7070".into()
+}
+fn default_raw_hours() -> u64 {
+    48
+}
+fn default_minute_days() -> u64 {
+    30
+}
+fn default_hour_days() -> u64 {
+    400
+}
+fn default_max_frame() -> u32 {
+    crate::proto::DEFAULT_MAX_FRAME_BYTES
+}
+fn default_offline_secs() -> u64 {
+    30
+}
+
+// === impl AggregatorConfig ===
+
+impl AggregatorConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let (text, origin, base) = read_file(path)?;
+        Self::parse(&text, &origin, &base)
+    }
+
+    /// Parses and validates TOML text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Self, ConfigError> {
+        let raw: RawAggregatorConfig = from_toml(text, origin)?;
+        let mut c = Checker::default();
+        let admin = c.socket_addr("listen.admin", &raw.listen.admin);
+        let admin_token_file = raw
+            .listen
+            .admin_token_file
+            .as_ref()
+            .map(|p| c.path("listen.admin_token_file", p, base));
+        if !admin.ip().is_loopback() && admin_token_file.is_none() {
+            c.problem(
+                "listen.admin_token_file",
+                "must be set when listen.admin is not a loopback address (the admin API needs a bearer token there)",
+                &raw.listen.admin,
+            );
+        }
+        let listen = ListenConfig {
+            quic: c.socket_addr("listen.quic", &raw.listen.quic),
+            admin,
+            admin_token_file,
+        };
+        let tls = ServerTlsConfig {
+            ca_cert: c.path("tls.ca_cert", &raw.tls.ca_cert, base),
+            cert: c.path("tls.cert", &raw.tls.cert, base),
+            key: c.path("tls.key", &raw.tls.key, base),
+        };
+        let s = &raw.store;
+        let hours = |h: u64| Duration::from_secs(h * 3600);
+        let raw_h = c.range("store.raw_retention_hours", s.raw_retention_hours, 1, 24 * 365);
+        let minute_d = c.range("store.minute_retention_days", s.minute_retention_days, 1, 3650);
+        let hour_d = c.range("store.hour_retention_days", s.hour_retention_days, 1, 36_500);
+        if minute_d * 24 < raw_h {
+            c.problem(
+                "store.minute_retention_days",
+                &format!("must keep minutes at least as long as raw samples ({raw_h} h)"),
+                minute_d,
+            );
+        }
+        let store = StoreConfig {
+            path: c.path("store.path", &s.path, base),
+            raw_retention: hours(raw_h),
+            minute_retention: hours(minute_d * 24),
+            hour_retention: hours(hour_d * 24),
+        };
+        let ingest = IngestConfig {
+            max_frame_bytes: c.range(
+                "ingest.max_frame_bytes",
+                raw.ingest.max_frame_bytes,
+                4096,
+                64 * 1024 * 1024,
+            ),
+            offline_after: Duration::from_secs(c.range(
+                "ingest.offline_after_secs",
+                raw.ingest.offline_after_secs,
+                2,
+                86_400,
+            )),
+        };
+        c.finish(origin, Self { listen, tls, store, ingest })
+    }
+
+    /// The embedded defaults with paths under `base`.
+    pub fn embedded(base: &Path) -> Self {
+        // The embedded text is fixed and covered by a unit test.
+        Self::parse(EMBEDDED, "<embedded>", base).unwrap_or_else(|e| unreachable!("{e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let c = AggregatorConfig::embedded(Path::new("/d"));
+        assert_eq!(c.listen.admin.to_string(), "127.0.0.1:7070");
+        assert_eq!(c.store.path, Path::new("/d/store"));
+        assert_eq!(c.ingest.max_frame_bytes, 4 * 1024 * 1024);
+    }
+
+    #[test]
+    fn every_bad_value_is_named() {
+        let text = r#"
+[listen]
+quic = "7443"
+admin = "0.0.0.0:7070"
+[tls]
+ca_cert = "ca.pem"
+cert = "s.pem"
+key = "s.key"
+[store]
+path = "store"
+raw_retention_hours = 0
+hour_retention_days = 99999999
+[ingest]
+max_frame_bytes = 10
+"#;
+        let err =
+            AggregatorConfig::parse(text, "agg.toml", Path::new(".")).unwrap_err().to_string();
+        for needle in [
+            "listen.quic: must be an IP address and port",
+            "listen.admin_token_file: must be set when listen.admin is not a loopback address",
+            "store.raw_retention_hours: must be 1..=8760, got 0",
+            "store.hour_retention_days",
+            "ingest.max_frame_bytes: must be 4096..=67108864, got 10",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+        }
+    }
+}
