@@ -1,5 +1,133 @@
-//! The Flotilla agent.
+//! The Flotilla agent: samples this host, spools the samples, and uplinks them to the
+//! aggregator over QUIC; answers the aggregator's directives.
+//!
+//! ```text
+//! telemetry thread (Collectors) --Sample--> sealer --batch--> spool (sled) --> uplink ==QUIC==> aggregator
+//! aggregator ==QUIC==> downlink --> DirectiveResult
+//! ```
+//!
+//! Stop order: sampling stops -> the sealer seals what it holds -> spool flush -> the uplink
+//! drains within the grace period -> close(OK) -> endpoint idle.
 #![forbid(unsafe_code)]
 
+pub mod downlink;
 pub mod probe;
+pub mod sampler;
+pub mod spool;
 pub mod telemetry;
+pub mod uplink;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::config::agent::AgentConfig;
+use common::proto::Hello;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use sampler::Sampler;
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The spool could not be opened or written.
+    #[error(transparent)]
+    Spool(#[from] spool::SpoolError),
+    /// A required collector could not start.
+    #[error(transparent)]
+    Sampler(#[from] sampler::SamplerError),
+    /// TLS material could not be loaded.
+    #[error("loading the agent's TLS identity")]
+    Tls(#[from] common::tls::TlsError),
+    /// The QUIC endpoint could not be made.
+    #[error(transparent)]
+    Quic(#[from] common::quic::QuicError),
+    /// A background task failed.
+    #[error("agent task failed: {0}")]
+    Task(String),
+}
+
+/// Makes the QUIC client endpoint with this host's certificate (bound to an ephemeral port).
+pub fn client_endpoint(config: &AgentConfig) -> Result<quinn::Endpoint, AgentError> {
+    let tls = common::tls::client_config(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)?;
+    let bind = if config.uplink.aggregator.is_ipv6() {
+        std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+    } else {
+        std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
+    };
+    Ok(common::quic::client_endpoint(bind, tls)?)
+}
+
+/// Runs the agent until `shutdown` is cancelled, then stops in order.
+pub async fn run(
+    config: AgentConfig,
+    endpoint: quinn::Endpoint,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let spool_path = config.spool.path.clone();
+    let max_bytes = config.spool.max_bytes;
+    let spool = tokio::task::spawn_blocking(move || spool::Spool::open(&spool_path, max_bytes))
+        .await
+        .map_err(|e| AgentError::Task(e.to_string()))??;
+    let spool = Arc::new(spool);
+
+    let (sampler, inventory, samples) = Sampler::start(&config.telemetry, &config.labels).await?;
+    info!(
+        gpus = inventory.gpus.len(),
+        accelerators = inventory.accelerators.len(),
+        sample_ms = config.telemetry.sample_interval.as_millis() as u64,
+        spool_epoch = spool.epoch(),
+        "Agent started."
+    );
+    let hello = Hello {
+        min_version: common::proto::MIN_VERSION,
+        max_version: common::proto::MAX_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        inventory: Some(inventory),
+        config_version: config.version(),
+        spool_epoch: spool.epoch(),
+    };
+
+    let sealed = Arc::new(Notify::new());
+    let sealer = tokio::spawn(sampler::seal(
+        samples,
+        spool.clone(),
+        sealed.clone(),
+        config.uplink.interval,
+    ));
+    let uplink_stop = CancellationToken::new();
+    let uplink = tokio::spawn(
+        uplink::Uplink {
+            endpoint,
+            config: config.uplink.clone(),
+            spool: spool.clone(),
+            hello,
+            sealed,
+            drain_grace: Duration::from_secs(5),
+        }
+        .run(uplink_stop.clone()),
+    );
+
+    shutdown.cancelled().await;
+    info!("Stopping: sealing the last samples.");
+    sampler.stop();
+    let sealed_ok = sealer.await.map_err(|e| AgentError::Task(e.to_string()))?;
+    uplink_stop.cancel();
+    uplink.await.map_err(|e| AgentError::Task(e.to_string()))?;
+    let spool_for_flush = spool.clone();
+    tokio::task::spawn_blocking(move || spool_for_flush.flush())
+        .await
+        .map_err(|e| AgentError::Task(e.to_string()))??;
+    sealed_ok?;
+    let (batches, samples_produced) = spool.produced()?;
+    let stats = spool.stats();
+    info!(
+        samples_produced,
+        batches_produced = batches,
+        pending_batches = stats.batches,
+        dropped_batches = stats.dropped_batches,
+        "Agent stopped."
+    );
+    Ok(())
+}

@@ -1,1 +1,132 @@
-fn main() {}
+//! `flotilla-agent`: arguments, config, logging, signals and exit codes; nothing else.
+//!
+//! Exit codes: 0 after a clean stop, 64 for a bad config (systemd does not restart on it),
+//! 1 for anything else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use common::config::ConfigError;
+use common::config::agent::AgentConfig;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for a configuration error (EX_CONFIG is 78; sysexits' EX_USAGE 64 is what
+/// systemd units are told to not restart on).
+const EXIT_CONFIG: u8 = 64;
+
+/// The Flotilla host agent.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Config file.
+    #[arg(long, short, global = true, default_value = "/etc/flotilla/agent.toml")]
+    config: PathBuf,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `agent=debug`.
+    #[arg(long, global = true, default_value = "info", env = "FLOTILLA_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent (the default).
+    Run,
+    /// Print what this host's collectors see, then exit. Needs no certificates.
+    Probe {
+        /// Print JSON (inventory and one sample) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the config file and exit.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(&args.log);
+    match real_main(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn real_main(args: Args) -> anyhow::Result<()> {
+    match args.command.unwrap_or(Command::Run) {
+        Command::Probe { json } => probe(&args.config, json),
+        Command::CheckConfig => {
+            AgentConfig::load(&args.config)?;
+            println!("{}: ok", args.config.display());
+            Ok(())
+        }
+        Command::Run => {
+            let config = AgentConfig::load(&args.config)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(async {
+                let endpoint = agent::client_endpoint(&config)?;
+                let shutdown = CancellationToken::new();
+                tokio::spawn(stop_on_signal(shutdown.clone()));
+                agent::run(config, endpoint, shutdown).await?;
+                Ok(())
+            })
+        }
+    }
+}
+
+fn probe(config_path: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    // Probe works without a config file: it only needs the telemetry settings.
+    let config = if config_path.exists() {
+        AgentConfig::load(config_path)?
+    } else {
+        AgentConfig::embedded(std::path::Path::new("."))
+    };
+    let mut collectors = agent::telemetry::Collectors::new(&config.telemetry)?;
+    let inventory = collectors.inventory(&config.labels);
+    // Rates and CPU use need two readings.
+    let _ = collectors.sample();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let sample = collectors.sample();
+    if json {
+        let doc = serde_json::json!({ "inventory": inventory, "sample": sample });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print!("{}", agent::probe::render(&inventory, &sample));
+    }
+    Ok(())
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("Signal received; stopping.");
+    shutdown.cancel();
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

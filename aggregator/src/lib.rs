@@ -1,4 +1,230 @@
 //! The Flotilla aggregator: QUIC ingest, sled store, admin API, and the `flotilla` CLI.
+//!
+//! ```text
+//! agents ==QUIC==> ingest -> commit (group flush) -> store (sled) <- api <-HTTP- flotilla CLI
+//!                                                       ^
+//!                                     rollups + retention (periodic)
+//! ```
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`ingest`] | accepting agents, Hello/Welcome, batch streams, acks |
+//! | [`commit`] | group commit: one durable flush for many batches |
+//! | [`store`] | the storage interface and its sled backend, all key layouts |
+//! | [`connections`] | open connections by host |
+//! | [`api`] | admin HTTP JSON API and `/metrics` |
+//! | [`views`] | the API's JSON shapes, shared with the CLI |
+//! | [`stats`] | self-monitoring counters |
+//! | [`cli`] | the `flotilla` operator CLI |
+//! | [`up`] | `flotilla up`: a one-host fleet on this machine |
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod cli;
+pub mod commit;
+pub mod connections;
+pub mod ingest;
+pub mod stats;
+pub mod store;
+pub mod up;
 pub mod views;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::config::aggregator::AggregatorConfig;
+use common::tls::Revocations;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::store::{Retention, SledStore, TelemetryStore};
+
+/// How often dirty rollups are recomputed.
+const ROLLUP_EVERY: Duration = Duration::from_secs(10);
+
+/// How often retention is enforced.
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
+
+/// Why the aggregator could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum AggregatorError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// TLS material could not be loaded.
+    #[error("loading the aggregator's TLS identity")]
+    Tls(#[from] common::tls::TlsError),
+    /// The QUIC endpoint could not be made.
+    #[error(transparent)]
+    Quic(#[from] common::quic::QuicError),
+    /// The admin listener could not be bound.
+    #[error("binding the admin API on {addr}")]
+    AdminBind {
+        /// Address.
+        addr: SocketAddr,
+        /// OS reason.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The admin token file could not be read.
+    #[error("reading listen.admin_token_file {path}")]
+    Token {
+        /// File.
+        path: std::path::PathBuf,
+        /// OS reason.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The admin server failed.
+    #[error("admin API server")]
+    Admin(#[source] std::io::Error),
+}
+
+/// An aggregator with its sockets bound and store open, ready to [`run`].
+#[derive(Debug)]
+pub struct Bound {
+    /// QUIC endpoint for agents.
+    pub endpoint: quinn::Endpoint,
+    /// Admin API listener.
+    pub admin: tokio::net::TcpListener,
+    /// Storage.
+    pub store: Arc<dyn TelemetryStore>,
+    /// Revoked hosts (loaded from the store, shared with TLS).
+    pub revocations: Revocations,
+}
+
+impl Bound {
+    /// Opens the store and binds both sockets as the config says.
+    pub async fn bind(config: &AggregatorConfig) -> Result<Self, AggregatorError> {
+        let path = config.store.path.clone();
+        let store = tokio::task::spawn_blocking(move || SledStore::open(&path))
+            .await
+            .map_err(|e| AggregatorError::Admin(std::io::Error::other(e)))??;
+        let revocations = Revocations::default();
+        for (host, at) in store.revocations()? {
+            revocations.revoke(host, at);
+        }
+        let tls = common::tls::server_config(
+            &config.tls.ca_cert,
+            &config.tls.cert,
+            &config.tls.key,
+            revocations.clone(),
+        )?;
+        let endpoint = common::quic::server_endpoint(config.listen.quic, tls)?;
+        let admin = tokio::net::TcpListener::bind(config.listen.admin)
+            .await
+            .map_err(|source| AggregatorError::AdminBind { addr: config.listen.admin, source })?;
+        Ok(Self { endpoint, admin, store: Arc::new(store), revocations })
+    }
+
+    /// The bound QUIC address.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.local_addr().ok()
+    }
+}
+
+/// Runs the aggregator until `shutdown` is cancelled, then stops accepting, lets handlers
+/// finish and flushes the store.
+pub async fn run(
+    config: AggregatorConfig,
+    bound: Bound,
+    shutdown: CancellationToken,
+) -> Result<(), AggregatorError> {
+    let Bound { endpoint, admin, store, revocations } = bound;
+    let token = match &config.listen.admin_token_file {
+        Some(path) => Some(Arc::<str>::from(
+            std::fs::read_to_string(path)
+                .map_err(|source| AggregatorError::Token { path: path.clone(), source })?
+                .trim(),
+        )),
+        None => None,
+    };
+    let stats = Arc::new(stats::Stats::default());
+    let connections = connections::Connections::default();
+    let (committer, commit_worker) = commit::Committer::start(store.clone(), stats.clone());
+    let ctx = Arc::new(ingest::IngestContext {
+        store: store.clone(),
+        committer,
+        connections: connections.clone(),
+        stats: stats.clone(),
+        max_frame_bytes: config.ingest.max_frame_bytes,
+    });
+    info!(
+        quic = ?endpoint.local_addr().ok(),
+        admin = ?admin.local_addr().ok(),
+        store = %config.store.path.display(),
+        "Aggregator started."
+    );
+    let ingest = tokio::spawn(ingest::serve(endpoint, ctx, shutdown.clone()));
+    let upkeep = tokio::spawn(upkeep(store.clone(), &config, shutdown.clone()));
+    let app = api::router(api::ApiState {
+        store: store.clone(),
+        connections,
+        revocations,
+        stats,
+        token,
+        offline_after: config.ingest.offline_after,
+    });
+    let admin_shutdown = shutdown.clone();
+    let served = axum::serve(admin, app)
+        .with_graceful_shutdown(async move { admin_shutdown.cancelled().await })
+        .await;
+    // The admin server ends at shutdown (or on error, which stops everything).
+    shutdown.cancel();
+    let _ = ingest.await;
+    let _ = upkeep.await;
+    // The ingest context (holding the last committer handle) is gone: the worker drains and ends.
+    if tokio::time::timeout(Duration::from_secs(10), commit_worker).await.is_err() {
+        warn!("Commit worker did not finish within 10 s.");
+    }
+    let s = store.clone();
+    let _ = tokio::task::spawn_blocking(move || s.roll_up()).await;
+    info!("Aggregator stopped.");
+    served.map_err(AggregatorError::Admin)
+}
+
+fn upkeep(
+    store: Arc<dyn TelemetryStore>,
+    config: &AggregatorConfig,
+    shutdown: CancellationToken,
+) -> impl Future<Output = ()> + use<> {
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let retention = Retention {
+        raw_ms: ms(config.store.raw_retention),
+        minute_ms: ms(config.store.minute_retention),
+        hour_ms: ms(config.store.hour_retention),
+    };
+    async move {
+        let mut rollup = tokio::time::interval(ROLLUP_EVERY);
+        let mut retain = tokio::time::interval(RETENTION_EVERY);
+        loop {
+            tokio::select! {
+                _ = rollup.tick() => {
+                    let s = store.clone();
+                    match tokio::task::spawn_blocking(move || s.roll_up()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => warn!(error = %commit::common_error_chain(&e), "Rollup pass failed."),
+                        Err(e) => warn!(error = %e, "Rollup task failed."),
+                    }
+                }
+                _ = retain.tick() => {
+                    let s = store.clone();
+                    let now = ingest::now_ms();
+                    match tokio::task::spawn_blocking(move || s.enforce_retention(now, retention)).await {
+                        Ok(Ok(n)) if n > 0 => info!(deleted = n, "Retention pass deleted expired records."),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => warn!(error = %commit::common_error_chain(&e), "Retention pass failed."),
+                        Err(e) => warn!(error = %e, "Retention task failed."),
+                    }
+                }
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+}

@@ -1,1 +1,159 @@
-fn main() {}
+//! `flotilla-aggregator`: arguments, config, logging, signals and exit codes; nothing else.
+//!
+//! Exit codes: 0 after a clean stop, 64 for a bad config (systemd does not restart on it),
+//! 1 for anything else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use common::config::ConfigError;
+use common::config::aggregator::AggregatorConfig;
+use common::ids::HostId;
+use tokio_util::sync::CancellationToken;
+
+const EXIT_CONFIG: u8 = 64;
+
+/// The Flotilla aggregator and fleet certificate authority.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Config file.
+    #[arg(long, short, global = true, default_value = "/etc/flotilla/aggregator.toml")]
+    config: PathBuf,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `aggregator=debug`.
+    #[arg(long, global = true, default_value = "info", env = "FLOTILLA_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the aggregator (the default).
+    Run,
+    /// Check the config file and exit.
+    CheckConfig,
+    /// The fleet certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create the CA and the aggregator's server certificate.
+    Init {
+        /// Directory for ca.pem, ca.key, server.pem, server.key.
+        #[arg(long, default_value = "/etc/flotilla/tls")]
+        dir: PathBuf,
+        /// Extra DNS names or IPs for the server certificate (flotilla-aggregator, localhost
+        /// and 127.0.0.1 are always included). Repeatable.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// Replace an existing CA (every host certificate must then be reissued).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a host's client certificate and key (HOST.pem, HOST.key, mode 0600).
+    Issue {
+        /// Host id: the certificate's Common Name, and the host's name in the fleet.
+        host: String,
+        /// CA directory.
+        #[arg(long, default_value = "/etc/flotilla/tls")]
+        dir: PathBuf,
+        /// Output directory (default: the CA directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(&args.log);
+    match real_main(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn real_main(args: Args) -> anyhow::Result<()> {
+    match args.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => {
+            AggregatorConfig::load(&args.config)?;
+            println!("{}: ok", args.config.display());
+            Ok(())
+        }
+        Command::Ca(CaCommand::Init { dir, sans, days, force }) => {
+            common::tls::init_ca_dir(&dir, &sans, days, force)?;
+            println!("Created the fleet CA and server certificate in {}:", dir.display());
+            println!("  ca.pem ca.key server.pem server.key (keys mode 0600; keep ca.key off agent hosts)");
+            println!("Next: flotilla-aggregator ca issue HOST --dir {}", dir.display());
+            Ok(())
+        }
+        Command::Ca(CaCommand::Issue { host, dir, out, days, force }) => {
+            let host = HostId::new(&host)?;
+            let out = out.unwrap_or_else(|| dir.clone());
+            let (cert, key) = common::tls::issue_host_files(&dir, &host, &out, days, force)?;
+            println!("Issued {host}: {} and {}", cert.display(), key.display());
+            println!(
+                "Copy them with {} to the host (agent.toml [tls] cert, key, ca_cert).",
+                dir.join(common::tls::files::CA_CERT).display()
+            );
+            Ok(())
+        }
+        Command::Run => {
+            let config = AggregatorConfig::load(&args.config)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(async {
+                let bound = aggregator::Bound::bind(&config).await?;
+                let shutdown = CancellationToken::new();
+                tokio::spawn(stop_on_signal(shutdown.clone()));
+                aggregator::run(config, bound, shutdown).await?;
+                Ok(())
+            })
+        }
+    }
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("Signal received; stopping.");
+    shutdown.cancel();
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

@@ -1,0 +1,326 @@
+//! The QUIC client that moves spooled batches to the aggregator.
+//!
+//! Invariants:
+//! - A batch leaves the spool only after the aggregator's application `Ack` for its seq.
+//! - Every connection starts with Hello/Welcome on a control stream; a Refusal is logged with
+//!   its reason at ERROR (an operator must act: upgrade, or fix the certificate).
+//! - Each batch travels on its own bidirectional stream, up to [`WINDOW`] at once, so a stream
+//!   error affects one batch and retries are safe (the aggregator dedups on `(host, seq)`).
+//! - Reconnects back off exponentially with jitter, from `backoff_initial` to `backoff_max`.
+//! - On stop, pending batches get one last chance within the grace period, then the connection
+//!   is closed with code OK.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::config::agent::UplinkConfig;
+use common::framed::{self, FrameError};
+use common::ids::Seq;
+use common::proto::{Ack, Hello, HelloReply, Welcome, code, hello_reply};
+use rand::Rng as _;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::spool::{Spool, SpoolError};
+
+/// Batches in flight at once on one connection.
+pub const WINDOW: usize = 16;
+
+/// How long one batch may take from open to Ack.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long connecting plus Hello/Welcome may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest reply frame the agent reads (Acks and Welcomes are tiny).
+const MAX_REPLY_BYTES: u32 = 64 * 1024;
+
+/// Why the uplink lost (or could not get) a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    /// Connecting failed before the handshake.
+    #[error("connecting to {addr}")]
+    Connect {
+        /// Aggregator address.
+        addr: std::net::SocketAddr,
+        /// quinn's reason.
+        #[source]
+        source: quinn::ConnectError,
+    },
+    /// The connection failed or closed.
+    #[error("connection to the aggregator")]
+    Connection(#[source] quinn::ConnectionError),
+    /// A frame could not be exchanged.
+    #[error("{what}")]
+    Frame {
+        /// What was being exchanged.
+        what: String,
+        /// The reason.
+        #[source]
+        source: FrameError,
+    },
+    /// The aggregator refused the Hello.
+    #[error("aggregator refused this agent: {reason} (it speaks protocol {min}..={max})")]
+    Refused {
+        /// The aggregator's words.
+        reason: String,
+        /// Lowest version it speaks.
+        min: u32,
+        /// Highest version it speaks.
+        max: u32,
+    },
+    /// The aggregator acked a different seq than was sent.
+    #[error("sent batch {sent} but the aggregator acked {got}")]
+    AckMismatch {
+        /// Seq sent.
+        sent: u64,
+        /// Seq acked.
+        got: u64,
+    },
+    /// Something took too long.
+    #[error("timed out {what}")]
+    Timeout {
+        /// What.
+        what: String,
+    },
+    /// The spool failed.
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
+
+/// The uplink task's inputs.
+#[derive(Debug)]
+pub struct Uplink {
+    /// Client endpoint with the host's certificate.
+    pub endpoint: quinn::Endpoint,
+    /// Where and how.
+    pub config: UplinkConfig,
+    /// Batches to send.
+    pub spool: Arc<Spool>,
+    /// The Hello sent on every connection.
+    pub hello: Hello,
+    /// Signalled whenever a batch is sealed into the spool.
+    pub sealed: Arc<Notify>,
+    /// How long pending batches may take to drain at stop.
+    pub drain_grace: Duration,
+}
+
+impl Uplink {
+    /// Runs until `stop` is cancelled, then drains within the grace period and closes.
+    pub async fn run(self, stop: CancellationToken) {
+        let addr = self.config.aggregator;
+        let mut attempt: u32 = 0;
+        while !stop.is_cancelled() {
+            let connected = tokio::select! {
+                r = self.connect() => r,
+                () = stop.cancelled() => break,
+            };
+            match connected {
+                Ok((conn, welcome)) => {
+                    attempt = 0;
+                    info!(
+                        aggregator = %addr,
+                        host = %welcome.host_id,
+                        version = welcome.version,
+                        pending = self.spool.stats().batches,
+                        "Connected to aggregator."
+                    );
+                    let downlink = tokio::spawn(crate::downlink::serve(conn.clone()));
+                    let result = self.pump(&conn, &stop).await;
+                    if stop.is_cancelled() {
+                        self.drain(&conn).await;
+                        conn.close(quinn::VarInt::from_u32(code::OK), b"agent stopping");
+                        downlink.abort();
+                        break;
+                    }
+                    downlink.abort();
+                    if let Err(e) = result {
+                        warn!(aggregator = %addr, error = %format!("{e:#}"), "Uplink lost; reconnecting.");
+                    }
+                }
+                Err(e @ UplinkError::Refused { .. }) => {
+                    error!(aggregator = %addr, error = %e, "Aggregator refused the connection.");
+                }
+                Err(e) => {
+                    warn!(
+                        aggregator = %addr,
+                        attempt,
+                        error = %error_chain(&e),
+                        "Cannot reach aggregator; will retry."
+                    );
+                }
+            }
+            let delay = backoff(&self.config, attempt);
+            attempt = attempt.saturating_add(1);
+            debug!(delay_ms = delay.as_millis() as u64, "Backing off before reconnecting.");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = stop.cancelled() => {}
+            }
+        }
+        // Give close frames a moment to leave; never hang shutdown on an unreachable peer.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+
+    async fn connect(&self) -> Result<(quinn::Connection, Welcome), UplinkError> {
+        let addr = self.config.aggregator;
+        let attempt = async {
+            let connecting = self
+                .endpoint
+                .connect(addr, &self.config.server_name)
+                .map_err(|source| UplinkError::Connect { addr, source })?;
+            let conn = connecting.await.map_err(UplinkError::Connection)?;
+            let welcome = self.hello(&conn).await?;
+            Ok((conn, welcome))
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+            .await
+            .map_err(|_| UplinkError::Timeout { what: format!("connecting to {addr}") })?
+    }
+
+    async fn hello(&self, conn: &quinn::Connection) -> Result<Welcome, UplinkError> {
+        let frame_err = |source| UplinkError::Frame { what: "Hello/Welcome".into(), source };
+        let (mut send, mut recv) = conn.open_bi().await.map_err(UplinkError::Connection)?;
+        framed::write(&mut send, &self.hello).await.map_err(frame_err)?;
+        let reply: HelloReply = framed::read(&mut recv, MAX_REPLY_BYTES).await.map_err(frame_err)?;
+        match reply.reply {
+            Some(hello_reply::Reply::Welcome(w)) => Ok(w),
+            Some(hello_reply::Reply::Refusal(r)) => Err(UplinkError::Refused {
+                reason: r.reason,
+                min: r.server_min_version,
+                max: r.server_max_version,
+            }),
+            None => Err(frame_err(FrameError::Finished)),
+        }
+    }
+
+    /// Sends whatever is pending, then waits for new batches, until the connection fails or
+    /// `stop` is cancelled.
+    async fn pump(
+        &self,
+        conn: &quinn::Connection,
+        stop: &CancellationToken,
+    ) -> Result<(), UplinkError> {
+        loop {
+            self.send_pending(conn).await?;
+            tokio::select! {
+                () = self.sealed.notified() => {}
+                e = conn.closed() => return Err(UplinkError::Connection(e)),
+                () = stop.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    async fn drain(&self, conn: &quinn::Connection) {
+        match tokio::time::timeout(self.drain_grace, self.send_pending(conn)).await {
+            Ok(Ok(())) => info!("Drained the spool before stopping."),
+            Ok(Err(e)) => warn!(error = %error_chain(&e), "Could not drain the spool; batches stay spooled."),
+            Err(_) => warn!(
+                pending = self.spool.stats().batches,
+                "Stop grace period ran out; remaining batches stay spooled."
+            ),
+        }
+    }
+
+    /// Sends every spooled batch, [`WINDOW`] at a time, acking each in the spool.
+    async fn send_pending(&self, conn: &quinn::Connection) -> Result<(), UplinkError> {
+        loop {
+            let batch = self.spool.oldest(Seq(0), WINDOW)?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let full = batch.len() == WINDOW;
+            let mut in_flight = JoinSet::new();
+            for (seq, frame) in batch {
+                let conn = conn.clone();
+                in_flight.spawn(async move { send_batch(&conn, seq, frame).await });
+            }
+            let mut first_error = None;
+            while let Some(joined) = in_flight.join_next().await {
+                match joined {
+                    Ok(Ok(seq)) => self.spool.ack(seq)?,
+                    Ok(Err(e)) => {
+                        first_error.get_or_insert(e);
+                    }
+                    Err(join) => {
+                        first_error.get_or_insert(UplinkError::Timeout {
+                            what: format!("batch task ended abnormally: {join}"),
+                        });
+                    }
+                }
+            }
+            if let Some(e) = first_error {
+                return Err(e);
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn send_batch(
+    conn: &quinn::Connection,
+    seq: Seq,
+    frame: bytes::Bytes,
+) -> Result<Seq, UplinkError> {
+    let exchange = async {
+        let frame_err = |source| UplinkError::Frame { what: format!("batch {seq}"), source };
+        let (mut send, mut recv) = conn.open_bi().await.map_err(UplinkError::Connection)?;
+        send.write_all(&frame).await.map_err(|e| frame_err(FrameError::Write(e)))?;
+        let _ = send.finish();
+        let ack: Ack = framed::read(&mut recv, MAX_REPLY_BYTES).await.map_err(frame_err)?;
+        if ack.seq != seq.0 {
+            return Err(UplinkError::AckMismatch { sent: seq.0, got: ack.seq });
+        }
+        debug!(%seq, duplicate = ack.duplicate, "Batch acknowledged.");
+        Ok(seq)
+    };
+    tokio::time::timeout(BATCH_TIMEOUT, exchange)
+        .await
+        .map_err(|_| UplinkError::Timeout { what: format!("waiting for the ack of batch {seq}") })?
+}
+
+/// The delay before reconnect attempt `attempt` (0-based): exponential, capped, with jitter in
+/// its upper half so many agents restarting together spread out.
+pub fn backoff(config: &UplinkConfig, attempt: u32) -> Duration {
+    let base = config
+        .backoff_initial
+        .saturating_mul(2u32.saturating_pow(attempt.min(20)))
+        .min(config.backoff_max);
+    let half = base / 2;
+    half + half.mul_f64(rand::rng().random::<f64>())
+}
+
+/// `e` and its sources joined with ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let cfg = common::config::agent::AgentConfig::embedded(std::path::Path::new(".")).uplink;
+        for attempt in 0..30 {
+            let ideal = cfg
+                .backoff_initial
+                .saturating_mul(2u32.saturating_pow(attempt.min(20)))
+                .min(cfg.backoff_max);
+            let d = backoff(&cfg, attempt);
+            assert!(d >= ideal / 2 && d <= ideal, "attempt {attempt}: {d:?} vs {ideal:?}");
+        }
+        assert!(backoff(&cfg, 100) <= cfg.backoff_max);
+    }
+}

@@ -1,0 +1,301 @@
+//! The admin HTTP API: JSON over HTTP for the `flotilla` CLI and scripts, plus `/metrics`.
+//!
+//! Invariants:
+//! - When a token is configured (required on non-loopback addresses), every route, `/metrics`
+//!   included, needs `Authorization: Bearer <token>`; a missing or wrong token gets 401.
+//! - Errors are `{"error": "..."}` with a status that says whose fault it was (400 bad input,
+//!   404 unknown host, 500 storage).
+//! - Store calls run on blocking threads, never on the async workers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use common::ids::HostId;
+use common::tls::Revocations;
+use serde::Deserialize;
+use tracing::info;
+
+use crate::connections::Connections;
+use crate::ingest::now_ms;
+use crate::stats::{Gauges, Stats};
+use crate::store::{HostRecord, TelemetryStore};
+use crate::views::{
+    ApiError, HostDetail, HostState, HostSummary, MetricNames, MetricSeries, Resolution,
+    RevokeResult,
+};
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    /// Storage.
+    pub store: Arc<dyn TelemetryStore>,
+    /// Open agent connections.
+    pub connections: Connections,
+    /// Revoked hosts, shared with the TLS verifier.
+    pub revocations: Revocations,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Bearer token, when required.
+    pub token: Option<Arc<str>>,
+    /// Silence after which a host counts as offline.
+    pub offline_after: Duration,
+}
+
+/// The router.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/api/v1/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/api/v1/hosts", get(list_hosts))
+        .route("/api/v1/hosts/{host}", get(host_detail))
+        .route("/api/v1/hosts/{host}/metrics/{metric}", get(metric_series))
+        .route("/api/v1/hosts/{host}/metric-names", get(metric_names))
+        .route("/api/v1/hosts/{host}/revoke", post(revoke).delete(unrevoke))
+        .route("/metrics", get(prometheus))
+        .fallback(|| async { failure(StatusCode::NOT_FOUND, "no such route; see docs/admin-api.md") })
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .with_state(state)
+}
+
+/// An error response.
+#[derive(Debug)]
+pub struct Failure(StatusCode, String);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, Json(ApiError { error: self.1 })).into_response()
+    }
+}
+
+fn failure(status: StatusCode, msg: impl Into<String>) -> Failure {
+    Failure(status, msg.into())
+}
+
+async fn require_token(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = &state.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            return failure(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token: pass --token or set FLOTILLA_TOKEN",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, Failure> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(failure(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            crate::commit::common_error_chain(&e),
+        )),
+        Err(e) => Err(failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+fn parse_host(s: &str) -> Result<HostId, Failure> {
+    HostId::new(s).map_err(|e| failure(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+impl ApiState {
+    fn state_of(&self, host: &HostId, rec: &HostRecord, now: i64) -> HostState {
+        if self.revocations.revoked_at(host).is_some() {
+            HostState::Revoked
+        } else if self.connections.is_connected(host)
+            || now - rec.last_seen_ms <= i64::try_from(self.offline_after.as_millis()).unwrap_or(i64::MAX)
+        {
+            HostState::Online
+        } else {
+            HostState::Offline
+        }
+    }
+
+    fn summary(
+        &self,
+        host: &HostId,
+        rec: &HostRecord,
+        latest: Option<&common::proto::Sample>,
+        now: i64,
+    ) -> HostSummary {
+        let inventory = rec.inventory();
+        let gpu_utils: Vec<f64> = latest
+            .map(|s| s.gpus.iter().filter_map(|g| g.util_gpu_pct).map(f64::from).collect())
+            .unwrap_or_default();
+        HostSummary {
+            host: host.to_string(),
+            state: self.state_of(host, rec, now),
+            last_seen_unix_ms: (rec.last_seen_ms > 0).then_some(rec.last_seen_ms),
+            gpu_count: u32::try_from(inventory.gpus.len()).unwrap_or(u32::MAX),
+            cpu_util_pct: latest.and_then(|s| s.host.as_ref()).map(|h| f64::from(h.cpu_util_pct)),
+            gpu_util_pct: (!gpu_utils.is_empty())
+                .then(|| gpu_utils.iter().sum::<f64>() / gpu_utils.len() as f64),
+            samples_total: rec.samples_total,
+            last_seq: rec.last_seq,
+            agent_version: rec.agent_version.clone(),
+        }
+    }
+}
+
+async fn list_hosts(State(state): State<ApiState>) -> Result<Json<Vec<HostSummary>>, Failure> {
+    let store = state.store.clone();
+    let rows = blocking(move || {
+        let mut rows = Vec::new();
+        for (host, rec) in store.hosts()? {
+            let latest = store.latest_sample(&host)?;
+            rows.push((host, rec, latest));
+        }
+        Ok(rows)
+    })
+    .await?;
+    let now = now_ms();
+    Ok(Json(rows.iter().map(|(h, r, l)| state.summary(h, r, l.as_ref(), now)).collect()))
+}
+
+async fn load_host(
+    state: &ApiState,
+    host: &HostId,
+) -> Result<(HostRecord, Option<common::proto::Sample>), Failure> {
+    let store = state.store.clone();
+    let h = host.clone();
+    let (rec, latest) =
+        blocking(move || Ok((store.host(&h)?, store.latest_sample(&h)?))).await?;
+    let rec = rec.ok_or_else(|| {
+        failure(
+            StatusCode::NOT_FOUND,
+            format!("unknown host {host}: it has never connected (see `flotilla hosts`)"),
+        )
+    })?;
+    Ok((rec, latest))
+}
+
+async fn host_detail(
+    State(state): State<ApiState>,
+    Path(host): Path<String>,
+) -> Result<Json<HostDetail>, Failure> {
+    let host = parse_host(&host)?;
+    let (rec, latest) = load_host(&state, &host).await?;
+    Ok(Json(HostDetail {
+        summary: state.summary(&host, &rec, latest.as_ref(), now_ms()),
+        inventory: rec.inventory(),
+        latest,
+        spool_dropped_batches: rec.spool_dropped_batches,
+        spool_dropped_samples: rec.spool_dropped_samples,
+        cert_not_after_secs: (rec.cert_not_after_secs > 0).then_some(rec.cert_not_after_secs),
+    }))
+}
+
+/// Query of a metric series.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SeriesQuery {
+    /// Window, seconds back from now (default 3600).
+    since_secs: Option<u64>,
+    /// raw | minute | hour (default by window).
+    resolution: Option<Resolution>,
+}
+
+async fn metric_series(
+    State(state): State<ApiState>,
+    Path((host, metric)): Path<(String, String)>,
+    Query(q): Query<SeriesQuery>,
+) -> Result<Json<MetricSeries>, Failure> {
+    let host = parse_host(&host)?;
+    load_host(&state, &host).await?;
+    let since_secs = q.since_secs.unwrap_or(3600).min(100 * 365 * 86_400);
+    let resolution = q.resolution.unwrap_or(match since_secs {
+        0..=7200 => Resolution::Raw,
+        7201..=172_800 => Resolution::Minute,
+        _ => Resolution::Hour,
+    });
+    let since_ms = now_ms() - i64::try_from(since_secs).unwrap_or(0) * 1000;
+    let store = state.store.clone();
+    let (h, m) = (host.clone(), metric.clone());
+    let points = blocking(move || store.series(&h, &m, since_ms, resolution)).await?;
+    Ok(Json(MetricSeries { host: host.to_string(), metric, resolution, points }))
+}
+
+async fn metric_names(
+    State(state): State<ApiState>,
+    Path(host): Path<String>,
+) -> Result<Json<MetricNames>, Failure> {
+    let host = parse_host(&host)?;
+    let (_, latest) = load_host(&state, &host).await?;
+    let metrics = latest
+        .map(|s| common::metrics::flatten(&s).into_iter().map(|(n, _)| n).collect())
+        .unwrap_or_default();
+    Ok(Json(MetricNames { host: host.to_string(), metrics }))
+}
+
+async fn revoke(
+    State(state): State<ApiState>,
+    Path(host): Path<String>,
+) -> Result<Json<RevokeResult>, Failure> {
+    let host = parse_host(&host)?;
+    let at = now_ms() / 1000;
+    let store = state.store.clone();
+    let h = host.clone();
+    blocking(move || store.revoke(&h, at)).await?;
+    state.revocations.revoke(host.clone(), at);
+    let disconnected =
+        state.connections.close(&host, common::proto::code::REVOKED, b"certificate revoked");
+    info!(%host, at, disconnected, "Host revoked.");
+    Ok(Json(RevokeResult { host: host.to_string(), revoked_at_secs: Some(at), disconnected }))
+}
+
+async fn unrevoke(
+    State(state): State<ApiState>,
+    Path(host): Path<String>,
+) -> Result<Json<RevokeResult>, Failure> {
+    let host = parse_host(&host)?;
+    let store = state.store.clone();
+    let h = host.clone();
+    let had = blocking(move || store.unrevoke(&h)).await?;
+    state.revocations.unrevoke(&host);
+    if !had {
+        return Err(failure(StatusCode::NOT_FOUND, format!("host {host} is not revoked")));
+    }
+    info!(%host, "Host revocation lifted.");
+    Ok(Json(RevokeResult { host: host.to_string(), revoked_at_secs: None, disconnected: false }))
+}
+
+async fn prometheus(State(state): State<ApiState>) -> Result<Response, Failure> {
+    let store = state.store.clone();
+    let hosts = blocking(move || store.hosts()).await?;
+    let now = now_ms();
+    let mut counts = [("online", 0), ("offline", 0), ("revoked", 0)];
+    for (h, rec) in &hosts {
+        let i = match state.state_of(h, rec, now) {
+            HostState::Online => 0,
+            HostState::Offline => 1,
+            HostState::Revoked => 2,
+        };
+        counts[i].1 += 1;
+    }
+    let body = state.stats.render(&Gauges {
+        connections_open: state.connections.len() as u64,
+        hosts: counts,
+    });
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
+}

@@ -1,0 +1,299 @@
+//! QUIC ingest: accept agents, check who they are, take their Hello, store their batches, ack.
+//!
+//! Invariants:
+//! - The host id comes from the verified client certificate, never from a message.
+//! - Certificates from another CA, expired or revoked are refused in the TLS handshake; each
+//!   refusal is logged at WARN with the peer address and rustls' reason.
+//! - The first stream must carry a Hello within [`HELLO_TIMEOUT`]; an incompatible version gets a
+//!   `Refusal` naming both sides' versions, then the connection closes with `VERSION_REFUSED`.
+//! - An `Ack` is written only after the batch is durable (see [`crate::commit`]).
+//! - A bad frame resets its own stream with `MALFORMED_FRAME` / `FRAME_TOO_LARGE`; the
+//!   connection and its other streams carry on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::framed::{self, FrameError};
+use common::ids::HostId;
+use common::proto::{
+    Ack, Hello, HelloReply, Refusal, TelemetryBatch, Welcome, code, hello_reply,
+};
+use rustls::pki_types::CertificateDer;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::commit::{Committer, common_error_chain};
+use crate::connections::Connections;
+use crate::stats::Stats;
+use crate::store::{CommitOutcome, IncomingBatch, TelemetryStore};
+
+/// How long a new connection has to send its Hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every connection handler shares.
+#[derive(Debug)]
+pub struct IngestContext {
+    /// Storage.
+    pub store: Arc<dyn TelemetryStore>,
+    /// Group commit handle.
+    pub committer: Committer,
+    /// Open connections.
+    pub connections: Connections,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Largest frame accepted.
+    pub max_frame_bytes: u32,
+}
+
+/// Accepts connections until `shutdown`, then closes the endpoint and waits for handlers.
+pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<IngestContext>, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            () = shutdown.cancelled() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move { handle_connection(incoming, ctx, shutdown).await });
+    }
+    endpoint.close(quinn::VarInt::from_u32(code::OK), b"aggregator stopping");
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
+        warn!("Some connection handlers did not finish within 5 s.");
+    }
+}
+
+async fn handle_connection(
+    incoming: quinn::Incoming,
+    ctx: Arc<IngestContext>,
+    shutdown: CancellationToken,
+) {
+    let peer = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            ctx.stats.handshakes_refused.inc();
+            warn!(%peer, reason = %e, "Refused connection: TLS handshake failed.");
+            return;
+        }
+    };
+    let identity = match peer_identity(&conn) {
+        Ok(id) => id,
+        Err(reason) => {
+            ctx.stats.handshakes_refused.inc();
+            warn!(%peer, %reason, "Refused connection: no usable client certificate.");
+            conn.close(quinn::VarInt::from_u32(code::UNEXPECTED_MESSAGE), reason.as_bytes());
+            return;
+        }
+    };
+    let host = identity.host.clone();
+    let Some(hello) = accept_hello(&conn, &ctx, &host, peer).await else {
+        return;
+    };
+    let record = {
+        let store = ctx.store.clone();
+        let host = host.clone();
+        let not_after = identity.not_after_secs;
+        tokio::task::spawn_blocking(move || store.record_hello(&host, &hello.0, not_after, now_ms()))
+            .await
+    };
+    let record = match record {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            warn!(%host, error = %common_error_chain(&e), "Could not record Hello; closing.");
+            conn.close(quinn::VarInt::from_u32(code::INTERNAL), b"storage failure");
+            return;
+        }
+        Err(e) => {
+            warn!(%host, error = %e, "Hello task failed; closing.");
+            conn.close(quinn::VarInt::from_u32(code::INTERNAL), b"internal failure");
+            return;
+        }
+    };
+    let (mut control_send, version) = (hello.1, hello.2);
+    let welcome = HelloReply {
+        reply: Some(hello_reply::Reply::Welcome(Welcome {
+            version,
+            host_id: host.to_string(),
+            max_frame_bytes: ctx.max_frame_bytes,
+            last_stored_seq: record.watermark,
+            server_unix_ms: now_ms(),
+        })),
+    };
+    if let Err(e) = framed::write(&mut control_send, &welcome).await {
+        warn!(%host, error = %e, "Could not send Welcome.");
+        return;
+    }
+    let _ = control_send.finish();
+    let replaced = ctx.connections.insert(host.clone(), conn.clone());
+    ctx.stats.connections_accepted.inc();
+    info!(%host, %peer, version, replaced, watermark = record.watermark, "Agent connected.");
+
+    let streams = TaskTracker::new();
+    let reason = loop {
+        let accepted = tokio::select! {
+            a = conn.accept_bi() => a,
+            () = shutdown.cancelled() => break "aggregator stopping".to_owned(),
+        };
+        match accepted {
+            Ok((send, recv)) => {
+                let ctx = ctx.clone();
+                let host = host.clone();
+                streams.spawn(async move { handle_batch(send, recv, &ctx, host).await });
+            }
+            Err(e) => break e.to_string(),
+        }
+    };
+    streams.close();
+    streams.wait().await;
+    ctx.connections.remove(&host, &conn);
+    info!(%host, %reason, "Agent disconnected.");
+}
+
+/// Reads and checks the Hello; on refusal answers and closes. Returns the Hello, the control
+/// stream's send half and the negotiated version.
+async fn accept_hello(
+    conn: &quinn::Connection,
+    ctx: &IngestContext,
+    host: &HostId,
+    peer: SocketAddr,
+) -> Option<(Hello, quinn::SendStream, u32)> {
+    let hello_missing = |why: String| {
+        ctx.stats.hellos_refused.inc();
+        warn!(%host, %peer, reason = %why, "Refused connection: no valid Hello.");
+        conn.close(quinn::VarInt::from_u32(code::HELLO_MISSING), why.as_bytes());
+    };
+    let stream = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let hello: Hello =
+            framed::read(&mut recv, ctx.max_frame_bytes).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((send, hello))
+    })
+    .await;
+    let (mut send, hello) = match stream {
+        Ok(Ok(x)) => x,
+        Ok(Err(why)) => {
+            hello_missing(why);
+            return None;
+        }
+        Err(_) => {
+            hello_missing(format!("no Hello within {} s", HELLO_TIMEOUT.as_secs()));
+            return None;
+        }
+    };
+    let Some(version) = common::proto::negotiate_version(hello.min_version, hello.max_version)
+    else {
+        ctx.stats.hellos_refused.inc();
+        let reason = format!(
+            "agent speaks protocol {}..={}, this aggregator speaks {}..={}; upgrade the older side",
+            hello.min_version,
+            hello.max_version,
+            common::proto::MIN_VERSION,
+            common::proto::MAX_VERSION
+        );
+        warn!(%host, %peer, %reason, "Refused agent: incompatible protocol version.");
+        let refusal = HelloReply {
+            reply: Some(hello_reply::Reply::Refusal(Refusal {
+                reason: reason.clone(),
+                server_min_version: common::proto::MIN_VERSION,
+                server_max_version: common::proto::MAX_VERSION,
+            })),
+        };
+        let _ = framed::write(&mut send, &refusal).await;
+        let _ = send.finish();
+        // Let the refusal reach the agent before the close does.
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        conn.close(quinn::VarInt::from_u32(code::VERSION_REFUSED), reason.as_bytes());
+        return None;
+    };
+    Some((hello, send, version))
+}
+
+async fn handle_batch(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    ctx: &IngestContext,
+    host: HostId,
+) {
+    let batch: TelemetryBatch = match framed::read(&mut recv, ctx.max_frame_bytes).await {
+        Ok(b) => b,
+        Err(e) => {
+            refuse_frame(&mut send, &mut recv, ctx, &host, &e);
+            return;
+        }
+    };
+    if batch.seq == 0 {
+        ctx.stats.frames_malformed.inc();
+        warn!(%host, "Refused a batch with seq 0 (seqs start at 1).");
+        framed::refuse(&mut send, &mut recv, code::UNEXPECTED_MESSAGE);
+        return;
+    }
+    let seq = batch.seq;
+    let samples = batch.samples.len() as u64;
+    let incoming = IncomingBatch { host: host.clone(), batch, received_ms: now_ms() };
+    match ctx.committer.commit(incoming).await {
+        Ok(outcome) => {
+            let duplicate = outcome == CommitOutcome::Duplicate;
+            if duplicate {
+                ctx.stats.batches_duplicate.inc();
+            } else {
+                ctx.stats.batches_stored.inc();
+                ctx.stats.samples_stored.add(samples);
+            }
+            debug!(%host, seq, samples, duplicate, "Batch stored.");
+            if framed::write(&mut send, &Ack { seq, duplicate }).await.is_ok() {
+                let _ = send.finish();
+            }
+        }
+        Err(e) => {
+            ctx.stats.batches_failed.inc();
+            warn!(%host, seq, error = %e, "Batch not stored; the agent will retry.");
+            framed::refuse(&mut send, &mut recv, code::INTERNAL);
+        }
+    }
+}
+
+fn refuse_frame(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    ctx: &IngestContext,
+    host: &HostId,
+    e: &FrameError,
+) {
+    let Some(code) = e.code() else {
+        debug!(%host, error = %e, "Batch stream ended early.");
+        return;
+    };
+    if code == common::proto::code::FRAME_TOO_LARGE {
+        ctx.stats.frames_too_large.inc();
+    } else {
+        ctx.stats.frames_malformed.inc();
+    }
+    warn!(
+        %host,
+        code = common::proto::code::name(u64::from(code)),
+        error = %e,
+        "Refused a bad frame; the stream is reset, the connection goes on."
+    );
+    framed::refuse(send, recv, code);
+}
+
+fn peer_identity(conn: &quinn::Connection) -> Result<common::tls::CertIdentity, String> {
+    let any = conn.peer_identity().ok_or("no client certificate")?;
+    let chain = any
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| "unexpected peer identity type".to_owned())?;
+    let leaf = chain.first().ok_or("empty certificate chain")?;
+    common::tls::host_id_of(leaf).map_err(|e| e.to_string())
+}
+
+/// Now, Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,748 @@
+//! Durable telemetry storage: the [`TelemetryStore`] interface and its sled implementation.
+//!
+//! The interface is what the rest of the aggregator may ask of storage, kept narrow so that a
+//! second backend (PostgreSQL, for several aggregators sharing one fleet) can implement it.
+//! Every method is blocking; async callers use `spawn_blocking`.
+//!
+//! Invariants:
+//! - [`TelemetryStore::commit`] returns only after the batches are durable (sled flushed).
+//! - `(host, seq)` is stored at most once per spool epoch: a per-host watermark says "every seq up
+//!   to here is stored", and the `seen` tree holds stored seqs above it (normally none or a few).
+//! - Raw sample keys are deterministic (`host, unix_ms, sample_index`), so a batch re-applied
+//!   after a crash between its writes overwrites itself instead of duplicating.
+//! - The host record (watermark, counters) is written after the batch's samples, as one key, so
+//!   recovery never sees the counters ahead of the data.
+//! - Rollups are derived data: ingest marks (host, minute) dirty; [`TelemetryStore::roll_up`]
+//!   recomputes dirty minutes from raw samples and dirty hours from minutes, so late or replayed
+//!   data is folded in correctly.
+//!
+//! Key layouts (all in [`keys`]): `host` is the host id bytes, `\0` separates; times are i64
+//! Unix ms mapped to order-preserving big-endian u64.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use common::ids::HostId;
+use common::proto::{Hello, Inventory, Sample, TelemetryBatch};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::views::{MetricPoint, Resolution};
+
+/// One minute, ms.
+pub const MINUTE_MS: i64 = 60_000;
+/// One hour, ms.
+pub const HOUR_MS: i64 = 3_600_000;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened.
+    #[error("store {path}: open failed")]
+    Open {
+        /// Directory.
+        path: PathBuf,
+        /// sled's reason.
+        #[source]
+        source: sled::Error,
+    },
+    /// A read or write failed.
+    #[error("store: {op} failed")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// sled's reason.
+        #[source]
+        source: sled::Error,
+    },
+    /// A stored value does not decode.
+    #[error("store: record {what} is corrupt: {reason}")]
+    Corrupt {
+        /// Which record.
+        what: String,
+        /// The decoder's message.
+        reason: String,
+    },
+}
+
+/// What the store keeps about a host.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// Inventory from the latest Hello (protobuf bytes).
+    pub inventory: Vec<u8>,
+    /// Agent version from the latest Hello.
+    pub agent_version: String,
+    /// Config version from the latest Hello.
+    pub config_version: String,
+    /// The agent's spool epoch; seqs are scoped to it.
+    pub spool_epoch: u64,
+    /// Every seq up to this one is stored.
+    pub watermark: u64,
+    /// Highest seq stored.
+    pub last_seq: u64,
+    /// First Hello, Unix ms.
+    pub first_seen_ms: i64,
+    /// Latest Hello or batch, Unix ms.
+    pub last_seen_ms: i64,
+    /// Samples stored, ever.
+    pub samples_total: u64,
+    /// Batches stored, ever.
+    pub batches_total: u64,
+    /// The agent's spool drop counters, as last reported.
+    pub spool_dropped_batches: u64,
+    /// Samples in those drops.
+    pub spool_dropped_samples: u64,
+    /// Client certificate expiry at the latest handshake, Unix seconds.
+    pub cert_not_after_secs: i64,
+}
+
+impl HostRecord {
+    /// The inventory, decoded.
+    pub fn inventory(&self) -> Inventory {
+        Inventory::decode(self.inventory.as_slice()).unwrap_or_default()
+    }
+}
+
+/// A batch to store, with the host it came from (read from its certificate).
+#[derive(Debug, Clone)]
+pub struct IncomingBatch {
+    /// Sender.
+    pub host: HostId,
+    /// The batch.
+    pub batch: TelemetryBatch,
+    /// When it arrived, Unix ms.
+    pub received_ms: i64,
+}
+
+/// What became of one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// Stored now.
+    Stored,
+    /// Already stored before (a retry); nothing changed.
+    Duplicate,
+}
+
+/// Aggregates of one series over one bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Values.
+    pub count: u64,
+    /// Their sum.
+    pub sum: f64,
+    /// Smallest.
+    pub min: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Stats {
+    fn of(v: f64) -> Self {
+        Self { count: 1, sum: v, min: v, max: v }
+    }
+
+    fn merge(&mut self, o: &Self) {
+        self.count += o.count;
+        self.sum += o.sum;
+        self.min = self.min.min(o.min);
+        self.max = self.max.max(o.max);
+    }
+}
+
+/// One bucket's aggregates for every series of a host.
+pub type Rollup = BTreeMap<String, Stats>;
+
+/// What one rollup pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RollupReport {
+    /// Minute buckets recomputed.
+    pub minutes: u64,
+    /// Hour buckets recomputed.
+    pub hours: u64,
+}
+
+/// How long each kind of data is kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Raw samples, ms.
+    pub raw_ms: i64,
+    /// Minute rollups, ms.
+    pub minute_ms: i64,
+    /// Hour rollups, ms.
+    pub hour_ms: i64,
+}
+
+/// What the aggregator may ask of storage.
+pub trait TelemetryStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Records a host's Hello; a new spool epoch resets its seq watermark. Returns the record.
+    fn record_hello(
+        &self,
+        host: &HostId,
+        hello: &Hello,
+        cert_not_after_secs: i64,
+        now_ms: i64,
+    ) -> Result<HostRecord, StoreError>;
+    /// Stores batches, each at most once, and returns once they are durable.
+    fn commit(&self, batches: &[IncomingBatch]) -> Result<Vec<CommitOutcome>, StoreError>;
+    /// Every known host.
+    fn hosts(&self) -> Result<Vec<(HostId, HostRecord)>, StoreError>;
+    /// One host.
+    fn host(&self, host: &HostId) -> Result<Option<HostRecord>, StoreError>;
+    /// The newest raw sample of a host.
+    fn latest_sample(&self, host: &HostId) -> Result<Option<Sample>, StoreError>;
+    /// Raw samples stored for a host (counts keys; for audits and tests).
+    fn count_samples(&self, host: &HostId) -> Result<u64, StoreError>;
+    /// A metric's points since `since_ms`, oldest first.
+    fn series(
+        &self,
+        host: &HostId,
+        metric: &str,
+        since_ms: i64,
+        resolution: Resolution,
+    ) -> Result<Vec<MetricPoint>, StoreError>;
+    /// Recomputes dirty rollups.
+    fn roll_up(&self) -> Result<RollupReport, StoreError>;
+    /// Deletes data older than the retention allows; returns the number of records deleted.
+    fn enforce_retention(&self, now_ms: i64, retention: Retention) -> Result<u64, StoreError>;
+    /// Marks a host revoked at `at_secs`.
+    fn revoke(&self, host: &HostId, at_secs: i64) -> Result<(), StoreError>;
+    /// Lifts a revocation; returns whether there was one.
+    fn unrevoke(&self, host: &HostId) -> Result<bool, StoreError>;
+    /// Every revocation.
+    fn revocations(&self) -> Result<Vec<(HostId, i64)>, StoreError>;
+}
+
+/// Key layouts: the one place that knows how keys are built.
+pub mod keys {
+    /// i64 to order-preserving big-endian bytes.
+    pub fn time(ms: i64) -> [u8; 8] {
+        ((ms as u64) ^ (1 << 63)).to_be_bytes()
+    }
+
+    /// Inverse of [`time`].
+    pub fn time_from(b: &[u8]) -> i64 {
+        let raw = b.try_into().map_or(0, u64::from_be_bytes);
+        (raw ^ (1 << 63)) as i64
+    }
+
+    /// `host \0`: the prefix of everything per host.
+    pub fn host_prefix(host: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(host.len() + 17);
+        k.extend_from_slice(host.as_bytes());
+        k.push(0);
+        k
+    }
+
+    /// `host \0 seq`.
+    pub fn seen(host: &str, seq: u64) -> Vec<u8> {
+        let mut k = host_prefix(host);
+        k.extend_from_slice(&seq.to_be_bytes());
+        k
+    }
+
+    /// `host \0 time index`: one raw sample.
+    pub fn sample(host: &str, unix_ms: i64, index: u64) -> Vec<u8> {
+        let mut k = host_prefix(host);
+        k.extend_from_slice(&time(unix_ms));
+        k.extend_from_slice(&index.to_be_bytes());
+        k
+    }
+
+    /// `host \0 time`: a bucket (rollups, dirty marks) or the start of a time range.
+    pub fn bucket(host: &str, start_ms: i64) -> Vec<u8> {
+        let mut k = host_prefix(host);
+        k.extend_from_slice(&time(start_ms));
+        k
+    }
+
+    /// Splits a bucket or sample key into host and time.
+    pub fn split(k: &[u8]) -> Option<(&str, i64)> {
+        let nul = k.iter().position(|b| *b == 0)?;
+        let host = std::str::from_utf8(&k[..nul]).ok()?;
+        let t = k.get(nul + 1..nul + 9)?;
+        Some((host, time_from(t)))
+    }
+}
+
+/// The sled backend.
+#[derive(Debug)]
+pub struct SledStore {
+    db: sled::Db,
+    hosts: sled::Tree,
+    seen: sled::Tree,
+    samples: sled::Tree,
+    minutes: sled::Tree,
+    hours: sled::Tree,
+    dirty_minutes: sled::Tree,
+    dirty_hours: sled::Tree,
+    revoked: sled::Tree,
+    // Dirty marks carry a fresh number so a rollup pass can clear only what it saw.
+    mark: AtomicU64,
+}
+
+// === impl SledStore ===
+
+impl SledStore {
+    /// Opens (or creates) the store in `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_err = |source| StoreError::Open { path: path.into(), source };
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(256 * 1024 * 1024)
+            .open()
+            .map_err(open_err)?;
+        let tree = |name: &str| db.open_tree(name).map_err(open_err);
+        Ok(Self {
+            hosts: tree("hosts")?,
+            seen: tree("seen")?,
+            samples: tree("samples")?,
+            minutes: tree("rollup_minute")?,
+            hours: tree("rollup_hour")?,
+            dirty_minutes: tree("dirty_minute")?,
+            dirty_hours: tree("dirty_hour")?,
+            revoked: tree("revoked")?,
+            mark: AtomicU64::new(1),
+            db,
+        })
+    }
+
+    fn read_host(&self, host: &str) -> Result<Option<HostRecord>, StoreError> {
+        let Some(v) = self.hosts.get(host).map_err(io("read host"))? else {
+            return Ok(None);
+        };
+        postcard::from_bytes(&v)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt { what: format!("host {host}"), reason: e.to_string() })
+    }
+
+    fn write_host(&self, host: &str, rec: &HostRecord) -> Result<(), StoreError> {
+        let bytes = postcard::to_allocvec(rec)
+            .map_err(|e| StoreError::Corrupt { what: format!("host {host}"), reason: e.to_string() })?;
+        self.hosts.insert(host, bytes).map(drop).map_err(io("write host"))
+    }
+
+    fn mark_dirty(&self, tree: &sled::Tree, host: &str, bucket: i64) -> Result<(), StoreError> {
+        let m = self.mark.fetch_add(1, Ordering::Relaxed);
+        tree.insert(keys::bucket(host, bucket), &m.to_be_bytes()).map(drop).map_err(io("mark dirty"))
+    }
+
+    fn commit_one(&self, b: &IncomingBatch) -> Result<CommitOutcome, StoreError> {
+        let host = b.host.as_str();
+        let mut rec = self.read_host(host)?.unwrap_or_else(|| HostRecord {
+            first_seen_ms: b.received_ms,
+            ..HostRecord::default()
+        });
+        let seq = b.batch.seq;
+        let seen_key = keys::seen(host, seq);
+        if seq <= rec.watermark || self.seen.contains_key(&seen_key).map_err(io("read seen"))? {
+            return Ok(CommitOutcome::Duplicate);
+        }
+        let mut minutes = Vec::new();
+        let mut writes = sled::Batch::default();
+        for s in &b.batch.samples {
+            writes.insert(keys::sample(host, s.unix_ms, s.sample_index), s.encode_to_vec());
+            let minute = s.unix_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
+            if !minutes.contains(&minute) {
+                minutes.push(minute);
+            }
+        }
+        self.samples.apply_batch(writes).map_err(io("write samples"))?;
+        for m in minutes {
+            self.mark_dirty(&self.dirty_minutes, host, m)?;
+        }
+        rec.samples_total += b.batch.samples.len() as u64;
+        rec.batches_total += 1;
+        rec.last_seen_ms = rec.last_seen_ms.max(b.received_ms);
+        rec.last_seq = rec.last_seq.max(seq);
+        rec.spool_dropped_batches = b.batch.spool_dropped_batches;
+        rec.spool_dropped_samples = b.batch.spool_dropped_samples;
+        if seq == rec.watermark + 1 {
+            rec.watermark = seq;
+            while self.seen.remove(keys::seen(host, rec.watermark + 1)).map_err(io("advance"))?.is_some() {
+                rec.watermark += 1;
+            }
+        } else {
+            self.seen.insert(seen_key, &[]).map_err(io("write seen"))?;
+        }
+        self.write_host(host, &rec)?;
+        Ok(CommitOutcome::Stored)
+    }
+
+    fn roll_minutes(&self) -> Result<(u64, Vec<(String, i64)>), StoreError> {
+        let mut done = 0;
+        let mut hours = Vec::new();
+        for item in self.dirty_minutes.iter() {
+            let (key, mark) = item.map_err(io("scan dirty minutes"))?;
+            let Some((host, start)) = keys::split(&key) else { continue };
+            let mut rollup = Rollup::new();
+            let range = keys::bucket(host, start)..keys::bucket(host, start + MINUTE_MS);
+            for s in self.samples.range(range) {
+                let (_, v) = s.map_err(io("scan samples"))?;
+                let Ok(sample) = Sample::decode(v.as_ref()) else { continue };
+                for (name, value) in common::metrics::flatten(&sample) {
+                    let st = Stats::of(value);
+                    rollup.entry(name).and_modify(|e| e.merge(&st)).or_insert(st);
+                }
+            }
+            self.put_rollup(&self.minutes, host, start, &rollup)?;
+            let hour = start.div_euclid(HOUR_MS) * HOUR_MS;
+            if !hours.iter().any(|(h, t)| h == host && *t == hour) {
+                hours.push((host.to_owned(), hour));
+            }
+            // Clear the mark only if no batch re-marked it meanwhile.
+            let _ = self
+                .dirty_minutes
+                .compare_and_swap(&key, Some(mark), None::<&[u8]>)
+                .map_err(io("clear dirty minute"))?;
+            done += 1;
+        }
+        Ok((done, hours))
+    }
+
+    fn put_rollup(
+        &self,
+        tree: &sled::Tree,
+        host: &str,
+        start: i64,
+        rollup: &Rollup,
+    ) -> Result<(), StoreError> {
+        let bytes = postcard::to_allocvec(rollup)
+            .map_err(|e| StoreError::Corrupt { what: format!("rollup {host}"), reason: e.to_string() })?;
+        tree.insert(keys::bucket(host, start), bytes).map(drop).map_err(io("write rollup"))
+    }
+
+    fn delete_before(&self, tree: &sled::Tree, host: &str, cutoff_ms: i64) -> Result<u64, StoreError> {
+        let mut n = 0;
+        let range = keys::host_prefix(host)..keys::bucket(host, cutoff_ms);
+        let mut batch = sled::Batch::default();
+        for item in tree.range(range).keys() {
+            batch.remove(item.map_err(io("scan for retention"))?);
+            n += 1;
+        }
+        tree.apply_batch(batch).map_err(io("delete expired"))?;
+        Ok(n)
+    }
+}
+
+impl TelemetryStore for SledStore {
+    fn record_hello(
+        &self,
+        host: &HostId,
+        hello: &Hello,
+        cert_not_after_secs: i64,
+        now_ms: i64,
+    ) -> Result<HostRecord, StoreError> {
+        let mut rec = self
+            .read_host(host.as_str())?
+            .unwrap_or_else(|| HostRecord { first_seen_ms: now_ms, ..HostRecord::default() });
+        if rec.spool_epoch != hello.spool_epoch {
+            // A new spool numbers from 1 again: forget the old epoch's seqs.
+            rec.spool_epoch = hello.spool_epoch;
+            rec.watermark = 0;
+            rec.last_seq = 0;
+            for k in self.seen.scan_prefix(keys::host_prefix(host.as_str())).keys() {
+                self.seen.remove(k.map_err(io("scan seen"))?).map_err(io("reset seen"))?;
+            }
+        }
+        rec.inventory = hello.inventory.clone().unwrap_or_default().encode_to_vec();
+        rec.agent_version.clone_from(&hello.agent_version);
+        rec.config_version.clone_from(&hello.config_version);
+        rec.last_seen_ms = rec.last_seen_ms.max(now_ms);
+        rec.cert_not_after_secs = cert_not_after_secs;
+        self.write_host(host.as_str(), &rec)?;
+        self.db.flush().map_err(io("flush"))?;
+        Ok(rec)
+    }
+
+    fn commit(&self, batches: &[IncomingBatch]) -> Result<Vec<CommitOutcome>, StoreError> {
+        let outcomes = batches.iter().map(|b| self.commit_one(b)).collect::<Result<Vec<_>, _>>()?;
+        self.db.flush().map_err(io("flush"))?;
+        Ok(outcomes)
+    }
+
+    fn hosts(&self) -> Result<Vec<(HostId, HostRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.hosts.iter() {
+            let (k, _) = item.map_err(io("scan hosts"))?;
+            let name = String::from_utf8_lossy(&k).into_owned();
+            let Ok(id) = HostId::new(&name) else { continue };
+            if let Some(rec) = self.read_host(&name)? {
+                out.push((id, rec));
+            }
+        }
+        Ok(out)
+    }
+
+    fn host(&self, host: &HostId) -> Result<Option<HostRecord>, StoreError> {
+        self.read_host(host.as_str())
+    }
+
+    fn latest_sample(&self, host: &HostId) -> Result<Option<Sample>, StoreError> {
+        let Some(item) = self.samples.scan_prefix(keys::host_prefix(host.as_str())).next_back()
+        else {
+            return Ok(None);
+        };
+        let (k, v) = item.map_err(io("read latest sample"))?;
+        Sample::decode(v.as_ref()).map(Some).map_err(|e| StoreError::Corrupt {
+            what: format!("sample {:?}", keys::split(&k)),
+            reason: e.to_string(),
+        })
+    }
+
+    fn count_samples(&self, host: &HostId) -> Result<u64, StoreError> {
+        Ok(self.samples.scan_prefix(keys::host_prefix(host.as_str())).keys().count() as u64)
+    }
+
+    fn series(
+        &self,
+        host: &HostId,
+        metric: &str,
+        since_ms: i64,
+        resolution: Resolution,
+    ) -> Result<Vec<MetricPoint>, StoreError> {
+        let h = host.as_str();
+        let range = keys::bucket(h, since_ms)..keys::bucket(h, i64::MAX);
+        let mut points = Vec::new();
+        match resolution {
+            Resolution::Raw => {
+                for item in self.samples.range(range) {
+                    let (_, v) = item.map_err(io("scan samples"))?;
+                    let Ok(s) = Sample::decode(v.as_ref()) else { continue };
+                    if let Some(value) = common::metrics::value(&s, metric) {
+                        points.push(MetricPoint {
+                            unix_ms: s.unix_ms,
+                            value,
+                            min: value,
+                            max: value,
+                            count: 1,
+                        });
+                    }
+                }
+            }
+            Resolution::Minute | Resolution::Hour => {
+                let tree = if resolution == Resolution::Minute { &self.minutes } else { &self.hours };
+                for item in tree.range(range) {
+                    let (k, v) = item.map_err(io("scan rollups"))?;
+                    let Some((_, start)) = keys::split(&k) else { continue };
+                    let Ok(rollup) = postcard::from_bytes::<Rollup>(&v) else { continue };
+                    if let Some(st) = rollup.get(metric).filter(|st| st.count > 0) {
+                        points.push(MetricPoint {
+                            unix_ms: start,
+                            value: st.sum / st.count as f64,
+                            min: st.min,
+                            max: st.max,
+                            count: st.count,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(points)
+    }
+
+    fn roll_up(&self) -> Result<RollupReport, StoreError> {
+        let (minutes, touched_hours) = self.roll_minutes()?;
+        for (host, hour) in touched_hours {
+            self.mark_dirty(&self.dirty_hours, &host, hour)?;
+        }
+        let mut hours = 0;
+        for item in self.dirty_hours.iter() {
+            let (key, mark) = item.map_err(io("scan dirty hours"))?;
+            let Some((host, start)) = keys::split(&key) else { continue };
+            let mut rollup = Rollup::new();
+            let range = keys::bucket(host, start)..keys::bucket(host, start + HOUR_MS);
+            for m in self.minutes.range(range) {
+                let (_, v) = m.map_err(io("scan minutes"))?;
+                let Ok(minute) = postcard::from_bytes::<Rollup>(&v) else { continue };
+                for (name, st) in minute {
+                    rollup.entry(name).and_modify(|e| e.merge(&st)).or_insert(st);
+                }
+            }
+            self.put_rollup(&self.hours, host, start, &rollup)?;
+            let _ = self
+                .dirty_hours
+                .compare_and_swap(&key, Some(mark), None::<&[u8]>)
+                .map_err(io("clear dirty hour"))?;
+            hours += 1;
+        }
+        Ok(RollupReport { minutes, hours })
+    }
+
+    fn enforce_retention(&self, now_ms: i64, r: Retention) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for (host, _) in self.hosts()? {
+            let h = host.as_str();
+            n += self.delete_before(&self.samples, h, now_ms - r.raw_ms)?;
+            n += self.delete_before(&self.minutes, h, now_ms - r.minute_ms)?;
+            n += self.delete_before(&self.hours, h, now_ms - r.hour_ms)?;
+        }
+        Ok(n)
+    }
+
+    fn revoke(&self, host: &HostId, at_secs: i64) -> Result<(), StoreError> {
+        self.revoked.insert(host.as_str(), &at_secs.to_be_bytes()).map_err(io("revoke"))?;
+        self.db.flush().map(drop).map_err(io("flush"))
+    }
+
+    fn unrevoke(&self, host: &HostId) -> Result<bool, StoreError> {
+        let had = self.revoked.remove(host.as_str()).map_err(io("unrevoke"))?.is_some();
+        self.db.flush().map_err(io("flush"))?;
+        Ok(had)
+    }
+
+    fn revocations(&self) -> Result<Vec<(HostId, i64)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.revoked.iter() {
+            let (k, v) = item.map_err(io("scan revocations"))?;
+            let Ok(host) = HostId::new(&String::from_utf8_lossy(&k)) else { continue };
+            let at = v.as_ref().try_into().map_or(0, i64::from_be_bytes);
+            out.push((host, at));
+        }
+        Ok(out)
+    }
+}
+
+fn io(op: &'static str) -> impl Fn(sled::Error) -> StoreError {
+    move |source| StoreError::Io { op, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::proto::HostSample;
+
+    fn host(n: &str) -> HostId {
+        HostId::new(n).unwrap()
+    }
+
+    fn batch(h: &str, seq: u64, first_index: u64, times: &[i64]) -> IncomingBatch {
+        let samples = times
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Sample {
+                unix_ms: *t,
+                sample_index: first_index + i as u64,
+                host: Some(HostSample {
+                    cpu_util_pct: (i as f32 + 1.0) * 10.0,
+                    interval_ms: 1000,
+                    ..HostSample::default()
+                }),
+                ..Sample::default()
+            })
+            .collect();
+        IncomingBatch {
+            host: host(h),
+            batch: TelemetryBatch { seq, samples, ..TelemetryBatch::default() },
+            received_ms: times.last().copied().unwrap_or(0),
+        }
+    }
+
+    fn hello(epoch: u64) -> Hello {
+        Hello { spool_epoch: epoch, agent_version: "t".into(), ..Hello::default() }
+    }
+
+    #[test]
+    fn batches_are_stored_once_in_any_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store.record_hello(&host("a"), &hello(7), 0, 0).unwrap();
+        let b1 = batch("a", 1, 1, &[1000, 2000]);
+        let b2 = batch("a", 2, 3, &[3000]);
+        let b3 = batch("a", 3, 4, &[4000, 5000]);
+        // Out of order, with retries.
+        let out = store.commit(&[b3.clone(), b1.clone(), b3.clone()]).unwrap();
+        assert_eq!(out, [CommitOutcome::Stored, CommitOutcome::Stored, CommitOutcome::Duplicate]);
+        assert_eq!(store.host(&host("a")).unwrap().unwrap().watermark, 1);
+        let out = store.commit(&[b2, b1]).unwrap();
+        assert_eq!(out, [CommitOutcome::Stored, CommitOutcome::Duplicate]);
+        let rec = store.host(&host("a")).unwrap().unwrap();
+        assert_eq!((rec.watermark, rec.last_seq, rec.samples_total), (3, 3, 5));
+        assert_eq!(store.count_samples(&host("a")).unwrap(), 5);
+        assert_eq!(store.latest_sample(&host("a")).unwrap().unwrap().unix_ms, 5000);
+        // Survives a reopen.
+        drop(store);
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.commit(&[b3]).unwrap(), [CommitOutcome::Duplicate]);
+    }
+
+    #[test]
+    fn new_spool_epoch_restarts_seqs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store.record_hello(&host("a"), &hello(1), 0, 0).unwrap();
+        store.commit(&[batch("a", 1, 1, &[1000])]).unwrap();
+        store.record_hello(&host("a"), &hello(2), 0, 0).unwrap();
+        assert_eq!(store.commit(&[batch("a", 1, 1, &[9000])]).unwrap(), [CommitOutcome::Stored]);
+        assert_eq!(store.host(&host("a")).unwrap().unwrap().samples_total, 2);
+    }
+
+    #[test]
+    fn rollups_match_hand_computed_values_and_absorb_late_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        // Minute 0: cpu 10, 20; minute 1: cpu 10.
+        store.commit(&[batch("a", 1, 1, &[1000, 2000]), batch("a", 2, 3, &[61_000])]).unwrap();
+        assert_eq!(store.roll_up().unwrap(), RollupReport { minutes: 2, hours: 1 });
+        let pts = store.series(&host("a"), "cpu_util_pct", 0, Resolution::Minute).unwrap();
+        assert_eq!(pts.len(), 2);
+        assert_eq!((pts[0].value, pts[0].min, pts[0].max, pts[0].count), (15.0, 10.0, 20.0, 2));
+        // A late sample for minute 0 (cpu 10) is folded in on the next pass.
+        store.commit(&[batch("a", 3, 4, &[3000])]).unwrap();
+        assert_eq!(store.roll_up().unwrap(), RollupReport { minutes: 1, hours: 1 });
+        let pts = store.series(&host("a"), "cpu_util_pct", 0, Resolution::Minute).unwrap();
+        assert_eq!(pts[0].count, 3);
+        assert!((pts[0].value - 40.0 / 3.0).abs() < 1e-9);
+        let hour = store.series(&host("a"), "cpu_util_pct", 0, Resolution::Hour).unwrap();
+        assert_eq!(hour.len(), 1);
+        assert_eq!((hour[0].count, hour[0].sum_check()), (4, 50.0));
+        let raw = store.series(&host("a"), "cpu_util_pct", 2000, Resolution::Raw).unwrap();
+        assert_eq!(raw.iter().map(|p| p.unix_ms).collect::<Vec<_>>(), [2000, 3000, 61_000]);
+        assert_eq!(store.roll_up().unwrap(), RollupReport::default(), "nothing left dirty");
+    }
+
+    trait SumCheck {
+        fn sum_check(&self) -> f64;
+    }
+    impl SumCheck for MetricPoint {
+        fn sum_check(&self) -> f64 {
+            self.value * self.count as f64
+        }
+    }
+
+    #[test]
+    fn retention_deletes_only_old_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store.record_hello(&host("a"), &hello(1), 0, 0).unwrap();
+        store.commit(&[batch("a", 1, 1, &[1000, HOUR_MS * 3])]).unwrap();
+        store.roll_up().unwrap();
+        let r = Retention { raw_ms: HOUR_MS, minute_ms: HOUR_MS * 2, hour_ms: HOUR_MS * 10 };
+        let deleted = store.enforce_retention(HOUR_MS * 3 + 1, r).unwrap();
+        assert_eq!(deleted, 2, "one raw sample and one minute rollup");
+        assert_eq!(store.count_samples(&host("a")).unwrap(), 1);
+        assert_eq!(store.series(&host("a"), "cpu_util_pct", 0, Resolution::Hour).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn revocations_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.revoke(&host("x"), 42).unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.revocations().unwrap(), vec![(host("x"), 42)]);
+        assert!(store.unrevoke(&host("x")).unwrap());
+        assert!(store.revocations().unwrap().is_empty());
+    }
+
+    #[test]
+    fn time_keys_sort_like_times() {
+        let ts = [i64::MIN, -5, 0, 1, 1_700_000_000_000, i64::MAX];
+        for w in ts.windows(2) {
+            assert!(keys::time(w[0]) < keys::time(w[1]));
+            assert_eq!(keys::time_from(&keys::time(w[0])), w[0]);
+        }
+    }
+}

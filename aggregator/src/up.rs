@@ -1,0 +1,192 @@
+//! `flotilla up`: a one-host fleet on this machine, for a first try.
+//!
+//! Creates a data directory with a dev CA, a server certificate and a certificate for this host
+//! (kept across runs), writes the effective configs there for reference, then runs an
+//! aggregator and an agent in this process until Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use common::config::agent::AgentConfig;
+use common::config::aggregator::AggregatorConfig;
+use common::ids::HostId;
+use common::tls::{self, Ca};
+use tokio_util::sync::CancellationToken;
+
+/// What `flotilla up` was asked for.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// Data directory (certificates, store, spool).
+    pub data_dir: PathBuf,
+    /// Aggregator QUIC address.
+    pub quic: SocketAddr,
+    /// Admin API address.
+    pub admin: SocketAddr,
+    /// Agent sampling interval, ms.
+    pub sample_ms: u64,
+    /// Agent uplink interval, s.
+    pub uplink_secs: u64,
+}
+
+/// Runs the one-host fleet until Ctrl-C or SIGTERM.
+pub fn run(opts: UpOptions) -> anyhow::Result<()> {
+    let host = local_host_id();
+    prepare_tls(&opts.data_dir, &host)?;
+    let (agg_text, agent_text) = configs(&opts);
+    std::fs::write(opts.data_dir.join("aggregator.toml"), &agg_text)
+        .with_context(|| format!("writing {}", opts.data_dir.join("aggregator.toml").display()))?;
+    std::fs::write(opts.data_dir.join("agent.toml"), &agent_text)
+        .with_context(|| format!("writing {}", opts.data_dir.join("agent.toml").display()))?;
+    let agg_config = AggregatorConfig::parse(&agg_text, "flotilla up (aggregator)", &opts.data_dir)?;
+    let agent_config = AgentConfig::parse(&agent_text, "flotilla up (agent)", &opts.data_dir)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let bound = crate::Bound::bind(&agg_config).await.context("starting the aggregator")?;
+        let admin = bound.admin_addr().unwrap_or(opts.admin);
+        let quic = bound.quic_addr().unwrap_or(opts.quic);
+        let shutdown = CancellationToken::new();
+        let aggregator = tokio::spawn(crate::run(agg_config, bound, shutdown.clone()));
+        let endpoint = agent::client_endpoint(&agent_config).context("starting the agent")?;
+        let agent = tokio::spawn(agent::run(agent_config, endpoint, shutdown.clone()));
+        print_welcome(&opts.data_dir, &host, quic, admin);
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = sigterm() => {}
+        }
+        println!("Stopping…");
+        shutdown.cancel();
+        let (a, b) = tokio::join!(agent, aggregator);
+        a.context("agent task")?.context("agent")?;
+        b.context("aggregator task")?.context("aggregator")?;
+        Ok(())
+    })
+}
+
+async fn sigterm() {
+    if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        s.recv().await;
+    } else {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// This machine's host name as a valid host id (`local` if it has none usable).
+pub fn local_host_id() -> HostId {
+    let raw = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let cleaned: String = raw
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '-' })
+        .skip_while(|c| !c.is_ascii_alphanumeric())
+        .take(common::ids::HOST_ID_MAX_LEN)
+        .collect();
+    HostId::new(&cleaned).unwrap_or_else(|_| HostId::new("local").unwrap_or_else(|e| unreachable!("{e}")))
+}
+
+fn prepare_tls(data_dir: &Path, host: &HostId) -> anyhow::Result<()> {
+    let dir = data_dir.join("tls");
+    if !dir.join(tls::files::CA_CERT).exists() {
+        tls::init_ca_dir(&dir, &[], 825, false).context("creating the dev CA")?;
+    }
+    let (cert, key) = (dir.join("host.pem"), dir.join("host.key"));
+    let issued_for = dir.join("host.id");
+    let current = std::fs::read_to_string(&issued_for).unwrap_or_default();
+    if !cert.exists() || current.trim() != host.as_str() {
+        let pair = Ca::load(&dir)?.issue_host(host, 365)?;
+        tls::write_private(&key, &pair.key_pem)?;
+        tls::write_private(&cert, &pair.cert_pem)?;
+        std::fs::write(&issued_for, host.as_str())
+            .with_context(|| format!("writing {}", issued_for.display()))?;
+    }
+    Ok(())
+}
+
+fn configs(opts: &UpOptions) -> (String, String) {
+    let aggregator = format!(
+        "# Written by `flotilla up`; see config/aggregator.example.toml for every key.\n\
+         [listen]\nquic = \"{}\"\nadmin = \"{}\"\n\n\
+         [tls]\nca_cert = \"tls/ca.pem\"\ncert = \"tls/server.pem\"\nkey = \"tls/server.key\"\n\n\
+         [store]\npath = \"store\"\n",
+        opts.quic, opts.admin
+    );
+    let agent = format!(
+        "# Written by `flotilla up`; see config/agent.example.toml for every key.\n\
+         [uplink]\naggregator = \"{}\"\ninterval_secs = {}\n\n\
+         [tls]\nca_cert = \"tls/ca.pem\"\ncert = \"tls/host.pem\"\nkey = \"tls/host.key\"\n\n\
+         [telemetry]\nsample_interval_ms = {}\n\n\
+         [spool]\npath = \"spool\"\n",
+        connect_addr(opts.quic),
+        opts.uplink_secs,
+        opts.sample_ms
+    );
+    (aggregator, agent)
+}
+
+/// The address an agent on this machine dials for a listener on `listen` (0.0.0.0 -> 127.0.0.1).
+fn connect_addr(listen: SocketAddr) -> SocketAddr {
+    if listen.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), listen.port())
+    } else {
+        listen
+    }
+}
+
+fn print_welcome(data_dir: &Path, host: &HostId, quic: SocketAddr, admin: SocketAddr) {
+    let api = if admin.port() == 7070 && admin.ip().is_loopback() {
+        String::new()
+    } else {
+        format!(" --api http://{admin}")
+    };
+    println!(
+        "Flotilla is up: an aggregator and an agent for host \"{host}\" on this machine.\n\
+         \x20 data:       {data}\n\
+         \x20 aggregator: QUIC {quic}, admin API http://{admin}\n\
+         \n\
+         Try, in another terminal (the first batch arrives within a few seconds):\n\
+         \x20 flotilla{api} hosts\n\
+         \x20 flotilla{api} host {host}\n\
+         \x20 flotilla{api} metrics {host} cpu_util_pct --since 10m --plot\n\
+         \x20 curl -s http://{admin}/metrics\n\
+         \n\
+         Press Ctrl-C to stop; data stays in {data} for the next run.",
+        data = data_dir.display()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn generated_configs_parse() {
+        let opts = UpOptions {
+            data_dir: PathBuf::from("/tmp/x"),
+            quic: "0.0.0.0:7443".parse().unwrap(),
+            admin: "127.0.0.1:7070".parse().unwrap(),
+            sample_ms: 500,
+            uplink_secs: 2,
+        };
+        let (a, b) = configs(&opts);
+        let agg = AggregatorConfig::parse(&a, "a", &opts.data_dir).unwrap();
+        assert_eq!(agg.store.path, Path::new("/tmp/x/store"));
+        let agent = AgentConfig::parse(&b, "b", &opts.data_dir).unwrap();
+        assert_eq!(agent.uplink.aggregator.to_string(), "127.0.0.1:7443");
+        assert_eq!(agent.telemetry.sample_interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn host_id_from_this_machine_is_valid() {
+        let id = local_host_id();
+        assert!(HostId::new(id.as_str()).is_ok());
+    }
+}
