@@ -97,7 +97,12 @@ mod tests {
     use super::*;
 
     fn directive(id: &str, kind: &str, not_after: i64) -> Directive {
-        Directive { id: id.into(), kind: kind.into(), payload: vec![], not_after_unix_ms: not_after }
+        Directive {
+            id: id.into(),
+            kind: kind.into(),
+            payload: vec![],
+            not_after_unix_ms: not_after,
+        }
     }
 
     #[test]

@@ -90,12 +90,8 @@ pub async fn run(
     };
 
     let sealed = Arc::new(Notify::new());
-    let sealer = tokio::spawn(sampler::seal(
-        samples,
-        spool.clone(),
-        sealed.clone(),
-        config.uplink.interval,
-    ));
+    let sealer =
+        tokio::spawn(sampler::seal(samples, spool.clone(), sealed.clone(), config.uplink.interval));
     let uplink_stop = CancellationToken::new();
     let uplink = tokio::spawn(
         uplink::Uplink {

@@ -101,10 +101,8 @@ fn sample_loop(
         if next <= now {
             let behind = now - next;
             warn!(behind_ms = behind.as_millis() as u64, "Sampling fell behind schedule.");
-            n = u32::try_from(
-                (now - start).as_nanos() / interval.as_nanos().max(1),
-            )
-            .unwrap_or(u32::MAX);
+            n = u32::try_from((now - start).as_nanos() / interval.as_nanos().max(1))
+                .unwrap_or(u32::MAX);
             continue;
         }
         match stop.recv_timeout(next - now) {

@@ -242,7 +242,10 @@ impl Spool {
     }
 
     fn put_meta(&self, key: &[u8], v: u64) -> Result<(), SpoolError> {
-        self.meta.insert(key, &v.to_be_bytes()).map(drop).map_err(|source| self.io("write meta", source))
+        self.meta
+            .insert(key, &v.to_be_bytes())
+            .map(drop)
+            .map_err(|source| self.io("write meta", source))
     }
 
     fn io(&self, op: &'static str, source: sled::Error) -> SpoolError {

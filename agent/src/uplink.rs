@@ -29,7 +29,7 @@ use crate::spool::{Spool, SpoolError};
 pub const WINDOW: usize = 16;
 
 /// How long one batch may take from open to Ack.
-const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
+const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long connecting plus Hello/Welcome may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -184,7 +184,8 @@ impl Uplink {
         let frame_err = |source| UplinkError::Frame { what: "Hello/Welcome".into(), source };
         let (mut send, mut recv) = conn.open_bi().await.map_err(UplinkError::Connection)?;
         framed::write(&mut send, &self.hello).await.map_err(frame_err)?;
-        let reply: HelloReply = framed::read(&mut recv, MAX_REPLY_BYTES).await.map_err(frame_err)?;
+        let reply: HelloReply =
+            framed::read(&mut recv, MAX_REPLY_BYTES).await.map_err(frame_err)?;
         match reply.reply {
             Some(hello_reply::Reply::Welcome(w)) => Ok(w),
             Some(hello_reply::Reply::Refusal(r)) => Err(UplinkError::Refused {
@@ -216,7 +217,9 @@ impl Uplink {
     async fn drain(&self, conn: &quinn::Connection) {
         match tokio::time::timeout(self.drain_grace, self.send_pending(conn)).await {
             Ok(Ok(())) => info!("Drained the spool before stopping."),
-            Ok(Err(e)) => warn!(error = %error_chain(&e), "Could not drain the spool; batches stay spooled."),
+            Ok(Err(e)) => {
+                warn!(error = %error_chain(&e), "Could not drain the spool; batches stay spooled.")
+            }
             Err(_) => warn!(
                 pending = self.spool.stats().batches,
                 "Stop grace period ran out; remaining batches stay spooled."

@@ -57,7 +57,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/hosts/{host}/metric-names", get(metric_names))
         .route("/api/v1/hosts/{host}/revoke", post(revoke).delete(unrevoke))
         .route("/metrics", get(prometheus))
-        .fallback(|| async { failure(StatusCode::NOT_FOUND, "no such route; see docs/admin-api.md") })
+        .fallback(|| async {
+            failure(StatusCode::NOT_FOUND, "no such route; see docs/admin-api.md")
+        })
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
 }
@@ -107,10 +109,9 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, Failure> {
     match tokio::task::spawn_blocking(f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(failure(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            crate::commit::common_error_chain(&e),
-        )),
+        Ok(Err(e)) => {
+            Err(failure(StatusCode::INTERNAL_SERVER_ERROR, crate::commit::common_error_chain(&e)))
+        }
         Err(e) => Err(failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
 }
@@ -121,10 +122,14 @@ fn parse_host(s: &str) -> Result<HostId, Failure> {
 
 impl ApiState {
     fn state_of(&self, host: &HostId, rec: &HostRecord, now: i64) -> HostState {
-        if self.revocations.revoked_at(host).is_some() {
+        // A connected host got past the verifier (e.g. with a certificate issued after its
+        // revocation), so it is online whatever an old revocation says.
+        if self.connections.is_connected(host) {
+            HostState::Online
+        } else if self.revocations.revoked_at(host).is_some() {
             HostState::Revoked
-        } else if self.connections.is_connected(host)
-            || now - rec.last_seen_ms <= i64::try_from(self.offline_after.as_millis()).unwrap_or(i64::MAX)
+        } else if now - rec.last_seen_ms
+            <= i64::try_from(self.offline_after.as_millis()).unwrap_or(i64::MAX)
         {
             HostState::Online
         } else {
@@ -179,8 +184,7 @@ async fn load_host(
 ) -> Result<(HostRecord, Option<common::proto::Sample>), Failure> {
     let store = state.store.clone();
     let h = host.clone();
-    let (rec, latest) =
-        blocking(move || Ok((store.host(&h)?, store.latest_sample(&h)?))).await?;
+    let (rec, latest) = blocking(move || Ok((store.host(&h)?, store.latest_sample(&h)?))).await?;
     let rec = rec.ok_or_else(|| {
         failure(
             StatusCode::NOT_FOUND,
@@ -293,9 +297,8 @@ async fn prometheus(State(state): State<ApiState>) -> Result<Response, Failure> 
         };
         counts[i].1 += 1;
     }
-    let body = state.stats.render(&Gauges {
-        connections_open: state.connections.len() as u64,
-        hosts: counts,
-    });
+    let body = state
+        .stats
+        .render(&Gauges { connections_open: state.connections.len() as u64, hosts: counts });
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }

@@ -20,7 +20,10 @@ impl Connections {
     pub fn insert(&self, host: HostId, conn: quinn::Connection) -> bool {
         let old = self.lock().insert(host, conn);
         if let Some(old) = &old {
-            old.close(quinn::VarInt::from_u32(common::proto::code::REPLACED), b"replaced by a newer connection");
+            old.close(
+                quinn::VarInt::from_u32(common::proto::code::REPLACED),
+                b"replaced by a newer connection",
+            );
         }
         old.is_some()
     }

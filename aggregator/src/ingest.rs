@@ -16,9 +16,7 @@ use std::time::Duration;
 
 use common::framed::{self, FrameError};
 use common::ids::HostId;
-use common::proto::{
-    Ack, Hello, HelloReply, Refusal, TelemetryBatch, Welcome, code, hello_reply,
-};
+use common::proto::{Ack, Hello, HelloReply, Refusal, TelemetryBatch, Welcome, code, hello_reply};
 use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -48,7 +46,11 @@ pub struct IngestContext {
 }
 
 /// Accepts connections until `shutdown`, then closes the endpoint and waits for handlers.
-pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<IngestContext>, shutdown: CancellationToken) {
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    ctx: Arc<IngestContext>,
+    shutdown: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     loop {
         let incoming = tokio::select! {
@@ -98,8 +100,10 @@ async fn handle_connection(
         let store = ctx.store.clone();
         let host = host.clone();
         let not_after = identity.not_after_secs;
-        tokio::task::spawn_blocking(move || store.record_hello(&host, &hello.0, not_after, now_ms()))
-            .await
+        tokio::task::spawn_blocking(move || {
+            store.record_hello(&host, &hello.0, not_after, now_ms())
+        })
+        .await
     };
     let record = match record {
         Ok(Ok(r)) => r,

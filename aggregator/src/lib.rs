@@ -155,9 +155,10 @@ pub async fn run(
         stats: stats.clone(),
         max_frame_bytes: config.ingest.max_frame_bytes,
     });
+    let unknown = || SocketAddr::from(([0, 0, 0, 0], 0));
     info!(
-        quic = ?endpoint.local_addr().ok(),
-        admin = ?admin.local_addr().ok(),
+        quic = %endpoint.local_addr().unwrap_or_else(|_| unknown()),
+        admin = %admin.local_addr().unwrap_or_else(|_| unknown()),
         store = %config.store.path.display(),
         "Aggregator started."
     );

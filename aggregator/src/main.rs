@@ -103,7 +103,9 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         Command::Ca(CaCommand::Init { dir, sans, days, force }) => {
             common::tls::init_ca_dir(&dir, &sans, days, force)?;
             println!("Created the fleet CA and server certificate in {}:", dir.display());
-            println!("  ca.pem ca.key server.pem server.key (keys mode 0600; keep ca.key off agent hosts)");
+            println!(
+                "  ca.pem ca.key server.pem server.key (keys mode 0600; keep ca.key off agent hosts)"
+            );
             println!("Next: flotilla-aggregator ca issue HOST --dir {}", dir.display());
             Ok(())
         }

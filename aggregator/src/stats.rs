@@ -78,7 +78,11 @@ impl Stats {
                 ("{outcome=\"failed\"}", self.batches_failed.get()),
             ],
         );
-        counter("flotilla_ingest_samples_total", "Samples stored.", &[("", self.samples_stored.get())]);
+        counter(
+            "flotilla_ingest_samples_total",
+            "Samples stored.",
+            &[("", self.samples_stored.get())],
+        );
         counter(
             "flotilla_store_commit_groups_total",
             "Durable group commits.",

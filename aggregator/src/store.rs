@@ -311,20 +311,25 @@ impl SledStore {
         let Some(v) = self.hosts.get(host).map_err(io("read host"))? else {
             return Ok(None);
         };
-        postcard::from_bytes(&v)
-            .map(Some)
-            .map_err(|e| StoreError::Corrupt { what: format!("host {host}"), reason: e.to_string() })
+        postcard::from_bytes(&v).map(Some).map_err(|e| StoreError::Corrupt {
+            what: format!("host {host}"),
+            reason: e.to_string(),
+        })
     }
 
     fn write_host(&self, host: &str, rec: &HostRecord) -> Result<(), StoreError> {
-        let bytes = postcard::to_allocvec(rec)
-            .map_err(|e| StoreError::Corrupt { what: format!("host {host}"), reason: e.to_string() })?;
+        let bytes = postcard::to_allocvec(rec).map_err(|e| StoreError::Corrupt {
+            what: format!("host {host}"),
+            reason: e.to_string(),
+        })?;
         self.hosts.insert(host, bytes).map(drop).map_err(io("write host"))
     }
 
     fn mark_dirty(&self, tree: &sled::Tree, host: &str, bucket: i64) -> Result<(), StoreError> {
         let m = self.mark.fetch_add(1, Ordering::Relaxed);
-        tree.insert(keys::bucket(host, bucket), &m.to_be_bytes()).map(drop).map_err(io("mark dirty"))
+        tree.insert(keys::bucket(host, bucket), &m.to_be_bytes())
+            .map(drop)
+            .map_err(io("mark dirty"))
     }
 
     fn commit_one(&self, b: &IncomingBatch) -> Result<CommitOutcome, StoreError> {
@@ -359,7 +364,12 @@ impl SledStore {
         rec.spool_dropped_samples = b.batch.spool_dropped_samples;
         if seq == rec.watermark + 1 {
             rec.watermark = seq;
-            while self.seen.remove(keys::seen(host, rec.watermark + 1)).map_err(io("advance"))?.is_some() {
+            while self
+                .seen
+                .remove(keys::seen(host, rec.watermark + 1))
+                .map_err(io("advance"))?
+                .is_some()
+            {
                 rec.watermark += 1;
             }
         } else {
@@ -407,12 +417,19 @@ impl SledStore {
         start: i64,
         rollup: &Rollup,
     ) -> Result<(), StoreError> {
-        let bytes = postcard::to_allocvec(rollup)
-            .map_err(|e| StoreError::Corrupt { what: format!("rollup {host}"), reason: e.to_string() })?;
+        let bytes = postcard::to_allocvec(rollup).map_err(|e| StoreError::Corrupt {
+            what: format!("rollup {host}"),
+            reason: e.to_string(),
+        })?;
         tree.insert(keys::bucket(host, start), bytes).map(drop).map_err(io("write rollup"))
     }
 
-    fn delete_before(&self, tree: &sled::Tree, host: &str, cutoff_ms: i64) -> Result<u64, StoreError> {
+    fn delete_before(
+        &self,
+        tree: &sled::Tree,
+        host: &str,
+        cutoff_ms: i64,
+    ) -> Result<u64, StoreError> {
         let mut n = 0;
         let range = keys::host_prefix(host)..keys::bucket(host, cutoff_ms);
         let mut batch = sled::Batch::default();
@@ -521,7 +538,8 @@ impl TelemetryStore for SledStore {
                 }
             }
             Resolution::Minute | Resolution::Hour => {
-                let tree = if resolution == Resolution::Minute { &self.minutes } else { &self.hours };
+                let tree =
+                    if resolution == Resolution::Minute { &self.minutes } else { &self.hours };
                 for item in tree.range(range) {
                     let (k, v) = item.map_err(io("scan rollups"))?;
                     let Some((_, start)) = keys::split(&k) else { continue };

@@ -33,13 +33,10 @@ pub struct UpOptions {
 pub fn run(opts: UpOptions) -> anyhow::Result<()> {
     let host = local_host_id();
     prepare_tls(&opts.data_dir, &host)?;
-    let (agg_text, agent_text) = configs(&opts);
-    std::fs::write(opts.data_dir.join("aggregator.toml"), &agg_text)
-        .with_context(|| format!("writing {}", opts.data_dir.join("aggregator.toml").display()))?;
-    std::fs::write(opts.data_dir.join("agent.toml"), &agent_text)
-        .with_context(|| format!("writing {}", opts.data_dir.join("agent.toml").display()))?;
-    let agg_config = AggregatorConfig::parse(&agg_text, "flotilla up (aggregator)", &opts.data_dir)?;
-    let agent_config = AgentConfig::parse(&agent_text, "flotilla up (agent)", &opts.data_dir)?;
+    let agg_text = aggregator_config(&opts);
+    write_config(&opts.data_dir.join("aggregator.toml"), &agg_text)?;
+    let agg_config =
+        AggregatorConfig::parse(&agg_text, "flotilla up (aggregator)", &opts.data_dir)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -49,6 +46,10 @@ pub fn run(opts: UpOptions) -> anyhow::Result<()> {
         let bound = crate::Bound::bind(&agg_config).await.context("starting the aggregator")?;
         let admin = bound.admin_addr().unwrap_or(opts.admin);
         let quic = bound.quic_addr().unwrap_or(opts.quic);
+        // The agent dials the address actually bound (port 0 picks a free one).
+        let agent_text = agent_config(&opts, quic);
+        write_config(&opts.data_dir.join("agent.toml"), &agent_text)?;
+        let agent_config = AgentConfig::parse(&agent_text, "flotilla up (agent)", &opts.data_dir)?;
         let shutdown = CancellationToken::new();
         let aggregator = tokio::spawn(crate::run(agg_config, bound, shutdown.clone()));
         let endpoint = agent::client_endpoint(&agent_config).context("starting the agent")?;
@@ -89,7 +90,8 @@ pub fn local_host_id() -> HostId {
         .skip_while(|c| !c.is_ascii_alphanumeric())
         .take(common::ids::HOST_ID_MAX_LEN)
         .collect();
-    HostId::new(&cleaned).unwrap_or_else(|_| HostId::new("local").unwrap_or_else(|e| unreachable!("{e}")))
+    HostId::new(&cleaned)
+        .unwrap_or_else(|_| HostId::new("local").unwrap_or_else(|e| unreachable!("{e}")))
 }
 
 fn prepare_tls(data_dir: &Path, host: &HostId) -> anyhow::Result<()> {
@@ -110,25 +112,31 @@ fn prepare_tls(data_dir: &Path, host: &HostId) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn configs(opts: &UpOptions) -> (String, String) {
-    let aggregator = format!(
+fn write_config(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+fn aggregator_config(opts: &UpOptions) -> String {
+    format!(
         "# Written by `flotilla up`; see config/aggregator.example.toml for every key.\n\
          [listen]\nquic = \"{}\"\nadmin = \"{}\"\n\n\
          [tls]\nca_cert = \"tls/ca.pem\"\ncert = \"tls/server.pem\"\nkey = \"tls/server.key\"\n\n\
          [store]\npath = \"store\"\n",
         opts.quic, opts.admin
-    );
-    let agent = format!(
+    )
+}
+
+fn agent_config(opts: &UpOptions, quic: SocketAddr) -> String {
+    format!(
         "# Written by `flotilla up`; see config/agent.example.toml for every key.\n\
          [uplink]\naggregator = \"{}\"\ninterval_secs = {}\n\n\
          [tls]\nca_cert = \"tls/ca.pem\"\ncert = \"tls/host.pem\"\nkey = \"tls/host.key\"\n\n\
          [telemetry]\nsample_interval_ms = {}\n\n\
          [spool]\npath = \"spool\"\n",
-        connect_addr(opts.quic),
+        connect_addr(quic),
         opts.uplink_secs,
         opts.sample_ms
-    );
-    (aggregator, agent)
+    )
 }
 
 /// The address an agent on this machine dials for a listener on `listen` (0.0.0.0 -> 127.0.0.1).
@@ -176,7 +184,8 @@ mod tests {
             sample_ms: 500,
             uplink_secs: 2,
         };
-        let (a, b) = configs(&opts);
+        let a = aggregator_config(&opts);
+        let b = agent_config(&opts, opts.quic);
         let agg = AggregatorConfig::parse(&a, "a", &opts.data_dir).unwrap();
         assert_eq!(agg.store.path, Path::new("/tmp/x/store"));
         let agent = AgentConfig::parse(&b, "b", &opts.data_dir).unwrap();

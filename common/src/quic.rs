@@ -1,7 +1,7 @@
 //! quinn endpoints for both sides, built from the TLS configurations in [`crate::tls`].
 //!
-//! Both sides use the same transport settings: keep-alives every 5 s so NATs and idle timers
-//! do not drop a quiet agent, and a 30 s idle timeout after which a silent peer is gone.
+//! Both sides use the same transport settings: keep-alives every 3 s so NATs and idle timers
+//! do not drop a quiet agent, and a 15 s idle timeout after which a silent peer is gone.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,9 +27,9 @@ pub enum QuicError {
 /// Transport settings shared by both sides.
 pub fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    // 30 s always fits a VarInt.
-    t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(30)).ok());
+    t.keep_alive_interval(Some(Duration::from_secs(3)));
+    // 15 s always fits a VarInt.
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(15)).ok());
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(256));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     t

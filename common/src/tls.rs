@@ -7,6 +7,8 @@
 //!   message can claim another host's id.
 //! - Revocation is by host id and time: a host revoked at time `t` is refused with every
 //!   certificate issued (`notBefore`) at or before `t`. Issuing a fresh certificate re-admits it.
+//! - Sessions are never resumed, so every connection's certificate is verified (and checked
+//!   against revocations) afresh.
 //! - Private keys are written with mode 0600 and never overwritten by accident.
 
 use std::collections::HashMap;
@@ -383,6 +385,11 @@ pub fn server_config(
         .with_single_cert(load_certs(cert)?, load_key(key)?)
         .map_err(TlsError::Rustls)?;
     config.alpn_protocols = vec![crate::proto::ALPN.to_vec()];
+    // No session resumption: a resumed TLS 1.3 session skips client certificate verification,
+    // which would let a revoked host back in on its cached ticket. Every connection is a full
+    // handshake through the verifier above.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 

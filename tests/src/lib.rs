@@ -1,1 +1,308 @@
-//! placeholder
+//! The end-to-end harness: real binaries, real certificates, real QUIC, on loopback.
+//!
+//! Each part is a child process of the test, started from the binaries next to the test
+//! executable (`cargo build --bins` first). Parts report their bound addresses in their logs,
+//! which the harness reads; nothing guesses ports. Every wait has a timeout, and a failing test
+//! prints the logs of every part it started.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use common::ids::HostId;
+use common::tls::{self, Ca};
+
+/// How long any single wait in a test may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Path of a workspace binary, next to the test executable's `deps/` directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().and_then(Path::parent).map(Path::to_owned).unwrap_or_default();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` before the e2e tests",
+        path.display()
+    );
+    path
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout` with `what`.
+pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A test fleet's directory: a CA, certificates, configs, data.
+#[derive(Debug)]
+pub struct Fleet {
+    /// Root directory (deleted on drop).
+    pub dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    /// A fresh fleet with a CA in `tls/`.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        tls::init_ca_dir(&dir.path().join("tls"), &[], 30, false).expect("ca init");
+        Self { dir }
+    }
+
+    /// The root path.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The CA.
+    pub fn ca(&self) -> Ca {
+        Ca::load(&self.path().join("tls")).expect("load CA")
+    }
+
+    /// Issues a valid certificate for `host` into `tls/HOST.pem|key`.
+    pub fn issue(&self, host: &str) -> (PathBuf, PathBuf) {
+        let tls_dir = self.path().join("tls");
+        tls::issue_host_files(&tls_dir, &HostId::new(host).expect("host id"), &tls_dir, 30, true)
+            .expect("issue")
+    }
+
+    /// Writes an aggregator config on `quic_port` (0 = any) and returns its path.
+    pub fn aggregator_config(&self, quic_port: u16) -> PathBuf {
+        let path = self.path().join("aggregator.toml");
+        let text = format!(
+            "[listen]\nquic = \"127.0.0.1:{quic_port}\"\nadmin = \"127.0.0.1:0\"\n\
+             [tls]\nca_cert = \"tls/ca.pem\"\ncert = \"tls/server.pem\"\nkey = \"tls/server.key\"\n\
+             [store]\npath = \"store\"\n[ingest]\noffline_after_secs = 5\n"
+        );
+        std::fs::write(&path, text).expect("write aggregator config");
+        path
+    }
+
+    /// Writes an agent config for `host` (certificate `tls/HOST.pem` unless `cert` is given)
+    /// dialing `aggregator`, sampling every `sample_ms` and uplinking every second.
+    pub fn agent_config(
+        &self,
+        host: &str,
+        aggregator: std::net::SocketAddr,
+        sample_ms: u64,
+    ) -> PathBuf {
+        let path = self.path().join(format!("agent-{host}.toml"));
+        let text = format!(
+            "[uplink]\naggregator = \"{aggregator}\"\ninterval_secs = 1\nbackoff_initial_ms = 100\nbackoff_max_ms = 1000\n\
+             [tls]\nca_cert = \"tls/ca.pem\"\ncert = \"tls/{host}.pem\"\nkey = \"tls/{host}.key\"\n\
+             [telemetry]\nsample_interval_ms = {sample_ms}\n\
+             [spool]\npath = \"spool-{host}\"\n"
+        );
+        std::fs::write(&path, text).expect("write agent config");
+        path
+    }
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A running child process whose stderr (logs) is collected.
+#[derive(Debug)]
+pub struct Proc {
+    /// Name for messages.
+    pub name: String,
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Spawns `program args` with logs captured.
+    pub fn spawn(name: &str, program: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(program)
+            .args(args)
+            .env("FLOTILLA_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", program.display()));
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    logs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(line);
+                }
+            });
+        }
+        Self { name: name.to_owned(), child, logs }
+    }
+
+    /// Everything logged so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The first log line containing every needle, waiting up to [`WAIT`].
+    pub fn wait_for_log(&self, needles: &[&str]) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(line) =
+                self.logs().into_iter().find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return line;
+            }
+            if start.elapsed() > WAIT {
+                panic!(
+                    "{}: no log line with {needles:?} within {WAIT:?}; logs:\n{}",
+                    self.name,
+                    self.logs().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(0));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        self.wait()
+    }
+
+    /// Sends SIGKILL and waits.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit (up to [`WAIT`], then kills it and fails).
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Let the log readers catch the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return status;
+            }
+            if start.elapsed() > WAIT {
+                self.kill();
+                panic!(
+                    "{} did not exit within {WAIT:?}; logs:\n{}",
+                    self.name,
+                    self.logs().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Prints the logs (on failure paths).
+    pub fn dump(&self) {
+        eprintln!("----- {} -----\n{}", self.name, self.logs().join("\n"));
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running aggregator process.
+#[derive(Debug)]
+pub struct Aggregator {
+    /// The process.
+    pub proc: Proc,
+    /// Bound QUIC address.
+    pub quic: std::net::SocketAddr,
+    /// Admin API base URL.
+    pub api: String,
+}
+
+impl Aggregator {
+    /// Starts `flotilla-aggregator` on `config` and reads its bound addresses from its log.
+    pub fn start(config: &Path) -> Self {
+        let proc = Proc::spawn(
+            "aggregator",
+            &bin("flotilla-aggregator"),
+            &["--config", &config.display().to_string()],
+        );
+        let line = proc.wait_for_log(&["Aggregator started."]);
+        let field = |name: &str| -> String {
+            let start = line.find(&format!("{name}=")).map(|i| i + name.len() + 1).unwrap_or(0);
+            line[start..].split_whitespace().next().unwrap_or_default().to_owned()
+        };
+        let quic = field("quic").parse().unwrap_or_else(|e| panic!("quic addr in {line:?}: {e}"));
+        let api = format!("http://{}", field("admin"));
+        Self { proc, quic, api }
+    }
+
+    /// Runs the `flotilla` CLI against this aggregator.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        cli(&self.api, args)
+    }
+
+    /// Runs `flotilla ARGS --json` and parses stdout, failing on a non-zero exit.
+    pub fn cli_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli(&all);
+        if !out.status.success() {
+            bail!("flotilla {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        serde_json::from_slice(&out.stdout).context("parsing CLI JSON")
+    }
+}
+
+/// Runs the `flotilla` CLI with `--api api`.
+pub fn cli(api: &str, args: &[&str]) -> Output {
+    Command::new(bin("flotilla"))
+        .args(["--api", api])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running flotilla")
+}
+
+/// Starts an agent process for `host` with `config`.
+pub fn agent(host: &str, config: &Path) -> Proc {
+    Proc::spawn(
+        &format!("agent {host}"),
+        &bin("flotilla-agent"),
+        &["--config", &config.display().to_string()],
+    )
+}
+
+/// Reads `samples_produced=N` from an agent's "Agent stopped." log line.
+pub fn samples_produced(agent: &Proc) -> u64 {
+    let line = agent.wait_for_log(&["Agent stopped."]);
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("samples_produced="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no samples_produced in {line:?}"))
+}
+
+/// A QUIC client endpoint presenting `cert_pem`/`key_pem` and trusting `ca_pem`.
+pub fn quic_client(ca_pem: &str, cert_pem: &str, key_pem: &str) -> quinn::Endpoint {
+    let tls = tls::client_config_pem(ca_pem, cert_pem, key_pem).expect("client tls");
+    common::quic::client_endpoint("127.0.0.1:0".parse().expect("addr"), tls)
+        .expect("client endpoint")
+}

@@ -1,0 +1,114 @@
+//! Bytes from the network never crash the aggregator: bad frames reset their own stream, the
+//! connection carries on, and an incompatible Hello gets a clear refusal.
+
+use common::framed;
+use common::ids::HostId;
+use common::proto::{Ack, Hello, HelloReply, Sample, TelemetryBatch, code, hello_reply};
+use e2e::{Aggregator, Fleet, quic_client};
+
+fn identity(fleet: &Fleet, host: &str) -> (String, String, String) {
+    let ca = std::fs::read_to_string(fleet.path().join("tls/ca.pem")).unwrap();
+    let pair = fleet.ca().issue_host(&HostId::new(host).unwrap(), 1).unwrap();
+    (ca, pair.cert_pem, pair.key_pem)
+}
+
+fn hello(min: u32, max: u32) -> Hello {
+    Hello {
+        min_version: min,
+        max_version: max,
+        agent_version: "test".into(),
+        spool_epoch: 1,
+        ..Hello::default()
+    }
+}
+
+/// Reads a stream to its end and returns the reset code, if it was reset.
+async fn reset_code(recv: &mut quinn::RecvStream) -> Option<u64> {
+    match recv.read_to_end(1 << 16).await {
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => Some(code.into_inner()),
+        other => panic!("expected a reset, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_frames_reset_their_stream_and_the_connection_goes_on() {
+    let fleet = Fleet::new();
+    let agg = Aggregator::start(&fleet.aggregator_config(0));
+    let (ca, cert, key) = identity(&fleet, "framer");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let endpoint = quic_client(&ca, &cert, &key);
+        let conn = endpoint.connect(agg.quic, "flotilla-aggregator").unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        framed::write(&mut send, &hello(1, 1)).await.unwrap();
+        let reply: HelloReply = framed::read(&mut recv, 1 << 20).await.unwrap();
+        let Some(hello_reply::Reply::Welcome(welcome)) = reply.reply else { panic!("{reply:?}") };
+        assert_eq!(welcome.host_id, "framer", "the host id comes from the certificate");
+
+        // Malformed: an invalid protobuf wire type.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[0, 0, 0, 3, 0x0f, 0xff, 0xff]).await.unwrap();
+        send.finish().unwrap();
+        assert_eq!(reset_code(&mut recv).await, Some(u64::from(code::MALFORMED_FRAME)));
+
+        // Oversized: a 100 MiB length prefix, refused before any payload is read.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&(100u32 << 20).to_be_bytes()).await.unwrap();
+        send.write_all(&[0u8; 1024]).await.unwrap();
+        assert_eq!(reset_code(&mut recv).await, Some(u64::from(code::FRAME_TOO_LARGE)));
+
+        // Truncated: the stream ends inside a frame.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[0, 0, 0, 50, 1, 2]).await.unwrap();
+        send.finish().unwrap();
+        assert_eq!(reset_code(&mut recv).await, Some(u64::from(code::MALFORMED_FRAME)));
+
+        // The same connection still carries good batches, and a retry is acked as a duplicate.
+        let batch = TelemetryBatch {
+            seq: 1,
+            samples: vec![Sample {
+                unix_ms: 1_700_000_000_000,
+                sample_index: 1,
+                ..Sample::default()
+            }],
+            ..TelemetryBatch::default()
+        };
+        for expect_duplicate in [false, true] {
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            framed::write(&mut send, &batch).await.unwrap();
+            send.finish().unwrap();
+            let ack: Ack = framed::read(&mut recv, 1024).await.unwrap();
+            assert_eq!(ack, Ack { seq: 1, duplicate: expect_duplicate });
+        }
+        assert!(conn.close_reason().is_none(), "connection survived: {:?}", conn.close_reason());
+        conn.close(0u32.into(), b"done");
+    });
+    agg.proc.wait_for_log(&["Refused a bad frame", "malformed_frame"]);
+    agg.proc.wait_for_log(&["Refused a bad frame", "frame_too_large"]);
+    let detail = agg.cli_json(&["host", "framer"]).unwrap();
+    assert_eq!(detail["summary"]["samples_total"], 1);
+}
+
+#[test]
+fn an_incompatible_protocol_version_is_refused_with_the_reason() {
+    let fleet = Fleet::new();
+    let agg = Aggregator::start(&fleet.aggregator_config(0));
+    let (ca, cert, key) = identity(&fleet, "time-traveller");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let endpoint = quic_client(&ca, &cert, &key);
+        let conn = endpoint.connect(agg.quic, "flotilla-aggregator").unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        framed::write(&mut send, &hello(7, 9)).await.unwrap();
+        let reply: HelloReply = framed::read(&mut recv, 1 << 20).await.unwrap();
+        let Some(hello_reply::Reply::Refusal(refusal)) = reply.reply else { panic!("{reply:?}") };
+        assert!(refusal.reason.contains("7..=9") && refusal.reason.contains("upgrade"), "{}", refusal.reason);
+        assert_eq!((refusal.server_min_version, refusal.server_max_version), (1, 1));
+        let closed = conn.closed().await;
+        assert!(
+            matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == code::VERSION_REFUSED.into()),
+            "{closed:?}"
+        );
+    });
+    agg.proc.wait_for_log(&["incompatible protocol version", "time-traveller"]);
+}

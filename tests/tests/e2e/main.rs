@@ -1,0 +1,15 @@
+//! End-to-end tests: one binary, one module per area.
+//!
+//! - `fleet`: a real aggregator and agents as separate processes, seen through the CLI.
+//! - `security`: certificates from another CA, expired and revoked, refused at the handshake.
+//! - `durability`: the aggregator SIGKILLed and restarted loses and duplicates nothing.
+//! - `frames`: malformed and oversized frames and bad Hellos, from a hand-driven QUIC client.
+//! - `startup`: bad configs exit 64 naming every key; the CLI without an aggregator; `flotilla up`.
+//!
+//! Run `cargo build --bins` first: the tests start the real binaries.
+
+mod durability;
+mod fleet;
+mod frames;
+mod security;
+mod startup;
