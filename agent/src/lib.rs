@@ -76,7 +76,7 @@ pub async fn run(
     info!(
         gpus = inventory.gpus.len(),
         accelerators = inventory.accelerators.len(),
-        sample_ms = config.telemetry.sample_interval.as_millis() as u64,
+        sample_ms = u64::try_from(config.telemetry.sample_interval.as_millis()).unwrap_or(u64::MAX),
         spool_epoch = spool.epoch(),
         "Agent started."
     );

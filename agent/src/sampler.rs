@@ -100,7 +100,10 @@ fn sample_loop(
         let now = Instant::now();
         if next <= now {
             let behind = now - next;
-            warn!(behind_ms = behind.as_millis() as u64, "Sampling fell behind schedule.");
+            warn!(
+                behind_ms = u64::try_from(behind.as_millis()).unwrap_or(u64::MAX),
+                "Sampling fell behind schedule."
+            );
             n = u32::try_from((now - start).as_nanos() / interval.as_nanos().max(1))
                 .unwrap_or(u32::MAX);
             continue;

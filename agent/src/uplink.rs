@@ -154,7 +154,10 @@ impl Uplink {
             }
             let delay = backoff(&self.config, attempt);
             attempt = attempt.saturating_add(1);
-            debug!(delay_ms = delay.as_millis() as u64, "Backing off before reconnecting.");
+            debug!(
+                delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                "Backing off before reconnecting."
+            );
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = stop.cancelled() => {}

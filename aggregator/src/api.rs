@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use common::ids::HostId;
+use common::proto::Inventory;
 use common::tls::Revocations;
 use serde::Deserialize;
 use tracing::info;
@@ -141,10 +142,10 @@ impl ApiState {
         &self,
         host: &HostId,
         rec: &HostRecord,
+        gpu_count: usize,
         latest: Option<&common::proto::Sample>,
         now: i64,
     ) -> HostSummary {
-        let inventory = rec.inventory();
         let gpu_utils: Vec<f64> = latest
             .map(|s| s.gpus.iter().filter_map(|g| g.util_gpu_pct).map(f64::from).collect())
             .unwrap_or_default();
@@ -152,7 +153,7 @@ impl ApiState {
             host: host.to_string(),
             state: self.state_of(host, rec, now),
             last_seen_unix_ms: (rec.last_seen_ms > 0).then_some(rec.last_seen_ms),
-            gpu_count: u32::try_from(inventory.gpus.len()).unwrap_or(u32::MAX),
+            gpu_count: u32::try_from(gpu_count).unwrap_or(u32::MAX),
             cpu_util_pct: latest.and_then(|s| s.host.as_ref()).map(|h| f64::from(h.cpu_util_pct)),
             gpu_util_pct: (!gpu_utils.is_empty())
                 .then(|| gpu_utils.iter().sum::<f64>() / gpu_utils.len() as f64),
@@ -168,30 +169,33 @@ async fn list_hosts(State(state): State<ApiState>) -> Result<Json<Vec<HostSummar
     let rows = blocking(move || {
         let mut rows = Vec::new();
         for (host, rec) in store.hosts()? {
+            let gpus = store.inventory(&host)?.map_or(0, |i| i.gpus.len());
             let latest = store.latest_sample(&host)?;
-            rows.push((host, rec, latest));
+            rows.push((host, rec, gpus, latest));
         }
         Ok(rows)
     })
     .await?;
     let now = now_ms();
-    Ok(Json(rows.iter().map(|(h, r, l)| state.summary(h, r, l.as_ref(), now)).collect()))
+    Ok(Json(rows.iter().map(|(h, r, g, l)| state.summary(h, r, *g, l.as_ref(), now)).collect()))
 }
 
 async fn load_host(
     state: &ApiState,
     host: &HostId,
-) -> Result<(HostRecord, Option<common::proto::Sample>), Failure> {
+) -> Result<(HostRecord, Inventory, Option<common::proto::Sample>), Failure> {
     let store = state.store.clone();
     let h = host.clone();
-    let (rec, latest) = blocking(move || Ok((store.host(&h)?, store.latest_sample(&h)?))).await?;
+    let (rec, inventory, latest) =
+        blocking(move || Ok((store.host(&h)?, store.inventory(&h)?, store.latest_sample(&h)?)))
+            .await?;
     let rec = rec.ok_or_else(|| {
         failure(
             StatusCode::NOT_FOUND,
             format!("unknown host {host}: it has never connected (see `flotilla hosts`)"),
         )
     })?;
-    Ok((rec, latest))
+    Ok((rec, inventory.unwrap_or_default(), latest))
 }
 
 async fn host_detail(
@@ -199,10 +203,10 @@ async fn host_detail(
     Path(host): Path<String>,
 ) -> Result<Json<HostDetail>, Failure> {
     let host = parse_host(&host)?;
-    let (rec, latest) = load_host(&state, &host).await?;
+    let (rec, inventory, latest) = load_host(&state, &host).await?;
     Ok(Json(HostDetail {
-        summary: state.summary(&host, &rec, latest.as_ref(), now_ms()),
-        inventory: rec.inventory(),
+        summary: state.summary(&host, &rec, inventory.gpus.len(), latest.as_ref(), now_ms()),
+        inventory,
         latest,
         spool_dropped_batches: rec.spool_dropped_batches,
         spool_dropped_samples: rec.spool_dropped_samples,
@@ -245,7 +249,7 @@ async fn metric_names(
     Path(host): Path<String>,
 ) -> Result<Json<MetricNames>, Failure> {
     let host = parse_host(&host)?;
-    let (_, latest) = load_host(&state, &host).await?;
+    let (_, _, latest) = load_host(&state, &host).await?;
     let metrics = latest
         .map(|s| common::metrics::flatten(&s).into_iter().map(|(n, _)| n).collect())
         .unwrap_or_default();

@@ -185,7 +185,8 @@ pub async fn run(
         warn!("Commit worker did not finish within 10 s.");
     }
     let s = store.clone();
-    let _ = tokio::task::spawn_blocking(move || s.roll_up()).await;
+    // Roll up everything seen, closed or not, so a restart starts from current rollups.
+    let _ = tokio::task::spawn_blocking(move || s.roll_up(ingest::now_ms())).await;
     info!("Aggregator stopped.");
     served.map_err(AggregatorError::Admin)
 }
@@ -208,7 +209,8 @@ fn upkeep(
             tokio::select! {
                 _ = rollup.tick() => {
                     let s = store.clone();
-                    match tokio::task::spawn_blocking(move || s.roll_up()).await {
+                    let now = ingest::now_ms();
+                    match tokio::task::spawn_blocking(move || s.roll_up(now)).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => warn!(error = %commit::common_error_chain(&e), "Rollup pass failed."),
                         Err(e) => warn!(error = %e, "Rollup task failed."),

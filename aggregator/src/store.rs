@@ -34,6 +34,8 @@ use crate::views::{MetricPoint, Resolution};
 pub const MINUTE_MS: i64 = 60_000;
 /// One hour, ms.
 pub const HOUR_MS: i64 = 3_600_000;
+/// How long after a bucket ends it is rolled up (late batches re-mark it and are folded in).
+pub const ROLLUP_GRACE_MS: i64 = 60_000;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -66,11 +68,10 @@ pub enum StoreError {
     },
 }
 
-/// What the store keeps about a host.
+/// What the store keeps about a host (small: it is rewritten with every batch; the inventory
+/// lives in its own tree and is written only on Hello).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HostRecord {
-    /// Inventory from the latest Hello (protobuf bytes).
-    pub inventory: Vec<u8>,
     /// Agent version from the latest Hello.
     pub agent_version: String,
     /// Config version from the latest Hello.
@@ -95,13 +96,6 @@ pub struct HostRecord {
     pub spool_dropped_samples: u64,
     /// Client certificate expiry at the latest handshake, Unix seconds.
     pub cert_not_after_secs: i64,
-}
-
-impl HostRecord {
-    /// The inventory, decoded.
-    pub fn inventory(&self) -> Inventory {
-        Inventory::decode(self.inventory.as_slice()).unwrap_or_default()
-    }
 }
 
 /// A batch to store, with the host it came from (read from its certificate).
@@ -189,6 +183,8 @@ pub trait TelemetryStore: Send + Sync + std::fmt::Debug + 'static {
     fn hosts(&self) -> Result<Vec<(HostId, HostRecord)>, StoreError>;
     /// One host.
     fn host(&self, host: &HostId) -> Result<Option<HostRecord>, StoreError>;
+    /// A host's inventory from its latest Hello.
+    fn inventory(&self, host: &HostId) -> Result<Option<Inventory>, StoreError>;
     /// The newest raw sample of a host.
     fn latest_sample(&self, host: &HostId) -> Result<Option<Sample>, StoreError>;
     /// Raw samples stored for a host (counts keys; for audits and tests).
@@ -201,8 +197,9 @@ pub trait TelemetryStore: Send + Sync + std::fmt::Debug + 'static {
         since_ms: i64,
         resolution: Resolution,
     ) -> Result<Vec<MetricPoint>, StoreError>;
-    /// Recomputes dirty rollups.
-    fn roll_up(&self) -> Result<RollupReport, StoreError>;
+    /// Recomputes dirty rollups of buckets that closed at least [`ROLLUP_GRACE_MS`] before
+    /// `now_ms` (so a minute is normally computed once, after its last samples arrived).
+    fn roll_up(&self, now_ms: i64) -> Result<RollupReport, StoreError>;
     /// Deletes data older than the retention allows; returns the number of records deleted.
     fn enforce_retention(&self, now_ms: i64, retention: Retention) -> Result<u64, StoreError>;
     /// Marks a host revoked at `at_secs`.
@@ -270,6 +267,7 @@ pub mod keys {
 pub struct SledStore {
     db: sled::Db,
     hosts: sled::Tree,
+    inventories: sled::Tree,
     seen: sled::Tree,
     samples: sled::Tree,
     minutes: sled::Tree,
@@ -295,6 +293,7 @@ impl SledStore {
         let tree = |name: &str| db.open_tree(name).map_err(open_err);
         Ok(Self {
             hosts: tree("hosts")?,
+            inventories: tree("inventories")?,
             seen: tree("seen")?,
             samples: tree("samples")?,
             minutes: tree("rollup_minute")?,
@@ -379,12 +378,15 @@ impl SledStore {
         Ok(CommitOutcome::Stored)
     }
 
-    fn roll_minutes(&self) -> Result<(u64, Vec<(String, i64)>), StoreError> {
+    fn roll_minutes(&self, now_ms: i64) -> Result<(u64, Vec<(String, i64)>), StoreError> {
         let mut done = 0;
         let mut hours = Vec::new();
         for item in self.dirty_minutes.iter() {
             let (key, mark) = item.map_err(io("scan dirty minutes"))?;
             let Some((host, start)) = keys::split(&key) else { continue };
+            if start.saturating_add(MINUTE_MS + ROLLUP_GRACE_MS) > now_ms {
+                continue;
+            }
             let mut rollup = Rollup::new();
             let range = keys::bucket(host, start)..keys::bucket(host, start + MINUTE_MS);
             for s in self.samples.range(range) {
@@ -462,7 +464,8 @@ impl TelemetryStore for SledStore {
                 self.seen.remove(k.map_err(io("scan seen"))?).map_err(io("reset seen"))?;
             }
         }
-        rec.inventory = hello.inventory.clone().unwrap_or_default().encode_to_vec();
+        let inventory = hello.inventory.clone().unwrap_or_default().encode_to_vec();
+        self.inventories.insert(host.as_str(), inventory).map_err(io("write inventory"))?;
         rec.agent_version.clone_from(&hello.agent_version);
         rec.config_version.clone_from(&hello.config_version);
         rec.last_seen_ms = rec.last_seen_ms.max(now_ms);
@@ -493,6 +496,16 @@ impl TelemetryStore for SledStore {
 
     fn host(&self, host: &HostId) -> Result<Option<HostRecord>, StoreError> {
         self.read_host(host.as_str())
+    }
+
+    fn inventory(&self, host: &HostId) -> Result<Option<Inventory>, StoreError> {
+        let Some(v) = self.inventories.get(host.as_str()).map_err(io("read inventory"))? else {
+            return Ok(None);
+        };
+        Inventory::decode(v.as_ref()).map(Some).map_err(|e| StoreError::Corrupt {
+            what: format!("inventory {host}"),
+            reason: e.to_string(),
+        })
     }
 
     fn latest_sample(&self, host: &HostId) -> Result<Option<Sample>, StoreError> {
@@ -559,8 +572,8 @@ impl TelemetryStore for SledStore {
         Ok(points)
     }
 
-    fn roll_up(&self) -> Result<RollupReport, StoreError> {
-        let (minutes, touched_hours) = self.roll_minutes()?;
+    fn roll_up(&self, now_ms: i64) -> Result<RollupReport, StoreError> {
+        let (minutes, touched_hours) = self.roll_minutes(now_ms)?;
         for (host, hour) in touched_hours {
             self.mark_dirty(&self.dirty_hours, &host, hour)?;
         }
@@ -568,6 +581,9 @@ impl TelemetryStore for SledStore {
         for item in self.dirty_hours.iter() {
             let (key, mark) = item.map_err(io("scan dirty hours"))?;
             let Some((host, start)) = keys::split(&key) else { continue };
+            if start.saturating_add(HOUR_MS + ROLLUP_GRACE_MS) > now_ms {
+                continue;
+            }
             let mut rollup = Rollup::new();
             let range = keys::bucket(host, start)..keys::bucket(host, start + HOUR_MS);
             for m in self.minutes.range(range) {
@@ -701,13 +717,13 @@ mod tests {
         let store = SledStore::open(dir.path()).unwrap();
         // Minute 0: cpu 10, 20; minute 1: cpu 10.
         store.commit(&[batch("a", 1, 1, &[1000, 2000]), batch("a", 2, 3, &[61_000])]).unwrap();
-        assert_eq!(store.roll_up().unwrap(), RollupReport { minutes: 2, hours: 1 });
+        assert_eq!(store.roll_up(i64::MAX).unwrap(), RollupReport { minutes: 2, hours: 1 });
         let pts = store.series(&host("a"), "cpu_util_pct", 0, Resolution::Minute).unwrap();
         assert_eq!(pts.len(), 2);
         assert_eq!((pts[0].value, pts[0].min, pts[0].max, pts[0].count), (15.0, 10.0, 20.0, 2));
         // A late sample for minute 0 (cpu 10) is folded in on the next pass.
         store.commit(&[batch("a", 3, 4, &[3000])]).unwrap();
-        assert_eq!(store.roll_up().unwrap(), RollupReport { minutes: 1, hours: 1 });
+        assert_eq!(store.roll_up(i64::MAX).unwrap(), RollupReport { minutes: 1, hours: 1 });
         let pts = store.series(&host("a"), "cpu_util_pct", 0, Resolution::Minute).unwrap();
         assert_eq!(pts[0].count, 3);
         assert!((pts[0].value - 40.0 / 3.0).abs() < 1e-9);
@@ -716,7 +732,22 @@ mod tests {
         assert_eq!((hour[0].count, hour[0].sum_check()), (4, 50.0));
         let raw = store.series(&host("a"), "cpu_util_pct", 2000, Resolution::Raw).unwrap();
         assert_eq!(raw.iter().map(|p| p.unix_ms).collect::<Vec<_>>(), [2000, 3000, 61_000]);
-        assert_eq!(store.roll_up().unwrap(), RollupReport::default(), "nothing left dirty");
+        assert_eq!(store.roll_up(i64::MAX).unwrap(), RollupReport::default(), "nothing left dirty");
+    }
+
+    #[test]
+    fn open_buckets_wait_for_their_grace_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store.commit(&[batch("a", 1, 1, &[1000])]).unwrap();
+        // Minute 0 ends at 60 s; it is rolled up only from 120 s on.
+        assert_eq!(store.roll_up(119_999).unwrap(), RollupReport::default());
+        assert_eq!(store.roll_up(120_000).unwrap(), RollupReport { minutes: 1, hours: 0 });
+        // Its hour closes at 1 h and is rolled up after the grace.
+        assert_eq!(
+            store.roll_up(HOUR_MS + ROLLUP_GRACE_MS).unwrap(),
+            RollupReport { minutes: 0, hours: 1 }
+        );
     }
 
     trait SumCheck {
@@ -734,7 +765,7 @@ mod tests {
         let store = SledStore::open(dir.path()).unwrap();
         store.record_hello(&host("a"), &hello(1), 0, 0).unwrap();
         store.commit(&[batch("a", 1, 1, &[1000, HOUR_MS * 3])]).unwrap();
-        store.roll_up().unwrap();
+        store.roll_up(i64::MAX).unwrap();
         let r = Retention { raw_ms: HOUR_MS, minute_ms: HOUR_MS * 2, hour_ms: HOUR_MS * 10 };
         let deleted = store.enforce_retention(HOUR_MS * 3 + 1, r).unwrap();
         assert_eq!(deleted, 2, "one raw sample and one minute rollup");

@@ -158,7 +158,7 @@ mod tests {
     fn garbage_is_malformed_not_a_panic() {
         // Field 1 with wire type 7 (invalid), then a truncated varint.
         for payload in [&[0x0f, 0xff][..], &[0x08, 0xff, 0xff][..], &[0x12, 0x40, 0x01][..]] {
-            let mut buf = (payload.len() as u32).to_be_bytes().to_vec();
+            let mut buf = u32::try_from(payload.len()).unwrap().to_be_bytes().to_vec();
             buf.extend_from_slice(payload);
             let err = decode_frame::<TelemetryBatch>(&buf, 1024).unwrap_err();
             assert!(err.to_string().contains("TelemetryBatch"), "{err}");

@@ -8,6 +8,9 @@
 //!
 //! Run `cargo build --bins` first: the tests start the real binaries.
 
+// Test code: a failed unwrap is a failed test, and times here are far from overflowing.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
 mod durability;
 mod fleet;
 mod frames;
