@@ -20,9 +20,16 @@ const MAX_DIRECTIVE_BYTES: u32 = 1024 * 1024;
 /// Results remembered for repeat detection.
 const REMEMBERED: usize = 4096;
 
+/// Results of directives already handled, shared by every connection of this agent process
+/// so a directive re-sent after a reconnect is not applied twice. (Not persisted yet: the
+/// aggregator's durable outbox, which will resend across agent restarts, comes with the
+/// directive-sending work.)
+#[derive(Debug, Clone, Default)]
+pub struct DirectiveMemory(Arc<Mutex<Applied>>);
+
 /// Serves directive streams on `conn` until it closes.
-pub async fn serve(conn: quinn::Connection) {
-    let memory = Arc::new(Mutex::new(Applied::default()));
+pub async fn serve(conn: quinn::Connection, memory: DirectiveMemory) {
+    let memory = memory.0;
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let memory = memory.clone();
         tokio::spawn(async move {
@@ -46,7 +53,7 @@ pub async fn serve(conn: quinn::Connection) {
 }
 
 #[derive(Debug, Default)]
-struct Applied {
+pub(crate) struct Applied {
     results: HashMap<String, DirectiveResult>,
     order: VecDeque<String>,
 }

@@ -51,7 +51,7 @@ pub enum AgentError {
 /// Makes the QUIC client endpoint with this host's certificate (bound to an ephemeral port).
 pub fn client_endpoint(config: &AgentConfig) -> Result<quinn::Endpoint, AgentError> {
     let tls = common::tls::client_config(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)?;
-    let bind = if config.uplink.aggregator.is_ipv6() {
+    let bind = if config.uplink.aggregator.is_ipv6_literal() {
         std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
     } else {
         std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
@@ -101,6 +101,7 @@ pub async fn run(
             hello,
             sealed,
             drain_grace: Duration::from_secs(5),
+            directives: downlink::DirectiveMemory::default(),
         }
         .run(uplink_stop.clone()),
     );

@@ -207,22 +207,29 @@ impl Spool {
         *self.lock()
     }
 
+    /// Drops a batch that can never be delivered (larger than the aggregator accepts), counting
+    /// it like a batch dropped for space. Returns the samples it held.
+    pub fn discard(&self, seq: Seq) -> Result<u64, SpoolError> {
+        let mut state = self.lock();
+        let Some(v) = self
+            .batches
+            .remove(seq.0.to_be_bytes())
+            .map_err(|source| self.io("discard", source))?
+        else {
+            return Ok(0);
+        };
+        self.count_drop(&mut state, &v)
+    }
+
     fn enforce_cap(&self, state: &mut SpoolStats) -> Result<(), SpoolError> {
         while state.bytes > self.max_bytes && state.batches > 1 {
             let Some((k, v)) = self.batches.pop_min().map_err(|source| self.io("drop", source))?
             else {
                 break;
             };
-            let seq = Seq(key_seq(&k));
-            let samples = TelemetryBatch::decode(v.as_ref()).map_or(0, |b| b.samples.len() as u64);
-            state.batches -= 1;
-            state.bytes = state.bytes.saturating_sub(v.len() as u64);
-            state.dropped_batches += 1;
-            state.dropped_samples += samples;
-            self.put_meta(META_DROPPED_BATCHES, state.dropped_batches)?;
-            self.put_meta(META_DROPPED_SAMPLES, state.dropped_samples)?;
+            let samples = self.count_drop(state, &v)?;
             warn!(
-                %seq,
+                seq = key_seq(&k),
                 samples,
                 dropped_batches = state.dropped_batches,
                 max_bytes = self.max_bytes,
@@ -230,6 +237,17 @@ impl Spool {
             );
         }
         Ok(())
+    }
+
+    fn count_drop(&self, state: &mut SpoolStats, batch: &[u8]) -> Result<u64, SpoolError> {
+        let samples = TelemetryBatch::decode(batch).map_or(0, |b| b.samples.len() as u64);
+        state.batches = state.batches.saturating_sub(1);
+        state.bytes = state.bytes.saturating_sub(batch.len() as u64);
+        state.dropped_batches += 1;
+        state.dropped_samples += samples;
+        self.put_meta(META_DROPPED_BATCHES, state.dropped_batches)?;
+        self.put_meta(META_DROPPED_SAMPLES, state.dropped_samples)?;
+        Ok(samples)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SpoolStats> {
@@ -312,5 +330,9 @@ mod tests {
         drop(spool);
         let spool = Spool::open(dir.path(), 200).unwrap();
         assert_eq!(spool.stats().dropped_batches, stats.dropped_batches, "drops are persisted");
+        let newest = pending.last().unwrap().0;
+        assert_eq!(spool.discard(newest).unwrap(), 5);
+        assert_eq!(spool.stats().dropped_batches, stats.dropped_batches + 1);
+        assert_eq!(spool.discard(newest).unwrap(), 0, "discarding twice counts once");
     }
 }

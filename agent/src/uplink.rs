@@ -40,6 +40,15 @@ const MAX_REPLY_BYTES: u32 = 64 * 1024;
 /// Why the uplink lost (or could not get) a connection.
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
+    /// The aggregator's name did not resolve.
+    #[error("resolving {target}")]
+    Resolve {
+        /// `host:port` from the config.
+        target: String,
+        /// The resolver's reason.
+        #[source]
+        source: std::io::Error,
+    },
     /// Connecting failed before the handshake.
     #[error("connecting to {addr}")]
     Connect {
@@ -105,12 +114,14 @@ pub struct Uplink {
     pub sealed: Arc<Notify>,
     /// How long pending batches may take to drain at stop.
     pub drain_grace: Duration,
+    /// Directive results, kept across connections.
+    pub directives: crate::downlink::DirectiveMemory,
 }
 
 impl Uplink {
     /// Runs until `stop` is cancelled, then drains within the grace period and closes.
     pub async fn run(self, stop: CancellationToken) {
-        let addr = self.config.aggregator;
+        let addr = self.config.aggregator.clone();
         let mut attempt: u32 = 0;
         while !stop.is_cancelled() {
             let connected = tokio::select! {
@@ -120,6 +131,7 @@ impl Uplink {
             match connected {
                 Ok((conn, welcome)) => {
                     attempt = 0;
+                    let max_frame = welcome.max_frame_bytes;
                     info!(
                         aggregator = %addr,
                         host = %welcome.host_id,
@@ -127,29 +139,38 @@ impl Uplink {
                         pending = self.spool.stats().batches,
                         "Connected to aggregator."
                     );
-                    let downlink = tokio::spawn(crate::downlink::serve(conn.clone()));
-                    let result = self.pump(&conn, &stop).await;
+                    let downlink =
+                        tokio::spawn(crate::downlink::serve(conn.clone(), self.directives.clone()));
+                    let result = self.pump(&conn, max_frame, &stop).await;
                     if stop.is_cancelled() {
-                        self.drain(&conn).await;
+                        self.drain(&conn, max_frame).await;
                         conn.close(quinn::VarInt::from_u32(code::OK), b"agent stopping");
                         downlink.abort();
                         break;
                     }
                     downlink.abort();
                     if let Err(e) = result {
-                        warn!(aggregator = %addr, error = %format!("{e:#}"), "Uplink lost; reconnecting.");
+                        warn!(aggregator = %addr, error = %error_chain(&e), "Uplink lost; reconnecting.");
                     }
                 }
                 Err(e @ UplinkError::Refused { .. }) => {
                     error!(aggregator = %addr, error = %e, "Aggregator refused the connection.");
                 }
                 Err(e) => {
-                    warn!(
-                        aggregator = %addr,
-                        attempt,
-                        error = %error_chain(&e),
-                        "Cannot reach aggregator; will retry."
-                    );
+                    let chain = error_chain(&e);
+                    if chain.contains("certificate") {
+                        // The aggregator's TLS refused this host: revoked, expired or foreign.
+                        error!(
+                            aggregator = %addr,
+                            attempt,
+                            error = %chain,
+                            "Aggregator refused this host's certificate (revoked, expired, or from \
+                             another CA); issue a new one with `flotilla-aggregator ca issue`. \
+                             Will retry."
+                        );
+                    } else {
+                        warn!(aggregator = %addr, attempt, error = %chain, "Cannot reach aggregator; will retry.");
+                    }
                 }
             }
             let delay = backoff(&self.config, attempt);
@@ -168,8 +189,9 @@ impl Uplink {
     }
 
     async fn connect(&self) -> Result<(quinn::Connection, Welcome), UplinkError> {
-        let addr = self.config.aggregator;
+        let target = &self.config.aggregator;
         let attempt = async {
+            let addr = self.resolve().await?;
             let connecting = self
                 .endpoint
                 .connect(addr, &self.config.server_name)
@@ -180,7 +202,24 @@ impl Uplink {
         };
         tokio::time::timeout(CONNECT_TIMEOUT, attempt)
             .await
-            .map_err(|_| UplinkError::Timeout { what: format!("connecting to {addr}") })?
+            .map_err(|_| UplinkError::Timeout { what: format!("connecting to {target}") })?
+    }
+
+    /// Resolves the aggregator's name to an address of the endpoint's family.
+    async fn resolve(&self) -> Result<std::net::SocketAddr, UplinkError> {
+        let target = &self.config.aggregator;
+        let want_v6 = self.endpoint.local_addr().is_ok_and(|a| a.is_ipv6());
+        let found = tokio::net::lookup_host((target.host.as_str(), target.port))
+            .await
+            .map_err(|source| UplinkError::Resolve { target: target.to_string(), source })?;
+        found.into_iter().find(|a| a.is_ipv6() == want_v6).ok_or_else(|| UplinkError::Resolve {
+            target: target.to_string(),
+            source: std::io::Error::other(if want_v6 {
+                "no IPv6 address"
+            } else {
+                "no IPv4 address (IPv6-only aggregators need an IPv6 literal in uplink.aggregator)"
+            }),
+        })
     }
 
     async fn hello(&self, conn: &quinn::Connection) -> Result<Welcome, UplinkError> {
@@ -205,10 +244,11 @@ impl Uplink {
     async fn pump(
         &self,
         conn: &quinn::Connection,
+        max_frame: u32,
         stop: &CancellationToken,
     ) -> Result<(), UplinkError> {
         loop {
-            self.send_pending(conn).await?;
+            self.send_pending(conn, max_frame).await?;
             tokio::select! {
                 () = self.sealed.notified() => {}
                 e = conn.closed() => return Err(UplinkError::Connection(e)),
@@ -217,8 +257,8 @@ impl Uplink {
         }
     }
 
-    async fn drain(&self, conn: &quinn::Connection) {
-        match tokio::time::timeout(self.drain_grace, self.send_pending(conn)).await {
+    async fn drain(&self, conn: &quinn::Connection, max_frame: u32) {
+        match tokio::time::timeout(self.drain_grace, self.send_pending(conn, max_frame)).await {
             Ok(Ok(())) => info!("Drained the spool before stopping."),
             Ok(Err(e)) => {
                 warn!(error = %error_chain(&e), "Could not drain the spool; batches stay spooled.")
@@ -230,8 +270,14 @@ impl Uplink {
         }
     }
 
-    /// Sends every spooled batch, [`WINDOW`] at a time, acking each in the spool.
-    async fn send_pending(&self, conn: &quinn::Connection) -> Result<(), UplinkError> {
+    /// Sends every spooled batch, [`WINDOW`] at a time, acking each in the spool. A batch over
+    /// the aggregator's frame limit (from its Welcome) can never be delivered: it is discarded
+    /// and counted as dropped, with an ERROR.
+    async fn send_pending(
+        &self,
+        conn: &quinn::Connection,
+        max_frame: u32,
+    ) -> Result<(), UplinkError> {
         loop {
             let batch = self.spool.oldest(Seq(0), WINDOW)?;
             if batch.is_empty() {
@@ -240,6 +286,19 @@ impl Uplink {
             let full = batch.len() == WINDOW;
             let mut in_flight = JoinSet::new();
             for (seq, frame) in batch {
+                let payload = frame.len().saturating_sub(common::wire::PREFIX_LEN);
+                if max_frame > 0 && payload > max_frame as usize {
+                    let samples = self.spool.discard(seq)?;
+                    error!(
+                        %seq,
+                        samples,
+                        bytes = payload,
+                        max_frame,
+                        "Batch larger than the aggregator accepts; dropped it (counted as a spool \
+                         drop). Check exec sources for oversized output."
+                    );
+                    continue;
+                }
                 let conn = conn.clone();
                 in_flight.spawn(async move { send_batch(&conn, seq, frame).await });
             }

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -60,6 +61,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(prometheus))
         .fallback(|| async {
             failure(StatusCode::NOT_FOUND, "no such route; see docs/admin-api.md")
+        })
+        .method_not_allowed_fallback(|| async {
+            failure(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this route; see docs/admin-api.md",
+            )
         })
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
@@ -227,8 +234,14 @@ struct SeriesQuery {
 async fn metric_series(
     State(state): State<ApiState>,
     Path((host, metric)): Path<(String, String)>,
-    Query(q): Query<SeriesQuery>,
+    query: Result<Query<SeriesQuery>, QueryRejection>,
 ) -> Result<Json<MetricSeries>, Failure> {
+    let Query(q) = query.map_err(|e| {
+        failure(
+            StatusCode::BAD_REQUEST,
+            format!("{e}; use since_secs=N (seconds) and resolution=raw|minute|hour"),
+        )
+    })?;
     let host = parse_host(&host)?;
     load_host(&state, &host).await?;
     let since_secs = q.since_secs.unwrap_or(3600).min(100 * 365 * 86_400);

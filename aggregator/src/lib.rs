@@ -185,7 +185,7 @@ pub async fn run(
         warn!("Commit worker did not finish within 10 s.");
     }
     let s = store.clone();
-    // Roll up everything seen, closed or not, so a restart starts from current rollups.
+    // Roll up the buckets that have closed; open ones are marked dirty and rolled up later.
     let _ = tokio::task::spawn_blocking(move || s.roll_up(ingest::now_ms())).await;
     info!("Aggregator stopped.");
     served.map_err(AggregatorError::Admin)

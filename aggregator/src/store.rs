@@ -275,6 +275,9 @@ pub struct SledStore {
     dirty_minutes: sled::Tree,
     dirty_hours: sled::Tree,
     revoked: sled::Tree,
+    // Serializes every read-modify-write of host records (Hello on connection tasks, batches on
+    // the commit worker) so neither overwrites the other's counters or epoch.
+    host_records: std::sync::Mutex<()>,
     // Dirty marks carry a fresh number so a rollup pass can clear only what it saw.
     mark: AtomicU64,
 }
@@ -302,8 +305,13 @@ impl SledStore {
             dirty_hours: tree("dirty_hour")?,
             revoked: tree("revoked")?,
             mark: AtomicU64::new(1),
+            host_records: std::sync::Mutex::new(()),
             db,
         })
+    }
+
+    fn lock_host_records(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.host_records.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn read_host(&self, host: &str) -> Result<Option<HostRecord>, StoreError> {
@@ -452,6 +460,7 @@ impl TelemetryStore for SledStore {
         cert_not_after_secs: i64,
         now_ms: i64,
     ) -> Result<HostRecord, StoreError> {
+        let _guard = self.lock_host_records();
         let mut rec = self
             .read_host(host.as_str())?
             .unwrap_or_else(|| HostRecord { first_seen_ms: now_ms, ..HostRecord::default() });
@@ -476,7 +485,9 @@ impl TelemetryStore for SledStore {
     }
 
     fn commit(&self, batches: &[IncomingBatch]) -> Result<Vec<CommitOutcome>, StoreError> {
+        let guard = self.lock_host_records();
         let outcomes = batches.iter().map(|b| self.commit_one(b)).collect::<Result<Vec<_>, _>>()?;
+        drop(guard);
         self.db.flush().map_err(io("flush"))?;
         Ok(outcomes)
     }

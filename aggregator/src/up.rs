@@ -116,7 +116,7 @@ fn prepare_tls(data_dir: &Path, host: &HostId) -> anyhow::Result<()> {
     if !cert.exists() || current.trim() != host.as_str() {
         let pair = Ca::load(&dir)?.issue_host(host, 365)?;
         tls::write_private(&key, &pair.key_pem)?;
-        tls::write_private(&cert, &pair.cert_pem)?;
+        tls::write_public(&cert, &pair.cert_pem)?;
         std::fs::write(&issued_for, host.as_str())
             .with_context(|| format!("writing {}", issued_for.display()))?;
     }
@@ -129,7 +129,7 @@ fn write_config(path: &Path, text: &str) -> anyhow::Result<()> {
 
 fn aggregator_config(opts: &UpOptions) -> String {
     format!(
-        "# Written by `flotilla up`; see config/aggregator.example.toml for every key.\n\
+        "# Written by `flotilla up`; see config/aggregator.toml for every key.\n\
          [listen]\nquic = \"{}\"\nadmin = \"{}\"\n\n\
          [tls]\nca_cert = \"tls/ca.pem\"\ncert = \"tls/server.pem\"\nkey = \"tls/server.key\"\n\n\
          [store]\npath = \"store\"\n",
@@ -139,7 +139,7 @@ fn aggregator_config(opts: &UpOptions) -> String {
 
 fn agent_config(opts: &UpOptions, quic: SocketAddr) -> String {
     format!(
-        "# Written by `flotilla up`; see config/agent.example.toml for every key.\n\
+        "# Written by `flotilla up`; see config/agent.toml for every key.\n\
          [uplink]\naggregator = \"{}\"\ninterval_secs = {}\n\n\
          [tls]\nca_cert = \"tls/ca.pem\"\ncert = \"tls/host.pem\"\nkey = \"tls/host.key\"\n\n\
          [telemetry]\nsample_interval_ms = {}\n\n\

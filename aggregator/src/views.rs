@@ -35,7 +35,7 @@ pub struct HostSummary {
     pub host: String,
     /// Reporting state.
     pub state: HostState,
-    /// Last batch stored from this host.
+    /// Last Hello or stored batch from this host.
     pub last_seen_unix_ms: Option<i64>,
     /// GPUs in the inventory.
     pub gpu_count: u32,

@@ -1,7 +1,7 @@
 //! Flattening a [`Sample`] into named series, the one naming scheme every reader uses.
 //!
 //! Names are snake_case with a unit suffix. Per-core and per-device series carry their index:
-//! `cpu_util_pct`, `cpu3_util_pct`, `gpu0_power_mw`, `accel.fpga.card0.temp_c`. Rates are per
+//! `cpu_util_pct`, `cpu3_util_pct`, `gpu0_power_mw`, `accel.exec:fpga.card0.temp_c`. Rates are per
 //! second, computed from the sample's `interval_ms`. Fields a device did not report are absent,
 //! never zero.
 
@@ -73,8 +73,8 @@ fn gpu(g: &GpuSample, out: &mut Vec<Point>) {
     opt("performance_state", g.performance_state.map(f64::from));
     opt("ecc_corrected", g.ecc_corrected.map(|v| v as f64));
     opt("ecc_uncorrected", g.ecc_uncorrected.map(|v| v as f64));
-    opt("pcie_tx_kbps", g.pcie_tx_kbps.map(f64::from));
-    opt("pcie_rx_kbps", g.pcie_rx_kbps.map(f64::from));
+    opt("pcie_tx_kib_per_s", g.pcie_tx_kib_per_s.map(f64::from));
+    opt("pcie_rx_kib_per_s", g.pcie_rx_kib_per_s.map(f64::from));
 }
 
 #[cfg(test)]

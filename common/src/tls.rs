@@ -9,7 +9,8 @@
 //!   certificate issued (`notBefore`) at or before `t`. Issuing a fresh certificate re-admits it.
 //! - Sessions are never resumed, so every connection's certificate is verified (and checked
 //!   against revocations) afresh.
-//! - Private keys are written with mode 0600 and never overwritten by accident.
+//! - Private keys are written with mode 0600, certificates 0644, and neither is overwritten by
+//!   accident.
 
 use std::collections::HashMap;
 use std::fs;
@@ -253,9 +254,9 @@ pub fn init_ca_dir(
     let (ca, pair) = Ca::generate("Flotilla fleet CA", valid_days)?;
     let server = ca.issue_server(server_names, valid_days)?;
     write_private(&dir.join(files::CA_KEY), &pair.key_pem)?;
-    write_private(&ca_cert, &pair.cert_pem)?;
+    write_public(&ca_cert, &pair.cert_pem)?;
     write_private(&dir.join(files::SERVER_KEY), &server.key_pem)?;
-    write_private(&dir.join(files::SERVER_CERT), &server.cert_pem)?;
+    write_public(&dir.join(files::SERVER_CERT), &server.cert_pem)?;
     Ok(())
 }
 
@@ -281,12 +282,21 @@ pub fn issue_host_files(
         .map_err(|source| TlsError::Write { path: out_dir.into(), source })?;
     let pair = ca.issue_host(host, valid_days)?;
     write_private(&key_path, &pair.key_pem)?;
-    write_private(&cert_path, &pair.cert_pem)?;
+    write_public(&cert_path, &pair.cert_pem)?;
     Ok((cert_path, key_path))
 }
 
-/// Writes `contents` to a new file with mode 0600 (replacing any old file).
+/// Writes a private key: a new file with mode 0600 (replacing any old file).
 pub fn write_private(path: &Path, contents: &str) -> Result<(), TlsError> {
+    write_with_mode(path, contents, 0o600)
+}
+
+/// Writes a certificate: a new file with mode 0644, readable by the service users.
+pub fn write_public(path: &Path, contents: &str) -> Result<(), TlsError> {
+    write_with_mode(path, contents, 0o644)
+}
+
+fn write_with_mode(path: &Path, contents: &str, mode: u32) -> Result<(), TlsError> {
     let write_err = |source| TlsError::Write { path: path.into(), source };
     if path.exists() {
         fs::remove_file(path).map_err(write_err)?;
@@ -294,7 +304,7 @@ pub fn write_private(path: &Path, contents: &str) -> Result<(), TlsError> {
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .open(path)
         .map_err(write_err)?;
     file.write_all(contents.as_bytes()).map_err(write_err)?;
@@ -533,8 +543,10 @@ mod tests {
         let host = HostId::new("gpu-07").unwrap();
         let (cert, key) = issue_host_files(dir.path(), &host, dir.path(), 10, false).unwrap();
         use std::os::unix::fs::PermissionsExt as _;
-        let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&key), 0o600);
+        assert_eq!(mode(&cert), 0o644);
+        assert_eq!(mode(&dir.path().join(files::CA_KEY)), 0o600);
         let der = load_certs(&cert).unwrap().remove(0);
         let id = host_id_of(&der).unwrap();
         assert_eq!(id.host, host);

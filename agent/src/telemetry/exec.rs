@@ -233,6 +233,17 @@ fn parse_line(line: &str) -> Result<Line, String> {
     if parsed.device.trim().is_empty() {
         return Err("empty device name".to_owned());
     }
+    // Series are named accel.SOURCE.DEVICE.METRIC, so a '.' would make names ambiguous.
+    let name_ok = |n: &str| n.chars().all(|c| c.is_ascii_alphanumeric() || "-_:".contains(c));
+    if !name_ok(&parsed.device) {
+        return Err(format!(
+            "device name {:?} may hold only letters, digits, '-', '_' and ':'",
+            parsed.device
+        ));
+    }
+    if let Some(bad) = parsed.metrics.keys().find(|k| !name_ok(k)) {
+        return Err(format!("metric name {bad:?} may hold only letters, digits, '-', '_' and ':'"));
+    }
     if parsed.metrics.keys().any(String::is_empty) {
         return Err("empty metric name".to_owned());
     }
@@ -307,5 +318,10 @@ mod tests {
         assert!(parse_line(r#"{"device":"a","metrics":{"":1}}"#).is_err());
         assert!(parse_line(r#"{"device":"a","metrics":{},"unit":"x"}"#).is_ok());
         assert!(parse_line("[1,2]").is_err());
+        // Dots would make `accel.SOURCE.DEVICE.METRIC` ambiguous.
+        let err = parse_line(r#"{"device":"card.0","metrics":{"x_c":1}}"#).unwrap_err();
+        assert!(err.contains("card.0"), "{err}");
+        assert!(parse_line(r#"{"device":"card0","metrics":{"die.temp_c":1}}"#).is_err());
+        assert!(parse_line(r#"{"device":"pci:0000_3b","metrics":{"temp_c":1}}"#).is_ok());
     }
 }

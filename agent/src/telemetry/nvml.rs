@@ -172,8 +172,8 @@ fn read_device(device: &nvml_wrapper::Device<'_>, s: &mut GpuSample) {
     s.ecc_corrected = field(device.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile));
     s.ecc_uncorrected =
         field(device.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile));
-    s.pcie_tx_kbps = field(device.pcie_throughput(PcieUtilCounter::Send));
-    s.pcie_rx_kbps = field(device.pcie_throughput(PcieUtilCounter::Receive));
+    s.pcie_tx_kib_per_s = field(device.pcie_throughput(PcieUtilCounter::Send));
+    s.pcie_rx_kib_per_s = field(device.pcie_throughput(PcieUtilCounter::Receive));
     s.mig_enabled = field(device.mig_mode()).map(|m| m.current == 1);
     if let Some(procs) = field(device.running_compute_processes()) {
         s.processes = procs

@@ -266,7 +266,8 @@ fn metrics(
     let series = match client.metric(host, metric, *since, resolution.map(ResolutionArg::as_str)) {
         Ok(series) => series,
         Err(err) if err.status_code() == Some(404) => {
-            // Unknown host or unknown metric: name the metrics the host has, if it exists.
+            // Unknown host (an unknown metric answers 200 with no points): name the host's metrics
+            // if the host exists after all.
             return Err(match client.metric_names(host) {
                 Ok(names) if !names.metrics.contains(metric) => {
                     let has = if names.metrics.is_empty() {

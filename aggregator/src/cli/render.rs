@@ -172,11 +172,17 @@ pub fn format_utc(unix_ms: i64) -> String {
     )
 }
 
-/// A metric value in the unit its name ends with (`_bytes`, `_pct`, `_mw`, `_mj`, `_c`, `_mhz`,
-/// `_kbps`); a plain number otherwise.
+/// A metric value in the unit its name ends with (`_bytes`, `_bytes_per_s`, `_kib_per_s`,
+/// `_pct`, `_mw`, `_mj`, `_c`, `_mhz`); a plain number otherwise.
 pub fn format_metric_value(metric: &str, value: f64) -> String {
     if !value.is_finite() {
         return value.to_string();
+    }
+    if metric.ends_with("_bytes_per_s") && value >= 0.0 {
+        return format!("{}/s", format_bytes_f64(value));
+    }
+    if metric.ends_with("_kib_per_s") && value >= 0.0 {
+        return format!("{}/s", format_bytes_f64(value * 1024.0));
     }
     let unit = metric.rsplit('_').next().unwrap_or_default();
     match unit {
@@ -186,7 +192,6 @@ pub fn format_metric_value(metric: &str, value: f64) -> String {
         "mj" => format_energy_mj(value),
         "c" => format!("{value:.1} °C"),
         "mhz" => format!("{value:.0} MHz"),
-        "kbps" => format!("{value:.0} KB/s"),
         _ => format_number(value),
     }
 }
@@ -560,8 +565,13 @@ fn gpu_fields(out: &mut String, info: Option<&GpuInfo>, gpu: &GpuSample) {
             or_absent(gpu.ecc_uncorrected)
         ),
     );
-    let kbps = |v: Option<u32>| or_absent(v.map(|k| format!("{k} KB/s")));
-    field(out, "PCIe", format!("tx {}, rx {}", kbps(gpu.pcie_tx_kbps), kbps(gpu.pcie_rx_kbps)));
+    let rate =
+        |v: Option<u32>| or_absent(v.map(|k| format!("{}/s", format_bytes(u64::from(k) * 1024))));
+    field(
+        out,
+        "PCIe",
+        format!("tx {}, rx {}", rate(gpu.pcie_tx_kib_per_s), rate(gpu.pcie_rx_kib_per_s)),
+    );
     let mig = gpu.mig_enabled.or_else(|| info.and_then(|g| g.mig_enabled));
     field(out, "MIG", or_absent(mig.map(|on| if on { "enabled" } else { "disabled" })));
     let processes = if gpu.processes.is_empty() {

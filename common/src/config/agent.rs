@@ -41,8 +41,8 @@ pub struct AgentConfig {
 /// `[uplink]`, validated.
 #[derive(Debug, Clone)]
 pub struct UplinkConfig {
-    /// Aggregator QUIC address.
-    pub aggregator: SocketAddr,
+    /// Aggregator QUIC address (a DNS name or IP, and a port).
+    pub aggregator: AggregatorAddr,
     /// Name to expect in the aggregator's certificate.
     pub server_name: String,
     /// How often a batch is sealed and sent.
@@ -51,6 +51,52 @@ pub struct UplinkConfig {
     pub backoff_initial: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
+}
+
+/// Where the aggregator listens: a host (DNS name, IPv4 or IPv6 literal) and a UDP port. Names
+/// are resolved at every connection attempt, so a moved aggregator is found again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AggregatorAddr {
+    /// DNS name or IP literal (without brackets).
+    pub host: String,
+    /// UDP port.
+    pub port: u16,
+}
+
+impl AggregatorAddr {
+    /// Parses `host:port`, `1.2.3.4:port` or `[v6]:port`.
+    pub fn parse(s: &str) -> Option<Self> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return (addr.port() != 0)
+                .then(|| Self { host: addr.ip().to_string(), port: addr.port() });
+        }
+        let (host, port) = s.rsplit_once(':')?;
+        let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+        let valid = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    && !label.starts_with('-')
+            });
+        valid.then(|| Self { host: host.to_owned(), port })
+    }
+
+    /// Whether the host is an IPv6 literal (the agent then binds an IPv6 socket).
+    pub fn is_ipv6_literal(&self) -> bool {
+        self.host.parse::<std::net::Ipv6Addr>().is_ok()
+    }
+}
+
+impl std::fmt::Display for AggregatorAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_ipv6_literal() {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
 }
 
 /// `[tls]`, validated (paths resolved).
@@ -240,7 +286,14 @@ impl AgentConfig {
         let mut c = Checker::default();
         let u = &raw.uplink;
         let uplink = UplinkConfig {
-            aggregator: c.socket_addr("uplink.aggregator", &u.aggregator),
+            aggregator: AggregatorAddr::parse(&u.aggregator).unwrap_or_else(|| {
+                c.problem(
+                    "uplink.aggregator",
+                    "must be a host name or IP address and a port, e.g. aggregator.example.com:7443",
+                    &u.aggregator,
+                );
+                AggregatorAddr { host: "127.0.0.1".into(), port: 7443 }
+            }),
             server_name: u.server_name.clone(),
             interval: Duration::from_secs(c.range(
                 "uplink.interval_secs",
@@ -289,7 +342,7 @@ impl AgentConfig {
             if !valid_name {
                 c.problem(
                     &format!("{key}.name"),
-                    "must be 1+ characters of a-z, 0-9, '-', '_'",
+                    "must be 1+ letters, digits, '-' or '_'",
                     &e.name,
                 );
             }
@@ -325,7 +378,11 @@ impl AgentConfig {
         for k in raw.labels.keys() {
             if k.is_empty() || !k.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
             {
-                c.problem(&format!("labels.{k}"), "label keys must be a-z, 0-9, '-', '_', '.'", k);
+                c.problem(
+                    &format!("labels.{k}"),
+                    "label keys must be letters, digits, '-', '_' or '.'",
+                    k,
+                );
             }
         }
         let config = Self { uplink, tls, telemetry, spool, labels: raw.labels };
@@ -351,6 +408,19 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aggregator_addresses() {
+        let a = AggregatorAddr::parse("agg.example.com:7443").unwrap();
+        assert_eq!((a.host.as_str(), a.port), ("agg.example.com", 7443));
+        assert_eq!(AggregatorAddr::parse("10.0.0.5:9").unwrap().to_string(), "10.0.0.5:9");
+        let v6 = AggregatorAddr::parse("[::1]:7443").unwrap();
+        assert!(v6.is_ipv6_literal());
+        assert_eq!(v6.to_string(), "[::1]:7443");
+        for bad in ["nowhere", "host:0", "host:99999", ":7443", "a..b:1", "sp ace:1", "-x:1"] {
+            assert!(AggregatorAddr::parse(bad).is_none(), "{bad}");
+        }
+    }
 
     #[test]
     fn embedded_defaults_are_valid() {
@@ -383,7 +453,7 @@ path = "s"
 "#;
         let err = AgentConfig::parse(text, "agent.toml", Path::new(".")).unwrap_err().to_string();
         for needle in [
-            "uplink.aggregator: must be an IP address and port such as 127.0.0.1:7443, got \"nowhere\"",
+            "uplink.aggregator: must be a host name or IP address and a port, e.g. aggregator.example.com:7443, got \"nowhere\"",
             "uplink.interval_secs: must be 1..=3600, got 0",
             "uplink.backoff_max_ms",
             "tls.ca_cert",

@@ -195,10 +195,22 @@ impl AggregatorConfig {
             key: c.path("tls.key", &raw.tls.key, base),
         };
         let s = &raw.store;
-        let hours = |h: u64| Duration::from_secs(h * 3600);
-        let raw_h = c.range("store.raw_retention_hours", s.raw_retention_hours, 1, 24 * 365);
-        let minute_d = c.range("store.minute_retention_days", s.minute_retention_days, 1, 3650);
-        let hour_d = c.range("store.hour_retention_days", s.hour_retention_days, 1, 36_500);
+        // Out-of-range values are reported and then clamped, so nothing below can overflow.
+        let hours = |h: u64| Duration::from_secs(h.saturating_mul(3600));
+        let raw_h = c
+            .range("store.raw_retention_hours", s.raw_retention_hours, 1, 24 * 365)
+            .clamp(1, 24 * 365);
+        let minute_d =
+            c.range("store.minute_retention_days", s.minute_retention_days, 1, 3650).clamp(1, 3650);
+        let hour_d =
+            c.range("store.hour_retention_days", s.hour_retention_days, 1, 36_500).clamp(1, 36_500);
+        if hour_d < minute_d {
+            c.problem(
+                "store.hour_retention_days",
+                &format!("must keep hours at least as long as minutes ({minute_d} days)"),
+                hour_d,
+            );
+        }
         if minute_d * 24 < raw_h {
             c.problem(
                 "store.minute_retention_days",
@@ -261,6 +273,7 @@ key = "s.key"
 [store]
 path = "store"
 raw_retention_hours = 0
+minute_retention_days = 9223372036854775807
 hour_retention_days = 99999999
 [ingest]
 max_frame_bytes = 10
@@ -272,6 +285,7 @@ max_frame_bytes = 10
             "listen.admin_token_file: must be set when listen.admin is not a loopback address",
             "store.raw_retention_hours: must be 1..=8760, got 0",
             "store.hour_retention_days",
+            "store.minute_retention_days: must be 1..=3650, got 9223372036854775807",
             "ingest.max_frame_bytes: must be 4096..=67108864, got 10",
         ] {
             assert!(err.contains(needle), "missing {needle:?} in:\n{err}");

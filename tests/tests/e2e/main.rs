@@ -1,5 +1,6 @@
 //! End-to-end tests: one binary, one module per area.
 //!
+//! - `admin`: the admin API token and its JSON errors.
 //! - `fleet`: a real aggregator and agents as separate processes, seen through the CLI.
 //! - `security`: certificates from another CA, expired and revoked, refused at the handshake.
 //! - `durability`: the aggregator SIGKILLed and restarted loses and duplicates nothing.
@@ -11,6 +12,7 @@
 // Test code: a failed unwrap is a failed test, and times here are far from overflowing.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
+mod admin;
 mod durability;
 mod fleet;
 mod frames;
