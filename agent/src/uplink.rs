@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::config::agent::UplinkConfig;
+use common::daemon::error_chain;
 use common::framed::{self, FrameError};
 use common::ids::Seq;
 use common::proto::{Ack, Hello, HelloReply, Welcome, code, hello_reply};
@@ -357,18 +358,6 @@ pub fn backoff(config: &UplinkConfig, attempt: u32) -> Duration {
         .min(config.backoff_max);
     let half = base / 2;
     half + half.mul_f64(rand::rng().random::<f64>())
-}
-
-/// `e` and its sources joined with ": ".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -118,7 +118,7 @@ async fn blocking<T: Send + 'static>(
     match tokio::task::spawn_blocking(f).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
-            Err(failure(StatusCode::INTERNAL_SERVER_ERROR, crate::commit::common_error_chain(&e)))
+            Err(failure(StatusCode::INTERNAL_SERVER_ERROR, common::daemon::error_chain(&e)))
         }
         Err(e) => Err(failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }

@@ -82,7 +82,7 @@ async fn work(mut rx: mpsc::Receiver<Request>, store: Arc<dyn TelemetryStore>, s
                 }
             }
             Ok(Err(e)) => {
-                error!(error = %common_error_chain(&e), batches = replies.len(), "Store failed; agents will retry.");
+                error!(error = %common::daemon::error_chain(&e), batches = replies.len(), "Store failed; agents will retry.");
                 for reply in replies {
                     let _ = reply.send(Err(CommitError::Store(e.to_string())));
                 }
@@ -95,16 +95,4 @@ async fn work(mut rx: mpsc::Receiver<Request>, store: Arc<dyn TelemetryStore>, s
             }
         }
     }
-}
-
-/// `e` and its sources joined with ": ".
-pub(crate) fn common_error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
 }

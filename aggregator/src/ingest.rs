@@ -22,10 +22,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::commit::{Committer, common_error_chain};
+use crate::commit::Committer;
 use crate::connections::Connections;
 use crate::stats::Stats;
 use crate::store::{CommitOutcome, IncomingBatch, TelemetryStore};
+use common::daemon::error_chain;
 
 /// How long a new connection has to send its Hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -108,7 +109,7 @@ async fn handle_connection(
     let record = match record {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            warn!(%host, error = %common_error_chain(&e), "Could not record Hello; closing.");
+            warn!(%host, error = %error_chain(&e), "Could not record Hello; closing.");
             conn.close(quinn::VarInt::from_u32(code::INTERNAL), b"storage failure");
             return;
         }

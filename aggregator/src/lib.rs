@@ -212,7 +212,7 @@ fn upkeep(
                     let now = ingest::now_ms();
                     match tokio::task::spawn_blocking(move || s.roll_up(now)).await {
                         Ok(Ok(_)) => {}
-                        Ok(Err(e)) => warn!(error = %commit::common_error_chain(&e), "Rollup pass failed."),
+                        Ok(Err(e)) => warn!(error = %common::daemon::error_chain(&e), "Rollup pass failed."),
                         Err(e) => warn!(error = %e, "Rollup task failed."),
                     }
                 }
@@ -222,7 +222,7 @@ fn upkeep(
                     match tokio::task::spawn_blocking(move || s.enforce_retention(now, retention)).await {
                         Ok(Ok(n)) if n > 0 => info!(deleted = n, "Retention pass deleted expired records."),
                         Ok(Ok(_)) => {}
-                        Ok(Err(e)) => warn!(error = %commit::common_error_chain(&e), "Retention pass failed."),
+                        Ok(Err(e)) => warn!(error = %common::daemon::error_chain(&e), "Retention pass failed."),
                         Err(e) => warn!(error = %e, "Retention task failed."),
                     }
                 }

@@ -79,7 +79,7 @@ enum CaCommand {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(&args.log);
+    common::daemon::init_logging(&args.log, "info");
     match real_main(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -129,33 +129,10 @@ fn real_main(args: Args) -> anyhow::Result<()> {
             runtime.block_on(async {
                 let bound = aggregator::Bound::bind(&config).await?;
                 let shutdown = CancellationToken::new();
-                tokio::spawn(stop_on_signal(shutdown.clone()));
+                tokio::spawn(common::daemon::stop_on_signal(shutdown.clone()));
                 aggregator::run(config, bound, shutdown).await?;
                 Ok(())
             })
         }
     }
-}
-
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    tracing::info!("Signal received; stopping.");
-    shutdown.cancel();
-}
-
-fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
 }

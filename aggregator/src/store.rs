@@ -386,38 +386,58 @@ impl SledStore {
         Ok(CommitOutcome::Stored)
     }
 
-    fn roll_minutes(&self, now_ms: i64) -> Result<(u64, Vec<(String, i64)>), StoreError> {
-        let mut done = 0;
-        let mut hours = Vec::new();
-        for item in self.dirty_minutes.iter() {
-            let (key, mark) = item.map_err(io("scan dirty minutes"))?;
+    /// Recomputes every bucket marked in `dirty` that closed at least [`ROLLUP_GRACE_MS`] before
+    /// `now_ms`, with `fold(host, start, end)`, into `target`; returns the buckets recomputed.
+    fn roll_level(
+        &self,
+        dirty: &sled::Tree,
+        target: &sled::Tree,
+        width_ms: i64,
+        now_ms: i64,
+        fold: impl Fn(&str, i64, i64) -> Result<Rollup, StoreError>,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut done = Vec::new();
+        for item in dirty.iter() {
+            let (key, mark) = item.map_err(io("scan dirty buckets"))?;
             let Some((host, start)) = keys::split(&key) else { continue };
-            if start.saturating_add(MINUTE_MS + ROLLUP_GRACE_MS) > now_ms {
+            if start.saturating_add(width_ms + ROLLUP_GRACE_MS) > now_ms {
                 continue;
             }
-            let mut rollup = Rollup::new();
-            let range = keys::bucket(host, start)..keys::bucket(host, start + MINUTE_MS);
-            for s in self.samples.range(range) {
-                let (_, v) = s.map_err(io("scan samples"))?;
-                let Ok(sample) = Sample::decode(v.as_ref()) else { continue };
-                for (name, value) in common::metrics::flatten(&sample) {
-                    let st = Stats::of(value);
-                    rollup.entry(name).and_modify(|e| e.merge(&st)).or_insert(st);
-                }
-            }
-            self.put_rollup(&self.minutes, host, start, &rollup)?;
-            let hour = start.div_euclid(HOUR_MS) * HOUR_MS;
-            if !hours.iter().any(|(h, t)| h == host && *t == hour) {
-                hours.push((host.to_owned(), hour));
-            }
+            let rollup = fold(host, start, start + width_ms)?;
+            self.put_rollup(target, host, start, &rollup)?;
             // Clear the mark only if no batch re-marked it meanwhile.
-            let _ = self
-                .dirty_minutes
+            let _ = dirty
                 .compare_and_swap(&key, Some(mark), None::<&[u8]>)
-                .map_err(io("clear dirty minute"))?;
-            done += 1;
+                .map_err(io("clear dirty bucket"))?;
+            done.push((host.to_owned(), start));
         }
-        Ok((done, hours))
+        Ok(done)
+    }
+
+    /// Aggregates the raw samples of `host` in `[start, end)`.
+    fn fold_samples(&self, host: &str, start: i64, end: i64) -> Result<Rollup, StoreError> {
+        let mut rollup = Rollup::new();
+        for s in self.samples.range(keys::bucket(host, start)..keys::bucket(host, end)) {
+            let (_, v) = s.map_err(io("scan samples"))?;
+            let Ok(sample) = Sample::decode(v.as_ref()) else { continue };
+            for (name, value) in common::metrics::flatten(&sample) {
+                merge_into(&mut rollup, name, Stats::of(value));
+            }
+        }
+        Ok(rollup)
+    }
+
+    /// Merges the minute rollups of `host` in `[start, end)`.
+    fn fold_minutes(&self, host: &str, start: i64, end: i64) -> Result<Rollup, StoreError> {
+        let mut rollup = Rollup::new();
+        for m in self.minutes.range(keys::bucket(host, start)..keys::bucket(host, end)) {
+            let (_, v) = m.map_err(io("scan minutes"))?;
+            let Ok(minute) = postcard::from_bytes::<Rollup>(&v) else { continue };
+            for (name, st) in minute {
+                merge_into(&mut rollup, name, st);
+            }
+        }
+        Ok(rollup)
     }
 
     fn put_rollup(
@@ -584,34 +604,23 @@ impl TelemetryStore for SledStore {
     }
 
     fn roll_up(&self, now_ms: i64) -> Result<RollupReport, StoreError> {
-        let (minutes, touched_hours) = self.roll_minutes(now_ms)?;
-        for (host, hour) in touched_hours {
-            self.mark_dirty(&self.dirty_hours, &host, hour)?;
-        }
-        let mut hours = 0;
-        for item in self.dirty_hours.iter() {
-            let (key, mark) = item.map_err(io("scan dirty hours"))?;
-            let Some((host, start)) = keys::split(&key) else { continue };
-            if start.saturating_add(HOUR_MS + ROLLUP_GRACE_MS) > now_ms {
-                continue;
+        let minutes =
+            self.roll_level(&self.dirty_minutes, &self.minutes, MINUTE_MS, now_ms, |h, a, b| {
+                self.fold_samples(h, a, b)
+            })?;
+        let mut hours_marked = Vec::new();
+        for (host, start) in &minutes {
+            let hour = start.div_euclid(HOUR_MS) * HOUR_MS;
+            if !hours_marked.contains(&(host, hour)) {
+                self.mark_dirty(&self.dirty_hours, host, hour)?;
+                hours_marked.push((host, hour));
             }
-            let mut rollup = Rollup::new();
-            let range = keys::bucket(host, start)..keys::bucket(host, start + HOUR_MS);
-            for m in self.minutes.range(range) {
-                let (_, v) = m.map_err(io("scan minutes"))?;
-                let Ok(minute) = postcard::from_bytes::<Rollup>(&v) else { continue };
-                for (name, st) in minute {
-                    rollup.entry(name).and_modify(|e| e.merge(&st)).or_insert(st);
-                }
-            }
-            self.put_rollup(&self.hours, host, start, &rollup)?;
-            let _ = self
-                .dirty_hours
-                .compare_and_swap(&key, Some(mark), None::<&[u8]>)
-                .map_err(io("clear dirty hour"))?;
-            hours += 1;
         }
-        Ok(RollupReport { minutes, hours })
+        let hours =
+            self.roll_level(&self.dirty_hours, &self.hours, HOUR_MS, now_ms, |h, a, b| {
+                self.fold_minutes(h, a, b)
+            })?;
+        Ok(RollupReport { minutes: minutes.len() as u64, hours: hours.len() as u64 })
     }
 
     fn enforce_retention(&self, now_ms: i64, r: Retention) -> Result<u64, StoreError> {
@@ -646,6 +655,10 @@ impl TelemetryStore for SledStore {
         }
         Ok(out)
     }
+}
+
+fn merge_into(rollup: &mut Rollup, name: String, st: Stats) {
+    rollup.entry(name).and_modify(|e| e.merge(&st)).or_insert(st);
 }
 
 fn io(op: &'static str) -> impl Fn(sled::Error) -> StoreError {

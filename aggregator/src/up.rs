@@ -34,14 +34,7 @@ pub fn run(opts: UpOptions) -> anyhow::Result<()> {
     // Warnings and errors only by default, so the welcome text stays readable; FLOTILLA_LOG=info
     // shows connections and batches.
     let filter = std::env::var("FLOTILLA_LOG").unwrap_or_else(|_| "warn".to_owned());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&filter)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    common::daemon::init_logging(&filter, "warn");
     let host = local_host_id();
     prepare_tls(&opts.data_dir, &host)?;
     let agg_text = aggregator_config(&opts);

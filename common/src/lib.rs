@@ -8,6 +8,7 @@
 //! | [`framed`] | reading and writing frames on QUIC streams, with the size limit enforced |
 //! | [`tls`] | the fleet CA: issuing certificates, rustls configs, revocation, host id from a cert |
 //! | [`quic`] | quinn endpoints for both sides with ALPN `flotilla/1` |
+//! | [`daemon`] | logging set-up, stop on signal, error chains: the same in every binary |
 //! | [`config`] | agent and aggregator TOML: raw serde structs to validated types, `ConfigError` |
 //! | [`metrics`] | flattening a `Sample` into named series (`cpu_util_pct`, `gpu0_power_mw`, ...) |
 //!
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod daemon;
 pub mod framed;
 pub mod ids;
 pub mod metrics;
