@@ -8,13 +8,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use common::config::ConfigError;
 use common::config::agent::AgentConfig;
 use tokio_util::sync::CancellationToken;
-
-/// Exit code for a configuration error (EX_CONFIG is 78; sysexits' EX_USAGE 64 is what
-/// systemd units are told to not restart on).
-const EXIT_CONFIG: u8 = 64;
 
 /// The Flotilla host agent.
 #[derive(Debug, Parser)]
@@ -47,17 +42,7 @@ enum Command {
 fn main() -> ExitCode {
     let args = Args::parse();
     common::daemon::init_logging(&args.log, "info");
-    match real_main(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            if e.downcast_ref::<ConfigError>().is_some() {
-                ExitCode::from(EXIT_CONFIG)
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-    }
+    common::daemon::exit_status(real_main(args))
 }
 
 fn real_main(args: Args) -> anyhow::Result<()> {

@@ -8,12 +8,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use common::config::ConfigError;
 use common::config::aggregator::AggregatorConfig;
 use common::ids::HostId;
 use tokio_util::sync::CancellationToken;
-
-const EXIT_CONFIG: u8 = 64;
 
 /// The Flotilla aggregator and fleet certificate authority.
 #[derive(Debug, Parser)]
@@ -80,17 +77,7 @@ enum CaCommand {
 fn main() -> ExitCode {
     let args = Args::parse();
     common::daemon::init_logging(&args.log, "info");
-    match real_main(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            if e.downcast_ref::<ConfigError>().is_some() {
-                ExitCode::from(EXIT_CONFIG)
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-    }
+    common::daemon::exit_status(real_main(args))
 }
 
 fn real_main(args: Args) -> anyhow::Result<()> {

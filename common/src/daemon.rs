@@ -33,6 +33,25 @@ pub async fn stop_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
+/// Exit status for a bad configuration (sysexits' EX_USAGE); systemd units do not restart on it.
+pub const EXIT_CONFIG: u8 = 64;
+
+/// Turns a binary's result into its exit status: 0, [`EXIT_CONFIG`] when the error is a
+/// [`crate::config::ConfigError`], 1 otherwise; errors are printed with their whole chain.
+pub fn exit_status(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<crate::config::ConfigError>().is_some() {
+                std::process::ExitCode::from(EXIT_CONFIG)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+    }
+}
+
 /// `e` and its sources joined with ": ", for one-line logs.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
