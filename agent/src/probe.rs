@@ -158,8 +158,8 @@ fn gpu(f: &mut Formatter<'_>, info: Option<&GpuInfo>, g: &GpuSample) -> fmt::Res
     }
     row(f, "ecc corrected", Opt(g.ecc_corrected))?;
     row(f, "ecc uncorrected", Opt(g.ecc_uncorrected))?;
-    row(f, "pcie tx", Opt(g.pcie_tx_kib_per_s.map(|v| Unit(v, "KB/s"))))?;
-    row(f, "pcie rx", Opt(g.pcie_rx_kib_per_s.map(|v| Unit(v, "KB/s"))))?;
+    row(f, "pcie tx", Opt(g.pcie_tx_kib_per_s.map(|v| Unit(v, "KiB/s"))))?;
+    row(f, "pcie rx", Opt(g.pcie_rx_kib_per_s.map(|v| Unit(v, "KiB/s"))))?;
     row(f, "mig", Opt(g.mig_enabled.map(|on| if on { "enabled" } else { "disabled" })))?;
     if g.processes.is_empty() {
         row(f, "processes", "none")?;

@@ -69,7 +69,7 @@ pub struct SpoolStats {
     pub batches: u64,
     /// Their total encoded size.
     pub bytes: u64,
-    /// Batches dropped for lack of space, ever.
+    /// Batches dropped (spool full, or too large to deliver), over the spool's life.
     pub dropped_batches: u64,
     /// Samples in those batches.
     pub dropped_samples: u64,
@@ -279,6 +279,17 @@ fn key_seq(k: &[u8]) -> u64 {
 mod tests {
     use super::*;
 
+    /// sled releases its file lock from a background thread shortly after the handle drops.
+    fn reopen(path: &Path, max_bytes: u64) -> Spool {
+        for _ in 0..100 {
+            if let Ok(s) = Spool::open(path, max_bytes) {
+                return s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Spool::open(path, max_bytes).unwrap()
+    }
+
     fn samples(n: usize) -> Vec<Sample> {
         (0..n).map(|i| Sample { unix_ms: i as i64, ..Sample::default() }).collect()
     }
@@ -288,14 +299,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let epoch;
         {
-            let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+            let spool = reopen(dir.path(), 1 << 20);
             epoch = spool.epoch();
             assert_eq!(spool.append(samples(2)).unwrap(), Seq(1));
             assert_eq!(spool.append(samples(3)).unwrap(), Seq(2));
             spool.ack(Seq(1)).unwrap();
             spool.flush().unwrap();
         }
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let spool = reopen(dir.path(), 1 << 20);
         assert_eq!(spool.epoch(), epoch, "epoch survives a restart");
         assert_eq!(spool.stats().batches, 1);
         let pending = spool.oldest(Seq(0), 10).unwrap();
@@ -312,7 +323,7 @@ mod tests {
     #[test]
     fn size_cap_drops_oldest_and_counts() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), 200).unwrap();
+        let spool = reopen(dir.path(), 200);
         for _ in 0..10 {
             spool.append(samples(5)).unwrap();
         }
@@ -328,7 +339,7 @@ mod tests {
             common::wire::decode_frame::<TelemetryBatch>(&pending[0].1, u32::MAX).unwrap().unwrap();
         assert_eq!(batch.spool_dropped_batches, stats.dropped_batches);
         drop(spool);
-        let spool = Spool::open(dir.path(), 200).unwrap();
+        let spool = reopen(dir.path(), 200);
         assert_eq!(spool.stats().dropped_batches, stats.dropped_batches, "drops are persisted");
         let newest = pending.last().unwrap().0;
         assert_eq!(spool.discard(newest).unwrap(), 5);

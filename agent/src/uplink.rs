@@ -159,18 +159,28 @@ impl Uplink {
                 }
                 Err(e) => {
                     let chain = error_chain(&e);
-                    if chain.contains("certificate") {
-                        // The aggregator's TLS refused this host: revoked, expired or foreign.
-                        error!(
+                    match refusal_kind(&chain) {
+                        Some(TlsRefusal::OurCertificate) => error!(
                             aggregator = %addr,
                             attempt,
                             error = %chain,
-                            "Aggregator refused this host's certificate (revoked, expired, or from \
-                             another CA); issue a new one with `flotilla-aggregator ca issue`. \
-                             Will retry."
-                        );
-                    } else {
-                        warn!(aggregator = %addr, attempt, error = %chain, "Cannot reach aggregator; will retry.");
+                            "Aggregator refused this host's certificate (revoked, expired, or \
+                             from another CA); issue a new one with `flotilla-aggregator ca \
+                             issue`. Will retry."
+                        ),
+                        Some(TlsRefusal::TheirCertificate) => error!(
+                            aggregator = %addr,
+                            attempt,
+                            error = %chain,
+                            "This agent does not trust the aggregator's certificate; check \
+                             uplink.server_name and tls.ca_cert. Will retry."
+                        ),
+                        None => warn!(
+                            aggregator = %addr,
+                            attempt,
+                            error = %chain,
+                            "Cannot reach aggregator; will retry."
+                        ),
                     }
                 }
             }
@@ -349,6 +359,27 @@ async fn send_batch(
         .map_err(|_| UplinkError::Timeout { what: format!("waiting for the ack of batch {seq}") })?
 }
 
+/// Which side's certificate a failed handshake was about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsRefusal {
+    /// The aggregator refused this host's certificate (its alert came back).
+    OurCertificate,
+    /// This agent refused the aggregator's certificate.
+    TheirCertificate,
+}
+
+/// Classifies a connection error chain: a certificate problem reported by the peer ("by peer")
+/// is about our certificate; one found locally is about theirs.
+pub fn refusal_kind(chain: &str) -> Option<TlsRefusal> {
+    if !chain.contains("certificate") {
+        None
+    } else if chain.contains("by peer") {
+        Some(TlsRefusal::OurCertificate)
+    } else {
+        Some(TlsRefusal::TheirCertificate)
+    }
+}
+
 /// The delay before reconnect attempt `attempt` (0-based): exponential, capped, with jitter in
 /// its upper half so many agents restarting together spread out.
 pub fn backoff(config: &UplinkConfig, attempt: u32) -> Duration {
@@ -363,6 +394,17 @@ pub fn backoff(config: &UplinkConfig, attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_refusals_are_told_apart() {
+        let ours = "Hello/Welcome: reading frame: connection lost: aborted by peer: the \
+                    cryptographic handshake failed: error 44: invalid peer certificate: Revoked";
+        assert_eq!(refusal_kind(ours), Some(TlsRefusal::OurCertificate));
+        let theirs = "connection to the aggregator: the cryptographic handshake failed: error 42: \
+                      invalid peer certificate: certificate not valid for name \"wrong-name\"";
+        assert_eq!(refusal_kind(theirs), Some(TlsRefusal::TheirCertificate));
+        assert_eq!(refusal_kind("connecting to 10.0.0.1:7443: timed out"), None);
+    }
 
     #[test]
     fn backoff_grows_caps_and_jitters() {

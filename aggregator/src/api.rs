@@ -82,6 +82,26 @@ impl IntoResponse for Failure {
     }
 }
 
+/// `Path`, but a bad path segment (e.g. invalid UTF-8) is a JSON 400 like every other error.
+#[derive(Debug)]
+pub struct JsonPath<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> axum::extract::FromRequestParts<S>
+    for JsonPath<T>
+{
+    type Rejection = Failure;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Failure> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(t)| Self(t))
+            .map_err(|e| failure(StatusCode::BAD_REQUEST, e.to_string()))
+    }
+}
+
 fn failure(status: StatusCode, msg: impl Into<String>) -> Failure {
     Failure(status, msg.into())
 }
@@ -207,7 +227,7 @@ async fn load_host(
 
 async fn host_detail(
     State(state): State<ApiState>,
-    Path(host): Path<String>,
+    JsonPath(host): JsonPath<String>,
 ) -> Result<Json<HostDetail>, Failure> {
     let host = parse_host(&host)?;
     let (rec, inventory, latest) = load_host(&state, &host).await?;
@@ -233,7 +253,7 @@ struct SeriesQuery {
 
 async fn metric_series(
     State(state): State<ApiState>,
-    Path((host, metric)): Path<(String, String)>,
+    JsonPath((host, metric)): JsonPath<(String, String)>,
     query: Result<Query<SeriesQuery>, QueryRejection>,
 ) -> Result<Json<MetricSeries>, Failure> {
     let Query(q) = query.map_err(|e| {
@@ -259,7 +279,7 @@ async fn metric_series(
 
 async fn metric_names(
     State(state): State<ApiState>,
-    Path(host): Path<String>,
+    JsonPath(host): JsonPath<String>,
 ) -> Result<Json<MetricNames>, Failure> {
     let host = parse_host(&host)?;
     let (_, _, latest) = load_host(&state, &host).await?;
@@ -271,7 +291,7 @@ async fn metric_names(
 
 async fn revoke(
     State(state): State<ApiState>,
-    Path(host): Path<String>,
+    JsonPath(host): JsonPath<String>,
 ) -> Result<Json<RevokeResult>, Failure> {
     let host = parse_host(&host)?;
     let at = now_ms() / 1000;
@@ -287,7 +307,7 @@ async fn revoke(
 
 async fn unrevoke(
     State(state): State<ApiState>,
-    Path(host): Path<String>,
+    JsonPath(host): JsonPath<String>,
 ) -> Result<Json<RevokeResult>, Failure> {
     let host = parse_host(&host)?;
     let store = state.store.clone();

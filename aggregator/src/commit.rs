@@ -17,6 +17,9 @@ use crate::store::{CommitOutcome, IncomingBatch, TelemetryStore};
 /// Most batches stored under one flush.
 pub const MAX_GROUP: usize = 2048;
 
+/// How long the worker waits for more batches to join a group before flushing it.
+pub const GATHER: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Batches waiting for the worker before handlers are made to wait.
 const QUEUE_DEPTH: usize = 8192;
 
@@ -70,6 +73,17 @@ impl Committer {
 async fn work(mut rx: mpsc::Receiver<Request>, store: Arc<dyn TelemetryStore>, stats: Arc<Stats>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
+        if group.len() < MAX_GROUP {
+            // Let a few more batches join before paying for a flush: at moderate load this
+            // turns many small flushes into one, for at most GATHER of extra ack latency.
+            tokio::time::sleep(GATHER).await;
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(request) => group.push(request),
+                    Err(_) => break,
+                }
+            }
+        }
         let (batches, replies): (Vec<_>, Vec<_>) =
             group.drain(..).map(|r| (r.batch, r.reply)).unzip();
         let store = store.clone();

@@ -55,7 +55,7 @@ enum CaCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Issue a host's client certificate and key (HOST.pem, HOST.key, mode 0600).
+    /// Issue a host's client certificate and key (HOST.pem mode 0644, HOST.key mode 0600).
     Issue {
         /// Host id: the certificate's Common Name, and the host's name in the fleet.
         host: String,

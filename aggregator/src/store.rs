@@ -670,6 +670,17 @@ mod tests {
     use super::*;
     use common::proto::HostSample;
 
+    /// sled releases its file lock from a background thread shortly after the handle drops.
+    fn reopen(path: &Path) -> SledStore {
+        for _ in 0..100 {
+            if let Ok(s) = SledStore::open(path) {
+                return s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        SledStore::open(path).unwrap()
+    }
+
     fn host(n: &str) -> HostId {
         HostId::new(n).unwrap()
     }
@@ -720,7 +731,7 @@ mod tests {
         assert_eq!(store.latest_sample(&host("a")).unwrap().unwrap().unix_ms, 5000);
         // Survives a reopen.
         drop(store);
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(store.commit(&[b3]).unwrap(), [CommitOutcome::Duplicate]);
     }
 
@@ -804,7 +815,7 @@ mod tests {
             let store = SledStore::open(dir.path()).unwrap();
             store.revoke(&host("x"), 42).unwrap();
         }
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(store.revocations().unwrap(), vec![(host("x"), 42)]);
         assert!(store.unrevoke(&host("x")).unwrap());
         assert!(store.revocations().unwrap().is_empty());

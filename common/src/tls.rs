@@ -307,6 +307,8 @@ fn write_with_mode(path: &Path, contents: &str, mode: u32) -> Result<(), TlsErro
         .mode(mode)
         .open(path)
         .map_err(write_err)?;
+    // The umask may have narrowed the mode at creation; set it exactly.
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode)).map_err(write_err)?;
     file.write_all(contents.as_bytes()).map_err(write_err)?;
     file.sync_all().map_err(write_err)
 }

@@ -177,7 +177,7 @@ struct RawAgentConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUplink {
-    /// `IP:port` of the aggregator's QUIC listener.
+    /// `host:port` of the aggregator's QUIC listener (DNS name or IP literal).
     aggregator: String,
     /// Name in the aggregator's certificate.
     #[serde(default = "default_server_name")]

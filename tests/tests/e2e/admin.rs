@@ -51,6 +51,7 @@ fn token_is_required_when_configured_and_errors_are_json() {
     let t = Some("s3cret-token");
     for (method, path, want) in [
         ("GET", "/api/v1/hosts/BAD%20HOST", 400),
+        ("GET", "/api/v1/hosts/%FF", 400),
         ("GET", "/api/v1/hosts/nobody", 404),
         ("GET", "/api/v1/hosts/nobody/metrics/cpu_util_pct?resolution=weekly", 400),
         ("DELETE", "/api/v1/hosts", 405),
