@@ -18,6 +18,9 @@ pub enum FrameError {
     /// The stream or connection failed while reading.
     #[error("reading frame")]
     Read(#[source] quinn::ReadExactError),
+    /// The stream or connection failed while reading a frame's payload.
+    #[error("reading frame payload")]
+    ReadPayload(#[source] std::io::Error),
     /// The stream or connection failed while writing.
     #[error("writing frame")]
     Write(#[source] quinn::WriteError),
@@ -32,10 +35,13 @@ impl FrameError {
         match self {
             Self::Wire(e) => Some(e.code()),
             Self::Finished => Some(crate::proto::code::UNEXPECTED_MESSAGE),
-            Self::Read(_) | Self::Write(_) => None,
+            Self::Read(_) | Self::ReadPayload(_) | Self::Write(_) => None,
         }
     }
 }
+
+/// Bytes reserved up front for a frame; larger frames grow as their bytes arrive.
+const INITIAL_BUFFER: usize = 64 * 1024;
 
 /// Writes `msg` as one frame.
 pub async fn write<M: Message>(send: &mut SendStream, msg: &M) -> Result<(), FrameError> {
@@ -54,13 +60,15 @@ pub async fn read<M: Message + Default>(recv: &mut RecvStream, max: u32) -> Resu
         Err(e) => return Err(FrameError::Read(e)),
     }
     let len = wire::check_len(prefix, max)?;
-    let mut payload = vec![0u8; len];
-    match recv.read_exact(&mut payload).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(got)) => {
-            return Err(WireError::Truncated { got, expected: len }.into());
-        }
-        Err(e) => return Err(FrameError::Read(e)),
+    // Grow the buffer as bytes arrive rather than trusting the prefix: a peer announcing many
+    // large frames must not make us allocate memory it never sends.
+    let mut payload = Vec::with_capacity(len.min(INITIAL_BUFFER));
+    let mut limited = tokio::io::AsyncReadExt::take(&mut *recv, len as u64);
+    tokio::io::AsyncReadExt::read_to_end(&mut limited, &mut payload)
+        .await
+        .map_err(FrameError::ReadPayload)?;
+    if payload.len() < len {
+        return Err(WireError::Truncated { got: payload.len(), expected: len }.into());
     }
     Ok(wire::decode_payload(&payload)?)
 }

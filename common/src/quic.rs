@@ -30,7 +30,9 @@ pub fn transport() -> quinn::TransportConfig {
     t.keep_alive_interval(Some(Duration::from_secs(3)));
     // 15 s always fits a VarInt.
     t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(15)).ok());
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(256));
+    // Each open stream may hold one frame being read (up to the frame limit), so this bounds
+    // what one peer can make us buffer; agents use at most 16 batch streams at once.
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(32));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     t
 }
