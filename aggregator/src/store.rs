@@ -80,6 +80,9 @@ pub struct HostRecord {
     pub spool_epoch: u64,
     /// Every seq up to this one is stored.
     pub watermark: u64,
+    /// Stored seqs above the watermark (entries in the `seen` tree); 0 in the usual in-order case,
+    /// which lets a batch skip the `seen` lookups entirely.
+    pub seen_above: u64,
     /// Highest seq stored.
     pub last_seq: u64,
     /// First Hello, Unix ms.
@@ -278,6 +281,8 @@ pub struct SledStore {
     // Serializes every read-modify-write of host records (Hello on connection tasks, batches on
     // the commit worker) so neither overwrites the other's counters or epoch.
     host_records: std::sync::Mutex<()>,
+    // Minutes already marked dirty since the last rollup pass began.
+    marked_minutes: std::sync::Mutex<std::collections::HashSet<(String, i64)>>,
     // Dirty marks carry a fresh number so a rollup pass can clear only what it saw.
     mark: AtomicU64,
 }
@@ -306,8 +311,13 @@ impl SledStore {
             revoked: tree("revoked")?,
             mark: AtomicU64::new(1),
             host_records: std::sync::Mutex::new(()),
+            marked_minutes: std::sync::Mutex::default(),
             db,
         })
+    }
+
+    fn lock_marked(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<(String, i64)>> {
+        self.marked_minutes.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn lock_host_records(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -347,7 +357,9 @@ impl SledStore {
         });
         let seq = b.batch.seq;
         let seen_key = keys::seen(host, seq);
-        if seq <= rec.watermark || self.seen.contains_key(&seen_key).map_err(io("read seen"))? {
+        let seen_before =
+            rec.seen_above > 0 && self.seen.contains_key(&seen_key).map_err(io("read seen"))?;
+        if seq <= rec.watermark || seen_before {
             return Ok(CommitOutcome::Duplicate);
         }
         let mut minutes = Vec::new();
@@ -361,7 +373,10 @@ impl SledStore {
         }
         self.samples.apply_batch(writes).map_err(io("write samples"))?;
         for m in minutes {
-            self.mark_dirty(&self.dirty_minutes, host, m)?;
+            // One mark per (host, minute) between rollup passes is enough.
+            if self.lock_marked().insert((host.to_owned(), m)) {
+                self.mark_dirty(&self.dirty_minutes, host, m)?;
+            }
         }
         rec.samples_total += b.batch.samples.len() as u64;
         rec.batches_total += 1;
@@ -371,16 +386,19 @@ impl SledStore {
         rec.spool_dropped_samples = b.batch.spool_dropped_samples;
         if seq == rec.watermark + 1 {
             rec.watermark = seq;
-            while self
-                .seen
-                .remove(keys::seen(host, rec.watermark + 1))
-                .map_err(io("advance"))?
-                .is_some()
+            while rec.seen_above > 0
+                && self
+                    .seen
+                    .remove(keys::seen(host, rec.watermark + 1))
+                    .map_err(io("advance"))?
+                    .is_some()
             {
                 rec.watermark += 1;
+                rec.seen_above -= 1;
             }
         } else {
             self.seen.insert(seen_key, &[]).map_err(io("write seen"))?;
+            rec.seen_above += 1;
         }
         self.write_host(host, &rec)?;
         Ok(CommitOutcome::Stored)
@@ -488,6 +506,7 @@ impl TelemetryStore for SledStore {
             // A new spool numbers from 1 again: forget the old epoch's seqs.
             rec.spool_epoch = hello.spool_epoch;
             rec.watermark = 0;
+            rec.seen_above = 0;
             rec.last_seq = 0;
             for k in self.seen.scan_prefix(keys::host_prefix(host.as_str())).keys() {
                 self.seen.remove(k.map_err(io("scan seen"))?).map_err(io("reset seen"))?;
@@ -604,6 +623,9 @@ impl TelemetryStore for SledStore {
     }
 
     fn roll_up(&self, now_ms: i64) -> Result<RollupReport, StoreError> {
+        // Batches from here on mark their minutes again, so a minute recomputed below before
+        // they arrived stays dirty for the next pass.
+        self.lock_marked().clear();
         let minutes =
             self.roll_level(&self.dirty_minutes, &self.minutes, MINUTE_MS, now_ms, |h, a, b| {
                 self.fold_samples(h, a, b)
@@ -727,6 +749,8 @@ mod tests {
         assert_eq!(out, [CommitOutcome::Stored, CommitOutcome::Duplicate]);
         let rec = store.host(&host("a")).unwrap().unwrap();
         assert_eq!((rec.watermark, rec.last_seq, rec.samples_total), (3, 3, 5));
+        assert_eq!(rec.seen_above, 0, "the out-of-order seq was folded into the watermark");
+        assert_eq!(store.seen.len(), 0);
         assert_eq!(store.count_samples(&host("a")).unwrap(), 5);
         assert_eq!(store.latest_sample(&host("a")).unwrap().unwrap().unix_ms, 5000);
         // Survives a reopen.
