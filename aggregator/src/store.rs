@@ -328,10 +328,7 @@ impl SledStore {
         let Some(v) = self.hosts.get(host).map_err(io("read host"))? else {
             return Ok(None);
         };
-        postcard::from_bytes(&v).map(Some).map_err(|e| StoreError::Corrupt {
-            what: format!("host {host}"),
-            reason: e.to_string(),
-        })
+        decode_host(host, &v).map(Some)
     }
 
     fn write_host(&self, host: &str, rec: &HostRecord) -> Result<(), StoreError> {
@@ -534,12 +531,10 @@ impl TelemetryStore for SledStore {
     fn hosts(&self) -> Result<Vec<(HostId, HostRecord)>, StoreError> {
         let mut out = Vec::new();
         for item in self.hosts.iter() {
-            let (k, _) = item.map_err(io("scan hosts"))?;
-            let name = String::from_utf8_lossy(&k).into_owned();
-            let Ok(id) = HostId::new(&name) else { continue };
-            if let Some(rec) = self.read_host(&name)? {
-                out.push((id, rec));
-            }
+            let (k, v) = item.map_err(io("scan hosts"))?;
+            let Ok(id) = HostId::new(&String::from_utf8_lossy(&k)) else { continue };
+            let rec = decode_host(&id, &v)?;
+            out.push((id, rec));
         }
         Ok(out)
     }
@@ -677,6 +672,11 @@ impl TelemetryStore for SledStore {
         }
         Ok(out)
     }
+}
+
+fn decode_host(host: impl std::fmt::Display, bytes: &[u8]) -> Result<HostRecord, StoreError> {
+    postcard::from_bytes(bytes)
+        .map_err(|e| StoreError::Corrupt { what: format!("host {host}"), reason: e.to_string() })
 }
 
 fn merge_into(rollup: &mut Rollup, name: String, st: Stats) {
