@@ -216,20 +216,23 @@ pub(crate) fn truncate_for_log(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// A telemetry config for tests: 1 s sampling, the given NVML mode, no hwmon, no exec sources.
+#[cfg(test)]
+pub(crate) fn test_config(nvml: common::config::agent::NvmlMode) -> TelemetryConfig {
+    TelemetryConfig {
+        sample_interval: Duration::from_secs(1),
+        nvml,
+        hwmon: false,
+        exec: Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use common::config::agent::NvmlMode;
 
+    use super::test_config as config;
     use super::*;
-
-    fn config(nvml: NvmlMode) -> TelemetryConfig {
-        TelemetryConfig {
-            sample_interval: Duration::from_secs(1),
-            nvml,
-            hwmon: false,
-            exec: Vec::new(),
-        }
-    }
 
     #[test]
     fn sample_fills_time_and_host_but_not_index() {

@@ -238,21 +238,9 @@ pub(crate) fn throttle_reason_names(bits: u64) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use common::config::agent::TelemetryConfig;
-
     use super::*;
     use crate::telemetry::Collectors;
-
-    fn config(nvml: NvmlMode) -> TelemetryConfig {
-        TelemetryConfig {
-            sample_interval: Duration::from_secs(1),
-            nvml,
-            hwmon: false,
-            exec: vec![],
-        }
-    }
+    use crate::telemetry::test_config as config;
 
     /// These tests describe a host without the NVIDIA driver (CI); on a GPU host they have
     /// nothing to check and return early.
