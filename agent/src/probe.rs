@@ -270,6 +270,7 @@ mod tests {
                 device: "card0".into(),
                 metrics: [("temp_c".to_owned(), 55.0)].into(),
             }],
+            models: vec![],
         };
         let text = render(&inventory, &sample);
         assert!(text.contains("NVIDIA H100 80GB HBM3"), "{text}");

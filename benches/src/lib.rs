@@ -125,6 +125,7 @@ pub fn realistic_sample(unix_ms: i64) -> Sample {
             processes: vec![],
         }],
         accelerators: vec![],
+        models: vec![],
     }
 }
 

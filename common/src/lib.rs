@@ -10,6 +10,8 @@
 //! | [`quic`] | quinn endpoints for both sides with ALPN `flotilla/1` |
 //! | [`daemon`] | logging set-up, stop on signal, error chains: the same in every binary |
 //! | [`config`] | agent and aggregator TOML: raw serde structs to validated types, `ConfigError` |
+//! | [`histogram`] | mergeable log-linear histograms (latency, batch size) and their wire form |
+//! | [`model_stats`] | adding up per-model serving samples across versions, hosts and intervals |
 //! | [`metrics`] | flattening a `Sample` into named series (`cpu_util_pct`, `gpu0_power_mw`, ...) |
 //!
 //! ```text
@@ -21,8 +23,10 @@
 pub mod config;
 pub mod daemon;
 pub mod framed;
+pub mod histogram;
 pub mod ids;
 pub mod metrics;
+pub mod model_stats;
 pub mod proto;
 pub mod quic;
 pub mod tls;

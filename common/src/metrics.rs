@@ -4,8 +4,15 @@
 //! `cpu_util_pct`, `cpu3_util_pct`, `gpu0_power_mw`, `accel.exec:fpga.card0.temp_c`. Rates are per
 //! second, computed from the sample's `interval_ms`. Fields a device did not report are absent,
 //! never zero.
+//!
+//! Served models add `model.NAME.*` series, summed over the model's versions:
+//! `requests_per_s`, `successes_per_s`, `failures_per_s`, `rejected_per_s`, `expired_per_s`,
+//! `inferences_per_s`, `busy_pct` (runner time over wall time, 100 per fully busy instance),
+//! `batch_utilization_pct` and `latency_mean_ms`. Latency percentiles are deliberately not series:
+//! they come from merged histograms ([`crate::model_stats`]), never from averaging.
 
-use crate::proto::{GpuSample, HostSample, Sample};
+use crate::histogram::LogHistogram;
+use crate::proto::{GpuSample, HostSample, ModelSample, Sample};
 
 /// One named value from a sample.
 pub type Point = (String, f64);
@@ -24,6 +31,7 @@ pub fn flatten(sample: &Sample) -> Vec<Point> {
             out.push((format!("accel.{}.{}.{}", a.source, a.device, name), *v));
         }
     }
+    models(&sample.models, &mut out);
     out
 }
 
@@ -77,10 +85,107 @@ fn gpu(g: &GpuSample, out: &mut Vec<Point>) {
     opt("pcie_rx_kib_per_s", g.pcie_rx_kib_per_s.map(f64::from));
 }
 
+/// Per-model series, versions of one model summed. Keeps first-seen model order.
+fn models(samples: &[ModelSample], out: &mut Vec<Point>) {
+    #[derive(Default)]
+    struct Sum {
+        interval_ms: u32,
+        counts: [u64; 6],
+        batch_slots: u64,
+        compute_us: u64,
+        latency_us: u64,
+        latency_n: u64,
+    }
+    let mut order: Vec<(&str, Sum)> = Vec::new();
+    for m in samples {
+        let position = match order.iter().position(|(name, _)| *name == m.model) {
+            Some(p) => p,
+            None => {
+                order.push((&m.model, Sum::default()));
+                order.len() - 1
+            }
+        };
+        let sum = &mut order[position].1;
+        sum.interval_ms = sum.interval_ms.max(m.interval_ms);
+        for (slot, v) in sum.counts.iter_mut().zip([
+            m.requests,
+            m.successes,
+            m.failures,
+            m.rejected,
+            m.expired,
+            m.inferences,
+        ]) {
+            *slot += v;
+        }
+        sum.batch_slots += m.batch_slots;
+        // Only the exact sums and counts are used here; a malformed histogram counts as empty.
+        let totals = |h: &Option<crate::proto::Histogram>| {
+            h.as_ref().and_then(|h| LogHistogram::from_proto(h).ok()).map(|h| (h.sum(), h.count()))
+        };
+        if let Some((s, _)) = totals(&m.compute_us) {
+            sum.compute_us += s;
+        }
+        if let Some((s, n)) = totals(&m.latency_us) {
+            sum.latency_us += s;
+            sum.latency_n += n;
+        }
+    }
+    for (name, sum) in order {
+        let secs = f64::from(sum.interval_ms.max(1)) / 1000.0;
+        let names = ["requests", "successes", "failures", "rejected", "expired", "inferences"];
+        for (series, count) in names.iter().zip(sum.counts) {
+            out.push((format!("model.{name}.{series}_per_s"), count as f64 / secs));
+        }
+        out.push((format!("model.{name}.busy_pct"), sum.compute_us as f64 / 10.0 / secs / 1000.0));
+        if sum.batch_slots > 0 {
+            let utilization = sum.counts[5] as f64 / sum.batch_slots as f64 * 100.0;
+            out.push((format!("model.{name}.batch_utilization_pct"), utilization));
+        }
+        if sum.latency_n > 0 {
+            let mean_ms = sum.latency_us as f64 / sum.latency_n as f64 / 1000.0;
+            out.push((format!("model.{name}.latency_mean_ms"), mean_ms));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::proto::AcceleratorSample;
+
+    #[test]
+    fn model_series_sum_versions() {
+        let mut compute = LogHistogram::new();
+        compute.record(250_000); // 250 ms of runner time in a 2 s interval: 12.5 % busy
+        let mut latency = LogHistogram::new();
+        latency.record(2000);
+        latency.record(4000);
+        let version = |v: &str, requests| ModelSample {
+            model: "resnet".into(),
+            version: v.into(),
+            interval_ms: 2000,
+            requests,
+            inferences: requests,
+            batch_slots: 8,
+            ..Default::default()
+        };
+        let s = Sample {
+            models: vec![
+                ModelSample {
+                    compute_us: Some(compute.to_proto()),
+                    latency_us: Some(latency.to_proto()),
+                    ..version("1", 6)
+                },
+                version("2", 2),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(value(&s, "model.resnet.requests_per_s"), Some(4.0));
+        assert_eq!(value(&s, "model.resnet.busy_pct"), Some(12.5));
+        assert_eq!(value(&s, "model.resnet.batch_utilization_pct"), Some(50.0));
+        assert_eq!(value(&s, "model.resnet.latency_mean_ms"), Some(3.0));
+        assert_eq!(value(&s, "model.resnet.expired_per_s"), Some(0.0));
+    }
 
     #[test]
     fn names_units_and_absent_fields() {

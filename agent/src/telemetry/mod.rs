@@ -144,7 +144,7 @@ impl Collectors {
             source.sample(&mut accelerators);
         }
         self.remember(&accelerators);
-        Sample { unix_ms, sample_index: 0, host: Some(host), gpus, accelerators }
+        Sample { unix_ms, sample_index: 0, host: Some(host), gpus, accelerators, models: Vec::new() }
     }
 
     /// Number of GPUs found.

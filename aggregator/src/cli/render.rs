@@ -783,6 +783,7 @@ mod tests {
                 device: "u250".into(),
                 metrics: [("temp_c".to_owned(), 41.5)].into_iter().collect(),
             }],
+            models: Vec::new(),
         };
         let detail = HostDetail {
             summary: summary("gpu-01", now),

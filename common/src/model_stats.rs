@@ -1,0 +1,141 @@
+//! Adding up [`ModelSample`]s: per model, across versions, hosts and intervals.
+//!
+//! The agent sends one `ModelSample` per model version per sample, holding deltas. Readers (the
+//! `flotilla models` view, SLO alerts, cost attribution) merge every sample in a window with
+//! [`ModelTotals::add`] and only then read rates and percentiles, so a fleet-wide p99 is the p99
+//! of every request, never an average of hosts' p99s.
+
+use crate::histogram::{HistogramError, LogHistogram};
+use crate::proto::ModelSample;
+
+/// Everything one model did over a window, merged from any number of samples.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelTotals {
+    /// Requests received, admitted or not.
+    pub requests: u64,
+    /// Requests that got an answer.
+    pub successes: u64,
+    /// Admitted requests the runner failed.
+    pub failures: u64,
+    /// Requests refused at admission.
+    pub rejected: u64,
+    /// Requests whose deadline passed before compute.
+    pub expired: u64,
+    /// Batch rows computed.
+    pub inferences: u64,
+    /// Batches dispatched.
+    pub batches: u64,
+    /// Total capacity of the dispatched batches.
+    pub batch_slots: u64,
+    /// End-to-end latency of successful requests, microseconds.
+    pub latency_us: LogHistogram,
+    /// Queue wait, microseconds.
+    pub queue_us: LogHistogram,
+    /// Runner time per batch, microseconds.
+    pub compute_us: LogHistogram,
+    /// Rows per batch.
+    pub batch_size: LogHistogram,
+}
+
+impl ModelTotals {
+    /// Adds one sample. A sample whose histograms are malformed is refused whole, so totals
+    /// never mix a counted request with a missing latency.
+    pub fn add(&mut self, sample: &ModelSample) -> Result<(), HistogramError> {
+        let read = |h: &Option<crate::proto::Histogram>| match h {
+            Some(h) => LogHistogram::from_proto(h),
+            None => Ok(LogHistogram::new()),
+        };
+        let latency = read(&sample.latency_us)?;
+        let queue = read(&sample.queue_us)?;
+        let compute = read(&sample.compute_us)?;
+        let batch_size = read(&sample.batch_size)?;
+        self.requests += sample.requests;
+        self.successes += sample.successes;
+        self.failures += sample.failures;
+        self.rejected += sample.rejected;
+        self.expired += sample.expired;
+        self.inferences += sample.inferences;
+        self.batches += sample.batches;
+        self.batch_slots += sample.batch_slots;
+        self.latency_us.merge(&latency);
+        self.queue_us.merge(&queue);
+        self.compute_us.merge(&compute);
+        self.batch_size.merge(&batch_size);
+        Ok(())
+    }
+
+    /// Adds another window's totals.
+    pub fn merge(&mut self, other: &Self) {
+        self.requests += other.requests;
+        self.successes += other.successes;
+        self.failures += other.failures;
+        self.rejected += other.rejected;
+        self.expired += other.expired;
+        self.inferences += other.inferences;
+        self.batches += other.batches;
+        self.batch_slots += other.batch_slots;
+        self.latency_us.merge(&other.latency_us);
+        self.queue_us.merge(&other.queue_us);
+        self.compute_us.merge(&other.compute_us);
+        self.batch_size.merge(&other.batch_size);
+    }
+
+    /// Rows computed per dispatched slot, 0..=1; `None` before the first batch.
+    pub fn batch_utilization(&self) -> Option<f64> {
+        (self.batch_slots > 0).then(|| self.inferences as f64 / self.batch_slots as f64)
+    }
+
+    /// Latency quantile in milliseconds.
+    pub fn latency_ms(&self, q: f64) -> Option<f64> {
+        self.latency_us.quantile(q).map(|us| us as f64 / 1000.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(requests: u64, latencies_us: &[u64]) -> ModelSample {
+        let mut h = LogHistogram::new();
+        for l in latencies_us {
+            h.record(*l);
+        }
+        ModelSample {
+            model: "m".into(),
+            version: "1".into(),
+            interval_ms: 1000,
+            requests,
+            successes: latencies_us.len() as u64,
+            inferences: latencies_us.len() as u64,
+            batches: 1,
+            batch_slots: 8,
+            latency_us: Some(h.to_proto()),
+            ..ModelSample::default()
+        }
+    }
+
+    #[test]
+    fn fleet_percentile_comes_from_merged_histograms() {
+        // Host A: 99 fast requests; host B: one request at 10 ms. The merged p99 is fast, while
+        // averaging the two hosts' p99s would say 5 ms.
+        let mut totals = ModelTotals::default();
+        totals.add(&sample(99, &[1000; 99])).expect("valid");
+        totals.add(&sample(1, &[10_000])).expect("valid");
+        assert_eq!(totals.requests, 100);
+        let p99 = totals.latency_ms(0.99).expect("recorded");
+        assert!((p99 - 1.0).abs() < 1.0 / 32.0, "p99 {p99} ms is within a bucket of 1 ms");
+        assert_eq!(totals.latency_ms(1.0), Some(10.0));
+        assert_eq!(totals.batch_utilization(), Some(100.0 / 16.0));
+    }
+
+    #[test]
+    fn malformed_sample_is_refused_whole() {
+        let mut bad = sample(5, &[1, 2]);
+        if let Some(h) = bad.latency_us.as_mut() {
+            h.count = 9;
+        }
+        let mut totals = ModelTotals::default();
+        assert!(totals.add(&bad).is_err());
+        assert_eq!(totals, ModelTotals::default());
+    }
+}
