@@ -1,5 +1,6 @@
 //! The Flotilla agent: samples this host, spools the samples, and uplinks them to the
-//! aggregator over QUIC; answers the aggregator's directives.
+//! aggregator over QUIC; answers the aggregator's directives; serves ONNX models over the KServe
+//! v2 HTTP API ([`serving`]) and reports their statistics with the host's telemetry.
 //!
 //! ```text
 //! telemetry thread (Collectors) --Sample--> sealer --batch--> spool (sled) --> uplink ==QUIC==> aggregator
@@ -13,6 +14,7 @@
 pub mod downlink;
 pub mod probe;
 pub mod sampler;
+pub mod serving;
 pub mod spool;
 pub mod telemetry;
 pub mod uplink;
@@ -43,6 +45,9 @@ pub enum AgentError {
     /// The QUIC endpoint could not be made.
     #[error(transparent)]
     Quic(#[from] common::quic::QuicError),
+    /// The inference API could not start.
+    #[error(transparent)]
+    Serving(#[from] serving::ServingError),
     /// A background task failed.
     #[error("agent task failed: {0}")]
     Task(String),
@@ -72,7 +77,13 @@ pub async fn run(
         .map_err(|e| AgentError::Task(e.to_string()))??;
     let spool = Arc::new(spool);
 
-    let (sampler, inventory, samples) = Sampler::start(&config.telemetry, &config.labels).await?;
+    let serving = match &config.serving {
+        Some(sc) => Some(serving::Serving::start(sc, shutdown.clone()).await?),
+        None => None,
+    };
+    let models = serving.as_ref().map(serving::Serving::telemetry);
+    let (sampler, inventory, samples) =
+        Sampler::start(&config.telemetry, &config.labels, models).await?;
     info!(
         gpus = inventory.gpus.len(),
         accelerators = inventory.accelerators.len(),
@@ -107,6 +118,9 @@ pub async fn run(
     );
 
     shutdown.cancelled().await;
+    if let Some(serving) = serving {
+        serving.stopped().await;
+    }
     info!("Stopping: sealing the last samples.");
     sampler.stop();
     let sealed_ok = sealer.await.map_err(|e| AgentError::Task(e.to_string()))?;

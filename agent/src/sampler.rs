@@ -1,5 +1,8 @@
 //! The sampling thread and the sealer.
 //!
+//! Each sample also carries the served models' statistics since the previous sample, when the
+//! agent serves models.
+//!
 //! The collectors are blocking (NVML calls, exec sources), so they live on one dedicated thread
 //! that takes a sample every `sample_interval` on a fixed schedule and hands it to the async
 //! side. The sealer buffers samples and, every uplink interval, seals them into the spool as one
@@ -15,6 +18,7 @@ use common::proto::{Inventory, Sample};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, warn};
 
+use crate::serving::ModelTelemetry;
 use crate::spool::{Spool, SpoolError};
 use crate::telemetry::{Collectors, TelemetryError};
 
@@ -44,6 +48,7 @@ impl Sampler {
     pub async fn start(
         config: &TelemetryConfig,
         labels: &BTreeMap<String, String>,
+        models: Option<ModelTelemetry>,
     ) -> Result<(Self, Inventory, mpsc::Receiver<Sample>), SamplerError> {
         let (ready_tx, ready_rx) = oneshot::channel();
         let (sample_tx, sample_rx) = mpsc::channel(CHANNEL_DEPTH);
@@ -61,7 +66,7 @@ impl Sampler {
             if ready_tx.send(Ok(collectors.inventory(&labels))).is_err() {
                 return;
             }
-            sample_loop(&mut collectors, config.sample_interval, &sample_tx, &stop_rx);
+            sample_loop(&mut collectors, models, config.sample_interval, &sample_tx, &stop_rx);
         });
         if let Err(e) = spawned {
             return Err(SamplerError::Thread(e));
@@ -83,14 +88,21 @@ impl Sampler {
 
 fn sample_loop(
     collectors: &mut Collectors,
+    models: Option<ModelTelemetry>,
     interval: Duration,
     out: &mpsc::Sender<Sample>,
     stop: &std_mpsc::Receiver<()>,
 ) {
     let start = Instant::now();
     let mut n: u32 = 0;
+    let mut last_models = start;
     loop {
-        let sample = collectors.sample();
+        let mut sample = collectors.sample();
+        if let Some(models) = &models {
+            let now = Instant::now();
+            sample.models = models.take(now - last_models);
+            last_models = now;
+        }
         if out.blocking_send(sample).is_err() {
             return;
         }

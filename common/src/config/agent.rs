@@ -36,6 +36,19 @@ pub struct AgentConfig {
     pub spool: SpoolConfig,
     /// Operator labels sent in the inventory.
     pub labels: BTreeMap<String, String>,
+    /// Inference serving; `None` when the config has no `[serving]` table.
+    pub serving: Option<ServingConfig>,
+}
+
+/// `[serving]`, validated: the KServe v2 HTTP API and the model repository.
+#[derive(Debug, Clone)]
+pub struct ServingConfig {
+    /// HTTP listen address (Triton's convention is port 8000).
+    pub listen: SocketAddr,
+    /// Directory holding `<model>/<version>/model.onnx` and `<model>/config.toml`.
+    pub model_repository: PathBuf,
+    /// Largest request body accepted, bytes.
+    pub max_request_bytes: usize,
 }
 
 /// `[uplink]`, validated.
@@ -172,6 +185,25 @@ struct RawAgentConfig {
     /// Free-form labels (instance_type, lifecycle, zone, ...).
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    /// Inference serving (off when absent).
+    serving: Option<RawServing>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServing {
+    #[serde(default = "default_serving_listen")]
+    listen: String,
+    model_repository: PathBuf,
+    #[serde(default = "default_max_request_bytes")]
+    max_request_bytes: u64,
+}
+
+fn default_serving_listen() -> String {
+    "0.0.0.0:8000".to_owned()
+}
+fn default_max_request_bytes() -> u64 {
+    64 * 1024 * 1024
 }
 
 #[derive(Debug, Deserialize)]
@@ -385,7 +417,18 @@ impl AgentConfig {
                 );
             }
         }
-        let config = Self { uplink, tls, telemetry, spool, labels: raw.labels };
+        let serving = raw.serving.as_ref().map(|sv| ServingConfig {
+            listen: c.socket_addr("serving.listen", &sv.listen),
+            model_repository: c.path("serving.model_repository", &sv.model_repository, base),
+            max_request_bytes: usize::try_from(c.range(
+                "serving.max_request_bytes",
+                sv.max_request_bytes,
+                1024,
+                1 << 32,
+            ))
+            .unwrap_or(usize::MAX),
+        });
+        let config = Self { uplink, tls, telemetry, spool, labels: raw.labels, serving };
         c.finish(origin, config)
     }
 

@@ -34,6 +34,20 @@ pub struct AggregatorConfig {
     pub store: StoreConfig,
     /// Telemetry intake.
     pub ingest: IngestConfig,
+    /// Analytics: schedule and the files holding the pricing catalog and the policy.
+    pub analytics: AnalyticsConfig,
+}
+
+/// `[analytics]`, validated (paths resolved). The files are parsed by the aggregator's
+/// `analytics::settings`, which names their keys in its own errors.
+#[derive(Debug, Clone)]
+pub struct AnalyticsConfig {
+    /// Cron expression with seconds (`sec min hour day month weekday`) for the analytics pass.
+    pub schedule: String,
+    /// Pricing catalog (instance types and prices); `None` uses the built-in catalog.
+    pub pricing_file: Option<PathBuf>,
+    /// Budgets, alert rules, plan targets and the webhook; `None` means none of them.
+    pub policy_file: Option<PathBuf>,
 }
 
 /// `[listen]`, validated.
@@ -88,6 +102,29 @@ struct RawAggregatorConfig {
     store: RawStore,
     #[serde(default)]
     ingest: RawIngest,
+    #[serde(default)]
+    analytics: RawAnalytics,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnalytics {
+    #[serde(default = "default_schedule")]
+    schedule: String,
+    #[serde(default)]
+    pricing_file: Option<PathBuf>,
+    #[serde(default)]
+    policy_file: Option<PathBuf>,
+}
+
+impl Default for RawAnalytics {
+    fn default() -> Self {
+        Self { schedule: default_schedule(), pricing_file: None, policy_file: None }
+    }
+}
+
+fn default_schedule() -> String {
+    "0 */5 * * * *".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -238,7 +275,20 @@ impl AggregatorConfig {
                 86_400,
             )),
         };
-        c.finish(origin, Self { listen, tls, store, ingest })
+        let a = &raw.analytics;
+        if a.schedule.split_whitespace().count() != 6 {
+            c.problem(
+                "analytics.schedule",
+                "must be a cron expression with 6 fields (sec min hour day month weekday)",
+                &a.schedule,
+            );
+        }
+        let analytics = AnalyticsConfig {
+            schedule: a.schedule.clone(),
+            pricing_file: a.pricing_file.as_ref().map(|p| c.path("analytics.pricing_file", p, base)),
+            policy_file: a.policy_file.as_ref().map(|p| c.path("analytics.policy_file", p, base)),
+        };
+        c.finish(origin, Self { listen, tls, store, ingest, analytics })
     }
 
     /// The embedded defaults with paths under `base`.

@@ -1,0 +1,117 @@
+//! Inference serving: ONNX models from a repository directory, run by tract (or forwarded to a
+//! local KServe v2 accelerator server) behind a dynamic batcher, exposed over the KServe v2 HTTP
+//! API that Triton's clients speak.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`tensor`] | KServe datatypes and tensors: JSON, binary extension and tract conversions |
+//! | [`model_config`] | a model's `config.toml`, validated, every key named on error |
+//! | [`runner`] | the tract engine: strict-then-lenient loading, signature, plan per shape |
+//! | [`kserve`] | the `kserve` engine that forwards batches to another KServe v2 server |
+//! | [`batcher`] | the pure batch policy and the per-model worker |
+//! | [`model`] | one loaded version: queue, worker, instance threads, replies |
+//! | [`stats`] | per-version counters and histograms, `/metrics`, telemetry deltas |
+//! | [`repository`] | the model directory, load/unload, the index |
+//! | [`http`] | the axum routes |
+//!
+//! ```text
+//! HTTP --parse/validate--> LoadedModel::infer --queue--> worker --Batch--> instance thread --Engine--> reply
+//!                                                     stats --take_samples--> telemetry Sample.models
+//! ```
+
+pub mod batcher;
+pub mod http;
+pub mod kserve;
+pub mod model;
+pub mod model_config;
+pub mod repository;
+pub mod runner;
+pub mod stats;
+pub mod tensor;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::config::agent::ServingConfig;
+use common::proto::ModelSample;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use repository::Repository;
+
+/// Why serving could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServingError {
+    /// The HTTP port could not be bound.
+    #[error("binding the inference API on {addr} (serving.listen): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running inference server.
+#[derive(Debug)]
+pub struct Serving {
+    /// The models.
+    pub repository: Arc<Repository>,
+    /// Where the API listens.
+    pub addr: SocketAddr,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Serving {
+    /// Binds the API, loads every model in the repository, and serves until `shutdown`.
+    pub async fn start(config: &ServingConfig, shutdown: CancellationToken) -> Result<Self, ServingError> {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServingError::Bind { addr: config.listen, source })?;
+        let addr = listener.local_addr().unwrap_or(config.listen);
+        let repository = Arc::new(Repository::new(&config.model_repository));
+        repository.load_all().await;
+        let state = http::ApiState {
+            repository: repository.clone(),
+            max_request_bytes: config.max_request_bytes,
+        };
+        let app = http::router(state);
+        let server = tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "Inference API stopped.");
+            }
+        });
+        let ready: Vec<String> = repository.loaded().iter().map(|m| format!("{}/{}", m.name, m.version)).collect();
+        info!(%addr, repository = %config.model_repository.display(), models = ?ready, "Inference API listening.");
+        Ok(Self { repository, addr, server })
+    }
+
+    /// A source of per-model telemetry for the sampler.
+    pub fn telemetry(&self) -> ModelTelemetry {
+        ModelTelemetry { repository: self.repository.clone() }
+    }
+
+    /// Waits for the API to finish after shutdown, then stops the models.
+    pub async fn stopped(self) {
+        let _ = self.server.await;
+        self.repository.stop_all();
+    }
+}
+
+/// Takes per-model deltas for each telemetry sample.
+#[derive(Debug, Clone)]
+pub struct ModelTelemetry {
+    repository: Arc<Repository>,
+}
+
+impl ModelTelemetry {
+    /// The deltas of every loaded version since the last call.
+    pub fn take(&self, interval: Duration) -> Vec<ModelSample> {
+        self.repository.loaded().iter().filter_map(|m| m.stats.take_sample(interval)).collect()
+    }
+}

@@ -1,0 +1,390 @@
+//! A model's `config.toml`: batching, instances, priorities, timeouts, loader options and the
+//! inputs and outputs the ONNX file leaves open. Every key has a default, so a model directory
+//! with only `1/model.onnx` serves; a bad key is named with its value.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::tensor::DataType;
+
+/// Which engine runs the batches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// tract, in this process.
+    Tract,
+    /// A local accelerator server speaking KServe v2 over HTTP.
+    Kserve(KserveTarget),
+}
+
+/// Where the `kserve` backend forwards batches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KserveTarget {
+    /// Base URL, e.g. `http://127.0.0.1:9000`.
+    pub url: String,
+    /// The model's name on that server.
+    pub model: String,
+    /// Per-batch HTTP timeout.
+    pub timeout: Duration,
+}
+
+/// An input or output declared in the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// Name in the ONNX graph.
+    pub name: String,
+    /// Datatype, when the config sets it.
+    pub datatype: Option<DataType>,
+    /// Dims of one request without the batch dim when batching is on; -1 for any size.
+    pub dims: Option<Vec<i64>>,
+}
+
+/// Loader switches: `None` means try strict first, then lenient.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoaderOptions {
+    /// tract `with_ignore_output_shapes`.
+    pub ignore_output_shapes: Option<bool>,
+    /// tract `with_ignore_value_info`.
+    pub ignore_value_info: Option<bool>,
+}
+
+/// A model's validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelConfig {
+    /// Engine.
+    pub backend: Backend,
+    /// Most rows in one batch; 0 turns batching off (each request runs alone).
+    pub max_batch_size: usize,
+    /// Batch sizes dispatched as soon as they can be formed.
+    pub preferred_batch_sizes: Vec<usize>,
+    /// Longest the oldest request waits for company.
+    pub max_queue_delay: Duration,
+    /// Fewest rows dispatched on delay, until `min_batch_wait_cap` has passed.
+    pub min_batch_size: usize,
+    /// Longest the oldest request waits for `min_batch_size` rows.
+    pub min_batch_wait_cap: Duration,
+    /// Runner instances working in parallel.
+    pub instances: usize,
+    /// Priority levels, 1 (highest) to this.
+    pub priority_levels: u32,
+    /// Level of requests that name none.
+    pub default_priority: u32,
+    /// Waiting this long raises a request one level.
+    pub priority_aging: Duration,
+    /// Longest a top-priority request waits before its batch goes (when levels > 1).
+    pub high_priority_max_queue_delay: Duration,
+    /// Deadline of requests that set no timeout; `None` for no deadline.
+    pub default_timeout: Option<Duration>,
+    /// Requests waiting at most; more are refused at once.
+    pub max_queue_size: usize,
+    /// Inputs to pin or describe.
+    pub inputs: Vec<TensorSpec>,
+    /// Outputs to describe.
+    pub outputs: Vec<TensorSpec>,
+    /// tract loader switches.
+    pub loader: LoaderOptions,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self::from_raw(RawModelConfig::default(), "").unwrap_or_else(|e| unreachable!("{e:?}"))
+    }
+}
+
+/// Why a model config was refused: every problem, each naming its key.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{origin}: {}", problems.join("; "))]
+pub struct ModelConfigError {
+    /// The file.
+    pub origin: String,
+    /// `key: must ..., got ...` lines.
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModelConfig {
+    backend: Option<String>,
+    max_batch_size: Option<usize>,
+    #[serde(default)]
+    preferred_batch_sizes: Vec<usize>,
+    max_queue_delay_us: Option<u64>,
+    min_batch_size: Option<usize>,
+    min_batch_wait_cap_us: Option<u64>,
+    instances: Option<usize>,
+    priority_levels: Option<u32>,
+    default_priority: Option<u32>,
+    priority_aging_ms: Option<u64>,
+    high_priority_max_queue_delay_us: Option<u64>,
+    default_timeout_ms: Option<u64>,
+    max_queue_size: Option<usize>,
+    #[serde(default)]
+    input: Vec<RawTensor>,
+    #[serde(default)]
+    output: Vec<RawTensor>,
+    #[serde(default)]
+    loader: RawLoader,
+    kserve: Option<RawKserve>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTensor {
+    name: String,
+    datatype: Option<String>,
+    dims: Option<Vec<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLoader {
+    ignore_output_shapes: Option<bool>,
+    ignore_value_info: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKserve {
+    url: String,
+    model: Option<String>,
+    timeout_ms: Option<u64>,
+}
+
+impl ModelConfig {
+    /// Reads `dir/config.toml`, or the defaults when there is none. `name` is the model's
+    /// directory name (the default remote name for `kserve`).
+    pub fn load(dir: &Path, name: &str) -> Result<Self, ModelConfigError> {
+        let path = dir.join("config.toml");
+        let origin = path.display().to_string();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                return Err(ModelConfigError { origin, problems: vec![format!("reading: {e}")] });
+            }
+        };
+        Self::parse(&text, &origin, name)
+    }
+
+    /// Parses config text.
+    pub fn parse(text: &str, origin: &str, name: &str) -> Result<Self, ModelConfigError> {
+        let raw: RawModelConfig = toml::from_str(text).map_err(|e| ModelConfigError {
+            origin: origin.to_owned(),
+            problems: vec![e.message().to_owned()],
+        })?;
+        Self::from_raw(raw, name).map_err(|problems| ModelConfigError {
+            origin: origin.to_owned(),
+            problems,
+        })
+    }
+
+    fn from_raw(raw: RawModelConfig, name: &str) -> Result<Self, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut range = |key: &str, v: u64, lo: u64, hi: u64| {
+            if v < lo || v > hi {
+                problems.push(format!("{key}: must be {lo}..={hi}, got {v}"));
+            }
+            v.clamp(lo, hi)
+        };
+        let max_batch_size = range("max_batch_size", raw.max_batch_size.unwrap_or(8) as u64, 0, 4096);
+        let max_queue_delay = range("max_queue_delay_us", raw.max_queue_delay_us.unwrap_or(500), 0, 10_000_000);
+        let min_batch_size = range("min_batch_size", raw.min_batch_size.unwrap_or(1) as u64, 1, 4096);
+        let min_cap = range("min_batch_wait_cap_us", raw.min_batch_wait_cap_us.unwrap_or(10_000), 0, 60_000_000);
+        let instances = range("instances", raw.instances.unwrap_or(1) as u64, 1, 64);
+        let levels = range("priority_levels", u64::from(raw.priority_levels.unwrap_or(1)), 1, 16);
+        let default_priority =
+            range("default_priority", u64::from(raw.default_priority.unwrap_or(levels as u32)), 1, levels);
+        let aging = range("priority_aging_ms", raw.priority_aging_ms.unwrap_or(100), 1, 3_600_000);
+        let high = range(
+            "high_priority_max_queue_delay_us",
+            raw.high_priority_max_queue_delay_us.unwrap_or(0),
+            0,
+            10_000_000,
+        );
+        let timeout = range("default_timeout_ms", raw.default_timeout_ms.unwrap_or(0), 0, 3_600_000);
+        let max_queue_size = range("max_queue_size", raw.max_queue_size.unwrap_or(256) as u64, 1, 1_000_000);
+        let mut preferred = raw.preferred_batch_sizes.clone();
+        preferred.sort_unstable();
+        preferred.dedup();
+        for p in &preferred {
+            if *p == 0 || *p as u64 > max_batch_size {
+                problems.push(format!(
+                    "preferred_batch_sizes: each must be 1..=max_batch_size ({max_batch_size}), got {p}"
+                ));
+            }
+        }
+        if max_batch_size > 0 && min_batch_size > max_batch_size {
+            problems.push(format!(
+                "min_batch_size: must be <= max_batch_size ({max_batch_size}), got {min_batch_size}"
+            ));
+        }
+        let mut tensors = |list: &[RawTensor], what: &str| {
+            list.iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let datatype = t.datatype.as_deref().and_then(|d| {
+                        let parsed = DataType::parse(d);
+                        if parsed.is_none() {
+                            problems.push(format!(
+                                "{what}[{i}].datatype: must be one of BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64, BYTES, got {d:?}"
+                            ));
+                        }
+                        parsed
+                    });
+                    if let Some(dims) = &t.dims
+                        && dims.iter().any(|d| *d < -1 || *d == 0)
+                    {
+                        problems.push(format!(
+                            "{what}[{i}].dims: each must be a positive size or -1 for any, got {dims:?}"
+                        ));
+                    }
+                    if t.name.is_empty() {
+                        problems.push(format!("{what}[{i}].name: must name a graph {what}, got \"\""));
+                    }
+                    TensorSpec { name: t.name.clone(), datatype, dims: t.dims.clone() }
+                })
+                .collect::<Vec<_>>()
+        };
+        let inputs = tensors(&raw.input, "input");
+        let outputs = tensors(&raw.output, "output");
+        let backend = match (raw.backend.as_deref().unwrap_or("tract"), raw.kserve) {
+            ("tract", _) => Backend::Tract,
+            ("kserve", Some(k)) => {
+                if !(k.url.starts_with("http://") || k.url.starts_with("https://")) {
+                    problems.push(format!(
+                        "kserve.url: must be an http:// or https:// base URL, got {:?}",
+                        k.url
+                    ));
+                }
+                let timeout_ms = k.timeout_ms.unwrap_or(10_000);
+                if !(1..=600_000).contains(&timeout_ms) {
+                    problems.push(format!("kserve.timeout_ms: must be 1..=600000, got {timeout_ms}"));
+                }
+                Backend::Kserve(KserveTarget {
+                    url: k.url.trim_end_matches('/').to_owned(),
+                    model: k.model.unwrap_or_else(|| name.to_owned()),
+                    timeout: Duration::from_millis(timeout_ms),
+                })
+            }
+            ("kserve", None) => {
+                problems.push(
+                    "kserve: backend = \"kserve\" needs a [kserve] table with url = \"http://host:port\""
+                        .to_owned(),
+                );
+                Backend::Tract
+            }
+            (other, _) => {
+                problems.push(format!("backend: must be \"tract\" or \"kserve\", got {other:?}"));
+                Backend::Tract
+            }
+        };
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Self {
+            backend,
+            max_batch_size: max_batch_size as usize,
+            preferred_batch_sizes: preferred,
+            max_queue_delay: Duration::from_micros(max_queue_delay),
+            min_batch_size: min_batch_size as usize,
+            min_batch_wait_cap: Duration::from_micros(min_cap),
+            instances: instances as usize,
+            priority_levels: levels as u32,
+            default_priority: default_priority as u32,
+            priority_aging: Duration::from_millis(aging),
+            high_priority_max_queue_delay: Duration::from_micros(high),
+            default_timeout: (timeout > 0).then(|| Duration::from_millis(timeout)),
+            max_queue_size: max_queue_size as usize,
+            inputs,
+            outputs,
+            loader: LoaderOptions {
+                ignore_output_shapes: raw.loader.ignore_output_shapes,
+                ignore_value_info: raw.loader.ignore_value_info,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_all_defaults() {
+        let c = ModelConfig::parse("", "t", "m").expect("defaults");
+        assert_eq!(c.backend, Backend::Tract);
+        assert_eq!(c.max_batch_size, 8);
+        assert_eq!(c.instances, 1);
+        assert_eq!(c.default_timeout, None);
+        assert_eq!(c, ModelConfig::default());
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = ModelConfig::parse(
+            r#"
+            backend = "kserve"
+            max_batch_size = 16
+            preferred_batch_sizes = [8, 4, 8]
+            max_queue_delay_us = 2000
+            instances = 2
+            priority_levels = 3
+            default_timeout_ms = 50
+            [[input]]
+            name = "x"
+            datatype = "FP32"
+            dims = [3, -1, 192]
+            [loader]
+            ignore_output_shapes = true
+            [kserve]
+            url = "http://127.0.0.1:9000/"
+            "#,
+            "t",
+            "ocr",
+        )
+        .expect("valid");
+        assert_eq!(c.preferred_batch_sizes, vec![4, 8]);
+        assert_eq!(c.default_priority, 3);
+        assert_eq!(c.default_timeout, Some(Duration::from_millis(50)));
+        assert_eq!(c.inputs[0].datatype, Some(DataType::F32));
+        assert_eq!(c.loader.ignore_output_shapes, Some(true));
+        let Backend::Kserve(k) = c.backend else { panic!("kserve") };
+        assert_eq!((k.url.as_str(), k.model.as_str()), ("http://127.0.0.1:9000", "ocr"));
+    }
+
+    #[test]
+    fn every_bad_key_is_named_with_its_value() {
+        let e = ModelConfig::parse(
+            r#"
+            backend = "onnxruntime"
+            max_batch_size = 4
+            preferred_batch_sizes = [8]
+            instances = 0
+            [[input]]
+            name = "x"
+            datatype = "FLOAT"
+            dims = [0]
+            "#,
+            "models/m/config.toml",
+            "m",
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        for expected in [
+            "models/m/config.toml",
+            "backend: must be \"tract\" or \"kserve\", got \"onnxruntime\"",
+            "preferred_batch_sizes: each must be 1..=max_batch_size (4), got 8",
+            "instances: must be 1..=64, got 0",
+            "input[0].datatype",
+            "got \"FLOAT\"",
+            "input[0].dims",
+        ] {
+            assert!(text.contains(expected), "{expected:?} missing from {text}");
+        }
+        let unknown = ModelConfig::parse("max_batch = 3", "t", "m").unwrap_err();
+        assert!(unknown.to_string().contains("max_batch"), "{unknown}");
+        let no_table = ModelConfig::parse("backend = \"kserve\"", "t", "m").unwrap_err();
+        assert!(no_table.to_string().contains("[kserve] table"), "{no_table}");
+    }
+}

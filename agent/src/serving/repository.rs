@@ -1,0 +1,306 @@
+//! The model repository: `ROOT/<name>/<version>/model.onnx` plus `ROOT/<name>/config.toml`,
+//! which models are loaded, and loading and unloading them.
+//!
+//! A model that fails to load is kept in the index as unavailable, with the reason (the config
+//! key, or tract's message naming the failing node), and every other model goes on serving.
+//! Loading runs tract's analysis on a blocking thread, never on the runtime's workers.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use tracing::{error, info};
+
+use super::kserve::KserveEngine;
+use super::model::LoadedModel;
+use super::model_config::{Backend, ModelConfig};
+use super::runner::{Engine, TractEngine, log_signature};
+
+/// A model's place in the index.
+#[derive(Debug, Clone)]
+pub enum ModelState {
+    /// Serving these versions (highest first).
+    Ready(Vec<Arc<LoadedModel>>),
+    /// Not serving, and why.
+    Unavailable(String),
+}
+
+/// One row of the repository index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// Model name.
+    pub name: String,
+    /// Version, when one is loaded.
+    pub version: Option<String>,
+    /// `READY` or `UNAVAILABLE`.
+    pub state: &'static str,
+    /// Why it is unavailable.
+    pub reason: String,
+}
+
+/// Why a model could not be found or used.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LookupError {
+    /// No such model in the repository.
+    #[error("unknown model {0:?}; GET /v2/repository/index lists the models here")]
+    Unknown(String),
+    /// The model exists but is not loaded.
+    #[error("model {name:?} is not ready: {reason}")]
+    NotReady {
+        /// Model name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// The version is not loaded.
+    #[error("model {name:?} has no loaded version {version:?} (loaded: {loaded})")]
+    NoVersion {
+        /// Model name.
+        name: String,
+        /// Version asked for.
+        version: String,
+        /// Versions loaded.
+        loaded: String,
+    },
+}
+
+/// The repository and its loaded models.
+#[derive(Debug)]
+pub struct Repository {
+    root: PathBuf,
+    models: RwLock<BTreeMap<String, ModelState>>,
+}
+
+fn is_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+impl Repository {
+    /// A repository rooted at `root` with nothing loaded.
+    pub fn new(root: &Path) -> Self {
+        Self { root: root.to_owned(), models: RwLock::new(BTreeMap::new()) }
+    }
+
+    /// The repository directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Model directories on disk, sorted.
+    pub fn scan(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return Vec::new() };
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .filter(|n| is_model_name(n))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Loads every model on disk; failures are logged and kept as unavailable.
+    pub async fn load_all(&self) {
+        for name in self.scan() {
+            let _ = self.load(&name).await;
+        }
+    }
+
+    /// (Re)loads a model's versions from disk. On failure the model is marked unavailable with
+    /// the reason, which is also returned.
+    pub async fn load(&self, name: &str) -> Result<(), String> {
+        if !is_model_name(name) {
+            return Err(format!("{name:?} is not a model name (letters, digits, '-', '_', '.')"));
+        }
+        let dir = self.root.join(name);
+        if !dir.is_dir() {
+            return Err(format!(
+                "no directory {} in the model repository",
+                dir.display()
+            ));
+        }
+        let owned = name.to_owned();
+        let loaded = tokio::task::spawn_blocking(move || prepare(&dir, &owned))
+            .await
+            .map_err(|e| format!("loader thread failed: {e}"))
+            .and_then(|r| r);
+        let outcome = loaded.and_then(|versions| {
+            versions
+                .into_iter()
+                .map(|(version, config, signature, engine)| {
+                    log_signature(name, &signature);
+                    LoadedModel::start(name, &version, config, signature, engine)
+                        .map_err(|e| format!("starting instance threads: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        });
+        let state = match &outcome {
+            Ok(versions) => {
+                let list: Vec<&str> = versions.iter().map(|m| m.version.as_str()).collect();
+                info!(model = name, versions = ?list, "Model ready.");
+                ModelState::Ready(versions.clone())
+            }
+            Err(reason) => {
+                error!(model = name, reason = %reason, "Model failed to load; serving the others.");
+                ModelState::Unavailable(reason.clone())
+            }
+        };
+        let previous = self.models.write().ok().and_then(|mut m| m.insert(name.to_owned(), state));
+        if let Some(ModelState::Ready(old)) = previous {
+            for m in old {
+                m.stop();
+            }
+        }
+        outcome.map(|_| ())
+    }
+
+    /// Stops serving a model. Queued requests fail with "unloaded".
+    pub fn unload(&self, name: &str) -> Result<(), LookupError> {
+        let mut models = self.models.write().map_err(|_| LookupError::Unknown(name.to_owned()))?;
+        match models.get(name) {
+            None if !self.root.join(name).is_dir() => Err(LookupError::Unknown(name.to_owned())),
+            _ => {
+                let previous = models.insert(name.to_owned(), ModelState::Unavailable("unloaded".to_owned()));
+                drop(models);
+                if let Some(ModelState::Ready(old)) = previous {
+                    for m in old {
+                        m.stop();
+                    }
+                }
+                info!(model = name, "Model unloaded.");
+                Ok(())
+            }
+        }
+    }
+
+    /// The model version to serve: the one asked for, or the highest loaded.
+    pub fn get(&self, name: &str, version: Option<&str>) -> Result<Arc<LoadedModel>, LookupError> {
+        let models = self.models.read().map_err(|_| LookupError::Unknown(name.to_owned()))?;
+        match models.get(name) {
+            None => Err(LookupError::Unknown(name.to_owned())),
+            Some(ModelState::Unavailable(reason)) => {
+                Err(LookupError::NotReady { name: name.to_owned(), reason: reason.clone() })
+            }
+            Some(ModelState::Ready(versions)) => match version {
+                None | Some("") => versions.first().cloned().ok_or_else(|| LookupError::NotReady {
+                    name: name.to_owned(),
+                    reason: "no versions".to_owned(),
+                }),
+                Some(v) => versions.iter().find(|m| m.version == v).cloned().ok_or_else(|| {
+                    LookupError::NoVersion {
+                        name: name.to_owned(),
+                        version: v.to_owned(),
+                        loaded: versions.iter().map(|m| m.version.as_str()).collect::<Vec<_>>().join(", "),
+                    }
+                }),
+            },
+        }
+    }
+
+    /// Whether a model (or a version of it) is known at all, loaded or not.
+    pub fn state(&self, name: &str) -> Option<ModelState> {
+        self.models.read().ok().and_then(|m| m.get(name).cloned())
+    }
+
+    /// Every model on disk or in memory, with its state.
+    pub fn index(&self) -> Vec<IndexEntry> {
+        let models = self.models.read().map(|m| m.clone()).unwrap_or_default();
+        let mut names: Vec<String> = self.scan();
+        names.extend(models.keys().cloned());
+        names.sort();
+        names.dedup();
+        let mut out = Vec::new();
+        for name in names {
+            match models.get(&name) {
+                Some(ModelState::Ready(versions)) => {
+                    for m in versions {
+                        out.push(IndexEntry {
+                            name: name.clone(),
+                            version: Some(m.version.clone()),
+                            state: "READY",
+                            reason: String::new(),
+                        });
+                    }
+                }
+                Some(ModelState::Unavailable(reason)) => out.push(IndexEntry {
+                    name,
+                    version: None,
+                    state: "UNAVAILABLE",
+                    reason: reason.clone(),
+                }),
+                None => out.push(IndexEntry {
+                    name,
+                    version: None,
+                    state: "UNAVAILABLE",
+                    reason: "not loaded".to_owned(),
+                }),
+            }
+        }
+        out
+    }
+
+    /// Every loaded version.
+    pub fn loaded(&self) -> Vec<Arc<LoadedModel>> {
+        let models = self.models.read().map(|m| m.clone()).unwrap_or_default();
+        models
+            .into_values()
+            .filter_map(|s| match s {
+                ModelState::Ready(v) => Some(v),
+                ModelState::Unavailable(_) => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// Stops every model.
+    pub fn stop_all(&self) {
+        for m in self.loaded() {
+            m.stop();
+        }
+    }
+}
+
+type Prepared = (String, ModelConfig, super::runner::Signature, Arc<dyn Engine>);
+
+/// Reads the config and builds an engine for every version directory (blocking).
+fn prepare(dir: &Path, name: &str) -> Result<Vec<Prepared>, String> {
+    let config = ModelConfig::load(dir, name).map_err(|e| e.to_string())?;
+    let mut versions: Vec<(u64, String)> = std::fs::read_dir(dir)
+        .map_err(|e| format!("reading {}: {e}", dir.display()))?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter_map(|v| v.parse::<u64>().ok().map(|n| (n, v)))
+        .collect();
+    versions.sort_by(|a, b| b.0.cmp(&a.0));
+    if versions.is_empty() {
+        return Err(format!(
+            "no version directories in {} (expected e.g. {}/1/model.onnx)",
+            dir.display(),
+            dir.display()
+        ));
+    }
+    let mut out = Vec::new();
+    for (_, version) in versions {
+        let file = dir.join(&version).join("model.onnx");
+        let (signature, engine): (_, Arc<dyn Engine>) = match &config.backend {
+            Backend::Tract => {
+                if !file.is_file() {
+                    return Err(format!("version {version}: {} is missing", file.display()));
+                }
+                let (engine, signature) = TractEngine::load(&file, &config)
+                    .map_err(|e| format!("version {version}: tract could not load {}: {e}", file.display()))?;
+                (signature, Arc::new(engine))
+            }
+            Backend::Kserve(target) => {
+                let (engine, signature) = KserveEngine::connect(target, &config)
+                    .map_err(|e| format!("version {version}: {e}"))?;
+                (signature, Arc::new(engine))
+            }
+        };
+        out.push((version, config.clone(), signature, engine));
+    }
+    Ok(out)
+}

@@ -1,0 +1,309 @@
+//! Per model-version serving statistics: counters and mergeable histograms, kept twice, as
+//! running totals (for `/metrics` and Triton's statistics extension) and as deltas since the last
+//! telemetry sample (taken by the sampler into a `ModelSample`).
+
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::histogram::{LogHistogram, bucket_of, upper_bound};
+use common::proto::ModelSample;
+
+use super::batcher::Reason;
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered.
+    Success,
+    /// Admitted, then failed in the engine.
+    Failure,
+    /// Refused at admission (queue full, bad input, not ready).
+    Rejected,
+    /// Its deadline passed before compute.
+    Expired,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Counters {
+    requests: u64,
+    successes: u64,
+    failures: u64,
+    rejected: u64,
+    expired: u64,
+    inferences: u64,
+    batches: u64,
+    batch_slots: u64,
+    latency_us: LogHistogram,
+    queue_us: LogHistogram,
+    compute_us: LogHistogram,
+    batch_size: LogHistogram,
+    reasons: [u64; Reason::ALL.len()],
+}
+
+#[derive(Debug, Default)]
+struct Both {
+    total: Counters,
+    delta: Counters,
+    last_inference_unix_ms: u64,
+}
+
+/// The statistics of one model version.
+#[derive(Debug)]
+pub struct ModelStats {
+    model: String,
+    version: String,
+    inner: Mutex<Both>,
+}
+
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl ModelStats {
+    /// Empty statistics.
+    pub fn new(model: &str, version: &str) -> Self {
+        Self { model: model.to_owned(), version: version.to_owned(), inner: Mutex::default() }
+    }
+
+    fn with(&self, f: impl Fn(&mut Counters)) {
+        let mut guard = match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut guard.total);
+        f(&mut guard.delta);
+    }
+
+    /// Counts a request that ended without reaching compute, or failed in it.
+    pub fn request_ended(&self, outcome: Outcome) {
+        self.with(|c| {
+            c.requests += 1;
+            match outcome {
+                Outcome::Success => c.successes += 1,
+                Outcome::Failure => c.failures += 1,
+                Outcome::Rejected => c.rejected += 1,
+                Outcome::Expired => c.expired += 1,
+            }
+        });
+    }
+
+    /// Counts a successful request with its latency and queue time.
+    pub fn request_succeeded(&self, latency: Duration, queued: Duration) {
+        self.with(|c| {
+            c.requests += 1;
+            c.successes += 1;
+            c.latency_us.record(us(latency));
+            c.queue_us.record(us(queued));
+        });
+    }
+
+    /// Counts one dispatched batch.
+    pub fn batch_ran(&self, rows: usize, slots: usize, compute: Duration, reason: Reason) {
+        let rows = rows as u64;
+        self.with(|c| {
+            c.batches += 1;
+            c.inferences += rows;
+            c.batch_slots += slots as u64;
+            c.compute_us.record(us(compute));
+            c.batch_size.record(rows);
+            if let Some(i) = Reason::ALL.iter().position(|r| *r == reason) {
+                c.reasons[i] += 1;
+            }
+        });
+        if let Ok(mut g) = self.inner.lock() {
+            g.last_inference_unix_ms = now_unix_ms();
+        }
+    }
+
+    /// The deltas since the last call, as a telemetry record (None when nothing happened).
+    pub fn take_sample(&self, interval: Duration) -> Option<ModelSample> {
+        let mut guard = match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let d = std::mem::take(&mut guard.delta);
+        drop(guard);
+        if d.requests == 0 && d.batches == 0 {
+            return None;
+        }
+        Some(ModelSample {
+            model: self.model.clone(),
+            version: self.version.clone(),
+            interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
+            requests: d.requests,
+            successes: d.successes,
+            failures: d.failures,
+            rejected: d.rejected,
+            expired: d.expired,
+            inferences: d.inferences,
+            batches: d.batches,
+            batch_slots: d.batch_slots,
+            latency_us: Some(d.latency_us.to_proto()),
+            queue_us: Some(d.queue_us.to_proto()),
+            compute_us: Some(d.compute_us.to_proto()),
+            batch_size: Some(d.batch_size.to_proto()),
+        })
+    }
+
+    /// Triton's statistics-extension entry for this version.
+    pub fn triton_json(&self) -> serde_json::Value {
+        let g = match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let t = &g.total;
+        let ns = |h: &LogHistogram| h.sum().saturating_mul(1000);
+        let batch_stats: Vec<serde_json::Value> = Vec::new();
+        serde_json::json!({
+            "name": self.model,
+            "version": self.version,
+            "last_inference": g.last_inference_unix_ms,
+            "inference_count": t.inferences,
+            "execution_count": t.batches,
+            "inference_stats": {
+                "success": {"count": t.successes, "ns": ns(&t.latency_us)},
+                "fail": {"count": t.failures + t.rejected + t.expired, "ns": 0},
+                "queue": {"count": t.queue_us.count(), "ns": ns(&t.queue_us)},
+                "compute_input": {"count": 0, "ns": 0},
+                "compute_infer": {"count": t.compute_us.count(), "ns": ns(&t.compute_us)},
+                "compute_output": {"count": 0, "ns": 0},
+                "cache_hit": {"count": 0, "ns": 0},
+                "cache_miss": {"count": 0, "ns": 0},
+            },
+            "batch_stats": batch_stats,
+            "flotilla": {
+                "requests": t.requests,
+                "rejected": t.rejected,
+                "expired": t.expired,
+                "batch_slots": t.batch_slots,
+                "dispatch_reasons": Reason::ALL.iter().zip(t.reasons).map(|(r, n)| (r.label().to_owned(), serde_json::Value::from(n))).collect::<serde_json::Map<_, _>>(),
+            },
+        })
+    }
+}
+
+/// Latency bucket tops for `/metrics`, microseconds: exact bucket boundaries near round numbers
+/// from 50 µs to 30 s.
+fn latency_bounds_us() -> Vec<u64> {
+    [50u64, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000]
+        .into_iter()
+        .chain([1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000])
+        .map(|v| upper_bound(bucket_of(v)))
+        .collect()
+}
+
+/// One family's HELP and TYPE lines.
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Renders every model's totals in the Prometheus text format.
+pub fn render_prometheus(all: &[std::sync::Arc<ModelStats>]) -> String {
+    let snapshots: Vec<(String, Counters)> = all
+        .iter()
+        .map(|s| {
+            let g = match s.inner.lock() {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            (
+                format!("model=\"{}\",version=\"{}\"", escape(&s.model), escape(&s.version)),
+                g.total.clone(),
+            )
+        })
+        .collect();
+    let mut out = String::new();
+    type Get = fn(&Counters) -> u64;
+    let counters: [(&str, &str, Get); 8] = [
+        ("flotilla_model_requests_total", "Requests received, admitted or not.", |c| c.requests),
+        ("flotilla_model_successes_total", "Requests answered.", |c| c.successes),
+        ("flotilla_model_failures_total", "Admitted requests the engine failed.", |c| c.failures),
+        ("flotilla_model_rejected_total", "Requests refused at admission.", |c| c.rejected),
+        ("flotilla_model_expired_total", "Requests whose deadline passed before compute.", |c| c.expired),
+        ("flotilla_model_inferences_total", "Batch rows computed.", |c| c.inferences),
+        ("flotilla_model_batches_total", "Batches dispatched.", |c| c.batches),
+        ("flotilla_model_batch_slots_total", "Capacity of dispatched batches (max batch size each).", |c| c.batch_slots),
+    ];
+    for (name, help, get) in counters {
+        header(&mut out, name, "counter", help);
+        for (labels, c) in &snapshots {
+            let _ = writeln!(out, "{name}{{{labels}}} {}", get(c));
+        }
+    }
+    let name = "flotilla_model_dispatches_total";
+    header(&mut out, name, "counter", "Batches dispatched, by the reason they went.");
+    for (labels, c) in &snapshots {
+        for (reason, n) in Reason::ALL.iter().zip(c.reasons) {
+            let _ = writeln!(out, "{name}{{{labels},reason=\"{}\"}} {n}", reason.label());
+        }
+    }
+    let latency = latency_bounds_us();
+    type Hist = fn(&Counters) -> &LogHistogram;
+    let seconds: [(&str, &str, Hist); 3] = [
+        ("flotilla_model_latency_seconds", "End-to-end latency of successful requests.", |c| &c.latency_us),
+        ("flotilla_model_queue_seconds", "Time requests waited in the batcher queue.", |c| &c.queue_us),
+        ("flotilla_model_compute_seconds", "Engine time per batch.", |c| &c.compute_us),
+    ];
+    for (name, help, get) in seconds {
+        header(&mut out, name, "histogram", help);
+        for (labels, c) in &snapshots {
+            histogram(&mut out, name, labels, get(c), &latency, 1e-6);
+        }
+    }
+    let sizes: Vec<u64> = (0..13).map(|k| 1u64 << k).collect();
+    let name = "flotilla_model_batch_size";
+    header(&mut out, name, "histogram", "Rows per dispatched batch.");
+    for (labels, c) in &snapshots {
+        histogram(&mut out, name, labels, &c.batch_size, &sizes, 1.0);
+    }
+    out
+}
+
+fn histogram(out: &mut String, name: &str, labels: &str, h: &LogHistogram, bounds: &[u64], scale: f64) {
+    for b in bounds {
+        let le = *b as f64 * scale;
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {}", h.count_at_most(*b));
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count());
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum() as f64 * scale);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn totals_and_deltas() {
+        let s = ModelStats::new("m", "1");
+        s.request_succeeded(Duration::from_millis(2), Duration::from_micros(300));
+        s.request_ended(Outcome::Rejected);
+        s.batch_ran(3, 8, Duration::from_millis(1), Reason::Delay);
+        let d = s.take_sample(Duration::from_secs(1)).expect("activity");
+        assert_eq!((d.requests, d.successes, d.rejected, d.inferences, d.batch_slots), (2, 1, 1, 3, 8));
+        assert!(s.take_sample(Duration::from_secs(1)).is_none(), "deltas reset");
+        s.request_ended(Outcome::Expired);
+        let d = s.take_sample(Duration::from_secs(1)).expect("activity");
+        assert_eq!((d.requests, d.expired), (1, 1));
+        let text = render_prometheus(&[Arc::new(s)]);
+        assert!(text.contains("flotilla_model_requests_total{model=\"m\",version=\"1\"} 3"), "{text}");
+        assert!(text.contains("flotilla_model_dispatches_total{model=\"m\",version=\"1\",reason=\"delay\"} 1"), "{text}");
+        assert!(text.contains("flotilla_model_batch_size_bucket{model=\"m\",version=\"1\",le=\"2\"} 0"), "{text}");
+        assert!(text.contains("flotilla_model_batch_size_bucket{model=\"m\",version=\"1\",le=\"4\"} 1"), "{text}");
+        assert!(text.contains("flotilla_model_latency_seconds_count{model=\"m\",version=\"1\"} 1"), "{text}");
+    }
+}

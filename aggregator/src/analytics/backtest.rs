@@ -1,0 +1,170 @@
+//! Rolling-origin backtests scored by MASE, next to seasonal-naive baselines.
+//!
+//! Protocol (the one `shared/data/README.md` fixes for the traffic benchmark):
+//! - the series is on an hourly grid, duplicates averaged, gaps missing;
+//! - at each origin the model sees only the hours before it and forecasts `horizon` hours;
+//! - MASE = mean |forecast - actual| over the horizon hours that have an actual, divided by the
+//!   scale = mean |y[t] - y[t-168]| over all training pairs where both exist (lag 24 when the
+//!   training data is shorter than two weeks, lag 1 shorter than two days);
+//! - seasonal naive with period m forecasts hour `origin + k` with the value m hours before
+//!   (for k >= m, the one repeated from the last cycle); a missing value is taken from one more
+//!   cycle back, and so on.
+
+use serde::{Deserialize, Serialize};
+
+use super::forecast::{ForecastSettings, forecast};
+use super::series::{DAY_MS, HOUR_MS, HourlySeries, day_start};
+
+/// Scores at one origin (`None`: could not be scored or the method failed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OriginScore {
+    /// Forecast origin, Unix ms.
+    pub origin_ms: i64,
+    /// The MASE scale at this origin.
+    pub scale: Option<f64>,
+    /// The forecaster's MASE.
+    pub model: Option<f64>,
+    /// Seasonal naive, m = 168.
+    pub naive_weekly: Option<f64>,
+    /// Seasonal naive, m = 24.
+    pub naive_daily: Option<f64>,
+    /// Why the forecaster failed here, if it did.
+    pub error: Option<String>,
+}
+
+/// A whole backtest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BacktestReport {
+    /// Hours forecast at each origin.
+    pub horizon_hours: usize,
+    /// One row per origin.
+    pub origins: Vec<OriginScore>,
+    /// Mean MASE of the forecaster over the origins it scored at.
+    pub mean_model: Option<f64>,
+    /// Mean of seasonal naive m = 168.
+    pub mean_naive_weekly: Option<f64>,
+    /// Mean of seasonal naive m = 24.
+    pub mean_naive_daily: Option<f64>,
+}
+
+/// The MASE scale: mean |y[t] - y[t-m]| over pairs where both exist.
+pub fn mase_scale(train: &[Option<f64>], m: usize) -> Option<f64> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for t in m..train.len() {
+        if let (Some(a), Some(b)) = (train[t], train[t - m]) {
+            sum += (a - b).abs();
+            n += 1;
+        }
+    }
+    (n > 0 && sum > 0.0).then(|| sum / n as f64)
+}
+
+/// Seasonal naive forecast of `horizon` hours after `train`, period `m`, walking back whole
+/// cycles past missing values.
+pub fn seasonal_naive(train: &[Option<f64>], m: usize, horizon: usize) -> Vec<Option<f64>> {
+    let n = train.len();
+    (0..horizon)
+        .map(|k| {
+            let mut back = m * (1 + k / m.max(1));
+            while back <= n && m > 0 {
+                if let Some(v) = train[n + k - back] {
+                    return Some(v);
+                }
+                back += m;
+            }
+            None
+        })
+        .collect()
+}
+
+/// MASE of `pred` against `actual` (hours without an actual or a prediction are skipped).
+pub fn mase(pred: &[Option<f64>], actual: &[Option<f64>], scale: f64) -> Option<f64> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for (p, a) in pred.iter().zip(actual) {
+        if let (Some(p), Some(a)) = (p, a) {
+            sum += (p - a).abs();
+            n += 1;
+        }
+    }
+    (n > 0 && scale > 0.0).then(|| sum / n as f64 / scale)
+}
+
+/// The last `count` origins, `horizon` hours apart, at UTC midnights, such that the last
+/// origin's horizon ends at or before the end of the series.
+pub fn default_origins(series: &HourlySeries, horizon: usize, count: usize) -> Vec<i64> {
+    let step = i64::try_from(horizon).unwrap_or(168) * HOUR_MS;
+    let last = day_start(series.end_ms() - step);
+    let mut out: Vec<i64> = (0..count)
+        .map(|i| last - i64::try_from(i).unwrap_or(0) * step.max(DAY_MS))
+        .filter(|o| *o > series.start_ms)
+        .collect();
+    out.reverse();
+    out
+}
+
+/// Scores the forecaster and the two seasonal-naive baselines at each origin.
+pub fn backtest(series: &HourlySeries, origins: &[i64], settings: &ForecastSettings) -> BacktestReport {
+    let h = settings.horizon_hours;
+    let mut rows = Vec::new();
+    for &origin in origins {
+        let i = series.index_at(origin);
+        let train = &series.values[..i];
+        let actual: Vec<Option<f64>> =
+            (0..h).map(|k| series.values.get(i + k).copied().flatten()).collect();
+        let lag = if train.len() >= 2 * 168 { 168 } else if train.len() >= 48 { 24 } else { 1 };
+        let scale = mase_scale(train, lag);
+        let score = |pred: &[Option<f64>]| scale.and_then(|s| mase(pred, &actual, s));
+        let (model, error) = match forecast(&series.before(origin), settings) {
+            Ok(f) => (score(&f.point.iter().map(|v| Some(*v)).collect::<Vec<_>>()), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        rows.push(OriginScore {
+            origin_ms: origin,
+            scale,
+            model,
+            naive_weekly: score(&seasonal_naive(train, 168, h)),
+            naive_daily: score(&seasonal_naive(train, 24, h)),
+            error,
+        });
+    }
+    let mean = |f: fn(&OriginScore) -> Option<f64>| {
+        let v: Vec<f64> = rows.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    BacktestReport {
+        horizon_hours: h,
+        mean_model: mean(|r| r.model),
+        mean_naive_weekly: mean(|r| r.naive_weekly),
+        mean_naive_daily: mean(|r| r.naive_daily),
+        origins: rows,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mase_by_hand() {
+        // Pairs 2 apart: |3-1|, |4-2|, (5 missing), |6-4| -> scale 2.
+        let train = [Some(1.0), Some(2.0), Some(3.0), Some(4.0), None, Some(6.0)];
+        assert_eq!(mase_scale(&train, 2), Some(2.0));
+        // Naive m=2 after train: hour 0 <- train[4] missing -> train[2] = 3; hour 1 <- 6.
+        let naive = seasonal_naive(&train, 2, 3);
+        assert_eq!(naive, vec![Some(3.0), Some(6.0), Some(3.0)]);
+        // Errors |3-4| = 1 and |6-8| = 2, third actual missing: MASE = 1.5 / 2.
+        assert_eq!(mase(&naive, &[Some(4.0), Some(8.0), None], 2.0), Some(0.75));
+        assert_eq!(mase(&naive, &[None, None, None], 2.0), None);
+    }
+
+    #[test]
+    fn a_perfectly_weekly_series_has_zero_naive_error() {
+        let week = |t: usize| ((t % 168) as f64 * 0.7).sin() * 10.0 + 50.0 + (t % 7) as f64;
+        let series = HourlySeries { start_ms: 0, values: (0..168 * 8).map(|t| Some(week(t))).collect() };
+        let origins = default_origins(&series, 168, 2);
+        assert_eq!(origins.len(), 2);
+        let r = backtest(&series, &origins, &ForecastSettings::default());
+        assert_eq!(r.mean_naive_weekly, Some(0.0));
+        assert!(r.mean_model.unwrap() < 0.5, "{r:?}");
+    }
+}

@@ -1,0 +1,293 @@
+//! Hourly series on a regular grid: the one input shape every forecaster and score here takes.
+//!
+//! Invariants:
+//! - A [`HourlySeries`] has one slot per hour from `start_ms` (a whole UTC hour) on; a slot is
+//!   `None` where no value exists (a gap), never a made-up zero.
+//! - Several values that fall into one hour (duplicate timestamps, or minute points) are averaged.
+//! - Non-finite values are dropped on the way in, so every stored value is finite.
+//! - Filling gaps (linear interpolation) is a separate, explicit step ([`HourlySeries::filled`])
+//!   used only to fit models; scores are computed on existing values only.
+//!
+//! Also here: UTC calendar helpers (no clock is read) and the CSV reader of
+//! `flotilla forecast backtest --csv`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One hour, ms.
+pub const HOUR_MS: i64 = 3_600_000;
+/// One day, ms.
+pub const DAY_MS: i64 = 86_400_000;
+
+/// Why a series could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SeriesError {
+    /// A CSV line is not `timestamp,value`.
+    #[error("line {line}: {reason}: {text:?}")]
+    Csv {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        reason: &'static str,
+        /// The line.
+        text: String,
+    },
+    /// The input has no usable value.
+    #[error("the series has no values")]
+    Empty,
+}
+
+/// Values on an hourly grid; `None` marks a missing hour.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HourlySeries {
+    /// Start of the first slot, Unix ms (a whole hour).
+    pub start_ms: i64,
+    /// One slot per hour.
+    pub values: Vec<Option<f64>>,
+}
+
+// === impl HourlySeries ===
+
+impl HourlySeries {
+    /// Puts `(unix_ms, value)` points on the hourly grid: each point goes into the hour that
+    /// holds it, several points in one hour are averaged, hours without points are `None`.
+    pub fn from_points(points: impl IntoIterator<Item = (i64, f64)>) -> Self {
+        let mut acc: BTreeMap<i64, (f64, u32)> = BTreeMap::new();
+        for (t, v) in points {
+            if v.is_finite() {
+                let e = acc.entry(floor_hour(t)).or_default();
+                e.0 += v;
+                e.1 += 1;
+            }
+        }
+        let (Some(first), Some(last)) =
+            (acc.keys().next().copied(), acc.keys().next_back().copied())
+        else {
+            return Self { start_ms: 0, values: Vec::new() };
+        };
+        let len = usize::try_from((last - first) / HOUR_MS + 1).unwrap_or(0);
+        let mut values = vec![None; len];
+        for (t, (sum, n)) in acc {
+            if let Ok(i) = usize::try_from((t - first) / HOUR_MS) {
+                values[i] = Some(sum / f64::from(n));
+            }
+        }
+        Self { start_ms: first, values }
+    }
+
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// True when there are no slots.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Slots that hold a value.
+    pub fn present(&self) -> usize {
+        self.values.iter().filter(|v| v.is_some()).count()
+    }
+
+    /// Start of slot `i`, Unix ms.
+    pub fn time_of(&self, i: usize) -> i64 {
+        self.start_ms + i64::try_from(i).unwrap_or(i64::MAX / HOUR_MS) * HOUR_MS
+    }
+
+    /// End of the grid (start of the slot after the last), Unix ms.
+    pub fn end_ms(&self) -> i64 {
+        self.time_of(self.len())
+    }
+
+    /// The slot holding `unix_ms`, clamped to `0..=len`.
+    pub fn index_at(&self, unix_ms: i64) -> usize {
+        let i = (floor_hour(unix_ms) - self.start_ms) / HOUR_MS;
+        usize::try_from(i.max(0)).unwrap_or(0).min(self.len())
+    }
+
+    /// The slots before `unix_ms`.
+    pub fn before(&self, unix_ms: i64) -> Self {
+        let end = self.index_at(unix_ms);
+        Self { start_ms: self.start_ms, values: self.values[..end].to_vec() }
+    }
+
+    /// The last `hours` slots (all of them when there are fewer).
+    pub fn last(&self, hours: usize) -> Self {
+        let from = self.len().saturating_sub(hours);
+        Self { start_ms: self.time_of(from), values: self.values[from..].to_vec() }
+    }
+
+    /// The same series without its leading and trailing missing slots.
+    pub fn trimmed(&self) -> Self {
+        let first = self.values.iter().position(Option::is_some).unwrap_or(self.len());
+        let last = self.values.iter().rposition(Option::is_some).map_or(first, |i| i + 1);
+        Self { start_ms: self.time_of(first), values: self.values[first..last].to_vec() }
+    }
+
+    /// Gaps filled by linear interpolation between the neighbouring values (ends carry the
+    /// nearest value); empty when there is no value at all.
+    pub fn filled(&self) -> Vec<f64> {
+        let known: Vec<(usize, f64)> =
+            self.values.iter().enumerate().filter_map(|(i, v)| v.map(|v| (i, v))).collect();
+        let (Some(&(first_i, first_v)), Some(&(last_i, last_v))) = (known.first(), known.last())
+        else {
+            return Vec::new();
+        };
+        let mut out = vec![0.0; self.len()];
+        out[..=first_i].fill(first_v);
+        out[last_i..].fill(last_v);
+        for w in known.windows(2) {
+            let ((a, va), (b, vb)) = (w[0], w[1]);
+            for (k, slot) in out.iter_mut().enumerate().take(b + 1).skip(a) {
+                *slot = va + (vb - va) * (k - a) as f64 / (b - a) as f64;
+            }
+        }
+        out
+    }
+}
+
+/// The start of the UTC hour holding `unix_ms`.
+pub fn floor_hour(unix_ms: i64) -> i64 {
+    unix_ms.div_euclid(HOUR_MS) * HOUR_MS
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let (m, d) = (i64::from(month), i64::from(day));
+    let y = if m <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `(year, month, day)` of a day count since 1970-01-01.
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let month = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// Start of the UTC day holding `unix_ms`.
+pub fn day_start(unix_ms: i64) -> i64 {
+    unix_ms.div_euclid(DAY_MS) * DAY_MS
+}
+
+/// Start of the UTC month holding `unix_ms`, and of the next one.
+pub fn month_bounds(unix_ms: i64) -> (i64, i64) {
+    let (y, m, _) = civil_from_days(unix_ms.div_euclid(DAY_MS));
+    let start = days_from_civil(y, m, 1) * DAY_MS;
+    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    (start, days_from_civil(ny, nm, 1) * DAY_MS)
+}
+
+/// Parses `YYYY-MM-DDTHH[:MM[:SS]]` (optionally ending in `Z`; `T` or a space) as UTC, or a
+/// Unix time in seconds (up to 11 digits) or milliseconds.
+pub fn parse_time(text: &str) -> Option<i64> {
+    let t = text.trim().trim_end_matches('Z');
+    if t.bytes().all(|b| b.is_ascii_digit()) && !t.is_empty() {
+        let n: i64 = t.parse().ok()?;
+        return Some(if t.len() <= 11 { n.checked_mul(1000)? } else { n });
+    }
+    let b = t.as_bytes();
+    if b.len() < 13 || b[4] != b'-' || b[7] != b'-' || !(b[10] == b'T' || b[10] == b' ') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| t.get(r).and_then(|s| s.parse::<u32>().ok());
+    let year = i64::from(num(0..4)?);
+    let (month, day, hour) = (num(5..7)?, num(8..10)?, num(11..13)?);
+    let minute = if b.len() >= 16 { num(14..16)? } else { 0 };
+    let second = if b.len() >= 19 { num(17..19)? } else { 0 };
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
+        return None;
+    }
+    let secs = days_from_civil(year, month, day) * 86_400
+        + i64::from(hour) * 3600
+        + i64::from(minute) * 60
+        + i64::from(second.min(60));
+    Some(secs * 1000)
+}
+
+/// Formats Unix ms as `YYYY-MM-DDTHH:MM` UTC.
+pub fn format_time(unix_ms: i64) -> String {
+    let (y, m, d) = civil_from_days(unix_ms.div_euclid(DAY_MS));
+    let rem = unix_ms.rem_euclid(DAY_MS) / 60_000;
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}", rem / 60, rem % 60)
+}
+
+/// Reads `timestamp,value` lines (a header line is skipped when its value does not parse as a
+/// number) into points.
+pub fn parse_csv(text: &str) -> Result<Vec<(i64, f64)>, SeriesError> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let err = |reason| SeriesError::Csv { line: n + 1, reason, text: line.to_owned() };
+        let (t, v) = line.split_once(',').ok_or_else(|| err("expected timestamp,value"))?;
+        let value = match v.trim().parse::<f64>() {
+            Ok(v) => v,
+            Err(_) if n == 0 => continue,
+            Err(_) => return Err(err("the value is not a number")),
+        };
+        let unix_ms = parse_time(t).ok_or_else(|| err("the timestamp is not a UTC date-time"))?;
+        out.push((unix_ms, value));
+    }
+    if out.is_empty() {
+        return Err(SeriesError::Empty);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_averages_duplicates_and_keeps_gaps() {
+        let s = HourlySeries::from_points([
+            (HOUR_MS * 10, 1.0),
+            (HOUR_MS * 10 + 5, 3.0),
+            (HOUR_MS * 13, 8.0),
+            (HOUR_MS * 11, f64::NAN),
+        ]);
+        assert_eq!(s.start_ms, HOUR_MS * 10);
+        assert_eq!(s.values, vec![Some(2.0), None, None, Some(8.0)]);
+        assert_eq!(s.filled(), vec![2.0, 4.0, 6.0, 8.0]);
+        assert_eq!(s.present(), 2);
+        assert_eq!(s.before(HOUR_MS * 12).values, vec![Some(2.0), None]);
+        assert_eq!(s.last(1).start_ms, HOUR_MS * 13);
+    }
+
+    #[test]
+    fn calendar_round_trips() {
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(civil_from_days(days_from_civil(2018, 9, 10)), (2018, 9, 10));
+        assert_eq!(parse_time("2018-09-10T00:00:00"), Some(days_from_civil(2018, 9, 10) * DAY_MS));
+        assert_eq!(parse_time("2018-09-10 05:00Z"), Some(days_from_civil(2018, 9, 10) * DAY_MS + 5 * HOUR_MS));
+        assert_eq!(parse_time("1700000000"), Some(1_700_000_000_000));
+        assert_eq!(parse_time("2018-13-01T00"), None);
+        assert_eq!(format_time(days_from_civil(2024, 2, 29) * DAY_MS + HOUR_MS), "2024-02-29T01:00");
+        let (a, b) = month_bounds(days_from_civil(2024, 12, 15) * DAY_MS);
+        assert_eq!((a, b), (days_from_civil(2024, 12, 1) * DAY_MS, days_from_civil(2025, 1, 1) * DAY_MS));
+    }
+
+    #[test]
+    fn csv_reads_header_and_names_bad_lines() {
+        let pts = parse_csv("timestamp,value\n2018-01-01T00:00:00,5\n2018-01-01T01:00:00,6\n").unwrap();
+        assert_eq!(pts.len(), 2);
+        let err = parse_csv("timestamp,value\n2018-01-01T00,x\n").unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(parse_csv("timestamp,value\n").is_err());
+    }
+}
