@@ -3,10 +3,13 @@
 //!
 //! tract runs much faster on a plan whose shapes are all known, so a plan is built the first
 //! time a shape is used (for a batched model: each batch size) and cached. Plans are shared by
-//! the model's instance threads; running one is thread-safe.
+//! the model's instance threads; running one is thread-safe. Some graphs build concrete plans
+//! only under the lenient loader settings (silero's VAD needs `ignore_value_info`), so every
+//! setting that loads is kept and tried in turn when a plan is built.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tract_onnx::prelude::{
@@ -60,7 +63,10 @@ pub trait Engine: Send + Sync + 'static {
 
 /// A model loaded into tract.
 pub struct TractEngine {
-    template: InferenceModel,
+    /// The model as loaded under each loader setting that worked, strict first.
+    templates: Vec<((bool, bool), InferenceModel)>,
+    /// The template that built the last plan.
+    preferred: AtomicUsize,
     input_types: Vec<DatumType>,
     plans: Mutex<HashMap<Vec<Vec<usize>>, Arc<TypedRunnableModel>>>,
     plan_order: Mutex<Vec<Vec<Vec<usize>>>>,
@@ -72,9 +78,9 @@ impl std::fmt::Debug for TractEngine {
     }
 }
 
-/// Loads `path` with the loader settings in `options`: where a setting is unset, the strict
-/// load is tried first and then the lenient ones (`ignore_output_shapes`, `ignore_value_info`).
-pub fn load_onnx(path: &Path, options: LoaderOptions) -> Result<InferenceModel, String> {
+/// The loader settings to try, in order: where `options` leaves a setting unset, strict first,
+/// then lenient (`ignore_output_shapes`, `ignore_value_info`).
+fn loader_attempts(options: LoaderOptions) -> Vec<(bool, bool)> {
     let choices = |set: Option<bool>| match set {
         Some(v) => vec![v],
         None => vec![false, true],
@@ -85,33 +91,22 @@ pub fn load_onnx(path: &Path, options: LoaderOptions) -> Result<InferenceModel, 
             attempts.push((ignore_output_shapes, ignore_value_info));
         }
     }
-    let mut first_error = None;
-    for (ignore_output_shapes, ignore_value_info) in attempts {
-        let onnx = tract_onnx::onnx()
-            .with_ignore_output_shapes(ignore_output_shapes)
-            .with_ignore_value_info(ignore_value_info);
-        let loaded = onnx.model_for_path(path).and_then(|mut m| {
-            m.analyse(false)?;
-            Ok(m)
-        });
-        match loaded {
-            Ok(model) => {
-                if first_error.is_some() {
-                    info!(
-                        path = %path.display(),
-                        ignore_output_shapes,
-                        ignore_value_info,
-                        "Model loaded with lenient tract loader settings."
-                    );
-                }
-                return Ok(model);
-            }
-            Err(e) => {
-                first_error.get_or_insert_with(|| format!("{e:#}"));
-            }
-        }
-    }
-    Err(first_error.unwrap_or_else(|| "no loader settings to try".to_owned()))
+    attempts
+}
+
+/// Loads `path` with one choice of loader settings. Returns the model as loaded (the template
+/// for concrete plans) and an analysed copy (for describing inputs and outputs).
+fn load_onnx(
+    path: &Path,
+    (ignore_output_shapes, ignore_value_info): (bool, bool),
+) -> Result<(InferenceModel, InferenceModel), String> {
+    let onnx = tract_onnx::onnx()
+        .with_ignore_output_shapes(ignore_output_shapes)
+        .with_ignore_value_info(ignore_value_info);
+    let raw = onnx.model_for_path(path).map_err(|e| format!("{e:#}"))?;
+    let mut analysed = raw.clone();
+    analysed.analyse(false).map_err(|e| format!("{e:#}"))?;
+    Ok((raw, analysed))
 }
 
 fn dims_of(fact: &InferenceFact) -> Option<Vec<Option<i64>>> {
@@ -128,83 +123,43 @@ fn spec_for<'a>(specs: &'a [TensorSpec], name: &str) -> Option<&'a TensorSpec> {
 impl TractEngine {
     /// Loads a model and works out its signature. Config entries fill in what the file leaves
     /// open; batching is turned off (with the reason) when an input or output has no batch axis.
+    ///
+    /// The signature comes from the first loader setting under which the graph analyses
+    /// (strict settings keep the file's declared shapes). The plans come from the first setting
+    /// under which a trial plan for one request builds, which also warms the plan cache; sizes
+    /// the model leaves open are guessed as 1 for the trial, and a trial that fails only on a
+    /// guess does not rule a setting out.
     pub fn load(path: &Path, config: &ModelConfig) -> Result<(Self, Signature), String> {
-        let mut model = load_onnx(path, config.loader)?;
-        let batching = config.max_batch_size > 0;
-        let mut off_reason = None;
-        let mut inputs = Vec::new();
-        let mut input_types = Vec::new();
-        let input_outlets = model.input_outlets().map_err(|e| format!("{e:#}"))?.to_vec();
-        for (i, outlet) in input_outlets.iter().enumerate() {
-            let name = model.node(outlet.node).name.clone();
-            let fact = model.input_fact(i).map_err(|e| format!("{e:#}"))?.clone();
-            let spec = spec_for(&config.inputs, &name);
-            let dt = spec
-                .and_then(|s| s.datatype)
-                .map(DataType::to_tract)
-                .or_else(|| fact.datum_type.concretize())
-                .unwrap_or(DatumType::F32);
-            let datatype = DataType::from_tract(dt)
-                .ok_or_else(|| format!("input {name:?} has type {dt:?}, which KServe cannot carry"))?;
-            let file_dims = dims_of(&fact);
-            let dims = full_dims(spec, file_dims.as_deref(), batching);
-            if batching && off_reason.is_none() {
-                off_reason = batch_axis_problem("input", &name, spec, file_dims.as_deref());
-            }
-            if let Some(declared) = spec.and_then(|s| s.datatype) {
-                // Pin the declared type so analysis can go further when the file is vague.
-                let pinned = InferenceFact::default().with_datum_type(declared.to_tract());
-                let merged = if fact.shape.rank().concretize().is_some() {
-                    pinned.with_shape(fact.shape.clone())
-                } else {
-                    pinned
-                };
-                model.set_input_fact(i, merged).map_err(|e| format!("{e:#}"))?;
-            }
-            input_types.push(dt);
-            inputs.push(IoSpec { name, datatype, dims });
-        }
-        let mut outputs = Vec::new();
-        let output_outlets = model.output_outlets().map_err(|e| format!("{e:#}"))?.to_vec();
-        for outlet in &output_outlets {
-            let name = model
-                .outlet_label(*outlet)
-                .map_or_else(|| model.node(outlet.node).name.clone(), str::to_owned);
-            let fact = model.outlet_fact(*outlet).map_err(|e| format!("{e:#}"))?;
-            let spec = spec_for(&config.outputs, &name);
-            let dt = spec
-                .and_then(|s| s.datatype)
-                .map(DataType::to_tract)
-                .or_else(|| fact.datum_type.concretize())
-                .unwrap_or(DatumType::F32);
-            let datatype = DataType::from_tract(dt).unwrap_or(DataType::F32);
-            let file_dims = dims_of(fact);
-            if batching && off_reason.is_none() {
-                off_reason = batch_axis_problem("output", &name, spec, file_dims.as_deref())
-                    .filter(|_| file_dims.is_some() || spec.is_some_and(|s| s.dims.is_some()));
-            }
-            outputs.push(IoSpec { name, datatype, dims: full_dims(spec, file_dims.as_deref(), batching) });
-        }
-        let max_batch_size = if off_reason.is_some() { 0 } else { config.max_batch_size };
-        if batching && max_batch_size == 0 {
-            // Batching was asked for but is impossible: describe the file's own shapes.
-            for (io, outlet) in inputs.iter_mut().zip(&input_outlets) {
-                let fact = model.outlet_fact(*outlet).map_err(|e| format!("{e:#}"))?;
-                io.dims = full_dims(spec_for(&config.inputs, &io.name), dims_of(fact).as_deref(), false);
-            }
-            for (io, outlet) in outputs.iter_mut().zip(&output_outlets) {
-                let fact = model.outlet_fact(*outlet).map_err(|e| format!("{e:#}"))?;
-                io.dims = full_dims(spec_for(&config.outputs, &io.name), dims_of(fact).as_deref(), false);
+        let mut first_error: Option<String> = None;
+        let mut loaded = Vec::new();
+        for flags in loader_attempts(config.loader) {
+            match load_onnx(path, flags) {
+                Ok(models) => loaded.push((flags, models)),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
         }
+        let Some((_, (_, described))) = loaded.first() else {
+            return Err(first_error.unwrap_or_else(|| "no loader settings to try".to_owned()));
+        };
+        let (signature, input_types) = describe(described, config)?;
         let engine = Self {
-            template: model,
+            templates: loaded.into_iter().map(|(flags, (template, _))| (flags, template)).collect(),
+            preferred: AtomicUsize::new(0),
             input_types,
             plans: Mutex::new(HashMap::new()),
             plan_order: Mutex::new(Vec::new()),
         };
-        let signature =
-            Signature { inputs, outputs, max_batch_size, batching_off_reason: off_reason };
+        let (shapes, guessed) = trial_shapes(&signature);
+        match engine.plan_for(shapes) {
+            Ok(_) => {}
+            // Sizes the model leaves open were guessed; real requests may still run.
+            Err(e) if guessed => {
+                info!(path = %path.display(), reason = %e, "No trial plan at load; plans are built on first use.");
+            }
+            Err(e) => return Err(e.0),
+        }
         Ok((engine, signature))
     }
 
@@ -212,16 +167,27 @@ impl TractEngine {
         if let Some(plan) = self.plans.lock().ok().and_then(|p| p.get(&shapes).cloned()) {
             return Ok(plan);
         }
-        let mut model = self.template.clone();
-        for (i, (shape, dt)) in shapes.iter().zip(&self.input_types).enumerate() {
-            model
-                .set_input_fact(i, InferenceFact::dt_shape(*dt, shape.as_slice()))
-                .map_err(|e| RunError(format!("fixing input {i} to {shape:?}: {e:#}")))?;
+        // Try the loader setting that worked last, then the others in order (strict first).
+        let first = self.preferred.load(Ordering::Relaxed);
+        let order = std::iter::once(first).chain((0..self.templates.len()).filter(|i| *i != first));
+        let mut first_error = None;
+        let mut plan = None;
+        for index in order {
+            match self.build(index, &shapes) {
+                Ok(p) => {
+                    self.preferred.store(index, Ordering::Relaxed);
+                    plan = Some(p);
+                    break;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        let plan = model
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
-            .map_err(|e| RunError(format!("building a plan for shapes {shapes:?}: {e:#}")))?;
+        let Some(plan) = plan else {
+            let e = first_error.unwrap_or_else(|| "no loader settings".to_owned());
+            return Err(RunError(format!("building a plan for shapes {shapes:?}: {e}")));
+        };
         if let (Ok(mut plans), Ok(mut order)) = (self.plans.lock(), self.plan_order.lock()) {
             if plans.len() >= MAX_PLANS && !order.is_empty() {
                 let oldest = order.remove(0);
@@ -231,6 +197,25 @@ impl TractEngine {
             order.push(shapes);
         }
         Ok(plan)
+    }
+
+    fn build(&self, index: usize, shapes: &[Vec<usize>]) -> Result<Arc<TypedRunnableModel>, String> {
+        let Some((_, template)) = self.templates.get(index) else { return Err("no such template".into()) };
+        let mut model = template.clone();
+        for (i, (shape, dt)) in shapes.iter().zip(&self.input_types).enumerate() {
+            model
+                .set_input_fact(i, InferenceFact::dt_shape(*dt, shape.as_slice()))
+                .map_err(|e| format!("fixing input {i} to {shape:?}: {e:#}"))?;
+        }
+        // tract can panic on shapes a graph does not support; that fails this plan, not the agent.
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            model.into_optimized().and_then(|m| m.into_runnable())
+        }));
+        match built {
+            Ok(Ok(plan)) => Ok(plan),
+            Ok(Err(e)) => Err(format!("{e:#}")),
+            Err(_) => Err("tract panicked (the graph does not support these shapes)".to_owned()),
+        }
     }
 
     /// Plans built so far (for tests and stats).
@@ -263,6 +248,90 @@ impl Engine for TractEngine {
             .map(|v| Tensor::from_tract(v).map_err(|e| RunError(e.0)))
             .collect()
     }
+}
+
+/// The signature of an analysed model, and the tract type of each input.
+fn describe(model: &InferenceModel, config: &ModelConfig) -> Result<(Signature, Vec<DatumType>), String> {
+    let batching = config.max_batch_size > 0;
+    let mut off_reason = None;
+    let mut inputs = Vec::new();
+    let mut input_types = Vec::new();
+    let input_outlets = model.input_outlets().map_err(|e| format!("{e:#}"))?.to_vec();
+    for (i, outlet) in input_outlets.iter().enumerate() {
+        let name = model.node(outlet.node).name.clone();
+        let fact = model.input_fact(i).map_err(|e| format!("{e:#}"))?;
+        let spec = spec_for(&config.inputs, &name);
+        let dt = spec
+            .and_then(|s| s.datatype)
+            .map(DataType::to_tract)
+            .or_else(|| fact.datum_type.concretize())
+            .unwrap_or(DatumType::F32);
+        let datatype = DataType::from_tract(dt)
+            .ok_or_else(|| format!("input {name:?} has type {dt:?}, which KServe cannot carry"))?;
+        let file_dims = dims_of(fact);
+        if batching && off_reason.is_none() {
+            off_reason = batch_axis_problem("input", &name, spec, file_dims.as_deref());
+        }
+        input_types.push(dt);
+        inputs.push((IoSpec { name, datatype, dims: Vec::new() }, file_dims));
+    }
+    let mut outputs = Vec::new();
+    for outlet in model.output_outlets().map_err(|e| format!("{e:#}"))? {
+        let name = model
+            .outlet_label(*outlet)
+            .map_or_else(|| model.node(outlet.node).name.clone(), str::to_owned);
+        let fact = model.outlet_fact(*outlet).map_err(|e| format!("{e:#}"))?;
+        let spec = spec_for(&config.outputs, &name);
+        let dt = spec
+            .and_then(|s| s.datatype)
+            .map(DataType::to_tract)
+            .or_else(|| fact.datum_type.concretize())
+            .unwrap_or(DatumType::F32);
+        let datatype = DataType::from_tract(dt).unwrap_or(DataType::F32);
+        let file_dims = dims_of(fact);
+        if batching && off_reason.is_none() && file_dims.is_some() {
+            off_reason = batch_axis_problem("output", &name, spec, file_dims.as_deref());
+        }
+        outputs.push((IoSpec { name, datatype, dims: Vec::new() }, file_dims));
+    }
+    let max_batch_size = if off_reason.is_some() { 0 } else { config.max_batch_size };
+    let finish = |list: Vec<(IoSpec, Option<Vec<Option<i64>>>)>, specs: &[TensorSpec]| {
+        list.into_iter()
+            .map(|(mut io, file)| {
+                io.dims = full_dims(spec_for(specs, &io.name), file.as_deref(), max_batch_size > 0);
+                io
+            })
+            .collect()
+    };
+    let signature = Signature {
+        inputs: finish(inputs, &config.inputs),
+        outputs: finish(outputs, &config.outputs),
+        max_batch_size,
+        batching_off_reason: off_reason,
+    };
+    Ok((signature, input_types))
+}
+
+/// Shapes for a trial plan of one request, and whether any size had to be guessed.
+fn trial_shapes(signature: &Signature) -> (Vec<Vec<usize>>, bool) {
+    let mut guessed = false;
+    let shapes = signature
+        .inputs
+        .iter()
+        .map(|io| {
+            io.dims
+                .iter()
+                .enumerate()
+                .map(|(axis, d)| {
+                    usize::try_from(*d).unwrap_or_else(|_| {
+                        guessed |= !(axis == 0 && signature.max_batch_size > 0);
+                        1
+                    })
+                })
+                .collect()
+        })
+        .collect();
+    (shapes, guessed)
 }
 
 /// Full per-request dims: batch dim -1 first when batching, then the config's or the file's.
@@ -301,5 +370,94 @@ fn batch_axis_problem(
 pub fn log_signature(model: &str, signature: &Signature) {
     if let Some(reason) = &signature.batching_off_reason {
         warn!(model, reason = %reason, "Batching is off for this model; each request runs alone.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    /// A model from the shared development data (`../shared/data/models` beside the checkout).
+    pub(crate) fn shared_model(file: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/models").join(file)
+    }
+
+    fn pseudo_random_f32(n: usize, seed: u32) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+        let mut out = Vec::with_capacity(n * 4);
+        for _ in 0..n {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let v = (x % 2000) as f32 / 1000.0 - 1.0;
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn ocr_classifier_batches_and_matches_single_runs() {
+        let config = ModelConfig::default();
+        let (engine, sig) =
+            TractEngine::load(&shared_model("ppocr_mobile_v2_cls.onnx"), &config).expect("loads");
+        assert_eq!(sig.max_batch_size, 8, "{:?}", sig.batching_off_reason);
+        assert_eq!(sig.inputs.len(), 1);
+        assert_eq!(sig.inputs[0].name, "x");
+        assert_eq!(sig.inputs[0].datatype, DataType::F32);
+        assert_eq!(sig.inputs[0].dims, vec![-1, 3, -1, -1]);
+        assert_eq!(sig.outputs[0].dims, vec![-1, 2]);
+        let row = 3 * 48 * 192;
+        let a = Tensor::from_bytes(DataType::F32, vec![1, 3, 48, 192], pseudo_random_f32(row, 1))
+            .expect("a");
+        let b = Tensor::from_bytes(DataType::F32, vec![1, 3, 48, 192], pseudo_random_f32(row, 2))
+            .expect("b");
+        let single_a = engine.run(vec![a.clone()]).expect("a runs");
+        let single_b = engine.run(vec![b.clone()]).expect("b runs");
+        let both = Tensor::concat_rows(&[&a, &b]).expect("batch");
+        let batched = engine.run(vec![both]).expect("batch runs");
+        assert_eq!(batched[0].shape(), &[2, 2]);
+        assert_eq!(engine.plan_count(), 3, "one plan per shape: the trial at load, 1 and 2 rows");
+        let joined: Vec<f64> =
+            single_a[0].to_f64().into_iter().chain(single_b[0].to_f64()).collect();
+        for (x, y) in batched[0].to_f64().iter().zip(&joined) {
+            assert!((x - y).abs() < 1e-5, "batched {x} vs single {y}");
+        }
+    }
+
+    #[test]
+    fn vad_with_scalar_and_state_inputs_runs_unbatched_with_a_reason() {
+        let config = ModelConfig::default();
+        let (engine, sig) =
+            TractEngine::load(&shared_model("silero_vad_op18_ifless.onnx"), &config).expect("loads");
+        assert_eq!(sig.max_batch_size, 0);
+        let reason = sig.batching_off_reason.clone().expect("a reason");
+        assert!(reason.contains("sr") || reason.contains("state"), "{reason}");
+        let names: Vec<&str> = sig.inputs.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["input", "sr", "state"]);
+        let mut inputs = Vec::new();
+        for spec in &sig.inputs {
+            inputs.push(match spec.name.as_str() {
+                "input" => Tensor::from_bytes(DataType::F32, vec![1, 512], pseudo_random_f32(512, 3)),
+                "state" => Tensor::from_bytes(DataType::F32, vec![2, 1, 128], vec![0; 2 * 128 * 4]),
+                "sr" => Tensor::from_bytes(DataType::I64, vec![], 16_000i64.to_le_bytes().to_vec()),
+                other => panic!("unexpected input {other}"),
+            }
+            .expect("tensor"));
+        }
+        let out = engine.run(inputs).expect("runs");
+        assert_eq!(out.len(), 2);
+        let probability = out[0].to_f64()[0];
+        assert!((0.0..=1.0).contains(&probability), "{probability}");
+        assert_eq!(out[1].shape(), &[2, 1, 128]);
+    }
+
+    #[test]
+    fn a_broken_file_is_reported_with_tracts_message() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("model.onnx");
+        std::fs::write(&path, b"not a protobuf").expect("write");
+        let err = TractEngine::load(&path, &ModelConfig::default()).unwrap_err();
+        assert!(!err.is_empty());
     }
 }
