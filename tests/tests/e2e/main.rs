@@ -1,10 +1,13 @@
 //! End-to-end tests: one binary, one module per area.
 //!
 //! - `admin`: the admin API token and its JSON errors.
+//! - `analytics`: backdated seasonal telemetry -> forecast, costs, plans, a budget alert on a
+//!   webhook.
 //! - `fleet`: a real aggregator and agents as separate processes, seen through the CLI.
 //! - `security`: certificates from another CA, expired and revoked, refused at the handshake.
 //! - `durability`: the aggregator SIGKILLed and restarted loses and duplicates nothing.
 //! - `frames`: malformed and oversized frames and bad Hellos, from a hand-driven QUIC client.
+//! - `serving`: an agent serving the shared ONNX models to Triton's Python client; overload.
 //! - `startup`: bad configs exit 64 naming every key; the CLI without an aggregator; `flotilla up`.
 //!
 //! Run `cargo build --bins` first: the tests start the real binaries.
@@ -13,8 +16,10 @@
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod admin;
+mod analytics;
 mod durability;
 mod fleet;
 mod frames;
 mod security;
+mod serving;
 mod startup;

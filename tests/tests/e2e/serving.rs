@@ -1,0 +1,270 @@
+//! Inference serving as clients see it: a real `flotilla-agent` serving the shared ONNX models,
+//! driven by Triton's own Python client, with its statistics reaching the aggregator; and an
+//! overload at many times capacity.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use agent::serving::model_config::ModelConfig;
+use agent::serving::runner::{Engine, TractEngine};
+use agent::serving::tensor::{DataType, Tensor};
+use e2e::{Aggregator, Fleet, Proc, WAIT, agent, eventually};
+use serde_json::{Value, json};
+
+/// The shared development models, beside the checkout.
+fn shared_model(file: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/models").join(file)
+}
+
+/// The Python with tritonclient, set up by `scripts/test` in `.venv`.
+fn venv_python() -> PathBuf {
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run ./scripts/test, which makes the venv with tritonclient[http]",
+        python.display()
+    );
+    python
+}
+
+fn install(repo: &Path, name: &str, file: &Path, config: &str) {
+    let dir = repo.join(name).join("1");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(file, dir.join("model.onnx")).unwrap();
+    std::fs::write(repo.join(name).join("config.toml"), config).unwrap();
+}
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(6_364_136_223_846_793_005).max(1);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % 2000) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
+fn f32_tensor(shape: Vec<usize>, data: &[f32]) -> Tensor {
+    Tensor::from_bytes(DataType::F32, shape, data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .unwrap()
+}
+
+/// Runs a model on tract in-process and writes a case: inputs and the expected outputs.
+fn case(model: &str, file: &Path, inputs: Vec<(&str, Tensor)>) -> Value {
+    let (engine, signature) = TractEngine::load(file, &ModelConfig::default()).unwrap();
+    let ordered: Vec<Tensor> = signature
+        .inputs
+        .iter()
+        .map(|s| inputs.iter().find(|(n, _)| *n == s.name).unwrap().1.clone())
+        .collect();
+    let outputs = engine.run(ordered).unwrap();
+    json!({
+        "model": model,
+        "inputs": inputs.iter().map(|(name, t)| json!({
+            "name": name, "datatype": t.dtype().name(), "shape": t.shape(), "data": t.to_json(),
+        })).collect::<Vec<_>>(),
+        "outputs": signature.outputs.iter().zip(&outputs).map(|(spec, t)| json!({
+            "name": spec.name, "shape": t.shape(), "data": t.to_f64(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn serving_agent(fleet: &Fleet, host: &str, agg: &Aggregator, repo: &Path) -> (Proc, String) {
+    fleet.issue(host);
+    let config = fleet.agent_config(host, agg.quic, 500);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[serving]\nlisten = \"127.0.0.1:0\"\nmodel_repository = \"{}\"\nmax_request_bytes = 16777216\n",
+        repo.display()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let proc = agent(host, &config);
+    let line = proc.wait_for_log(&["Inference API listening."]);
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .unwrap_or_else(|| panic!("no addr in {line:?}"))
+        .to_owned();
+    (proc, addr)
+}
+
+#[test]
+fn tritonclient_works_unmodified_and_stats_reach_the_aggregator() {
+    let python = venv_python();
+    let fleet = Fleet::new();
+    let repo = fleet.path().join("models");
+    let ocr = shared_model("ppocr_mobile_v2_cls.onnx");
+    let vad = shared_model("silero_vad_op18_ifless.onnx");
+    install(&repo, "ocr", &ocr, "max_batch_size = 8\nmax_queue_delay_us = 2000\n");
+    install(&repo, "vad", &vad, "");
+    std::fs::create_dir_all(repo.join("broken/1")).unwrap();
+    std::fs::write(repo.join("broken/1/model.onnx"), b"this is not an ONNX file").unwrap();
+
+    let row = 3 * 48 * 192;
+    let cases = json!([
+        case("ocr", &ocr, vec![("x", f32_tensor(vec![1, 3, 48, 192], &values(row, 1)))]),
+        case("ocr", &ocr, vec![("x", f32_tensor(vec![2, 3, 48, 192], &values(2 * row, 2)))]),
+        case("vad", &vad, vec![
+            ("input", f32_tensor(vec![1, 512], &values(512, 3))),
+            ("state", f32_tensor(vec![2, 1, 128], &vec![0.0; 256])),
+            ("sr", Tensor::from_bytes(DataType::I64, vec![], 16_000i64.to_le_bytes().to_vec()).unwrap()),
+        ]),
+    ]);
+    let cases_file = fleet.path().join("cases.json");
+    std::fs::write(&cases_file, cases.to_string()).unwrap();
+
+    let agg = Aggregator::start(&fleet.aggregator_config(0));
+    let (agent_proc, addr) = serving_agent(&fleet, "infer-1", &agg, &repo);
+    agent_proc.wait_for_log(&["Model failed to load", "broken"]);
+
+    let out = Command::new(&python)
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/serving_check.py"))
+        .args(["--url", &addr, "--repo"])
+        .arg(&repo)
+        .arg("--cases")
+        .arg(&cases_file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    if !out.status.success() {
+        agent_proc.dump();
+        panic!("tritonclient checks failed:\n{stdout}\n{stderr}");
+    }
+    assert!(stdout.contains("all checks passed"));
+
+    // /metrics is Prometheus text with the per-model families.
+    let metrics = http_get(&addr, "/metrics");
+    for family in [
+        "flotilla_model_requests_total{model=\"ocr\",version=\"1\"}",
+        "flotilla_model_latency_seconds_bucket{model=\"ocr\",version=\"1\",le=\"+Inf\"}",
+        "flotilla_model_batch_size_bucket{model=\"vad\",version=\"1\",le=\"1\"}",
+        "flotilla_model_dispatches_total{model=\"vad\",version=\"1\",reason=\"unbatched\"} ",
+    ] {
+        assert!(metrics.contains(family), "{family} missing from /metrics:\n{metrics}");
+    }
+    if let Ok(promtool) = which("promtool") {
+        let mut check = Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        check.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+        let result = check.wait_with_output().unwrap();
+        assert!(
+            result.status.success(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&result.stdout),
+            String::from_utf8_lossy(&result.stderr)
+        );
+    }
+
+    // The model statistics travel with the telemetry and land in the aggregator's store.
+    eventually("ocr request rate stored by the aggregator", WAIT, || {
+        let series = agg
+            .cli_json(&["metrics", "infer-1", "model.ocr.requests_per_s", "--since", "10m"])
+            .ok()?;
+        let total: f64 =
+            series["points"].as_array()?.iter().filter_map(|p| p["value"].as_f64()).sum();
+        (total > 0.0).then_some(())
+    });
+}
+
+fn which(program: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths).map(|p| p.join(program)).find(|p| p.is_file())
+        })
+        .ok_or(())
+}
+
+/// A tiny HTTP/1.1 GET over a plain socket (what a scraper does).
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+/// One raw KServe JSON inference; returns the status code and when it came back.
+fn http_infer(addr: &str, model: &str, body: &str) -> (u16, Instant) {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, Instant::now())
+}
+
+#[test]
+fn overload_refuses_the_excess_fast_and_serves_the_admitted() {
+    let fleet = Fleet::new();
+    let repo = fleet.path().join("models");
+    // One instance, batches of up to 4, at most 8 waiting: capacity is small on purpose.
+    install(
+        &repo,
+        "ocr",
+        &shared_model("ppocr_mobile_v2_cls.onnx"),
+        "max_batch_size = 4\nmax_queue_delay_us = 500\nmax_queue_size = 8\ninstances = 1\n",
+    );
+    let agg = Aggregator::start(&fleet.aggregator_config(0));
+    let (_agent, addr) = serving_agent(&fleet, "overload-1", &agg, &repo);
+    let x: Vec<f32> = values(3 * 48 * 192, 9);
+    let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3, 48, 192], "data": x}]})
+        .to_string();
+    // Warm the plan for one row so the burst measures serving, not plan building.
+    assert_eq!(http_infer(&addr, "ocr", &body).0, 200);
+
+    let clients = 96;
+    let start = Instant::now();
+    let results: Vec<(u16, Instant)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..clients)
+            .map(|_| scope.spawn(|| http_infer(&addr, "ocr", &body)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok: Vec<Instant> = results.iter().filter(|(s, _)| *s == 200).map(|(_, t)| *t).collect();
+    let refused: Vec<Instant> = results.iter().filter(|(s, _)| *s == 503).map(|(_, t)| *t).collect();
+    assert_eq!(ok.len() + refused.len(), clients, "only successes and 503s: {results:?}");
+    assert!(!refused.is_empty(), "a burst of {clients} against 8 queue slots refuses some");
+    assert!(ok.len() >= 8, "the admitted are served: {} ok", ok.len());
+    // The excess is refused at once: the median refusal comes back before the median success.
+    let median = |v: &[Instant]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v[v.len() / 2] - start
+    };
+    assert!(median(&refused) < median(&ok), "refusals are not faster than service");
+
+    // The server counted the same story, and nobody expired or failed.
+    let stats: Value =
+        serde_json::from_str(&http_get(&addr, "/v2/models/ocr/stats")).unwrap();
+    let f = &stats["model_stats"][0]["flotilla"];
+    assert_eq!(f["rejected"].as_u64().unwrap() as usize, refused.len(), "{stats}");
+    assert_eq!(f["expired"], 0, "{stats}");
+    assert_eq!(
+        stats["model_stats"][0]["inference_stats"]["success"]["count"].as_u64().unwrap() as usize,
+        ok.len() + 1,
+        "{stats}"
+    );
+}
