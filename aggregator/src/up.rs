@@ -23,6 +23,8 @@ pub struct UpOptions {
     pub quic: SocketAddr,
     /// Admin API address.
     pub admin: SocketAddr,
+    /// The agent's inference API address.
+    pub inference: SocketAddr,
     /// Agent sampling interval, ms.
     pub sample_ms: u64,
     /// Agent uplink interval, s.
@@ -37,6 +39,9 @@ pub fn run(opts: UpOptions) -> anyhow::Result<()> {
     common::daemon::init_logging(&filter, "warn");
     let host = local_host_id();
     prepare_tls(&opts.data_dir, &host)?;
+    let models = opts.data_dir.join("models");
+    agent::serving::demo::install_demo(&models)
+        .with_context(|| format!("writing the demo model under {}", models.display()))?;
     let agg_text = aggregator_config(&opts);
     write_config(&opts.data_dir.join("aggregator.toml"), &agg_text)?;
     let agg_config =
@@ -58,7 +63,7 @@ pub fn run(opts: UpOptions) -> anyhow::Result<()> {
         let aggregator = tokio::spawn(crate::run(agg_config, bound, shutdown.clone()));
         let endpoint = agent::client_endpoint(&agent_config).context("starting the agent")?;
         let agent = tokio::spawn(agent::run(agent_config, endpoint, shutdown.clone()));
-        print_welcome(&opts.data_dir, &host, quic, admin);
+        print_welcome(&opts.data_dir, &host, quic, admin, connect_addr(opts.inference));
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = sigterm() => {}
@@ -136,10 +141,12 @@ fn agent_config(opts: &UpOptions, quic: SocketAddr) -> String {
          [uplink]\naggregator = \"{}\"\ninterval_secs = {}\n\n\
          [tls]\nca_cert = \"tls/ca.pem\"\ncert = \"tls/host.pem\"\nkey = \"tls/host.key\"\n\n\
          [telemetry]\nsample_interval_ms = {}\n\n\
-         [spool]\npath = \"spool\"\n",
+         [spool]\npath = \"spool\"\n\n\
+         [serving]\nlisten = \"{}\"\nmodel_repository = \"models\"\n",
         connect_addr(quic),
         opts.uplink_secs,
-        opts.sample_ms
+        opts.sample_ms,
+        opts.inference
     )
 }
 
@@ -152,7 +159,13 @@ fn connect_addr(listen: SocketAddr) -> SocketAddr {
     }
 }
 
-fn print_welcome(data_dir: &Path, host: &HostId, quic: SocketAddr, admin: SocketAddr) {
+fn print_welcome(
+    data_dir: &Path,
+    host: &HostId,
+    quic: SocketAddr,
+    admin: SocketAddr,
+    inference: SocketAddr,
+) {
     let api = if admin.port() == 7070 && admin.ip().is_loopback() {
         String::new()
     } else {
@@ -162,12 +175,14 @@ fn print_welcome(data_dir: &Path, host: &HostId, quic: SocketAddr, admin: Socket
         "Flotilla is up: an aggregator and an agent for host \"{host}\" on this machine.\n\
          \x20 data:       {data}\n\
          \x20 aggregator: QUIC {quic}, admin API http://{admin}\n\
+         \x20 agent:      inference API http://{inference} (KServe v2), serving the demo model\n\
          \n\
          Try, in another terminal (the first batch arrives within a few seconds):\n\
          \x20 flotilla{api} hosts\n\
          \x20 flotilla{api} host {host}\n\
          \x20 flotilla{api} metrics {host} cpu_util_pct --since 10m --plot\n\
          \x20 curl -s http://{admin}/metrics\n\
+         \x20 curl -s http://{inference}/v2/models/demo/infer -d '{{\"inputs\":[{{\"name\":\"features\",\"shape\":[1,4],\"datatype\":\"FP32\",\"data\":[5.1,3.5,1.4,0.2]}}]}}'\n\
          \n\
          Press Ctrl-C to stop; data stays in {data} for the next run.",
         data = data_dir.display()
@@ -185,6 +200,7 @@ mod tests {
             data_dir: PathBuf::from("/tmp/x"),
             quic: "0.0.0.0:7443".parse().unwrap(),
             admin: "127.0.0.1:7070".parse().unwrap(),
+            inference: "127.0.0.1:8000".parse().unwrap(),
             sample_ms: 500,
             uplink_secs: 2,
         };

@@ -306,3 +306,21 @@ pub fn quic_client(ca_pem: &str, cert_pem: &str, key_pem: &str) -> quinn::Endpoi
     common::quic::client_endpoint("127.0.0.1:0".parse().expect("addr"), tls)
         .expect("client endpoint")
 }
+
+/// POSTs a JSON body over plain HTTP/1.1 and parses the JSON reply, failing on a non-200.
+pub fn http_post_json(addr: &str, path: &str, body: &str) -> serde_json::Value {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let (head, reply) = out.split_once("\r\n\r\n").expect("HTTP reply");
+    assert!(head.starts_with("HTTP/1.1 200"), "POST {path}: {head}\n{reply}");
+    serde_json::from_str(reply).expect("JSON reply")
+}

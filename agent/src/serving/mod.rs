@@ -13,6 +13,7 @@
 //! | [`stats`] | per-version counters and histograms, `/metrics`, telemetry deltas |
 //! | [`repository`] | the model directory, load/unload, the index |
 //! | [`http`] | the axum routes |
+//! | [`demo`] | the embedded demo model `flotilla up` serves |
 //!
 //! ```text
 //! HTTP --parse/validate--> LoadedModel::infer --queue--> worker --Batch--> instance thread --Engine--> reply
@@ -20,6 +21,7 @@
 //! ```
 
 pub mod batcher;
+pub mod demo;
 pub mod http;
 pub mod kserve;
 pub mod model;

@@ -6,7 +6,9 @@
 //! Settings come from flags first, then the environment (`FLOTILLA_API`, `FLOTILLA_TOKEN`),
 //! then defaults; the environment is passed in, so tests never mutate the process's.
 
+pub mod analytics;
 pub mod client;
+pub mod plot;
 pub mod render;
 
 use std::ffi::OsString;
@@ -65,6 +67,36 @@ pub enum Command {
     Metrics(MetricsArgs),
     /// Run a one-host fleet (aggregator and agent) on this machine, for a first try
     Up(UpArgs),
+    /// Fleet-wide serving metrics per model: rates, outcomes, merged latency percentiles
+    Models {
+        /// Window: a number followed by s, m, h or d
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_since)]
+        since: u64,
+    },
+    /// Demand forecast of a model (requests/s) or host (utilization); `forecast backtest`
+    Forecast(analytics::ForecastArgs),
+    /// Cost per host and model, idle cost and cost per 1,000 inferences
+    Costs,
+    /// Cost-saving plans with savings, risk and effort, by priority
+    Plan,
+    /// Budget status and burn-down; `budgets set|delete` manage API budgets
+    Budgets {
+        /// Add or delete a budget instead of listing.
+        #[command(subcommand)]
+        action: Option<analytics::BudgetsAction>,
+    },
+    /// Active SLO, cost and budget alerts, and their history
+    Alerts {
+        /// History entries to show
+        #[arg(long, default_value_t = 20)]
+        history: usize,
+    },
+    /// Run an analytics pass now, or show the latest one
+    Analytics {
+        /// run or show
+        #[command(subcommand)]
+        action: analytics::AnalyticsAction,
+    },
 }
 
 /// `flotilla hosts revoke|unrevoke HOST`.
@@ -134,6 +166,9 @@ pub struct UpArgs {
     /// Admin API address the aggregator listens on
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
     pub admin: SocketAddr,
+    /// Address the agent's inference API (KServe v2 HTTP) listens on
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8000")]
+    pub inference: SocketAddr,
     /// Agent sampling interval in milliseconds
     #[arg(long, value_name = "N", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -181,6 +216,7 @@ pub fn run(cli: Cli, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()>
             data_dir: up.data_dir,
             quic: up.quic,
             admin: up.admin,
+            inference: up.inference,
             sample_ms: up.sample_ms,
             uplink_secs: up.uplink_secs,
         });
@@ -203,6 +239,23 @@ pub fn run(cli: Cli, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()>
             if json { to_json(&detail)? } else { render::host_detail(&detail, now_ms()) }
         }
         Command::Metrics(args) => metrics(&client, &args, json, plot_width(env))?,
+        Command::Models { since } => analytics::models(&client, since, json)?,
+        Command::Forecast(args) => match &args.action {
+            Some(analytics::ForecastAction::Backtest(b)) => analytics::backtest(&client, b, json)?,
+            None => analytics::forecast(&client, &args, json)?,
+        },
+        Command::Costs => analytics::costs(&client, json)?,
+        Command::Plan => analytics::plan(&client, json)?,
+        Command::Budgets { action: None } => analytics::budgets(&client, json)?,
+        Command::Budgets { action: Some(analytics::BudgetsAction::Set(a)) } => {
+            analytics::budget_set(&client, &a, json)?
+        }
+        Command::Budgets { action: Some(analytics::BudgetsAction::Delete { name }) } => {
+            let left = client.delete_budget(&name)?;
+            if json { to_json(&left)? } else { format!("Deleted budget {name}.\n") }
+        }
+        Command::Alerts { history } => analytics::alerts(&client, history, json)?,
+        Command::Analytics { action } => analytics::analytics(&client, &action, json)?,
         Command::Up(_) => return Ok(()),
     };
     print(&output)
@@ -446,6 +499,22 @@ mod tests {
         let err = parse(&["metrics", "h", "m", "--since", "1x"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("invalid --since value \"1x\""), "{err}");
+    }
+
+    #[test]
+    fn analytics_commands_parse() {
+        let cli = parse(&["forecast", "resnet", "--plot", "f.svg"]).unwrap();
+        let Command::Forecast(f) = cli.command else { panic!("not forecast") };
+        assert_eq!(f.target.as_deref(), Some("resnet"));
+        assert!(f.action.is_none());
+        let cli = parse(&["forecast", "backtest", "--csv", "x.csv", "--origin", "2018-09-10T00:00"]).unwrap();
+        let Command::Forecast(f) = cli.command else { panic!("not forecast") };
+        assert!(matches!(f.action, Some(analytics::ForecastAction::Backtest(ref b)) if b.origin.len() == 1));
+        assert!(parse(&["forecast"]).is_err());
+        let cli = parse(&["budgets", "set", "--name", "b", "--amount", "10", "--scope", "label:team=x", "--threshold", "50:forecast"]).unwrap();
+        assert!(matches!(cli.command, Command::Budgets { action: Some(analytics::BudgetsAction::Set(_)) }));
+        assert!(parse(&["budgets", "set", "--name", "b", "--amount", "1", "--scope", "team"]).is_err());
+        assert!(matches!(parse(&["models"]).unwrap().command, Command::Models { since: 300 }));
     }
 
     #[test]

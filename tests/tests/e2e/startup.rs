@@ -57,6 +57,8 @@ fn the_cli_says_clearly_when_the_aggregator_is_unreachable() {
 fn flotilla_up_runs_a_one_host_fleet() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
+    let inference = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let inference_arg = inference.to_string();
     let mut up = Proc::spawn(
         "flotilla up",
         &bin("flotilla"),
@@ -68,6 +70,8 @@ fn flotilla_up_runs_a_one_host_fleet() {
             "127.0.0.1:0",
             "--admin",
             "127.0.0.1:0",
+            "--inference",
+            &inference_arg,
             "--sample-ms",
             "200",
             "--uplink-secs",
@@ -84,5 +88,19 @@ fn flotilla_up_runs_a_one_host_fleet() {
     });
     assert_eq!(rows[0]["state"], "online");
     assert!(data.join("tls/ca.pem").exists() && data.join("agent.toml").exists());
+
+    // The demo model answers the request the welcome text shows.
+    let welcome = up.wait_for_log(&["/v2/models/demo/infer"]);
+    let body = &welcome[welcome.find('{').unwrap()..welcome.rfind('}').unwrap() + 1];
+    let reply = e2e::http_post_json(&inference.to_string(), "/v2/models/demo/infer", body);
+    let probabilities: Vec<f64> = reply["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(reply["outputs"][0]["name"], "probabilities", "{reply}");
+    assert_eq!(probabilities.len(), 3);
+    assert!((probabilities.iter().sum::<f64>() - 1.0).abs() < 1e-5, "{reply}");
     assert!(up.terminate().success(), "flotilla up did not stop cleanly");
 }
