@@ -242,9 +242,9 @@ fn run_batch(
     slots: usize,
 ) {
     let dispatched = Instant::now();
-    let Batch { items, rows, reason } = batch;
+    let Batch { mut items, rows, reason } = batch;
     let inputs = if items.len() == 1 {
-        Ok(items[0].inputs.clone())
+        Ok(std::mem::take(&mut items[0].inputs))
     } else {
         (0..items[0].inputs.len())
             .map(|i| {
@@ -274,12 +274,15 @@ fn run_batch(
         }
     };
     let single = items.len() == 1;
+    let mut whole = Some(outputs);
     let mut start = 0;
     for p in items {
-        let mine = if single {
-            Ok(outputs.clone())
-        } else {
-            outputs.iter().map(|o| o.slice_rows(start, p.rows)).collect::<Result<Vec<_>, _>>()
+        let mine = match (&whole, single) {
+            (_, true) => Ok(whole.take().unwrap_or_default()),
+            (Some(outputs), false) => {
+                outputs.iter().map(|o| o.slice_rows(start, p.rows)).collect::<Result<Vec<_>, _>>()
+            }
+            (None, false) => Ok(Vec::new()),
         };
         start += p.rows;
         let now = Instant::now();

@@ -388,3 +388,17 @@ mod tests {
         assert!(no_table.to_string().contains("[kserve] table"), "{no_table}");
     }
 }
+
+#[cfg(test)]
+mod example {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/model.toml");
+        let text = std::fs::read_to_string(&path).expect("config/model.toml");
+        let c = ModelConfig::parse(&text, "config/model.toml", "ocr").expect("valid");
+        assert_eq!((c.priority_levels, c.preferred_batch_sizes.clone()), (2, vec![4, 8]));
+        assert_eq!(c.inputs[0].dims, Some(vec![3, 48, -1]));
+    }
+}

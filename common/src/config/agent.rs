@@ -493,6 +493,10 @@ name = "bad name"
 command = []
 [spool]
 path = "s"
+[serving]
+listen = "port 8000"
+model_repository = "models"
+max_request_bytes = 10
 "#;
         let err = AgentConfig::parse(text, "agent.toml", Path::new(".")).unwrap_err().to_string();
         for needle in [
@@ -503,6 +507,8 @@ path = "s"
             "telemetry.sample_interval_ms: must be 100..=3600000, got 5",
             "telemetry.exec[0].name",
             "telemetry.exec[0].command",
+            "serving.listen: must be an IP address and port such as 127.0.0.1:7443, got \"port 8000\"",
+            "serving.max_request_bytes: must be 1024..=4294967296, got 10",
         ] {
             assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
         }

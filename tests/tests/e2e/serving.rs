@@ -268,3 +268,36 @@ fn overload_refuses_the_excess_fast_and_serves_the_admitted() {
         "{stats}"
     );
 }
+
+#[test]
+fn kserve_backend_forwards_batches_to_another_server() {
+    let fleet = Fleet::new();
+    let agg = Aggregator::start(&fleet.aggregator_config(0));
+    // The "accelerator": a second agent process serving the demo model with tract.
+    let accel_repo = fleet.path().join("accel-models");
+    agent::serving::demo::install_demo(&accel_repo).unwrap();
+    let (_accel, accel_addr) = serving_agent(&fleet, "accel-1", &agg, &accel_repo);
+    // The front agent forwards its "classifier" batches to it.
+    let repo = fleet.path().join("front-models");
+    std::fs::create_dir_all(repo.join("classifier/1")).unwrap();
+    std::fs::write(
+        repo.join("classifier/config.toml"),
+        format!(
+            "backend = \"kserve\"\nmax_batch_size = 4\n[kserve]\nurl = \"http://{accel_addr}\"\nmodel = \"demo\"\n"
+        ),
+    )
+    .unwrap();
+    let (_front, front_addr) = serving_agent(&fleet, "front-1", &agg, &repo);
+
+    let body = json!({"inputs": [{"name": "features", "shape": [2, 4], "datatype": "FP32",
+        "data": [5.1, 3.5, 1.4, 0.2, 6.7, 3.0, 5.2, 2.3]}]})
+    .to_string();
+    let direct = e2e::http_post_json(&accel_addr, "/v2/models/demo/infer", &body);
+    let forwarded = e2e::http_post_json(&front_addr, "/v2/models/classifier/infer", &body);
+    assert_eq!(forwarded["model_name"], "classifier");
+    assert_eq!(forwarded["outputs"][0]["shape"], json!([2, 3]), "{forwarded}");
+    assert_eq!(forwarded["outputs"][0]["data"], direct["outputs"][0]["data"]);
+    let meta: Value = serde_json::from_str(&http_get(&front_addr, "/v2/models/classifier")).unwrap();
+    assert_eq!(meta["platform"], "kserve");
+    assert_eq!(meta["inputs"][0]["name"], "features");
+}
