@@ -602,3 +602,116 @@ pub fn decode_outputs(reply: &Value, mut binary: &[u8], want: &[IoSpec]) -> Resu
         .map(|w| by_name.remove(&w.name).ok_or_else(|| format!("reply lacks output {:?}", w.name)))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt as _;
+
+    async fn app(limit: usize) -> (Router, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        super::super::demo::install_demo(dir.path()).expect("demo");
+        let repository = Arc::new(Repository::new(dir.path()));
+        repository.load_all().await;
+        (router(ApiState { repository, max_request_bytes: limit }), dir)
+    }
+
+    async fn call(app: &Router, method: &str, uri: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (StatusCode, HeaderMap, Vec<u8>) {
+        let mut request = Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let response = app.clone().oneshot(request.body(Body::from(body)).expect("request")).await.expect("infallible");
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.expect("body");
+        (parts.status, parts.headers, bytes.to_vec())
+    }
+
+    fn error_of(body: &[u8]) -> String {
+        let v: Value = serde_json::from_slice(body).expect("JSON error body");
+        v["error"].as_str().expect("error string").to_owned()
+    }
+
+    const JSON_REQUEST: &str = r#"{"id":"r1","inputs":[{"name":"features","shape":[2,4],"datatype":"FP32","data":[[5.1,3.5,1.4,0.2],[6.7,3.0,5.2,2.3]]}]}"#;
+
+    #[tokio::test]
+    async fn json_and_binary_inference() {
+        let (app, _dir) = app(1 << 20).await;
+        let (status, _, body) = call(&app, "POST", "/v2/models/demo/infer", &[], JSON_REQUEST.into()).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        let reply: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(reply["id"], "r1");
+        assert_eq!(reply["outputs"][0]["shape"], json!([2, 3]));
+        let json_data = reply["outputs"][0]["data"].clone();
+
+        // The same request with a binary input and a binary output.
+        let x: Vec<u8> = [5.1f32, 3.5, 1.4, 0.2, 6.7, 3.0, 5.2, 2.3].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let header = r#"{"inputs":[{"name":"features","shape":[2,4],"datatype":"FP32","parameters":{"binary_data_size":32}}],"outputs":[{"name":"probabilities","parameters":{"binary_data":true}}]}"#;
+        let mut body = header.as_bytes().to_vec();
+        body.extend(&x);
+        let len = header.len().to_string();
+        let (status, headers, reply) =
+            call(&app, "POST", "/v2/models/demo/versions/1/infer", &[(HEADER_LENGTH, &len)], body).await;
+        assert_eq!(status, StatusCode::OK);
+        let head_len: usize = headers[HEADER_LENGTH].to_str().expect("ascii").parse().expect("number");
+        let head: Value = serde_json::from_slice(&reply[..head_len]).expect("header");
+        assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 24);
+        let t = Tensor::from_bytes(DataType::F32, vec![2, 3], reply[head_len..].to_vec()).expect("tensor");
+        assert_eq!(t.to_json(), json_data);
+    }
+
+    #[tokio::test]
+    async fn errors_are_json_with_the_right_status() {
+        let (app, _dir) = app(4096).await;
+        let cases: Vec<(&str, &str, Vec<(&str, &str)>, Vec<u8>, StatusCode, &str)> = vec![
+            ("POST", "/v2/models/demo/infer", vec![], vec![b' '; 5000], StatusCode::PAYLOAD_TOO_LARGE, "max_request_bytes"),
+            ("POST", "/v2/models/demo/infer", vec![], b"{not json".to_vec(), StatusCode::BAD_REQUEST, "request JSON is invalid"),
+            ("POST", "/v2/models/demo/infer", vec![(HEADER_LENGTH, "99999")], JSON_REQUEST.into(), StatusCode::BAD_REQUEST, "Inference-Header-Content-Length"),
+            ("POST", "/v2/models/demo/infer", vec![], br#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[1,2,3]}]}"#.to_vec(), StatusCode::BAD_REQUEST, "3 elements do not fill shape [1, 4]"),
+            ("POST", "/v2/models/demo/infer", vec![], br#"{"inputs":[{"name":"features","shape":[1,5],"datatype":"FP32","data":[1,2,3,4,5]}]}"#.to_vec(), StatusCode::BAD_REQUEST, "expected shape [-1, 4], got [1, 5]"),
+            ("POST", "/v2/models/demo/infer", vec![], br#"{"inputs":[]}"#.to_vec(), StatusCode::BAD_REQUEST, "needs input \"features\""),
+            ("POST", "/v2/models/demo/infer", vec![], br#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}],"outputs":[{"name":"nope"}]}"#.to_vec(), StatusCode::BAD_REQUEST, "has no output \"nope\""),
+            ("POST", "/v2/models/demo/infer", vec![], br#"{"parameters":{"priority":9},"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}"#.to_vec(), StatusCode::BAD_REQUEST, "priority 9 is outside 1..=1"),
+            ("POST", "/v2/models/demo/versions/7/infer", vec![], JSON_REQUEST.into(), StatusCode::NOT_FOUND, "no loaded version \"7\""),
+            ("GET", "/v2/models/ghost", vec![], vec![], StatusCode::NOT_FOUND, "unknown model \"ghost\""),
+            ("GET", "/v2/nothing/here", vec![], vec![], StatusCode::NOT_FOUND, "no such endpoint"),
+            ("DELETE", "/v2/models/demo/infer", vec![], vec![], StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        ];
+        for (method, uri, headers, body, want, needle) in cases {
+            let (status, _, reply) = call(&app, method, uri, &headers, body).await;
+            assert_eq!(status, want, "{method} {uri}: {}", String::from_utf8_lossy(&reply));
+            let message = error_of(&reply);
+            assert!(message.contains(needle), "{method} {uri}: {needle:?} not in {message:?}");
+        }
+        // Trailing bytes no input claims are refused, not ignored.
+        let header = r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}"#;
+        let mut body = header.as_bytes().to_vec();
+        body.extend([0u8; 8]);
+        let len = header.len().to_string();
+        let (status, _, reply) = call(&app, "POST", "/v2/models/demo/infer", &[(HEADER_LENGTH, &len)], body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(error_of(&reply).contains("8 bytes after the last binary input"));
+    }
+
+    #[tokio::test]
+    async fn metadata_config_and_repository() {
+        let (app, _dir) = app(1 << 20).await;
+        let (_, _, body) = call(&app, "GET", "/v2/models/demo", &[], vec![]).await;
+        let meta: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(meta["inputs"][0], json!({"name": "features", "datatype": "FP32", "shape": [-1, 4]}));
+        let (_, _, body) = call(&app, "GET", "/v2/models/demo/config", &[], vec![]).await;
+        let config: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(config["input"][0]["dims"], json!([4]));
+        assert_eq!(config["max_batch_size"], 8);
+        let (status, _, _) = call(&app, "POST", "/v2/repository/models/demo/unload", &[], vec![]).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _, body) = call(&app, "GET", "/v2/models/demo/ready", &[], vec![]).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{}", String::from_utf8_lossy(&body));
+        let (status, _, _) = call(&app, "POST", "/v2/repository/models/demo/load", &[], vec![]).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _, _) = call(&app, "GET", "/v2/models/demo/ready", &[], vec![]).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _, body) = call(&app, "POST", "/v2/repository/models/ghost/load", &[], vec![]).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{}", String::from_utf8_lossy(&body));
+    }
+}
