@@ -79,7 +79,16 @@ fn main() -> anyhow::Result<()> {
     );
     println!(
         "{:<30} {:>2} {:>4} | {:>9} {:>8} {:>8} | {:>9} {:>8} {:>8} | {:>6}",
-        "model", "B", "inst", "raw r/s", "p50 ms", "p99 ms", "served r/s", "p50 ms", "p99 ms", "ratio"
+        "model",
+        "B",
+        "inst",
+        "raw r/s",
+        "p50 ms",
+        "p99 ms",
+        "served r/s",
+        "p50 ms",
+        "p99 ms",
+        "ratio"
     );
     for file in &files {
         let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_owned();
@@ -191,14 +200,21 @@ fn raw_run(file: &Path, batch: usize, instances: usize, seconds: f64) -> anyhow:
 }
 
 /// The agent's inference API on loopback, driven by closed-loop HTTP clients.
-async fn served_run(file: &Path, batch: usize, instances: usize, seconds: f64) -> anyhow::Result<Run> {
+async fn served_run(
+    file: &Path,
+    batch: usize,
+    instances: usize,
+    seconds: f64,
+) -> anyhow::Result<Run> {
     let repo = tempfile::tempdir()?;
     let dir = repo.path().join("m");
     std::fs::create_dir_all(dir.join("1"))?;
     std::fs::copy(file, dir.join("1/model.onnx"))?;
     std::fs::write(
         dir.join("config.toml"),
-        format!("max_batch_size = {batch}\nmax_queue_delay_us = 2000\ninstances = {instances}\nmax_queue_size = 1024\n"),
+        format!(
+            "max_batch_size = {batch}\nmax_queue_delay_us = 2000\ninstances = {instances}\nmax_queue_size = 1024\n"
+        ),
     )?;
     let config = ServingConfig {
         listen: "127.0.0.1:0".parse()?,
@@ -319,7 +335,8 @@ impl Engine for Echo {
 
 fn batcher_overhead(runtime: &tokio::runtime::Runtime) {
     // The pure policy: push one request and form batches of 8, many times.
-    let policy = Policy::from_config(&ModelConfig { max_queue_size: 1 << 20, ..ModelConfig::default() });
+    let policy =
+        Policy::from_config(&ModelConfig { max_queue_size: 1 << 20, ..ModelConfig::default() });
     let mut queue = BatchQueue::new(policy);
     let n = 1_000_000u32;
     let now = tokio::time::Instant::now();
@@ -332,7 +349,9 @@ fn batcher_overhead(runtime: &tokio::runtime::Runtime) {
         }
     }
     let policy_ns = t.elapsed().as_nanos() as f64 / f64::from(n);
-    println!("\nbatcher policy: {policy_ns:.0} ns per request (push + form), {dispatched} dispatched in batches of 8");
+    println!(
+        "\nbatcher policy: {policy_ns:.0} ns per request (push + form), {dispatched} dispatched in batches of 8"
+    );
 
     // The whole queue path with a no-op engine, 16 concurrent callers.
     let per_request_us = runtime.block_on(async {
@@ -342,7 +361,8 @@ fn batcher_overhead(runtime: &tokio::runtime::Runtime) {
             max_batch_size: 8,
             batching_off_reason: None,
         };
-        let config = ModelConfig { max_queue_delay: Duration::from_micros(100), ..ModelConfig::default() };
+        let config =
+            ModelConfig { max_queue_delay: Duration::from_micros(100), ..ModelConfig::default() };
         let Ok(model) = LoadedModel::start("echo", "1", config, signature, Arc::new(Echo)) else {
             return f64::NAN;
         };

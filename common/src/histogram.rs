@@ -15,9 +15,11 @@ use crate::proto;
 const SUB_BITS: u32 = 5;
 const SUB_COUNT: u64 = 1 << SUB_BITS;
 /// Number of buckets needed to cover every `u64`.
+#[allow(clippy::cast_possible_truncation)] // 32 fits any usize
 pub const BUCKETS: usize = ((64 - SUB_BITS as usize) << SUB_BITS) + SUB_COUNT as usize;
 
 /// The bucket a value falls in.
+#[allow(clippy::cast_possible_truncation)] // indexes are below BUCKETS (1,920)
 pub fn bucket_of(value: u64) -> usize {
     if value < SUB_COUNT {
         return value as usize;
@@ -28,6 +30,7 @@ pub fn bucket_of(value: u64) -> usize {
 }
 
 /// The smallest value in bucket `index`.
+#[allow(clippy::cast_possible_truncation)] // index >> 5 is below 60
 pub fn lower_bound(index: usize) -> u64 {
     if index < SUB_COUNT as usize {
         return index as u64;
@@ -162,6 +165,7 @@ impl LogHistogram {
 
     /// The value at quantile `q` (0..=1): the top of the bucket holding the rank `ceil(q·count)`,
     /// clamped to the recorded min and max. `None` when empty.
+    #[allow(clippy::cast_possible_truncation)] // the rank is at most count, a u64
     pub fn quantile(&self, q: f64) -> Option<u64> {
         if self.count == 0 {
             return None;
@@ -293,7 +297,11 @@ mod tests {
         let mut all = LogHistogram::new();
         for v in 0..5000u64 {
             let value = v * v % 100_003;
-            if v % 3 == 0 { a.record(value) } else { b.record(value) }
+            if v % 3 == 0 {
+                a.record(value)
+            } else {
+                b.record(value)
+            }
             all.record(value);
         }
         let mut merged = a.clone();
@@ -347,7 +355,10 @@ mod tests {
         ));
         let mut past_end = good.clone();
         past_end.bucket_index[1] = u32::MAX;
-        assert!(matches!(LogHistogram::from_proto(&past_end), Err(HistogramError::BadIndex { .. })));
+        assert!(matches!(
+            LogHistogram::from_proto(&past_end),
+            Err(HistogramError::BadIndex { .. })
+        ));
         let mut wrong_count = good;
         wrong_count.count = 7;
         assert_eq!(

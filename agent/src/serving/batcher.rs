@@ -204,7 +204,14 @@ impl<T> BatchQueue<T> {
                 Refusal::QueueFull { waiting: self.entries.len(), max: self.policy.max_queue_size };
             return Err((item, refusal));
         }
-        self.entries.push(Entry { item, rows, level: priority, deadline, enqueued: now, seq: self.next_seq });
+        self.entries.push(Entry {
+            item,
+            rows,
+            level: priority,
+            deadline,
+            enqueued: now,
+            seq: self.next_seq,
+        });
         self.next_seq += 1;
         Ok(())
     }

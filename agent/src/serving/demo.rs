@@ -42,13 +42,18 @@ mod tests {
             TractEngine::load(&model_dir.join("1/model.onnx"), &config).expect("loads");
         assert_eq!(signature.max_batch_size, 8);
         let x: Vec<u8> = [5.1f32, 3.5, 1.4, 0.2].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let out = engine.run(vec![Tensor::from_bytes(DataType::F32, vec![1, 4], x).expect("x")]).expect("runs");
+        let out = engine
+            .run(vec![Tensor::from_bytes(DataType::F32, vec![1, 4], x).expect("x")])
+            .expect("runs");
         let p = out[0].to_f64();
         assert_eq!(p.len(), 3);
         assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-5, "{p:?}");
         // Installing again keeps what is there.
         std::fs::write(model_dir.join("config.toml"), "max_batch_size = 2\n").expect("edit");
         install_demo(dir.path()).expect("again");
-        assert_eq!(std::fs::read_to_string(model_dir.join("config.toml")).expect("read"), "max_batch_size = 2\n");
+        assert_eq!(
+            std::fs::read_to_string(model_dir.join("config.toml")).expect("read"),
+            "max_batch_size = 2\n"
+        );
     }
 }

@@ -18,12 +18,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Map, Value, json};
 
+use super::batcher::Refusal;
 use super::model::{InferError, LoadedModel};
 use super::repository::{LookupError, ModelState, Repository};
 use super::runner::IoSpec;
 use super::stats::render_prometheus;
 use super::tensor::{DataType, Tensor};
-use super::batcher::Refusal;
 
 /// The binary extension's header naming the JSON part's length.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -66,9 +66,8 @@ impl From<LookupError> for ApiError {
 impl From<InferError> for ApiError {
     fn from(e: InferError) -> Self {
         let status = match &e {
-            InferError::Refused { refusal: Refusal::QueueFull { .. }, .. } | InferError::Unloaded { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            InferError::Refused { refusal: Refusal::QueueFull { .. }, .. }
+            | InferError::Unloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             InferError::Refused { .. } => StatusCode::BAD_REQUEST,
             InferError::Expired { .. } => StatusCode::GATEWAY_TIMEOUT,
             InferError::Failed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -100,7 +99,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v2/repository/models/{model}/load", post(load))
         .route("/v2/repository/models/{model}/unload", post(unload))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint; see /v2 and docs/serving.md".into()) })
+        .fallback(|| async {
+            ApiError(StatusCode::NOT_FOUND, "no such endpoint; see /v2 and docs/serving.md".into())
+        })
         .method_not_allowed_fallback(|| async {
             ApiError(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint".into())
         })
@@ -140,7 +141,10 @@ fn metadata_json(s: &ApiState, name: &str, m: &LoadedModel) -> Value {
     })
 }
 
-async fn metadata(State(s): State<ApiState>, Path(model): Path<String>) -> ApiResult<axum::Json<Value>> {
+async fn metadata(
+    State(s): State<ApiState>,
+    Path(model): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
     let m = s.repository.get(&model, None)?;
     Ok(axum::Json(metadata_json(&s, &model, &m)))
 }
@@ -153,7 +157,10 @@ async fn metadata_v(
     Ok(axum::Json(metadata_json(&s, &model, &m)))
 }
 
-async fn ready(State(s): State<ApiState>, Path(model): Path<String>) -> ApiResult<axum::Json<Value>> {
+async fn ready(
+    State(s): State<ApiState>,
+    Path(model): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
     s.repository.get(&model, None)?;
     Ok(axum::Json(json!({"name": model, "ready": true})))
 }
@@ -215,7 +222,10 @@ fn config_json(m: &Arc<LoadedModel>) -> Value {
     out
 }
 
-async fn config(State(s): State<ApiState>, Path(model): Path<String>) -> ApiResult<axum::Json<Value>> {
+async fn config(
+    State(s): State<ApiState>,
+    Path(model): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
     Ok(axum::Json(config_json(&s.repository.get(&model, None)?)))
 }
 
@@ -231,7 +241,10 @@ async fn all_stats(State(s): State<ApiState>) -> axum::Json<Value> {
     axum::Json(json!({ "model_stats": list }))
 }
 
-async fn stats(State(s): State<ApiState>, Path(model): Path<String>) -> ApiResult<axum::Json<Value>> {
+async fn stats(
+    State(s): State<ApiState>,
+    Path(model): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
     let list: Vec<Value> = match s.repository.state(&model) {
         Some(ModelState::Ready(v)) => v.iter().map(|m| m.stats.triton_json()).collect(),
         _ => vec![s.repository.get(&model, None)?.stats.triton_json()],
@@ -268,17 +281,24 @@ async fn index(State(s): State<ApiState>) -> axum::Json<Value> {
     axum::Json(Value::Array(rows))
 }
 
-async fn load(State(s): State<ApiState>, Path(model): Path<String>) -> ApiResult<axum::Json<Value>> {
+async fn load(
+    State(s): State<ApiState>,
+    Path(model): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
     if !s.repository.root().join(&model).is_dir() {
         return Err(LookupError::Unknown(model).into());
     }
-    s.repository.load(&model).await.map_err(|reason| {
-        ApiError::bad(format!("failed to load model {model:?}: {reason}"))
-    })?;
+    s.repository
+        .load(&model)
+        .await
+        .map_err(|reason| ApiError::bad(format!("failed to load model {model:?}: {reason}")))?;
     Ok(axum::Json(json!({})))
 }
 
-async fn unload(State(s): State<ApiState>, Path(model): Path<String>) -> ApiResult<axum::Json<Value>> {
+async fn unload(
+    State(s): State<ApiState>,
+    Path(model): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
     s.repository.unload(&model)?;
     Ok(axum::Json(json!({})))
 }
@@ -375,11 +395,9 @@ fn parse_request(m: &LoadedModel, headers: &HeaderMap, body: &[u8]) -> ApiResult
     let params = header.get("parameters").cloned().unwrap_or(Value::Null);
     let priority = match params.get("priority") {
         None | Some(Value::Null) => None,
-        Some(v) => Some(
-            v.as_u64()
-                .and_then(|p| u32::try_from(p).ok())
-                .ok_or_else(|| ApiError::bad(format!("parameters.priority must be a positive integer, got {v}")))?,
-        )
+        Some(v) => Some(v.as_u64().and_then(|p| u32::try_from(p).ok()).ok_or_else(|| {
+            ApiError::bad(format!("parameters.priority must be a positive integer, got {v}"))
+        })?)
         .filter(|p| *p != 0),
     };
     let timeout = match params.get("timeout") {
@@ -420,9 +438,13 @@ fn parse_request(m: &LoadedModel, headers: &HeaderMap, body: &[u8]) -> ApiResult
         let shape: Vec<usize> = input
             .get("shape")
             .and_then(Value::as_array)
-            .and_then(|s| s.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect())
+            .and_then(|s| {
+                s.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect()
+            })
             .ok_or_else(|| {
-                ApiError::bad(format!("input {name:?}: \"shape\" must be an array of non-negative integers"))
+                ApiError::bad(format!(
+                    "input {name:?}: \"shape\" must be an array of non-negative integers"
+                ))
             })?;
         let fits = shape.len() == spec.dims.len()
             && shape.iter().zip(&spec.dims).all(|(got, want)| *want < 0 || *got as i64 == *want);
@@ -435,9 +457,13 @@ fn parse_request(m: &LoadedModel, headers: &HeaderMap, body: &[u8]) -> ApiResult
         let binary_size = input
             .get("parameters")
             .and_then(|p| p.get("binary_data_size"))
-            .map(|v| v.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
-                ApiError::bad(format!("input {name:?}: binary_data_size must be a byte count, got {v}"))
-            }))
+            .map(|v| {
+                v.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
+                    ApiError::bad(format!(
+                        "input {name:?}: binary_data_size must be a byte count, got {v}"
+                    ))
+                })
+            })
             .transpose()?;
         let tensor = match (binary_size, input.get("data")) {
             (Some(n), _) => {
@@ -472,7 +498,10 @@ fn parse_request(m: &LoadedModel, headers: &HeaderMap, body: &[u8]) -> ApiResult
     let mut inputs = Vec::with_capacity(m.signature.inputs.len());
     for spec in &m.signature.inputs {
         let t = given.remove(spec.name.as_str()).ok_or_else(|| {
-            ApiError::bad(format!("model {} needs input {:?}, which the request lacks", m.name, spec.name))
+            ApiError::bad(format!(
+                "model {} needs input {:?}, which the request lacks",
+                m.name, spec.name
+            ))
         })?;
         inputs.push(t);
     }
@@ -481,7 +510,9 @@ fn parse_request(m: &LoadedModel, headers: &HeaderMap, body: &[u8]) -> ApiResult
         if rows == 0 {
             return Err(ApiError::bad("the batch dimension (first) must be at least 1"));
         }
-        if let Some((spec, t)) = m.signature.inputs.iter().zip(&inputs).find(|(_, t)| t.rows() != rows) {
+        if let Some((spec, t)) =
+            m.signature.inputs.iter().zip(&inputs).find(|(_, t)| t.rows() != rows)
+        {
             return Err(ApiError::bad(format!(
                 "input {:?} has {} rows but the first input has {rows}; all inputs share the batch dimension",
                 spec.name,
@@ -510,7 +541,8 @@ fn parse_request(m: &LoadedModel, headers: &HeaderMap, body: &[u8]) -> ApiResult
                     .and_then(Value::as_str)
                     .ok_or_else(|| ApiError::bad(format!("outputs[{i}] has no \"name\"")))?;
                 if !m.signature.outputs.iter().any(|s| s.name == name) {
-                    let known: Vec<&str> = m.signature.outputs.iter().map(|s| s.name.as_str()).collect();
+                    let known: Vec<&str> =
+                        m.signature.outputs.iter().map(|s| s.name.as_str()).collect();
                     return Err(ApiError::bad(format!(
                         "model {} has no output {name:?}; its outputs are {known:?}",
                         m.name
@@ -529,11 +561,22 @@ fn parse_request(m: &LoadedModel, headers: &HeaderMap, body: &[u8]) -> ApiResult
     Ok((inputs, wishes, priority, timeout, header.get("id").cloned()))
 }
 
-fn encode_response(m: &LoadedModel, id: Option<Value>, wishes: &[OutputWish], outputs: Vec<Tensor>) -> Response {
+fn encode_response(
+    m: &LoadedModel,
+    id: Option<Value>,
+    wishes: &[OutputWish],
+    outputs: Vec<Tensor>,
+) -> Response {
     let mut binary = Vec::new();
     let mut list = Vec::with_capacity(wishes.len());
     for wish in wishes {
-        let Some(t) = m.signature.outputs.iter().position(|o| o.name == wish.name).and_then(|i| outputs.get(i)) else {
+        let Some(t) = m
+            .signature
+            .outputs
+            .iter()
+            .position(|o| o.name == wish.name)
+            .and_then(|i| outputs.get(i))
+        else {
             continue;
         };
         let mut entry = Map::new();
@@ -570,24 +613,34 @@ fn encode_response(m: &LoadedModel, id: Option<Value>, wishes: &[OutputWish], ou
 }
 
 /// Reads the outputs of a KServe v2 reply (JSON header plus binary tail) in the order of `want`.
-pub fn decode_outputs(reply: &Value, mut binary: &[u8], want: &[IoSpec]) -> Result<Vec<Tensor>, String> {
+pub fn decode_outputs(
+    reply: &Value,
+    mut binary: &[u8],
+    want: &[IoSpec],
+) -> Result<Vec<Tensor>, String> {
     let list = reply.get("outputs").and_then(Value::as_array).ok_or("reply has no outputs")?;
     let mut by_name: HashMap<String, Tensor> = HashMap::new();
     for o in list {
         let name = o.get("name").and_then(Value::as_str).ok_or("an output has no name")?;
         let dt = o.get("datatype").and_then(Value::as_str).unwrap_or_default();
-        let dtype = DataType::parse(dt).ok_or_else(|| format!("output {name:?}: unknown datatype {dt:?}"))?;
+        let dtype = DataType::parse(dt)
+            .ok_or_else(|| format!("output {name:?}: unknown datatype {dt:?}"))?;
         let shape: Vec<usize> = o
             .get("shape")
             .and_then(Value::as_array)
-            .and_then(|s| s.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect())
+            .and_then(|s| {
+                s.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect()
+            })
             .ok_or_else(|| format!("output {name:?}: bad shape"))?;
-        let size = o.get("parameters").and_then(|p| p.get("binary_data_size")).and_then(Value::as_u64);
+        let size =
+            o.get("parameters").and_then(|p| p.get("binary_data_size")).and_then(Value::as_u64);
         let tensor = match size {
             Some(n) => {
                 let n = usize::try_from(n).map_err(|e| e.to_string())?;
                 if n > binary.len() {
-                    return Err(format!("output {name:?}: binary_data_size {n} runs past the body"));
+                    return Err(format!(
+                        "output {name:?}: binary_data_size {n} runs past the body"
+                    ));
                 }
                 let (mine, rest) = binary.split_at(n);
                 binary = rest;
@@ -616,12 +669,22 @@ mod tests {
         (router(ApiState { repository, max_request_bytes: limit }), dir)
     }
 
-    async fn call(app: &Router, method: &str, uri: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (StatusCode, HeaderMap, Vec<u8>) {
+    async fn call(
+        app: &Router,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (StatusCode, HeaderMap, Vec<u8>) {
         let mut request = Request::builder().method(method).uri(uri);
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
-        let response = app.clone().oneshot(request.body(Body::from(body)).expect("request")).await.expect("infallible");
+        let response = app
+            .clone()
+            .oneshot(request.body(Body::from(body)).expect("request"))
+            .await
+            .expect("infallible");
         let (parts, body) = response.into_parts();
         let bytes = axum::body::to_bytes(body, usize::MAX).await.expect("body");
         (parts.status, parts.headers, bytes.to_vec())
@@ -637,7 +700,8 @@ mod tests {
     #[tokio::test]
     async fn json_and_binary_inference() {
         let (app, _dir) = app(1 << 20).await;
-        let (status, _, body) = call(&app, "POST", "/v2/models/demo/infer", &[], JSON_REQUEST.into()).await;
+        let (status, _, body) =
+            call(&app, "POST", "/v2/models/demo/infer", &[], JSON_REQUEST.into()).await;
         assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
         let reply: Value = serde_json::from_slice(&body).expect("json");
         assert_eq!(reply["id"], "r1");
@@ -645,25 +709,32 @@ mod tests {
         let json_data = reply["outputs"][0]["data"].clone();
 
         // The same request with a binary input and a binary output.
-        let x: Vec<u8> = [5.1f32, 3.5, 1.4, 0.2, 6.7, 3.0, 5.2, 2.3].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let x: Vec<u8> = [5.1f32, 3.5, 1.4, 0.2, 6.7, 3.0, 5.2, 2.3]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let header = r#"{"inputs":[{"name":"features","shape":[2,4],"datatype":"FP32","parameters":{"binary_data_size":32}}],"outputs":[{"name":"probabilities","parameters":{"binary_data":true}}]}"#;
         let mut body = header.as_bytes().to_vec();
         body.extend(&x);
         let len = header.len().to_string();
         let (status, headers, reply) =
-            call(&app, "POST", "/v2/models/demo/versions/1/infer", &[(HEADER_LENGTH, &len)], body).await;
+            call(&app, "POST", "/v2/models/demo/versions/1/infer", &[(HEADER_LENGTH, &len)], body)
+                .await;
         assert_eq!(status, StatusCode::OK);
-        let head_len: usize = headers[HEADER_LENGTH].to_str().expect("ascii").parse().expect("number");
+        let head_len: usize =
+            headers[HEADER_LENGTH].to_str().expect("ascii").parse().expect("number");
         let head: Value = serde_json::from_slice(&reply[..head_len]).expect("header");
         assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 24);
-        let t = Tensor::from_bytes(DataType::F32, vec![2, 3], reply[head_len..].to_vec()).expect("tensor");
+        let t = Tensor::from_bytes(DataType::F32, vec![2, 3], reply[head_len..].to_vec())
+            .expect("tensor");
         assert_eq!(t.to_json(), json_data);
     }
 
     #[tokio::test]
     async fn errors_are_json_with_the_right_status() {
         let (app, _dir) = app(4096).await;
-        let cases: Vec<(&str, &str, Vec<(&str, &str)>, Vec<u8>, StatusCode, &str)> = vec![
+        type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, Vec<u8>, StatusCode, &'a str);
+        let cases: Vec<Case<'_>> = vec![
             ("POST", "/v2/models/demo/infer", vec![], vec![b' '; 5000], StatusCode::PAYLOAD_TOO_LARGE, "max_request_bytes"),
             ("POST", "/v2/models/demo/infer", vec![], b"{not json".to_vec(), StatusCode::BAD_REQUEST, "request JSON is invalid"),
             ("POST", "/v2/models/demo/infer", vec![(HEADER_LENGTH, "99999")], JSON_REQUEST.into(), StatusCode::BAD_REQUEST, "Inference-Header-Content-Length"),
@@ -684,11 +755,13 @@ mod tests {
             assert!(message.contains(needle), "{method} {uri}: {needle:?} not in {message:?}");
         }
         // Trailing bytes no input claims are refused, not ignored.
-        let header = r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}"#;
+        let header =
+            r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}"#;
         let mut body = header.as_bytes().to_vec();
         body.extend([0u8; 8]);
         let len = header.len().to_string();
-        let (status, _, reply) = call(&app, "POST", "/v2/models/demo/infer", &[(HEADER_LENGTH, &len)], body).await;
+        let (status, _, reply) =
+            call(&app, "POST", "/v2/models/demo/infer", &[(HEADER_LENGTH, &len)], body).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert!(error_of(&reply).contains("8 bytes after the last binary input"));
     }
@@ -698,20 +771,26 @@ mod tests {
         let (app, _dir) = app(1 << 20).await;
         let (_, _, body) = call(&app, "GET", "/v2/models/demo", &[], vec![]).await;
         let meta: Value = serde_json::from_slice(&body).expect("json");
-        assert_eq!(meta["inputs"][0], json!({"name": "features", "datatype": "FP32", "shape": [-1, 4]}));
+        assert_eq!(
+            meta["inputs"][0],
+            json!({"name": "features", "datatype": "FP32", "shape": [-1, 4]})
+        );
         let (_, _, body) = call(&app, "GET", "/v2/models/demo/config", &[], vec![]).await;
         let config: Value = serde_json::from_slice(&body).expect("json");
         assert_eq!(config["input"][0]["dims"], json!([4]));
         assert_eq!(config["max_batch_size"], 8);
-        let (status, _, _) = call(&app, "POST", "/v2/repository/models/demo/unload", &[], vec![]).await;
+        let (status, _, _) =
+            call(&app, "POST", "/v2/repository/models/demo/unload", &[], vec![]).await;
         assert_eq!(status, StatusCode::OK);
         let (status, _, body) = call(&app, "GET", "/v2/models/demo/ready", &[], vec![]).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{}", String::from_utf8_lossy(&body));
-        let (status, _, _) = call(&app, "POST", "/v2/repository/models/demo/load", &[], vec![]).await;
+        let (status, _, _) =
+            call(&app, "POST", "/v2/repository/models/demo/load", &[], vec![]).await;
         assert_eq!(status, StatusCode::OK);
         let (status, _, _) = call(&app, "GET", "/v2/models/demo/ready", &[], vec![]).await;
         assert_eq!(status, StatusCode::OK);
-        let (status, _, body) = call(&app, "POST", "/v2/repository/models/ghost/load", &[], vec![]).await;
+        let (status, _, body) =
+            call(&app, "POST", "/v2/repository/models/ghost/load", &[], vec![]).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{}", String::from_utf8_lossy(&body));
     }
 }

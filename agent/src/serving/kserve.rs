@@ -20,13 +20,16 @@ pub struct KserveEngine {
 }
 
 fn io_specs(meta: &Value, key: &str) -> Result<Vec<IoSpec>, String> {
-    let list = meta.get(key).and_then(Value::as_array).ok_or_else(|| format!("metadata has no {key:?} list"))?;
+    let list = meta
+        .get(key)
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("metadata has no {key:?} list"))?;
     list.iter()
         .map(|io| {
             let name = io.get("name").and_then(Value::as_str).ok_or("an entry has no name")?;
             let dt = io.get("datatype").and_then(Value::as_str).unwrap_or_default();
-            let datatype =
-                DataType::parse(dt).ok_or_else(|| format!("{name:?} has unknown datatype {dt:?}"))?;
+            let datatype = DataType::parse(dt)
+                .ok_or_else(|| format!("{name:?} has unknown datatype {dt:?}"))?;
             let dims = io
                 .get("shape")
                 .and_then(Value::as_array)
@@ -39,7 +42,10 @@ fn io_specs(meta: &Value, key: &str) -> Result<Vec<IoSpec>, String> {
 
 impl KserveEngine {
     /// Reads the remote model's metadata and builds the engine.
-    pub fn connect(target: &KserveTarget, config: &ModelConfig) -> Result<(Self, Signature), String> {
+    pub fn connect(
+        target: &KserveTarget,
+        config: &ModelConfig,
+    ) -> Result<(Self, Signature), String> {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(2)))
@@ -47,10 +53,8 @@ impl KserveEngine {
             .build()
             .into();
         let meta_url = format!("{}/v2/models/{}", target.url, target.model);
-        let mut response = agent
-            .get(&meta_url)
-            .call()
-            .map_err(|e| format!("kserve backend {meta_url}: {e}"))?;
+        let mut response =
+            agent.get(&meta_url).call().map_err(|e| format!("kserve backend {meta_url}: {e}"))?;
         let status = response.status();
         let meta: Value = response
             .body_mut()
@@ -59,11 +63,19 @@ impl KserveEngine {
         if !status.is_success() {
             return Err(format!("kserve backend {meta_url}: {status}: {meta}"));
         }
-        let inputs = io_specs(&meta, "inputs").map_err(|e| format!("kserve backend {meta_url}: {e}"))?;
-        let outputs = io_specs(&meta, "outputs").map_err(|e| format!("kserve backend {meta_url}: {e}"))?;
+        let inputs =
+            io_specs(&meta, "inputs").map_err(|e| format!("kserve backend {meta_url}: {e}"))?;
+        let outputs =
+            io_specs(&meta, "outputs").map_err(|e| format!("kserve backend {meta_url}: {e}"))?;
         let batchable = inputs.iter().chain(&outputs).all(|io| io.dims.first() == Some(&-1));
         let (max_batch_size, batching_off_reason) = if config.max_batch_size > 0 && !batchable {
-            (0, Some("the remote model's shapes do not all start with a -1 batch dimension".to_owned()))
+            (
+                0,
+                Some(
+                    "the remote model's shapes do not all start with a -1 batch dimension"
+                        .to_owned(),
+                ),
+            )
         } else {
             (config.max_batch_size, None)
         };
@@ -112,18 +124,19 @@ impl Engine for KserveEngine {
             .get("inference-header-content-length")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
-        let raw = response
-            .body_mut()
-            .with_config()
-            .limit(1 << 30)
-            .read_to_vec()
-            .map_err(|e| RunError(format!("kserve backend {}: reading reply: {e}", self.infer_url)))?;
+        let raw = response.body_mut().with_config().limit(1 << 30).read_to_vec().map_err(|e| {
+            RunError(format!("kserve backend {}: reading reply: {e}", self.infer_url))
+        })?;
         let split = header_len.unwrap_or(raw.len()).min(raw.len());
-        let reply: Value = serde_json::from_slice(&raw[..split])
-            .map_err(|e| RunError(format!("kserve backend {}: reply is not JSON: {e}", self.infer_url)))?;
+        let reply: Value = serde_json::from_slice(&raw[..split]).map_err(|e| {
+            RunError(format!("kserve backend {}: reply is not JSON: {e}", self.infer_url))
+        })?;
         if !status.is_success() {
             let message = reply.get("error").and_then(Value::as_str).unwrap_or("no message");
-            return Err(RunError(format!("kserve backend {}: {status}: {message}", self.infer_url)));
+            return Err(RunError(format!(
+                "kserve backend {}: {status}: {message}",
+                self.infer_url
+            )));
         }
         super::http::decode_outputs(&reply, &raw[split..], &self.outputs)
             .map_err(|e| RunError(format!("kserve backend {}: {e}", self.infer_url)))

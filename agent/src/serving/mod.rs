@@ -68,7 +68,10 @@ pub struct Serving {
 
 impl Serving {
     /// Binds the API, loads every model in the repository, and serves until `shutdown`.
-    pub async fn start(config: &ServingConfig, shutdown: CancellationToken) -> Result<Self, ServingError> {
+    pub async fn start(
+        config: &ServingConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ServingError> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServingError::Bind { addr: config.listen, source })?;
@@ -88,7 +91,8 @@ impl Serving {
                 tracing::error!(error = %e, "Inference API stopped.");
             }
         });
-        let ready: Vec<String> = repository.loaded().iter().map(|m| format!("{}/{}", m.name, m.version)).collect();
+        let ready: Vec<String> =
+            repository.loaded().iter().map(|m| format!("{}/{}", m.name, m.version)).collect();
         info!(%addr, repository = %config.model_repository.display(), models = ?ready, "Inference API listening.");
         Ok(Self { repository, addr, server })
     }

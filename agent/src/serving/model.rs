@@ -89,7 +89,10 @@ pub struct LoadedModel {
 
 impl std::fmt::Debug for LoadedModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoadedModel").field("name", &self.name).field("version", &self.version).finish_non_exhaustive()
+        f.debug_struct("LoadedModel")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
     }
 }
 
@@ -113,10 +116,8 @@ impl Executor<Pending> for ThreadExecutor {
     fn expired(&self, items: Vec<Pending>) {
         for p in items {
             self.stats.request_ended(Outcome::Expired);
-            let _ = p.reply.send(Err(InferError::Expired {
-                model: self.model.clone(),
-                timeout_us: 0,
-            }));
+            let _ =
+                p.reply.send(Err(InferError::Expired { model: self.model.clone(), timeout_us: 0 }));
         }
     }
 }
@@ -157,8 +158,11 @@ impl LoadedModel {
                 }
             })?;
         }
-        let executor: Arc<dyn Executor<Pending>> =
-            Arc::new(ThreadExecutor { model: name.to_owned(), jobs: Mutex::new(tx), stats: stats.clone() });
+        let executor: Arc<dyn Executor<Pending>> = Arc::new(ThreadExecutor {
+            model: name.to_owned(),
+            jobs: Mutex::new(tx),
+            stats: stats.clone(),
+        });
         tokio::spawn(batcher::run_worker(
             queue.clone(),
             Arc::new(Semaphore::new(config.instances)),
@@ -217,7 +221,9 @@ impl LoadedModel {
     pub fn stop(&self) {
         self.stop.cancel();
         let drained: Vec<Pending> = match self.queue.queue.lock() {
-            Ok(mut q) => q.expire(Instant::now() + Duration::from_secs(365 * 24 * 3600), Duration::ZERO),
+            Ok(mut q) => {
+                q.expire(Instant::now() + Duration::from_secs(365 * 24 * 3600), Duration::ZERO)
+            }
             Err(_) => Vec::new(),
         };
         for p in drained {
@@ -268,7 +274,10 @@ fn run_batch(
             warn!(model, rows, error = %message, "Batch failed.");
             for p in items {
                 stats.request_ended(Outcome::Failure);
-                let _ = p.reply.send(Err(InferError::Failed { model: model.to_owned(), message: message.clone() }));
+                let _ = p.reply.send(Err(InferError::Failed {
+                    model: model.to_owned(),
+                    message: message.clone(),
+                }));
             }
             return;
         }

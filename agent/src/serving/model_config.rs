@@ -151,6 +151,22 @@ struct RawKserve {
     timeout_ms: Option<u64>,
 }
 
+/// A value already clamped to a small range, in a narrower integer type.
+fn narrow<T: TryFrom<u64> + Bounded>(v: u64) -> T {
+    T::try_from(v).unwrap_or(T::MAX)
+}
+
+/// The largest value of an integer type.
+trait Bounded {
+    const MAX: Self;
+}
+impl Bounded for usize {
+    const MAX: Self = Self::MAX;
+}
+impl Bounded for u32 {
+    const MAX: Self = Self::MAX;
+}
+
 impl ModelConfig {
     /// Reads `dir/config.toml`, or the defaults when there is none. `name` is the model's
     /// directory name (the default remote name for `kserve`).
@@ -173,10 +189,8 @@ impl ModelConfig {
             origin: origin.to_owned(),
             problems: vec![e.message().to_owned()],
         })?;
-        Self::from_raw(raw, name).map_err(|problems| ModelConfigError {
-            origin: origin.to_owned(),
-            problems,
-        })
+        Self::from_raw(raw, name)
+            .map_err(|problems| ModelConfigError { origin: origin.to_owned(), problems })
     }
 
     fn from_raw(raw: RawModelConfig, name: &str) -> Result<Self, Vec<String>> {
@@ -187,14 +201,26 @@ impl ModelConfig {
             }
             v.clamp(lo, hi)
         };
-        let max_batch_size = range("max_batch_size", raw.max_batch_size.unwrap_or(8) as u64, 0, 4096);
-        let max_queue_delay = range("max_queue_delay_us", raw.max_queue_delay_us.unwrap_or(500), 0, 10_000_000);
-        let min_batch_size = range("min_batch_size", raw.min_batch_size.unwrap_or(1) as u64, 1, 4096);
-        let min_cap = range("min_batch_wait_cap_us", raw.min_batch_wait_cap_us.unwrap_or(10_000), 0, 60_000_000);
+        let max_batch_size =
+            range("max_batch_size", raw.max_batch_size.unwrap_or(8) as u64, 0, 4096);
+        let max_queue_delay =
+            range("max_queue_delay_us", raw.max_queue_delay_us.unwrap_or(500), 0, 10_000_000);
+        let min_batch_size =
+            range("min_batch_size", raw.min_batch_size.unwrap_or(1) as u64, 1, 4096);
+        let min_cap = range(
+            "min_batch_wait_cap_us",
+            raw.min_batch_wait_cap_us.unwrap_or(10_000),
+            0,
+            60_000_000,
+        );
         let instances = range("instances", raw.instances.unwrap_or(1) as u64, 1, 64);
         let levels = range("priority_levels", u64::from(raw.priority_levels.unwrap_or(1)), 1, 16);
-        let default_priority =
-            range("default_priority", u64::from(raw.default_priority.unwrap_or(levels as u32)), 1, levels);
+        let default_priority = range(
+            "default_priority",
+            u64::from(raw.default_priority.unwrap_or(narrow(levels))),
+            1,
+            levels,
+        );
         let aging = range("priority_aging_ms", raw.priority_aging_ms.unwrap_or(100), 1, 3_600_000);
         let high = range(
             "high_priority_max_queue_delay_us",
@@ -202,8 +228,10 @@ impl ModelConfig {
             0,
             10_000_000,
         );
-        let timeout = range("default_timeout_ms", raw.default_timeout_ms.unwrap_or(0), 0, 3_600_000);
-        let max_queue_size = range("max_queue_size", raw.max_queue_size.unwrap_or(256) as u64, 1, 1_000_000);
+        let timeout =
+            range("default_timeout_ms", raw.default_timeout_ms.unwrap_or(0), 0, 3_600_000);
+        let max_queue_size =
+            range("max_queue_size", raw.max_queue_size.unwrap_or(256) as u64, 1, 1_000_000);
         let mut preferred = raw.preferred_batch_sizes.clone();
         preferred.sort_unstable();
         preferred.dedup();
@@ -259,7 +287,8 @@ impl ModelConfig {
                 }
                 let timeout_ms = k.timeout_ms.unwrap_or(10_000);
                 if !(1..=600_000).contains(&timeout_ms) {
-                    problems.push(format!("kserve.timeout_ms: must be 1..=600000, got {timeout_ms}"));
+                    problems
+                        .push(format!("kserve.timeout_ms: must be 1..=600000, got {timeout_ms}"));
                 }
                 Backend::Kserve(KserveTarget {
                     url: k.url.trim_end_matches('/').to_owned(),
@@ -284,18 +313,18 @@ impl ModelConfig {
         }
         Ok(Self {
             backend,
-            max_batch_size: max_batch_size as usize,
+            max_batch_size: narrow(max_batch_size),
             preferred_batch_sizes: preferred,
             max_queue_delay: Duration::from_micros(max_queue_delay),
-            min_batch_size: min_batch_size as usize,
+            min_batch_size: narrow(min_batch_size),
             min_batch_wait_cap: Duration::from_micros(min_cap),
-            instances: instances as usize,
-            priority_levels: levels as u32,
-            default_priority: default_priority as u32,
+            instances: narrow(instances),
+            priority_levels: narrow(levels),
+            default_priority: narrow(default_priority),
             priority_aging: Duration::from_millis(aging),
             high_priority_max_queue_delay: Duration::from_micros(high),
             default_timeout: (timeout > 0).then(|| Duration::from_millis(timeout)),
-            max_queue_size: max_queue_size as usize,
+            max_queue_size: narrow(max_queue_size),
             inputs,
             outputs,
             loader: LoaderOptions {

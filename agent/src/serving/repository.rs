@@ -116,10 +116,7 @@ impl Repository {
         }
         let dir = self.root.join(name);
         if !dir.is_dir() {
-            return Err(format!(
-                "no directory {} in the model repository",
-                dir.display()
-            ));
+            return Err(format!("no directory {} in the model repository", dir.display()));
         }
         let owned = name.to_owned();
         let loaded = tokio::task::spawn_blocking(move || prepare(&dir, &owned))
@@ -162,7 +159,8 @@ impl Repository {
         match models.get(name) {
             None if !self.root.join(name).is_dir() => Err(LookupError::Unknown(name.to_owned())),
             _ => {
-                let previous = models.insert(name.to_owned(), ModelState::Unavailable("unloaded".to_owned()));
+                let previous =
+                    models.insert(name.to_owned(), ModelState::Unavailable("unloaded".to_owned()));
                 drop(models);
                 if let Some(ModelState::Ready(old)) = previous {
                     for m in old {
@@ -192,7 +190,11 @@ impl Repository {
                     LookupError::NoVersion {
                         name: name.to_owned(),
                         version: v.to_owned(),
-                        loaded: versions.iter().map(|m| m.version.as_str()).collect::<Vec<_>>().join(", "),
+                        loaded: versions
+                            .iter()
+                            .map(|m| m.version.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
                     }
                 }),
             },
@@ -274,7 +276,7 @@ fn prepare(dir: &Path, name: &str) -> Result<Vec<Prepared>, String> {
         .filter_map(|e| e.file_name().to_str().map(str::to_owned))
         .filter_map(|v| v.parse::<u64>().ok().map(|n| (n, v)))
         .collect();
-    versions.sort_by(|a, b| b.0.cmp(&a.0));
+    versions.sort_by_key(|v| std::cmp::Reverse(v.0));
     if versions.is_empty() {
         return Err(format!(
             "no version directories in {} (expected e.g. {}/1/model.onnx)",
@@ -290,8 +292,9 @@ fn prepare(dir: &Path, name: &str) -> Result<Vec<Prepared>, String> {
                 if !file.is_file() {
                     return Err(format!("version {version}: {} is missing", file.display()));
                 }
-                let (engine, signature) = TractEngine::load(&file, &config)
-                    .map_err(|e| format!("version {version}: tract could not load {}: {e}", file.display()))?;
+                let (engine, signature) = TractEngine::load(&file, &config).map_err(|e| {
+                    format!("version {version}: tract could not load {}: {e}", file.display())
+                })?;
                 (signature, Arc::new(engine))
             }
             Backend::Kserve(target) => {

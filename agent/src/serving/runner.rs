@@ -12,13 +12,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tracing::{info, warn};
 use tract_onnx::prelude::{
     DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, TValue,
     TypedRunnableModel, tvec,
 };
 use tract_onnx::tract_core::model::IntoRunnable;
 use tract_onnx::tract_hir::infer::Factoid;
-use tracing::{info, warn};
 
 use super::model_config::{LoaderOptions, ModelConfig, TensorSpec};
 use super::tensor::{DataType, Tensor};
@@ -199,8 +199,14 @@ impl TractEngine {
         Ok(plan)
     }
 
-    fn build(&self, index: usize, shapes: &[Vec<usize>]) -> Result<Arc<TypedRunnableModel>, String> {
-        let Some((_, template)) = self.templates.get(index) else { return Err("no such template".into()) };
+    fn build(
+        &self,
+        index: usize,
+        shapes: &[Vec<usize>],
+    ) -> Result<Arc<TypedRunnableModel>, String> {
+        let Some((_, template)) = self.templates.get(index) else {
+            return Err("no such template".into());
+        };
         let mut model = template.clone();
         for (i, (shape, dt)) in shapes.iter().zip(&self.input_types).enumerate() {
             model
@@ -243,15 +249,15 @@ impl Engine for TractEngine {
             values.push(TValue::from(tensor));
         }
         let outputs = plan.run(values).map_err(|e| RunError(format!("{e:#}")))?;
-        outputs
-            .iter()
-            .map(|v| Tensor::from_tract(v).map_err(|e| RunError(e.0)))
-            .collect()
+        outputs.iter().map(|v| Tensor::from_tract(v).map_err(|e| RunError(e.0))).collect()
     }
 }
 
 /// The signature of an analysed model, and the tract type of each input.
-fn describe(model: &InferenceModel, config: &ModelConfig) -> Result<(Signature, Vec<DatumType>), String> {
+fn describe(
+    model: &InferenceModel,
+    config: &ModelConfig,
+) -> Result<(Signature, Vec<DatumType>), String> {
     let batching = config.max_batch_size > 0;
     let mut off_reason = None;
     let mut inputs = Vec::new();
@@ -429,7 +435,8 @@ mod tests {
     fn vad_with_scalar_and_state_inputs_runs_unbatched_with_a_reason() {
         let config = ModelConfig::default();
         let (engine, sig) =
-            TractEngine::load(&shared_model("silero_vad_op18_ifless.onnx"), &config).expect("loads");
+            TractEngine::load(&shared_model("silero_vad_op18_ifless.onnx"), &config)
+                .expect("loads");
         assert_eq!(sig.max_batch_size, 0);
         let reason = sig.batching_off_reason.clone().expect("a reason");
         assert!(reason.contains("sr") || reason.contains("state"), "{reason}");
@@ -437,13 +444,21 @@ mod tests {
         assert_eq!(names, ["input", "sr", "state"]);
         let mut inputs = Vec::new();
         for spec in &sig.inputs {
-            inputs.push(match spec.name.as_str() {
-                "input" => Tensor::from_bytes(DataType::F32, vec![1, 512], pseudo_random_f32(512, 3)),
-                "state" => Tensor::from_bytes(DataType::F32, vec![2, 1, 128], vec![0; 2 * 128 * 4]),
-                "sr" => Tensor::from_bytes(DataType::I64, vec![], 16_000i64.to_le_bytes().to_vec()),
-                other => panic!("unexpected input {other}"),
-            }
-            .expect("tensor"));
+            inputs.push(
+                match spec.name.as_str() {
+                    "input" => {
+                        Tensor::from_bytes(DataType::F32, vec![1, 512], pseudo_random_f32(512, 3))
+                    }
+                    "state" => {
+                        Tensor::from_bytes(DataType::F32, vec![2, 1, 128], vec![0; 2 * 128 * 4])
+                    }
+                    "sr" => {
+                        Tensor::from_bytes(DataType::I64, vec![], 16_000i64.to_le_bytes().to_vec())
+                    }
+                    other => panic!("unexpected input {other}"),
+                }
+                .expect("tensor"),
+            );
         }
         let out = engine.run(inputs).expect("runs");
         assert_eq!(out.len(), 2);

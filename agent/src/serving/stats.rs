@@ -232,10 +232,16 @@ pub fn render_prometheus(all: &[std::sync::Arc<ModelStats>]) -> String {
         ("flotilla_model_successes_total", "Requests answered.", |c| c.successes),
         ("flotilla_model_failures_total", "Admitted requests the engine failed.", |c| c.failures),
         ("flotilla_model_rejected_total", "Requests refused at admission.", |c| c.rejected),
-        ("flotilla_model_expired_total", "Requests whose deadline passed before compute.", |c| c.expired),
+        ("flotilla_model_expired_total", "Requests whose deadline passed before compute.", |c| {
+            c.expired
+        }),
         ("flotilla_model_inferences_total", "Batch rows computed.", |c| c.inferences),
         ("flotilla_model_batches_total", "Batches dispatched.", |c| c.batches),
-        ("flotilla_model_batch_slots_total", "Capacity of dispatched batches (max batch size each).", |c| c.batch_slots),
+        (
+            "flotilla_model_batch_slots_total",
+            "Capacity of dispatched batches (max batch size each).",
+            |c| c.batch_slots,
+        ),
     ];
     for (name, help, get) in counters {
         header(&mut out, name, "counter", help);
@@ -253,8 +259,12 @@ pub fn render_prometheus(all: &[std::sync::Arc<ModelStats>]) -> String {
     let latency = latency_bounds_us();
     type Hist = fn(&Counters) -> &LogHistogram;
     let seconds: [(&str, &str, Hist); 3] = [
-        ("flotilla_model_latency_seconds", "End-to-end latency of successful requests.", |c| &c.latency_us),
-        ("flotilla_model_queue_seconds", "Time requests waited in the batcher queue.", |c| &c.queue_us),
+        ("flotilla_model_latency_seconds", "End-to-end latency of successful requests.", |c| {
+            &c.latency_us
+        }),
+        ("flotilla_model_queue_seconds", "Time requests waited in the batcher queue.", |c| {
+            &c.queue_us
+        }),
         ("flotilla_model_compute_seconds", "Engine time per batch.", |c| &c.compute_us),
     ];
     for (name, help, get) in seconds {
@@ -272,7 +282,14 @@ pub fn render_prometheus(all: &[std::sync::Arc<ModelStats>]) -> String {
     out
 }
 
-fn histogram(out: &mut String, name: &str, labels: &str, h: &LogHistogram, bounds: &[u64], scale: f64) {
+fn histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    h: &LogHistogram,
+    bounds: &[u64],
+    scale: f64,
+) {
     for b in bounds {
         let le = *b as f64 * scale;
         let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {}", h.count_at_most(*b));
@@ -294,16 +311,36 @@ mod tests {
         s.request_ended(Outcome::Rejected);
         s.batch_ran(3, 8, Duration::from_millis(1), Reason::Delay);
         let d = s.take_sample(Duration::from_secs(1)).expect("activity");
-        assert_eq!((d.requests, d.successes, d.rejected, d.inferences, d.batch_slots), (2, 1, 1, 3, 8));
+        assert_eq!(
+            (d.requests, d.successes, d.rejected, d.inferences, d.batch_slots),
+            (2, 1, 1, 3, 8)
+        );
         assert!(s.take_sample(Duration::from_secs(1)).is_none(), "deltas reset");
         s.request_ended(Outcome::Expired);
         let d = s.take_sample(Duration::from_secs(1)).expect("activity");
         assert_eq!((d.requests, d.expired), (1, 1));
         let text = render_prometheus(&[Arc::new(s)]);
-        assert!(text.contains("flotilla_model_requests_total{model=\"m\",version=\"1\"} 3"), "{text}");
-        assert!(text.contains("flotilla_model_dispatches_total{model=\"m\",version=\"1\",reason=\"delay\"} 1"), "{text}");
-        assert!(text.contains("flotilla_model_batch_size_bucket{model=\"m\",version=\"1\",le=\"2\"} 0"), "{text}");
-        assert!(text.contains("flotilla_model_batch_size_bucket{model=\"m\",version=\"1\",le=\"4\"} 1"), "{text}");
-        assert!(text.contains("flotilla_model_latency_seconds_count{model=\"m\",version=\"1\"} 1"), "{text}");
+        assert!(
+            text.contains("flotilla_model_requests_total{model=\"m\",version=\"1\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "flotilla_model_dispatches_total{model=\"m\",version=\"1\",reason=\"delay\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("flotilla_model_batch_size_bucket{model=\"m\",version=\"1\",le=\"2\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flotilla_model_batch_size_bucket{model=\"m\",version=\"1\",le=\"4\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flotilla_model_latency_seconds_count{model=\"m\",version=\"1\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -86,7 +86,7 @@ impl DataType {
     pub fn triton_config_name(self) -> String {
         match self {
             Self::Bytes => "TYPE_STRING".to_owned(),
-            other => format!("TYPE_{}", other.name().replace("UINT", "UINT")),
+            other => format!("TYPE_{}", other.name()),
         }
     }
 
@@ -292,7 +292,9 @@ impl Tensor {
             Payload::Strings(s) => {
                 let mut out = Vec::with_capacity(s.iter().map(|e| e.len() + 4).sum());
                 for e in s {
-                    out.extend_from_slice(&u32::try_from(e.len()).unwrap_or(u32::MAX).to_le_bytes());
+                    out.extend_from_slice(
+                        &u32::try_from(e.len()).unwrap_or(u32::MAX).to_le_bytes(),
+                    );
                     out.extend_from_slice(e);
                 }
                 out
@@ -432,7 +434,11 @@ impl Tensor {
     }
 }
 
-fn flatten_json<'a>(v: &'a Value, out: &mut Vec<&'a Value>, depth: usize) -> Result<(), TensorError> {
+fn flatten_json<'a>(
+    v: &'a Value,
+    out: &mut Vec<&'a Value>,
+    depth: usize,
+) -> Result<(), TensorError> {
     if depth > 32 {
         return err("data is nested more than 32 levels deep");
     }

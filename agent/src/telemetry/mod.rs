@@ -144,7 +144,14 @@ impl Collectors {
             source.sample(&mut accelerators);
         }
         self.remember(&accelerators);
-        Sample { unix_ms, sample_index: 0, host: Some(host), gpus, accelerators, models: Vec::new() }
+        Sample {
+            unix_ms,
+            sample_index: 0,
+            host: Some(host),
+            gpus,
+            accelerators,
+            models: Vec::new(),
+        }
     }
 
     /// Number of GPUs found.

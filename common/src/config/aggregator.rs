@@ -285,7 +285,10 @@ impl AggregatorConfig {
         }
         let analytics = AnalyticsConfig {
             schedule: a.schedule.clone(),
-            pricing_file: a.pricing_file.as_ref().map(|p| c.path("analytics.pricing_file", p, base)),
+            pricing_file: a
+                .pricing_file
+                .as_ref()
+                .map(|p| c.path("analytics.pricing_file", p, base)),
             policy_file: a.policy_file.as_ref().map(|p| c.path("analytics.policy_file", p, base)),
         };
         c.finish(origin, Self { listen, tls, store, ingest, analytics })

@@ -108,11 +108,19 @@ fn tritonclient_works_unmodified_and_stats_reach_the_aggregator() {
     let cases = json!([
         case("ocr", &ocr, vec![("x", f32_tensor(vec![1, 3, 48, 192], &values(row, 1)))]),
         case("ocr", &ocr, vec![("x", f32_tensor(vec![2, 3, 48, 192], &values(2 * row, 2)))]),
-        case("vad", &vad, vec![
-            ("input", f32_tensor(vec![1, 512], &values(512, 3))),
-            ("state", f32_tensor(vec![2, 1, 128], &vec![0.0; 256])),
-            ("sr", Tensor::from_bytes(DataType::I64, vec![], 16_000i64.to_le_bytes().to_vec()).unwrap()),
-        ]),
+        case(
+            "vad",
+            &vad,
+            vec![
+                ("input", f32_tensor(vec![1, 512], &values(512, 3))),
+                ("state", f32_tensor(vec![2, 1, 128], &vec![0.0; 256])),
+                (
+                    "sr",
+                    Tensor::from_bytes(DataType::I64, vec![], 16_000i64.to_le_bytes().to_vec())
+                        .unwrap()
+                ),
+            ]
+        ),
     ]);
     let cases_file = fleet.path().join("cases.json");
     std::fs::write(&cases_file, cases.to_string()).unwrap();
@@ -230,21 +238,22 @@ fn overload_refuses_the_excess_fast_and_serves_the_admitted() {
     let agg = Aggregator::start(&fleet.aggregator_config(0));
     let (_agent, addr) = serving_agent(&fleet, "overload-1", &agg, &repo);
     let x: Vec<f32> = values(3 * 48 * 192, 9);
-    let body = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3, 48, 192], "data": x}]})
-        .to_string();
+    let body =
+        json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3, 48, 192], "data": x}]})
+            .to_string();
     // Warm the plan for one row so the burst measures serving, not plan building.
     assert_eq!(http_infer(&addr, "ocr", &body).0, 200);
 
     let clients = 96;
     let start = Instant::now();
     let results: Vec<(u16, Instant)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..clients)
-            .map(|_| scope.spawn(|| http_infer(&addr, "ocr", &body)))
-            .collect();
+        let handles: Vec<_> =
+            (0..clients).map(|_| scope.spawn(|| http_infer(&addr, "ocr", &body))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let ok: Vec<Instant> = results.iter().filter(|(s, _)| *s == 200).map(|(_, t)| *t).collect();
-    let refused: Vec<Instant> = results.iter().filter(|(s, _)| *s == 503).map(|(_, t)| *t).collect();
+    let refused: Vec<Instant> =
+        results.iter().filter(|(s, _)| *s == 503).map(|(_, t)| *t).collect();
     assert_eq!(ok.len() + refused.len(), clients, "only successes and 503s: {results:?}");
     assert!(!refused.is_empty(), "a burst of {clients} against 8 queue slots refuses some");
     assert!(ok.len() >= 8, "the admitted are served: {} ok", ok.len());
@@ -257,8 +266,7 @@ fn overload_refuses_the_excess_fast_and_serves_the_admitted() {
     assert!(median(&refused) < median(&ok), "refusals are not faster than service");
 
     // The server counted the same story, and nobody expired or failed.
-    let stats: Value =
-        serde_json::from_str(&http_get(&addr, "/v2/models/ocr/stats")).unwrap();
+    let stats: Value = serde_json::from_str(&http_get(&addr, "/v2/models/ocr/stats")).unwrap();
     let f = &stats["model_stats"][0]["flotilla"];
     assert_eq!(f["rejected"].as_u64().unwrap() as usize, refused.len(), "{stats}");
     assert_eq!(f["expired"], 0, "{stats}");
@@ -297,7 +305,8 @@ fn kserve_backend_forwards_batches_to_another_server() {
     assert_eq!(forwarded["model_name"], "classifier");
     assert_eq!(forwarded["outputs"][0]["shape"], json!([2, 3]), "{forwarded}");
     assert_eq!(forwarded["outputs"][0]["data"], direct["outputs"][0]["data"]);
-    let meta: Value = serde_json::from_str(&http_get(&front_addr, "/v2/models/classifier")).unwrap();
+    let meta: Value =
+        serde_json::from_str(&http_get(&front_addr, "/v2/models/classifier")).unwrap();
     assert_eq!(meta["platform"], "kserve");
     assert_eq!(meta["inputs"][0]["name"], "features");
 }
