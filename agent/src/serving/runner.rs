@@ -125,10 +125,8 @@ impl TractEngine {
     /// open; batching is turned off (with the reason) when an input or output has no batch axis.
     ///
     /// The signature comes from the first loader setting under which the graph analyses
-    /// (strict settings keep the file's declared shapes). The plans come from the first setting
-    /// under which a trial plan for one request builds, which also warms the plan cache; sizes
-    /// the model leaves open are guessed as 1 for the trial, and a trial that fails only on a
-    /// guess does not rule a setting out.
+    /// (strict settings keep the file's declared shapes). Every setting that loads is kept;
+    /// each plan is built from the first one under which it builds.
     pub fn load(path: &Path, config: &ModelConfig) -> Result<(Self, Signature), String> {
         let mut first_error: Option<String> = None;
         let mut loaded = Vec::new();
@@ -151,14 +149,11 @@ impl TractEngine {
             plans: Mutex::new(HashMap::new()),
             plan_order: Mutex::new(Vec::new()),
         };
-        let (shapes, guessed) = trial_shapes(&signature);
-        match engine.plan_for(shapes) {
-            Ok(_) => {}
-            // Sizes the model leaves open were guessed; real requests may still run.
-            Err(e) if guessed => {
-                info!(path = %path.display(), reason = %e, "No trial plan at load; plans are built on first use.");
-            }
-            Err(e) => return Err(e.0),
+        // A trial plan for one request, when the model fixes every size but the batch: it
+        // catches broken graphs at load and warms the cache. Guessing open sizes would make
+        // tract fail (or panic) on shapes no request will send, so those wait for first use.
+        if let Some(shapes) = trial_shapes(&signature) {
+            engine.plan_for(shapes).map_err(|e| e.0)?;
         }
         Ok((engine, signature))
     }
@@ -175,6 +170,13 @@ impl TractEngine {
         for index in order {
             match self.build(index, &shapes) {
                 Ok(p) => {
+                    if index != first {
+                        let (ignore_output_shapes, ignore_value_info) = self.templates[index].0;
+                        info!(
+                            ignore_output_shapes,
+                            ignore_value_info, "Plans now come from lenient tract loader settings."
+                        );
+                    }
                     self.preferred.store(index, Ordering::Relaxed);
                     plan = Some(p);
                     break;
@@ -318,26 +320,24 @@ fn describe(
     Ok((signature, input_types))
 }
 
-/// Shapes for a trial plan of one request, and whether any size had to be guessed.
-fn trial_shapes(signature: &Signature) -> (Vec<Vec<usize>>, bool) {
-    let mut guessed = false;
-    let shapes = signature
+/// Shapes for a trial plan of one request (one row on the batch axis), if every other size is
+/// known.
+fn trial_shapes(signature: &Signature) -> Option<Vec<Vec<usize>>> {
+    signature
         .inputs
         .iter()
         .map(|io| {
             io.dims
                 .iter()
                 .enumerate()
-                .map(|(axis, d)| {
-                    usize::try_from(*d).unwrap_or_else(|_| {
-                        guessed |= !(axis == 0 && signature.max_batch_size > 0);
-                        1
-                    })
+                .map(|(axis, d)| match usize::try_from(*d) {
+                    Ok(d) => Some(d),
+                    Err(_) if axis == 0 && signature.max_batch_size > 0 => Some(1),
+                    Err(_) => None,
                 })
                 .collect()
         })
-        .collect();
-    (shapes, guessed)
+        .collect()
 }
 
 /// Full per-request dims: batch dim -1 first when batching, then the config's or the file's.
@@ -423,7 +423,7 @@ mod tests {
         let both = Tensor::concat_rows(&[&a, &b]).expect("batch");
         let batched = engine.run(vec![both]).expect("batch runs");
         assert_eq!(batched[0].shape(), &[2, 2]);
-        assert_eq!(engine.plan_count(), 3, "one plan per shape: the trial at load, 1 and 2 rows");
+        assert_eq!(engine.plan_count(), 2, "one plan per batch size (H and W are open: no trial)");
         let joined: Vec<f64> =
             single_a[0].to_f64().into_iter().chain(single_b[0].to_f64()).collect();
         for (x, y) in batched[0].to_f64().iter().zip(&joined) {
