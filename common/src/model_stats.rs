@@ -45,22 +45,20 @@ impl ModelTotals {
             Some(h) => LogHistogram::from_proto(h),
             None => Ok(LogHistogram::new()),
         };
-        let latency = read(&sample.latency_us)?;
-        let queue = read(&sample.queue_us)?;
-        let compute = read(&sample.compute_us)?;
-        let batch_size = read(&sample.batch_size)?;
-        self.requests += sample.requests;
-        self.successes += sample.successes;
-        self.failures += sample.failures;
-        self.rejected += sample.rejected;
-        self.expired += sample.expired;
-        self.inferences += sample.inferences;
-        self.batches += sample.batches;
-        self.batch_slots += sample.batch_slots;
-        self.latency_us.merge(&latency);
-        self.queue_us.merge(&queue);
-        self.compute_us.merge(&compute);
-        self.batch_size.merge(&batch_size);
+        self.merge(&Self {
+            requests: sample.requests,
+            successes: sample.successes,
+            failures: sample.failures,
+            rejected: sample.rejected,
+            expired: sample.expired,
+            inferences: sample.inferences,
+            batches: sample.batches,
+            batch_slots: sample.batch_slots,
+            latency_us: read(&sample.latency_us)?,
+            queue_us: read(&sample.queue_us)?,
+            compute_us: read(&sample.compute_us)?,
+            batch_size: read(&sample.batch_size)?,
+        });
         Ok(())
     }
 
