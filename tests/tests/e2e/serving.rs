@@ -184,6 +184,18 @@ fn tritonclient_works_unmodified_and_stats_reach_the_aggregator() {
             series["points"].as_array()?.iter().filter_map(|p| p["value"].as_f64()).sum();
         (total > 0.0).then_some(())
     });
+    // `flotilla models` shows them fleet-wide, percentiles from merged histograms.
+    let models = eventually("ocr in flotilla models", WAIT, || {
+        let rows = agg.cli_json(&["models", "--since", "10m"]).ok()?;
+        let rows = rows.as_array()?.clone();
+        let ocr = rows.into_iter().find(|r| r["model"] == "ocr")?;
+        (ocr["successes"].as_u64() >= Some(2)).then_some(ocr)
+    });
+    assert_eq!(models["hosts"], json!(["infer-1"]), "{models}");
+    assert!(models["latency_p99_ms"].as_f64().unwrap() > 0.0, "{models}");
+    assert!(models["latency_p50_ms"].as_f64() <= models["latency_p99_ms"].as_f64(), "{models}");
+    let table = agg.cli(&["models"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("ocr"));
 }
 
 fn which(program: &str) -> Result<PathBuf, ()> {
