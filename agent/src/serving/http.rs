@@ -767,6 +767,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn mangled_requests_get_client_errors_never_a_panic() {
+        let (app, _dir) = app(1 << 16).await;
+        let header = r#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","parameters":{"binary_data_size":16}}],"outputs":[{"name":"probabilities","parameters":{"binary_data":true}}]}"#;
+        let mut valid = header.as_bytes().to_vec();
+        valid.extend([0u8; 16]);
+        let mut seed = 0x9e37_79b9_u32;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        for round in 0..400 {
+            let mut body = valid.clone();
+            // Flip, drop or insert a few bytes anywhere, header or tensor.
+            for _ in 0..=(next() % 4) {
+                let at = next() as usize % body.len().max(1);
+                match next() % 3 {
+                    0 => body[at] = next().to_le_bytes()[0],
+                    1 if body.len() > 1 => {
+                        body.remove(at);
+                    }
+                    _ => body.insert(at, next().to_le_bytes()[0]),
+                }
+            }
+            let declared = if round % 2 == 0 { header.len() } else { next() as usize % 400 };
+            let declared = declared.to_string();
+            let (status, _, reply) =
+                call(&app, "POST", "/v2/models/demo/infer", &[(HEADER_LENGTH, &declared)], body)
+                    .await;
+            assert!(
+                status == StatusCode::OK || status.is_client_error(),
+                "round {round}: {status} {}",
+                String::from_utf8_lossy(&reply)
+            );
+            if status != StatusCode::OK {
+                assert!(!error_of(&reply).is_empty());
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn metadata_config_and_repository() {
         let (app, _dir) = app(1 << 20).await;
         let (_, _, body) = call(&app, "GET", "/v2/models/demo", &[], vec![]).await;
