@@ -47,6 +47,8 @@ pub struct ApiState {
     pub token: Option<Arc<str>>,
     /// Silence after which a host counts as offline.
     pub offline_after: Duration,
+    /// The analytics runner (results, budgets, manual runs).
+    pub analytics: Arc<crate::scheduler::Analytics>,
 }
 
 /// The router.
@@ -58,6 +60,20 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/hosts/{host}/metrics/{metric}", get(metric_series))
         .route("/api/v1/hosts/{host}/metric-names", get(metric_names))
         .route("/api/v1/hosts/{host}/revoke", post(revoke).delete(unrevoke))
+        .route("/api/v1/models", get(models))
+        .route("/api/v1/analytics", get(analytics_summary))
+        .route("/api/v1/analytics/run", post(analytics_run))
+        .route("/api/v1/forecasts", get(forecasts))
+        .route("/api/v1/forecasts/{target}", get(forecast))
+        .route("/api/v1/costs", get(|s: State<ApiState>| report(s, "report/costs")))
+        .route("/api/v1/plans", get(|s: State<ApiState>| report(s, "report/plans")))
+        .route(
+            "/api/v1/budgets",
+            get(|s: State<ApiState>| report(s, "report/budgets")).post(add_budget),
+        )
+        .route("/api/v1/budgets/{name}", axum::routing::delete(delete_budget))
+        .route("/api/v1/alerts", get(alerts))
+        .route("/api/v1/anomalies", get(anomalies))
         .route("/metrics", get(prometheus))
         .fallback(|| async {
             failure(StatusCode::NOT_FOUND, "no such route; see docs/admin-api.md")
@@ -338,4 +354,245 @@ async fn prometheus(State(state): State<ApiState>) -> Result<Response, Failure> 
         .stats
         .render(&Gauges { connections_open: state.connections.len() as u64, hosts: counts });
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
+}
+
+// === analytics routes ===
+
+/// Query of `/api/v1/models`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelsQuery {
+    /// Window, seconds back from now (default 300).
+    since_secs: Option<u64>,
+}
+
+async fn models(
+    State(state): State<ApiState>,
+    query: Result<Query<ModelsQuery>, QueryRejection>,
+) -> Result<Json<Vec<crate::analytics::models::ModelView>>, Failure> {
+    let Query(q) = query.map_err(|e| {
+        failure(StatusCode::BAD_REQUEST, format!("{e}; use since_secs=N (seconds, 1..=86400)"))
+    })?;
+    let since_secs = q.since_secs.unwrap_or(300);
+    if !(1..=86_400).contains(&since_secs) {
+        return Err(failure(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "since_secs must be 1..=86400 (raw samples are kept for hours), got {since_secs}"
+            ),
+        ));
+    }
+    let now = now_ms();
+    let from = now - i64::try_from(since_secs).unwrap_or(300) * 1000;
+    let store = state.store.clone();
+    let per_host = blocking(move || {
+        let mut out = Vec::new();
+        for (host, _) in store.hosts()? {
+            out.push((host.to_string(), store.samples(&host, from, now + 1)?));
+        }
+        Ok(out)
+    })
+    .await?;
+    Ok(Json(crate::analytics::models::summarize(&per_host, since_secs)))
+}
+
+async fn doc<T: serde::de::DeserializeOwned + Send + 'static>(
+    state: &ApiState,
+    key: String,
+) -> Result<Option<T>, Failure> {
+    let store = state.store.clone();
+    let k = key.clone();
+    let Some(bytes) = blocking(move || store.doc(&k)).await? else { return Ok(None) };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        failure(StatusCode::INTERNAL_SERVER_ERROR, format!("stored {key} does not decode: {e}"))
+    })
+}
+
+fn no_pass_yet() -> Failure {
+    failure(
+        StatusCode::NOT_FOUND,
+        "no analytics pass has run yet: wait for the schedule or run `flotilla analytics run`",
+    )
+}
+
+async fn report(State(state): State<ApiState>, key: &'static str) -> Result<Response, Failure> {
+    let v: serde_json::Value = doc(&state, key.to_owned()).await?.ok_or_else(no_pass_yet)?;
+    Ok(Json(v).into_response())
+}
+
+async fn analytics_summary(
+    State(state): State<ApiState>,
+) -> Result<Json<crate::scheduler::RunSummary>, Failure> {
+    doc(&state, "report/meta".to_owned()).await?.map(Json).ok_or_else(no_pass_yet)
+}
+
+async fn analytics_run(
+    State(state): State<ApiState>,
+) -> Result<Json<crate::scheduler::RunSummary>, Failure> {
+    state
+        .analytics
+        .run_once(now_ms())
+        .await
+        .map(Json)
+        .map_err(|e| failure(StatusCode::INTERNAL_SERVER_ERROR, common::daemon::error_chain(&e)))
+}
+
+async fn forecasts(
+    State(state): State<ApiState>,
+) -> Result<Json<Vec<crate::scheduler::ForecastSummary>>, Failure> {
+    let meta: crate::scheduler::RunSummary =
+        doc(&state, "report/meta".to_owned()).await?.ok_or_else(no_pass_yet)?;
+    Ok(Json(meta.forecasts))
+}
+
+/// Query of `/api/v1/forecasts/{target}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForecastQuery {
+    /// For a host: gpu_util_pct (default when it has one) or cpu_util_pct.
+    metric: Option<String>,
+}
+
+async fn forecast(
+    State(state): State<ApiState>,
+    JsonPath(target): JsonPath<String>,
+    query: Result<Query<ForecastQuery>, QueryRejection>,
+) -> Result<Json<crate::analytics::ForecastView>, Failure> {
+    let Query(q) = query.map_err(|e| {
+        failure(StatusCode::BAD_REQUEST, format!("{e}; use metric=gpu_util_pct|cpu_util_pct"))
+    })?;
+    let mut candidates = vec![target.clone(), format!("model:{target}")];
+    match q.metric.as_deref() {
+        Some(m) => candidates.push(format!("host:{target}:{m}")),
+        None => {
+            candidates.push(format!("host:{target}:gpu_util_pct"));
+            candidates.push(format!("host:{target}:cpu_util_pct"));
+        }
+    }
+    for c in candidates {
+        if let Some(v) = doc(&state, format!("forecast/{c}")).await? {
+            return Ok(Json(v));
+        }
+    }
+    let meta: Option<crate::scheduler::RunSummary> = doc(&state, "report/meta".to_owned()).await?;
+    let known: Vec<String> =
+        meta.map(|m| m.forecasts.into_iter().map(|f| f.target).collect()).unwrap_or_default();
+    Err(failure(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no forecast for {target:?}: name a model or host; forecasts exist for: {}",
+            if known.is_empty() {
+                "none (no analytics pass yet)".to_owned()
+            } else {
+                known.join(", ")
+            }
+        ),
+    ))
+}
+
+async fn add_budget(
+    State(state): State<ApiState>,
+    body: Result<Json<crate::analytics::budgets::Budget>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Vec<crate::analytics::budgets::Budget>>, Failure> {
+    let Json(budget) =
+        body.map_err(|e| failure(StatusCode::BAD_REQUEST, format!("budget: {e}")))?;
+    let problems = budget.problems("budget");
+    if !problems.is_empty() {
+        return Err(failure(StatusCode::BAD_REQUEST, problems.join("; ")));
+    }
+    if state.analytics.settings().budgets.iter().any(|b| b.name == budget.name) {
+        return Err(failure(
+            StatusCode::CONFLICT,
+            format!("budget {:?} is defined in the policy file; change it there", budget.name),
+        ));
+    }
+    let store = state.store.clone();
+    let saved = blocking(move || {
+        let mut all = crate::scheduler::api_budgets(store.as_ref())?;
+        all.retain(|b| b.name != budget.name);
+        all.push(budget);
+        let bytes = serde_json::to_vec(&all).map_err(|e| crate::store::StoreError::Corrupt {
+            what: "budgets/api".into(),
+            reason: e.to_string(),
+        })?;
+        store.put_doc("budgets/api", &bytes)?;
+        Ok(all)
+    })
+    .await?;
+    Ok(Json(saved))
+}
+
+async fn delete_budget(
+    State(state): State<ApiState>,
+    JsonPath(name): JsonPath<String>,
+) -> Result<Json<Vec<crate::analytics::budgets::Budget>>, Failure> {
+    let store = state.store.clone();
+    let n = name.clone();
+    let (had, all) = blocking(move || {
+        let mut all = crate::scheduler::api_budgets(store.as_ref())?;
+        let before = all.len();
+        all.retain(|b| b.name != n);
+        let bytes = serde_json::to_vec(&all).map_err(|e| crate::store::StoreError::Corrupt {
+            what: "budgets/api".into(),
+            reason: e.to_string(),
+        })?;
+        store.put_doc("budgets/api", &bytes)?;
+        Ok((before != all.len(), all))
+    })
+    .await?;
+    if !had {
+        return Err(failure(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no budget {name:?} was added through the API (file budgets are edited in the policy file)"
+            ),
+        ));
+    }
+    Ok(Json(all))
+}
+
+/// Query of `/api/v1/alerts` and `/api/v1/anomalies`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    /// Most history records to return (default 100).
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/alerts`.
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+pub struct AlertsView {
+    /// Active alerts.
+    pub active: Vec<crate::analytics::alerts::Alert>,
+    /// Transitions, newest first.
+    pub history: Vec<crate::analytics::alerts::Alert>,
+}
+
+async fn alerts(
+    State(state): State<ApiState>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<Json<AlertsView>, Failure> {
+    let Query(q) =
+        query.map_err(|e| failure(StatusCode::BAD_REQUEST, format!("{e}; use limit=N")))?;
+    let book: crate::analytics::alerts::AlertBook =
+        doc(&state, "alerts/book".to_owned()).await?.unwrap_or_default();
+    let store = state.store.clone();
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let raw = blocking(move || store.history("alert", i64::MIN, limit)).await?;
+    Ok(Json(AlertsView {
+        active: book.active.into_values().collect(),
+        history: raw.iter().filter_map(|v| serde_json::from_slice(v).ok()).collect(),
+    }))
+}
+
+async fn anomalies(
+    State(state): State<ApiState>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<Json<Vec<crate::scheduler::AnomalyEvent>>, Failure> {
+    let Query(q) =
+        query.map_err(|e| failure(StatusCode::BAD_REQUEST, format!("{e}; use limit=N")))?;
+    let store = state.store.clone();
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let raw = blocking(move || store.history("anomaly", i64::MIN, limit)).await?;
+    Ok(Json(raw.iter().filter_map(|v| serde_json::from_slice(v).ok()).collect()))
 }

@@ -17,17 +17,23 @@
 //! | [`stats`] | self-monitoring counters |
 //! | [`cli`] | the `flotilla` operator CLI |
 //! | [`up`] | `flotilla up`: a one-host fleet on this machine |
+//! | [`analytics`] | pure analytics: forecasts, costs, plans, budgets, alerts |
+//! | [`scheduler`] | runs analytics on a schedule, stores results, delivers alerts |
+//! | [`webhook`] | alert webhook delivery with retries |
 #![forbid(unsafe_code)]
 
+pub mod analytics;
 pub mod api;
 pub mod cli;
 pub mod commit;
 pub mod connections;
 pub mod ingest;
+pub mod scheduler;
 pub mod stats;
 pub mod store;
 pub mod up;
 pub mod views;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,6 +85,12 @@ pub enum AggregatorError {
     /// The admin server failed.
     #[error("admin API server")]
     Admin(#[source] std::io::Error),
+    /// The analytics policy or pricing file is bad.
+    #[error("analytics configuration")]
+    Config(#[source] common::config::ConfigError),
+    /// The analytics scheduler could not start.
+    #[error(transparent)]
+    Analytics(#[from] scheduler::AnalyticsError),
 }
 
 /// An aggregator with its sockets bound and store open, ready to [`run`].
@@ -164,6 +176,14 @@ pub async fn run(
     );
     let ingest = tokio::spawn(ingest::serve(endpoint, ctx, shutdown.clone()));
     let upkeep = tokio::spawn(upkeep(store.clone(), &config, shutdown.clone()));
+    let (settings, catalog) =
+        scheduler::load_settings(&config.analytics).map_err(AggregatorError::Config)?;
+    let analytics = Arc::new(scheduler::Analytics::new(store.clone(), settings, catalog));
+    let cron = tokio::spawn(scheduler::schedule(
+        analytics.clone(),
+        config.analytics.schedule.clone(),
+        shutdown.clone(),
+    ));
     let app = api::router(api::ApiState {
         store: store.clone(),
         connections,
@@ -171,6 +191,7 @@ pub async fn run(
         stats,
         token,
         offline_after: config.ingest.offline_after,
+        analytics,
     });
     let admin_shutdown = shutdown.clone();
     let served = axum::serve(admin, app)
@@ -180,6 +201,9 @@ pub async fn run(
     shutdown.cancel();
     let _ = ingest.await;
     let _ = upkeep.await;
+    if let Ok(Err(e)) = cron.await {
+        warn!(error = %common::daemon::error_chain(&e), "Analytics scheduler failed.");
+    }
     // The ingest context (holding the last committer handle) is gone: the worker drains and ends.
     if tokio::time::timeout(Duration::from_secs(10), commit_worker).await.is_err() {
         warn!("Commit worker did not finish within 10 s.");

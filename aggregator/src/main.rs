@@ -83,7 +83,8 @@ fn main() -> ExitCode {
 fn real_main(args: Args) -> anyhow::Result<()> {
     match args.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
-            AggregatorConfig::load(&args.config)?;
+            let config = AggregatorConfig::load(&args.config)?;
+            aggregator::scheduler::check(&config.analytics)?;
             println!("{}: ok", args.config.display());
             Ok(())
         }
@@ -109,6 +110,7 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         }
         Command::Run => {
             let config = AggregatorConfig::load(&args.config)?;
+            aggregator::scheduler::check(&config.analytics)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

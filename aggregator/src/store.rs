@@ -211,6 +211,40 @@ pub trait TelemetryStore: Send + Sync + std::fmt::Debug + 'static {
     fn unrevoke(&self, host: &HostId) -> Result<bool, StoreError>;
     /// Every revocation.
     fn revocations(&self) -> Result<Vec<(HostId, i64)>, StoreError>;
+    /// Whole rollups (every series) of a host with bucket start in `[since_ms, until_ms)`,
+    /// oldest first; `Raw` is treated as `Minute`.
+    fn rollups(
+        &self,
+        host: &HostId,
+        since_ms: i64,
+        until_ms: i64,
+        resolution: Resolution,
+    ) -> Result<Vec<(i64, Rollup)>, StoreError>;
+    /// Raw samples of a host in `[since_ms, until_ms)`, oldest first (undecodable ones skipped).
+    fn samples(
+        &self,
+        host: &HostId,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<Sample>, StoreError>;
+    /// Stores an analytics document (JSON) under `key`, durably.
+    fn put_doc(&self, key: &str, json: &[u8]) -> Result<(), StoreError>;
+    /// An analytics document.
+    fn doc(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Analytics documents whose key starts with `prefix`, in key order.
+    fn docs(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Deletes the analytics documents whose key starts with `prefix`; returns how many.
+    fn delete_docs(&self, prefix: &str) -> Result<u64, StoreError>;
+    /// Appends (or overwrites: the key is `kind, unix_ms, id`) one history record.
+    fn put_history(
+        &self,
+        kind: &str,
+        unix_ms: i64,
+        id: &str,
+        json: &[u8],
+    ) -> Result<(), StoreError>;
+    /// History records of `kind` at or after `since_ms`, newest first, at most `limit`.
+    fn history(&self, kind: &str, since_ms: i64, limit: usize) -> Result<Vec<Vec<u8>>, StoreError>;
 }
 
 /// Key layouts: the one place that knows how keys are built.
@@ -256,6 +290,14 @@ pub mod keys {
         k
     }
 
+    /// `kind \0 time id`: one analytics history record (alert transitions, anomalies).
+    pub fn history(kind: &str, unix_ms: i64, id: &str) -> Vec<u8> {
+        let mut k = host_prefix(kind);
+        k.extend_from_slice(&time(unix_ms));
+        k.extend_from_slice(id.as_bytes());
+        k
+    }
+
     /// Splits a bucket or sample key into host and time.
     pub fn split(k: &[u8]) -> Option<(&str, i64)> {
         let nul = k.iter().position(|b| *b == 0)?;
@@ -278,6 +320,8 @@ pub struct SledStore {
     dirty_minutes: sled::Tree,
     dirty_hours: sled::Tree,
     revoked: sled::Tree,
+    analytics: sled::Tree,
+    history: sled::Tree,
     // Serializes every read-modify-write of host records (Hello on connection tasks, batches on
     // the commit worker) so neither overwrites the other's counters or epoch.
     host_records: std::sync::Mutex<()>,
@@ -309,6 +353,8 @@ impl SledStore {
             dirty_minutes: tree("dirty_minute")?,
             dirty_hours: tree("dirty_hour")?,
             revoked: tree("revoked")?,
+            analytics: tree("analytics")?,
+            history: tree("history")?,
             mark: AtomicU64::new(1),
             host_records: std::sync::Mutex::new(()),
             marked_minutes: std::sync::Mutex::default(),
@@ -648,6 +694,16 @@ impl TelemetryStore for SledStore {
             n += self.delete_before(&self.minutes, h, now_ms - r.minute_ms)?;
             n += self.delete_before(&self.hours, h, now_ms - r.hour_ms)?;
         }
+        // Analytics history lives as long as hourly rollups.
+        let mut batch = sled::Batch::default();
+        for k in self.history.iter().keys() {
+            let k = k.map_err(io("scan history"))?;
+            if keys::split(&k).is_some_and(|(_, t)| t < now_ms - r.hour_ms) {
+                batch.remove(k);
+                n += 1;
+            }
+        }
+        self.history.apply_batch(batch).map_err(io("delete expired history"))?;
         Ok(n)
     }
 
@@ -669,6 +725,110 @@ impl TelemetryStore for SledStore {
             let Ok(host) = HostId::new(&String::from_utf8_lossy(&k)) else { continue };
             let at = v.as_ref().try_into().map_or(0, i64::from_be_bytes);
             out.push((host, at));
+        }
+        Ok(out)
+    }
+
+    fn rollups(
+        &self,
+        host: &HostId,
+        since_ms: i64,
+        until_ms: i64,
+        resolution: Resolution,
+    ) -> Result<Vec<(i64, Rollup)>, StoreError> {
+        let tree = if resolution == Resolution::Hour { &self.hours } else { &self.minutes };
+        self.scan_rollups(tree, host.as_str(), since_ms, until_ms)
+    }
+
+    fn samples(
+        &self,
+        host: &HostId,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<Sample>, StoreError> {
+        let h = host.as_str();
+        let mut out = Vec::new();
+        if since_ms >= until_ms {
+            return Ok(out);
+        }
+        for item in self.samples.range(keys::bucket(h, since_ms)..keys::bucket(h, until_ms)) {
+            let (_, v) = item.map_err(io("scan samples"))?;
+            if let Ok(s) = Sample::decode(v.as_ref()) {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    fn put_doc(&self, key: &str, json: &[u8]) -> Result<(), StoreError> {
+        self.analytics.insert(key, json).map_err(io("write analytics document"))?;
+        self.analytics.flush().map(drop).map_err(io("flush"))
+    }
+
+    fn doc(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.analytics.get(key).map_err(io("read analytics document"))?.map(|v| v.to_vec()))
+    }
+
+    fn docs(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.analytics.scan_prefix(prefix) {
+            let (k, v) = item.map_err(io("scan analytics documents"))?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn delete_docs(&self, prefix: &str) -> Result<u64, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for k in self.analytics.scan_prefix(prefix).keys() {
+            batch.remove(k.map_err(io("scan analytics documents"))?);
+            n += 1;
+        }
+        self.analytics.apply_batch(batch).map_err(io("delete analytics documents"))?;
+        self.analytics.flush().map_err(io("flush"))?;
+        Ok(n)
+    }
+
+    fn put_history(
+        &self,
+        kind: &str,
+        unix_ms: i64,
+        id: &str,
+        json: &[u8],
+    ) -> Result<(), StoreError> {
+        self.history.insert(keys::history(kind, unix_ms, id), json).map_err(io("write history"))?;
+        self.history.flush().map(drop).map_err(io("flush"))
+    }
+
+    fn history(&self, kind: &str, since_ms: i64, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        let range = keys::bucket(kind, since_ms)..keys::bucket(kind, i64::MAX);
+        let mut out = Vec::new();
+        for item in self.history.range(range).rev().take(limit) {
+            let (_, v) = item.map_err(io("scan history"))?;
+            out.push(v.to_vec());
+        }
+        Ok(out)
+    }
+}
+
+impl SledStore {
+    fn scan_rollups(
+        &self,
+        tree: &sled::Tree,
+        host: &str,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<(i64, Rollup)>, StoreError> {
+        let mut out = Vec::new();
+        if since_ms >= until_ms {
+            return Ok(out);
+        }
+        for item in tree.range(keys::bucket(host, since_ms)..keys::bucket(host, until_ms)) {
+            let (k, v) = item.map_err(io("scan rollups"))?;
+            let Some((_, start)) = keys::split(&k) else { continue };
+            let Ok(rollup) = postcard::from_bytes::<Rollup>(&v) else { continue };
+            out.push((start, rollup));
         }
         Ok(out)
     }
@@ -843,6 +1003,37 @@ mod tests {
         assert_eq!(store.revocations().unwrap(), vec![(host("x"), 42)]);
         assert!(store.unrevoke(&host("x")).unwrap());
         assert!(store.revocations().unwrap().is_empty());
+    }
+
+    #[test]
+    fn analytics_documents_and_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store.put_doc("forecast/a", b"1").unwrap();
+        store.put_doc("forecast/b", b"2").unwrap();
+        store.put_doc("report", b"3").unwrap();
+        assert_eq!(store.docs("forecast/").unwrap().len(), 2);
+        assert_eq!(store.delete_docs("forecast/").unwrap(), 2);
+        assert_eq!(store.doc("report").unwrap().as_deref(), Some(&b"3"[..]));
+        for (t, id) in [(10, "x"), (20, "y"), (20, "y"), (30, "z")] {
+            store.put_history("alert", t, id, id.as_bytes()).unwrap();
+        }
+        store.put_history("anomaly", 25, "q", b"q").unwrap();
+        let h = store.history("alert", 15, 10).unwrap();
+        assert_eq!(h, vec![b"z".to_vec(), b"y".to_vec()], "newest first, rewrites deduplicated");
+        assert_eq!(store.history("alert", 0, 1).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn whole_rollups_and_raw_samples_by_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store.commit(&[batch("a", 1, 1, &[1000, HOUR_MS + 1000, 2 * HOUR_MS])]).unwrap();
+        store.roll_up(i64::MAX).unwrap();
+        let r = store.rollups(&host("a"), 0, 2 * HOUR_MS, Resolution::Hour).unwrap();
+        assert_eq!(r.iter().map(|(t, _)| *t).collect::<Vec<_>>(), [0, HOUR_MS]);
+        assert_eq!(r[0].1["cpu_util_pct"].count, 1);
+        assert_eq!(store.samples(&host("a"), 1000, 2 * HOUR_MS).unwrap().len(), 2);
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! When more than half the residuals are equal (MAD = 0), sigma falls back to
 //! `1.2533 * mean |r - median|` (the mean absolute deviation scaled the same way); when that is
 //! 0 too, nothing is anomalous.
+//!
+//! [`detect`] also floors sigma at [`SIGMA_FLOOR`] (0.5 %) of the series' median absolute level,
+//! so a near-perfect fit (residuals of rounding size) does not turn every wiggle into an
+//! anomaly: at |z| > 2 a point must be off by more than 1 % of the typical level.
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +20,8 @@ pub const MAD_TO_SIGMA: f64 = 1.4826;
 pub const MEAN_AD_TO_SIGMA: f64 = 1.2533;
 /// The default threshold on |z|.
 pub const DEFAULT_Z: f64 = 2.0;
+/// Smallest sigma [`detect`] uses, as a share of the median absolute observed value.
+pub const SIGMA_FLOOR: f64 = 0.005;
 
 /// One anomalous point.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,9 +61,17 @@ pub fn z_scores(r: &[f64]) -> Vec<f64> {
 /// robust |z| above `threshold`.
 pub fn detect(points: &[(i64, f64, f64)], threshold: f64) -> Vec<Anomaly> {
     let residuals: Vec<f64> = points.iter().map(|(_, y, e)| y - e).collect();
-    z_scores(&residuals)
-        .into_iter()
+    let levels: Vec<f64> = points.iter().map(|(_, y, _)| y.abs()).collect();
+    let floor = median(&levels).unwrap_or(0.0) * SIGMA_FLOOR;
+    let Some((med, sigma)) = robust_sigma(&residuals) else { return Vec::new() };
+    let sigma = sigma.max(floor);
+    if sigma <= 0.0 {
+        return Vec::new();
+    }
+    residuals
+        .iter()
         .zip(points)
+        .map(|(r, p)| ((r - med) / sigma, p))
         .filter(|(z, _)| z.abs() > threshold)
         .map(|(z, &(unix_ms, value, expected))| Anomaly { unix_ms, value, expected, z })
         .collect()
@@ -102,5 +116,20 @@ mod tests {
         assert!((sigma - 1.2533 * 4.0 / 7.0).abs() < 1e-12);
         assert_eq!(detect(&[(0, 1.0, 1.0), (1, 1.0, 1.0)], 2.0), vec![]);
         assert_eq!(robust_sigma(&[]), None);
+    }
+
+    #[test]
+    fn rounding_size_residuals_are_not_anomalies() {
+        // A near-perfect fit of a level-100 series: residuals of 1e-6 with one of 1e-5 would
+        // be |z| >> 2 without the floor; with it sigma is 0.5 and nothing is anomalous, while a
+        // real 5 % excursion still is.
+        let mut pts: Vec<(i64, f64, f64)> = (0..20)
+            .map(|i| (i, 100.0 + f64::from(i32::try_from(i % 3).unwrap()) * 1e-6, 100.0))
+            .collect();
+        pts.push((20, 100.00001, 100.0));
+        assert!(detect(&pts, DEFAULT_Z).is_empty());
+        pts.push((21, 105.0, 100.0));
+        let found = detect(&pts, DEFAULT_Z);
+        assert_eq!(found.iter().map(|a| a.unix_ms).collect::<Vec<_>>(), vec![21]);
     }
 }

@@ -4,7 +4,7 @@
 //! - the series is on an hourly grid, duplicates averaged, gaps missing;
 //! - at each origin the model sees only the hours before it and forecasts `horizon` hours;
 //! - MASE = mean |forecast - actual| over the horizon hours that have an actual, divided by the
-//!   scale = mean |y[t] - y[t-168]| over all training pairs where both exist (lag 24 when the
+//!   scale = mean `|y[t] - y[t-168]|` over all training pairs where both exist (lag 24 when the
 //!   training data is shorter than two weeks, lag 1 shorter than two days);
 //! - seasonal naive with period m forecasts hour `origin + k` with the value m hours before
 //!   (for k >= m, the one repeated from the last cycle); a missing value is taken from one more
@@ -47,7 +47,7 @@ pub struct BacktestReport {
     pub mean_naive_daily: Option<f64>,
 }
 
-/// The MASE scale: mean |y[t] - y[t-m]| over pairs where both exist.
+/// The MASE scale: mean `|y[t] - y[t-m]|` over pairs where both exist.
 pub fn mase_scale(train: &[Option<f64>], m: usize) -> Option<f64> {
     let (mut sum, mut n) = (0.0, 0usize);
     for t in m..train.len() {
@@ -103,7 +103,11 @@ pub fn default_origins(series: &HourlySeries, horizon: usize, count: usize) -> V
 }
 
 /// Scores the forecaster and the two seasonal-naive baselines at each origin.
-pub fn backtest(series: &HourlySeries, origins: &[i64], settings: &ForecastSettings) -> BacktestReport {
+pub fn backtest(
+    series: &HourlySeries,
+    origins: &[i64],
+    settings: &ForecastSettings,
+) -> BacktestReport {
     let h = settings.horizon_hours;
     let mut rows = Vec::new();
     for &origin in origins {
@@ -111,7 +115,13 @@ pub fn backtest(series: &HourlySeries, origins: &[i64], settings: &ForecastSetti
         let train = &series.values[..i];
         let actual: Vec<Option<f64>> =
             (0..h).map(|k| series.values.get(i + k).copied().flatten()).collect();
-        let lag = if train.len() >= 2 * 168 { 168 } else if train.len() >= 48 { 24 } else { 1 };
+        let lag = if train.len() >= 2 * 168 {
+            168
+        } else if train.len() >= 48 {
+            24
+        } else {
+            1
+        };
         let scale = mase_scale(train, lag);
         let score = |pred: &[Option<f64>]| scale.and_then(|s| mase(pred, &actual, s));
         let (model, error) = match forecast(&series.before(origin), settings) {
@@ -158,13 +168,19 @@ mod tests {
     }
 
     #[test]
-    fn a_perfectly_weekly_series_has_zero_naive_error() {
-        let week = |t: usize| ((t % 168) as f64 * 0.7).sin() * 10.0 + 50.0 + (t % 7) as f64;
-        let series = HourlySeries { start_ms: 0, values: (0..168 * 8).map(|t| Some(week(t))).collect() };
+    fn a_weekly_series_with_trend_by_hand() {
+        // A weekly shape plus 0.01 per hour: y[t] - y[t-168] = 1.68 everywhere, so the scale is
+        // 1.68 and weekly naive is off by exactly 1.68 at every horizon hour: MASE 1.
+        let week = |t: usize| {
+            ((t % 168) as f64 * 0.7).sin() * 10.0 + 50.0 + (t % 7) as f64 + 0.01 * t as f64
+        };
+        let series =
+            HourlySeries { start_ms: 0, values: (0..168 * 8).map(|t| Some(week(t))).collect() };
         let origins = default_origins(&series, 168, 2);
         assert_eq!(origins.len(), 2);
         let r = backtest(&series, &origins, &ForecastSettings::default());
-        assert_eq!(r.mean_naive_weekly, Some(0.0));
-        assert!(r.mean_model.unwrap() < 0.5, "{r:?}");
+        assert!((r.origins[0].scale.unwrap() - 1.68).abs() < 1e-9);
+        assert!((r.mean_naive_weekly.unwrap() - 1.0).abs() < 1e-9);
+        assert!(r.mean_model.unwrap() < 1.0, "{r:?}");
     }
 }

@@ -6,14 +6,16 @@
 //!    fill inner gaps by linear interpolation (MSTL needs a gap-free series).
 //! 2. Detect daily and weekly cycles ([`super::seasonality`]); a period is used only with at
 //!    least two full cycles of data.
-//! 3. With cycles: robust MSTL (STL with robustness weights, so holidays and outages do not
-//!    bend the seasonal shape) on those periods, trend forecast by AutoETS (`ZZN`: error,
-//!    trend and damping chosen by AICc, no seasonality). Without cycles: AutoETS alone.
+//! 3. With cycles: robust MSTL on those periods (STL with robustness weights, and values whose
+//!    remainder in a first decomposition has robust |z| > [`OUTLIER_Z`] replaced by that
+//!    decomposition's fit, so holidays, outages and spikes bend neither the seasonal shape nor
+//!    the trend), trend forecast by AutoETS (`ZZN`: error, trend and damping chosen by AICc, no
+//!    seasonality). Without cycles: AutoETS alone.
 //! 4. The point forecast is `(1 - w) * mstl + w * seasonal_naive(longest period)`, with
 //!    `w = naive_weight`; the interval is the model's, shifted by the same amount.
 //! 5. Series that never go negative (rates, utilization) get forecasts clamped at 0.
 //!
-//! The defaults (6 weeks, robust, w = 0.5) were chosen on the three weeks *before* the
+//! The defaults (4 weeks, robust, w = 0.5) were chosen on the three weeks *before* the
 //! benchmark's test origins; see `benches/src/forecast.rs` and `docs/analytics.md`.
 
 use augurs_core::{Fit, Predict};
@@ -63,7 +65,7 @@ pub struct ForecastSettings {
 
 impl Default for ForecastSettings {
     fn default() -> Self {
-        Self { horizon_hours: 168, level: 0.95, train_weeks: 6, naive_weight: 0.5, robust: true }
+        Self { horizon_hours: 168, level: 0.95, train_weeks: 4, naive_weight: 0.5, robust: true }
     }
 }
 
@@ -91,7 +93,10 @@ pub struct Forecast {
 }
 
 /// Forecasts `settings.horizon_hours` hours past the end of `series`.
-pub fn forecast(series: &HourlySeries, settings: &ForecastSettings) -> Result<Forecast, ForecastError> {
+pub fn forecast(
+    series: &HourlySeries,
+    settings: &ForecastSettings,
+) -> Result<Forecast, ForecastError> {
     let window = series.last(settings.train_weeks.max(1) * 168).trimmed();
     let have = window.present();
     if have < MIN_POINTS {
@@ -102,34 +107,33 @@ pub fn forecast(series: &HourlySeries, settings: &ForecastSettings) -> Result<Fo
     let level = settings.level.clamp(0.5, 0.999);
     let season = seasonality::detect(&y);
     let periods: Vec<usize> = season.periods().into_iter().filter(|p| y.len() >= 2 * p).collect();
-    let model_err = |method: &'static str| move |e: &dyn std::fmt::Display| ForecastError::Model {
-        method,
-        reason: e.to_string(),
+    let model_err = |method: &'static str| {
+        move |e: &dyn std::fmt::Display| ForecastError::Model { method, reason: e.to_string() }
     };
     let (mut fc, fitted, mut method) = if periods.is_empty() {
         let fit = AutoETS::non_seasonal().fit(&y).map_err(|e| model_err("ets")(&e))?;
         let fc = fit.predict(h, level).map_err(|e| model_err("ets")(&e))?;
-        let fitted = fit
-            .predict_in_sample(None)
-            .map(|f| f.point)
-            .unwrap_or_else(|_| y.clone());
+        let fitted = fit.predict_in_sample(None).map(|f| f.point).unwrap_or_else(|_| y.clone());
         (fc, fitted, "ets".to_owned())
     } else {
         let mut params = stlrs::MstlParams::new();
         let mut stl = stlrs::StlParams::new();
         stl.robust(settings.robust);
         params.stl_params(stl);
-        let trend = AutoETS::new(1, "ZZN")
-            .map_err(|e| model_err("ets")(&e))?
-            .into_trend_model();
+        let trend = AutoETS::new(1, "ZZN").map_err(|e| model_err("ets")(&e))?.into_trend_model();
+        // Robust: outliers (|z| > OUTLIER_Z in a first decomposition's remainder) are replaced
+        // by that decomposition's fit before the model is fitted, so a spike bends neither the
+        // seasonal shape nor the trend model.
+        let cleaned =
+            if settings.robust { replace_outliers(&y, &periods, &params) } else { y.clone() };
         let fit = MSTLModel::new(periods.clone(), trend)
             .mstl_params(params)
-            .fit(&y)
+            .fit(&cleaned)
             .map_err(|e| model_err("mstl")(&e))?;
         let fc = fit.predict(h, level).map_err(|e| model_err("mstl")(&e))?;
         let remainder = fit.fit().remainder();
         let fitted: Vec<f64> =
-            y.iter().zip(remainder).map(|(v, r)| v - f64::from(*r)).collect();
+            cleaned.iter().zip(remainder).map(|(v, r)| v - f64::from(*r)).collect();
         (fc, fitted, format!("mstl{periods:?}+ets"))
     };
     let point = std::mem::take(&mut fc.point);
@@ -168,6 +172,26 @@ pub fn forecast(series: &HourlySeries, settings: &ForecastSettings) -> Result<Fo
     })
 }
 
+/// Robust |z| of a remainder above which a training value is replaced before fitting.
+pub const OUTLIER_Z: f64 = 4.0;
+
+/// `y` with the values whose MSTL remainder is an outlier replaced by the decomposition's fit
+/// (`y` unchanged if the decomposition fails).
+fn replace_outliers(y: &[f64], periods: &[usize], params: &stlrs::MstlParams) -> Vec<f64> {
+    #[allow(clippy::cast_possible_truncation)] // f32 is what stlrs decomposes; values are rates
+    let y32: Vec<f32> = y.iter().map(|v| *v as f32).collect();
+    let Ok(fit) = params.fit(&y32, periods) else { return y.to_vec() };
+    let r: Vec<f64> = fit.remainder().iter().map(|v| f64::from(*v)).collect();
+    let Some((med, sigma)) = super::anomaly::robust_sigma(&r) else { return y.to_vec() };
+    if sigma <= 0.0 {
+        return y.to_vec();
+    }
+    y.iter()
+        .zip(&r)
+        .map(|(v, rv)| if ((rv - med) / sigma).abs() > OUTLIER_Z { v - rv + med } else { *v })
+        .collect()
+}
+
 /// The last cycle of `y` (period `m`) repeated over `horizon` hours.
 pub fn seasonal_naive(y: &[f64], m: usize, horizon: usize) -> Vec<f64> {
     let n = y.len();
@@ -182,7 +206,13 @@ pub fn seasonal_naive(y: &[f64], m: usize, horizon: usize) -> Vec<f64> {
 fn residual_interval(y: &[f64], fitted: &[f64], point: &[f64], level: f64) -> (Vec<f64>, Vec<f64>) {
     let r: Vec<f64> = y.iter().zip(fitted).map(|(a, b)| a - b).collect();
     let sd = (r.iter().map(|v| v * v).sum::<f64>() / r.len().max(1) as f64).sqrt();
-    let z = if level >= 0.99 { 2.576 } else if level >= 0.95 { 1.96 } else { 1.645 };
+    let z = if level >= 0.99 {
+        2.576
+    } else if level >= 0.95 {
+        1.96
+    } else {
+        1.645
+    };
     (point.iter().map(|p| p - z * sd).collect(), point.iter().map(|p| p + z * sd).collect())
 }
 
@@ -201,10 +231,7 @@ mod tests {
     #[test]
     fn forecast_of_a_synthetic_seasonal_series_continues_it() {
         let n = 168 * 6;
-        let series = HourlySeries {
-            start_ms: 0,
-            values: (0..n).map(|t| Some(load(t))).collect(),
-        };
+        let series = HourlySeries { start_ms: 0, values: (0..n).map(|t| Some(load(t))).collect() };
         let f = forecast(&series, &ForecastSettings::default()).unwrap();
         assert!(f.seasonality.daily && f.seasonality.weekly, "{:?}", f.seasonality);
         assert_eq!(f.start_ms, n as i64 * HOUR_MS);
@@ -223,7 +250,8 @@ mod tests {
         for v in values.iter_mut().skip(100).take(30) {
             *v = None;
         }
-        let f = forecast(&HourlySeries { start_ms: 0, values }, &ForecastSettings::default()).unwrap();
+        let f =
+            forecast(&HourlySeries { start_ms: 0, values }, &ForecastSettings::default()).unwrap();
         assert!(f.point.iter().all(|v| v.is_finite()));
         let short = HourlySeries { start_ms: 0, values: vec![Some(1.0); 10] };
         assert!(matches!(

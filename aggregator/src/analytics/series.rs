@@ -274,17 +274,27 @@ mod tests {
         assert_eq!(days_from_civil(1970, 1, 1), 0);
         assert_eq!(civil_from_days(days_from_civil(2018, 9, 10)), (2018, 9, 10));
         assert_eq!(parse_time("2018-09-10T00:00:00"), Some(days_from_civil(2018, 9, 10) * DAY_MS));
-        assert_eq!(parse_time("2018-09-10 05:00Z"), Some(days_from_civil(2018, 9, 10) * DAY_MS + 5 * HOUR_MS));
+        assert_eq!(
+            parse_time("2018-09-10 05:00Z"),
+            Some(days_from_civil(2018, 9, 10) * DAY_MS + 5 * HOUR_MS)
+        );
         assert_eq!(parse_time("1700000000"), Some(1_700_000_000_000));
         assert_eq!(parse_time("2018-13-01T00"), None);
-        assert_eq!(format_time(days_from_civil(2024, 2, 29) * DAY_MS + HOUR_MS), "2024-02-29T01:00");
+        assert_eq!(
+            format_time(days_from_civil(2024, 2, 29) * DAY_MS + HOUR_MS),
+            "2024-02-29T01:00"
+        );
         let (a, b) = month_bounds(days_from_civil(2024, 12, 15) * DAY_MS);
-        assert_eq!((a, b), (days_from_civil(2024, 12, 1) * DAY_MS, days_from_civil(2025, 1, 1) * DAY_MS));
+        assert_eq!(
+            (a, b),
+            (days_from_civil(2024, 12, 1) * DAY_MS, days_from_civil(2025, 1, 1) * DAY_MS)
+        );
     }
 
     #[test]
     fn csv_reads_header_and_names_bad_lines() {
-        let pts = parse_csv("timestamp,value\n2018-01-01T00:00:00,5\n2018-01-01T01:00:00,6\n").unwrap();
+        let pts =
+            parse_csv("timestamp,value\n2018-01-01T00:00:00,5\n2018-01-01T01:00:00,6\n").unwrap();
         assert_eq!(pts.len(), 2);
         let err = parse_csv("timestamp,value\n2018-01-01T00,x\n").unwrap_err().to_string();
         assert!(err.contains("line 2"), "{err}");

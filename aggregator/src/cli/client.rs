@@ -192,6 +192,52 @@ impl Client {
         self.finish("DELETE", path, url, response)
     }
 
+    /// `GET path` with a query, decoded as `T` (the analytics routes use this).
+    pub fn get_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<T, ClientError> {
+        self.get(path.to_owned(), query)
+    }
+
+    /// `GET /api/v1/forecasts/{target}` (`metric` picks a host's series).
+    pub fn forecast(
+        &self,
+        target: &str,
+        metric: Option<&str>,
+    ) -> Result<crate::analytics::ForecastView, ClientError> {
+        let path = format!("/api/v1/forecasts/{}", encode_segment(target));
+        let query: Vec<(&str, &str)> = metric.map(|m| ("metric", m)).into_iter().collect();
+        self.get(path, &query)
+    }
+
+    /// `POST path` with a JSON body (or none), decoded as `T`.
+    pub fn post_json<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let url = self.url(path);
+        let request = self.authorize(self.agent.post(&url));
+        let response = match body {
+            Some(b) => request.send_json(b),
+            None => request.send_empty(),
+        };
+        self.finish("POST", path.to_owned(), url, response)
+    }
+
+    /// `DELETE /api/v1/budgets/{name}`.
+    pub fn delete_budget(
+        &self,
+        name: &str,
+    ) -> Result<Vec<crate::analytics::budgets::Budget>, ClientError> {
+        let path = format!("/api/v1/budgets/{}", encode_segment(name));
+        let url = self.url(&path);
+        let response = self.authorize(self.agent.delete(&url)).call();
+        self.finish("DELETE", path, url, response)
+    }
+
     // --- helpers ---
 
     fn get<T: DeserializeOwned>(

@@ -507,13 +507,34 @@ mod tests {
         let Command::Forecast(f) = cli.command else { panic!("not forecast") };
         assert_eq!(f.target.as_deref(), Some("resnet"));
         assert!(f.action.is_none());
-        let cli = parse(&["forecast", "backtest", "--csv", "x.csv", "--origin", "2018-09-10T00:00"]).unwrap();
+        let cli =
+            parse(&["forecast", "backtest", "--csv", "x.csv", "--origin", "2018-09-10T00:00"])
+                .unwrap();
         let Command::Forecast(f) = cli.command else { panic!("not forecast") };
-        assert!(matches!(f.action, Some(analytics::ForecastAction::Backtest(ref b)) if b.origin.len() == 1));
+        assert!(
+            matches!(f.action, Some(analytics::ForecastAction::Backtest(ref b)) if b.origin.len() == 1)
+        );
         assert!(parse(&["forecast"]).is_err());
-        let cli = parse(&["budgets", "set", "--name", "b", "--amount", "10", "--scope", "label:team=x", "--threshold", "50:forecast"]).unwrap();
-        assert!(matches!(cli.command, Command::Budgets { action: Some(analytics::BudgetsAction::Set(_)) }));
-        assert!(parse(&["budgets", "set", "--name", "b", "--amount", "1", "--scope", "team"]).is_err());
+        let cli = parse(&[
+            "budgets",
+            "set",
+            "--name",
+            "b",
+            "--amount",
+            "10",
+            "--scope",
+            "label:team=x",
+            "--threshold",
+            "50:forecast",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Budgets { action: Some(analytics::BudgetsAction::Set(_)) }
+        ));
+        assert!(
+            parse(&["budgets", "set", "--name", "b", "--amount", "1", "--scope", "team"]).is_err()
+        );
         assert!(matches!(parse(&["models"]).unwrap().command, Command::Models { since: 300 }));
     }
 

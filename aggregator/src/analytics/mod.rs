@@ -1,0 +1,326 @@
+//! Analytics: pure functions from a [`Snapshot`] of the store to decisions: demand forecasts
+//! with anomalies, cost attribution, cost plans, budget status and alert observations.
+//!
+//! Nothing here does I/O or reads a clock: the snapshot carries `now_ms`, so every analytic is
+//! unit-tested with hand-computed answers. [`crate::scheduler`] builds snapshots from the
+//! store, runs [`analyze`] on a cron schedule (or on `POST /api/v1/analytics/run`), stores the
+//! results and delivers alert transitions.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`series`] | hourly grid, gaps and duplicates, UTC calendar, CSV input |
+//! | [`seasonality`] | daily / weekly cycle detection |
+//! | [`forecast`] | MSTL + AutoETS forecaster with intervals |
+//! | [`anomaly`] | robust (MAD) z-scores on residuals |
+//! | [`backtest`] | rolling-origin MASE against seasonal-naive baselines |
+//! | [`cost`] | pricing catalog, cost per host / model / 1k inferences, idle cost |
+//! | [`plans`] | right-sizing, instance type, spot, scheduling, scale-in plans |
+//! | [`budgets`] | budgets, burn-down, threshold observations |
+//! | [`alerts`] | SLO and cost alert rules, dedupe and resolution |
+//! | [`settings`] | the policy file (budgets, alerts, plan targets, webhook) |
+//! | [`models`] | fleet-wide model view from merged histograms |
+
+pub mod alerts;
+pub mod anomaly;
+pub mod backtest;
+pub mod budgets;
+pub mod cost;
+pub mod forecast;
+pub mod models;
+pub mod plans;
+pub mod seasonality;
+pub mod series;
+pub mod settings;
+
+use std::collections::BTreeMap;
+
+use common::model_stats::ModelTotals;
+use serde::{Deserialize, Serialize};
+
+use self::anomaly::Anomaly;
+use self::cost::{CostReport, PricingCatalog};
+use self::forecast::Forecast;
+use self::series::{HOUR_MS, HourlySeries};
+use self::settings::Settings;
+use crate::store::Rollup;
+
+/// What the store held at one moment, reduced to what analytics read.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The moment, Unix ms; "now" for every analytic.
+    pub now_ms: i64,
+    /// Every host.
+    pub hosts: Vec<HostSnapshot>,
+}
+
+/// One host in a snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct HostSnapshot {
+    /// Host id.
+    pub host: String,
+    /// Labels from its inventory (`instance_type`, `lifecycle`, ...).
+    pub labels: BTreeMap<String, String>,
+    /// GPUs in its inventory.
+    pub gpus: u32,
+    /// CPU cores in its inventory.
+    pub cpu_cores: u32,
+    /// Memory, bytes.
+    pub memory_bytes: u64,
+    /// Hourly aggregates by hour start (an entry means the host reported in that hour).
+    pub hours: BTreeMap<i64, HourStats>,
+    /// The recent window, from raw samples.
+    pub recent: RecentWindow,
+}
+
+/// One host-hour, from an hourly rollup.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HourStats {
+    /// Mean CPU utilization, %.
+    pub cpu_util_pct: Option<f64>,
+    /// Highest CPU utilization sample, %.
+    pub cpu_util_max_pct: Option<f64>,
+    /// Mean GPU utilization over the host's GPUs, %.
+    pub gpu_util_pct: Option<f64>,
+    /// Highest GPU utilization sample of any GPU, %.
+    pub gpu_util_max_pct: Option<f64>,
+    /// Highest memory use, bytes.
+    pub memory_used_max_bytes: Option<f64>,
+    /// Per served model.
+    pub models: BTreeMap<String, ModelHour>,
+}
+
+/// One model on one host in one hour (hourly means of its series).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelHour {
+    /// Requests per second.
+    pub requests_per_s: f64,
+    /// Inferences per second.
+    pub inferences_per_s: f64,
+    /// Runner time over wall time, 100 per fully busy instance.
+    pub busy_pct: f64,
+}
+
+/// The recent window of a host (alerts read it).
+#[derive(Debug, Clone, Default)]
+pub struct RecentWindow {
+    /// Window length, seconds.
+    pub window_secs: u64,
+    /// Mean GPU utilization over the window, %.
+    pub gpu_util_pct: Option<f64>,
+    /// Model totals merged over the window's raw samples.
+    pub models: BTreeMap<String, ModelTotals>,
+}
+
+// === impl HourStats ===
+
+impl HourStats {
+    /// Reads the series analytics need from one hourly rollup.
+    pub fn from_rollup(rollup: &Rollup) -> Self {
+        let mean =
+            |name: &str| rollup.get(name).filter(|s| s.count > 0).map(|s| s.sum / s.count as f64);
+        let max = |name: &str| rollup.get(name).filter(|s| s.count > 0).map(|s| s.max);
+        let mut out = Self {
+            cpu_util_pct: mean("cpu_util_pct"),
+            cpu_util_max_pct: max("cpu_util_pct"),
+            memory_used_max_bytes: max("memory_used_bytes"),
+            ..Self::default()
+        };
+        let (mut gpu_sum, mut gpu_n, mut gpu_max) = (0.0, 0u32, None::<f64>);
+        for (name, st) in rollup {
+            if st.count == 0 {
+                continue;
+            }
+            if let Some(rest) = name.strip_prefix("gpu").and_then(|r| r.strip_suffix("_util_pct")) {
+                if rest.bytes().all(|b| b.is_ascii_digit()) && !rest.is_empty() {
+                    gpu_sum += st.sum / st.count as f64;
+                    gpu_n += 1;
+                    gpu_max = Some(gpu_max.map_or(st.max, |m| m.max(st.max)));
+                }
+            } else if let Some((model, series)) =
+                name.strip_prefix("model.").and_then(|r| r.rsplit_once('.'))
+            {
+                let v = st.sum / st.count as f64;
+                let m = out.models.entry(model.to_owned()).or_default();
+                match series {
+                    "requests_per_s" => m.requests_per_s = v,
+                    "inferences_per_s" => m.inferences_per_s = v,
+                    "busy_pct" => m.busy_pct = v,
+                    _ => {}
+                }
+            }
+        }
+        if gpu_n > 0 {
+            out.gpu_util_pct = Some(gpu_sum / f64::from(gpu_n));
+            out.gpu_util_max_pct = gpu_max;
+        }
+        out
+    }
+}
+
+/// A forecast of one target, with its recent history and anomalies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForecastView {
+    /// `model:NAME` or `host:HOST:METRIC`.
+    pub target: String,
+    /// Model name or host id.
+    pub subject: String,
+    /// What is forecast: `requests_per_s`, `gpu_util_pct` or `cpu_util_pct`.
+    pub metric: String,
+    /// Start of the history, Unix ms.
+    pub history_start_ms: i64,
+    /// Recent hourly history (`None`: no data that hour).
+    pub history: Vec<Option<f64>>,
+    /// The forecast, unless it failed.
+    pub forecast: Option<Forecast>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Anomalies in the training window.
+    pub anomalies: Vec<Anomaly>,
+}
+
+/// Everything one analytics pass produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Analysis {
+    /// The snapshot's `now`.
+    pub generated_ms: i64,
+    /// Forecasts.
+    pub forecasts: Vec<ForecastView>,
+    /// Costs over the cost window.
+    pub costs: CostReport,
+    /// Plans, by priority.
+    pub plans: Vec<plans::Plan>,
+    /// Budget status.
+    pub budgets: Vec<budgets::BudgetStatus>,
+    /// Alert and budget observations (the scheduler applies them to the alert book).
+    pub observations: Vec<alerts::Observation>,
+}
+
+/// The hourly series of every forecast target: per model the fleet-wide sum of requests/s,
+/// per host its GPU (if it has GPU data) and CPU utilization.
+pub fn targets(snapshot: &Snapshot) -> Vec<(String, String, String, HourlySeries)> {
+    let mut out = Vec::new();
+    let mut models: BTreeMap<String, BTreeMap<i64, f64>> = BTreeMap::new();
+    for h in &snapshot.hosts {
+        for (&t, st) in &h.hours {
+            for (m, mh) in &st.models {
+                *models.entry(m.clone()).or_default().entry(t).or_default() += mh.requests_per_s;
+            }
+        }
+    }
+    for (m, pts) in models {
+        out.push((
+            format!("model:{m}"),
+            m,
+            "requests_per_s".to_owned(),
+            HourlySeries::from_points(pts),
+        ));
+    }
+    for h in &snapshot.hosts {
+        type Pick = fn(&HourStats) -> Option<f64>;
+        let picks: [(&str, Pick); 2] =
+            [("gpu_util_pct", |s| s.gpu_util_pct), ("cpu_util_pct", |s| s.cpu_util_pct)];
+        for (metric, pick) in picks {
+            let pts: Vec<(i64, f64)> =
+                h.hours.iter().filter_map(|(t, s)| pick(s).map(|v| (*t, v))).collect();
+            if !pts.is_empty() {
+                out.push((
+                    format!("host:{}:{metric}", h.host),
+                    h.host.clone(),
+                    metric.to_owned(),
+                    HourlySeries::from_points(pts),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Forecasts one target and finds anomalies in its training window. Only hours that closed
+/// before `now_ms` are used (the current hour is still filling).
+pub fn forecast_target(
+    target: String,
+    subject: String,
+    metric: String,
+    series: &HourlySeries,
+    now_ms: i64,
+    settings: &Settings,
+) -> ForecastView {
+    let closed = series.before(series::floor_hour(now_ms));
+    let history = closed.last(settings.forecast.history_hours);
+    let (forecast, error, anomalies) = match forecast::forecast(&closed, &settings.forecast.model) {
+        Ok(mut f) => {
+            let window = closed.last(closed.len() - closed.index_at(f.train_start_ms));
+            let points: Vec<(i64, f64, f64)> = window
+                .values
+                .iter()
+                .zip(&f.fitted)
+                .enumerate()
+                .filter_map(|(i, (y, e))| y.map(|y| (window.time_of(i), y, *e)))
+                .collect();
+            let anomalies = anomaly::detect(&points, settings.forecast.anomaly_z);
+            // The fit is only needed for anomalies; keep the stored view small.
+            f.fitted.clear();
+            (Some(f), None, anomalies)
+        }
+        Err(e) => (None, Some(e.to_string()), Vec::new()),
+    };
+    ForecastView {
+        target,
+        subject,
+        metric,
+        history_start_ms: history.start_ms,
+        history: history.values,
+        forecast,
+        error,
+        anomalies,
+    }
+}
+
+/// Runs every analytic over `snapshot`.
+pub fn analyze(snapshot: &Snapshot, settings: &Settings, catalog: &PricingCatalog) -> Analysis {
+    let now = snapshot.now_ms;
+    let forecasts: Vec<ForecastView> = targets(snapshot)
+        .into_iter()
+        .map(|(t, s, m, series)| forecast_target(t, s, m, &series, now, settings))
+        .collect();
+    let to = series::floor_hour(now);
+    let from = to - i64::try_from(settings.cost_window_hours).unwrap_or(24) * HOUR_MS;
+    let costs = cost::attribute(snapshot, catalog, from, to);
+    let plans = plans::plans(snapshot, catalog, &costs, &forecasts, &settings.plans);
+    let budgets: Vec<budgets::BudgetStatus> = settings
+        .budgets
+        .iter()
+        .map(|b| budgets::evaluate(b, &costs.ledger, snapshot, &plans))
+        .collect();
+    let mut observations = alerts::observe(&settings.alerts, snapshot, &costs);
+    observations.extend(budgets.iter().flat_map(budgets::observations));
+    Analysis { generated_ms: now, forecasts, costs, plans, budgets, observations }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Stats;
+
+    #[test]
+    fn hour_stats_read_gpus_and_models_from_a_rollup() {
+        let st = |sum: f64, count: u64, max: f64| Stats { count, sum, min: 0.0, max };
+        let rollup: Rollup = [
+            ("cpu_util_pct", st(30.0, 3, 20.0)),
+            ("gpu0_util_pct", st(100.0, 2, 80.0)),
+            ("gpu1_util_pct", st(20.0, 2, 15.0)),
+            ("gpu0_power_mw", st(1.0, 1, 1.0)),
+            ("model.res.net.busy_pct", st(150.0, 3, 60.0)),
+            ("model.res.net.requests_per_s", st(9.0, 3, 4.0)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let h = HourStats::from_rollup(&rollup);
+        assert_eq!(h.cpu_util_pct, Some(10.0));
+        assert_eq!(h.gpu_util_pct, Some(30.0), "mean of 50 and 10");
+        assert_eq!(h.gpu_util_max_pct, Some(80.0));
+        assert_eq!(h.models["res.net"].busy_pct, 50.0);
+        assert_eq!(h.models["res.net"].requests_per_s, 3.0);
+    }
+}

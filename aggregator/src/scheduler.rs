@@ -1,0 +1,409 @@
+//! The analytics runner: builds a [`Snapshot`] from the store, runs [`analytics::analyze`],
+//! stores the results, applies alert transitions (log, history, webhook), on a cron schedule
+//! (tokio-cron-scheduler, `[analytics] schedule`) and on demand (`POST /api/v1/analytics/run`).
+//!
+//! Invariants:
+//! - One pass at a time (a mutex); a scheduled pass that finds one running waits for it.
+//! - Store reads and writes run on blocking threads.
+//! - The alert book (active alerts) is stored after every pass, so a restart neither re-fires
+//!   nor forgets active alerts; every transition is kept in the `alert` history.
+//! - Analysis documents (`forecast/TARGET`, `report/*`) are replaced whole by each pass.
+//!
+//! Stored documents: `report/meta`, `report/costs`, `report/plans`, `report/budgets`,
+//! `forecast/{target}`, `alerts/book`, `budgets/api` (budgets added through the API).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::config::ConfigError;
+use common::config::aggregator::AnalyticsConfig;
+use common::ids::HostId;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::analytics::alerts::{Alert, AlertBook, AlertState, Severity};
+use crate::analytics::anomaly::Anomaly;
+use crate::analytics::budgets::Budget;
+use crate::analytics::cost::PricingCatalog;
+use crate::analytics::series::{DAY_MS, HOUR_MS};
+use crate::analytics::settings::Settings;
+use crate::analytics::{self, Analysis, HostSnapshot, HourStats, RecentWindow, Snapshot};
+use crate::store::{StoreError, TelemetryStore};
+use crate::views::Resolution;
+
+/// Why a pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AnalyticsError {
+    /// Storage.
+    #[error("analytics pass: {0}")]
+    Store(#[from] StoreError),
+    /// Encoding results.
+    #[error("analytics pass: encoding {what}")]
+    Encode {
+        /// What.
+        what: String,
+        /// serde's reason.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A blocking task failed.
+    #[error("analytics pass: task failed: {0}")]
+    Task(String),
+    /// The scheduler could not be set up.
+    #[error("analytics.schedule {schedule:?}: {reason}")]
+    Schedule {
+        /// The cron expression.
+        schedule: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What the API shows about the latest pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// When it ran, Unix ms.
+    pub generated_ms: i64,
+    /// Hosts in the snapshot.
+    pub hosts: usize,
+    /// Forecast targets, with their error if they failed.
+    pub forecasts: Vec<ForecastSummary>,
+    /// Plans proposed.
+    pub plans: usize,
+    /// Budgets evaluated.
+    pub budgets: usize,
+    /// Alert transitions in this pass.
+    pub alert_transitions: Vec<Alert>,
+    /// Alerts active after it.
+    pub active_alerts: usize,
+}
+
+/// One forecast target in a summary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForecastSummary {
+    /// `model:NAME` or `host:HOST:METRIC`.
+    pub target: String,
+    /// Method used, when it worked.
+    pub method: Option<String>,
+    /// Why not, when it did not.
+    pub error: Option<String>,
+    /// Anomalies found.
+    pub anomalies: usize,
+}
+
+/// An anomaly with its target, as kept in the history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnomalyEvent {
+    /// Forecast target.
+    pub target: String,
+    /// The anomaly.
+    #[serde(flatten)]
+    pub anomaly: Anomaly,
+}
+
+/// The analytics runner.
+#[derive(Debug)]
+pub struct Analytics {
+    store: Arc<dyn TelemetryStore>,
+    settings: Settings,
+    catalog: PricingCatalog,
+    pass: Mutex<()>,
+    webhook_backoff: Duration,
+}
+
+/// Loads the policy and pricing files the config names (the built-in catalog and an empty
+/// policy when it names none).
+pub fn load_settings(config: &AnalyticsConfig) -> Result<(Settings, PricingCatalog), ConfigError> {
+    let settings = match &config.policy_file {
+        Some(p) => Settings::load(p)?,
+        None => Settings::default(),
+    };
+    let catalog = match &config.pricing_file {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+            PricingCatalog::parse(&text, &p.display().to_string())?
+        }
+        None => PricingCatalog::builtin()?,
+    };
+    Ok((settings, catalog))
+}
+
+/// Checks the analytics part of the config before startup: the policy and pricing files parse
+/// and the schedule is a valid cron expression. Every problem names its key.
+pub fn check(config: &AnalyticsConfig) -> Result<(), ConfigError> {
+    load_settings(config)?;
+    if let Err(e) = tokio_cron_scheduler::Job::new(config.schedule.as_str(), |_, _| {}) {
+        return Err(ConfigError::Invalid {
+            origin: "aggregator config".into(),
+            problems: vec![format!(
+                "analytics.schedule: must be a cron expression (sec min hour day month weekday), got {:?}: {e}",
+                config.schedule
+            )],
+        });
+    }
+    Ok(())
+}
+
+// === impl Analytics ===
+
+impl Analytics {
+    /// A runner over `store` with this policy and catalog.
+    pub fn new(
+        store: Arc<dyn TelemetryStore>,
+        settings: Settings,
+        catalog: PricingCatalog,
+    ) -> Self {
+        Self {
+            store,
+            settings,
+            catalog,
+            pass: Mutex::new(()),
+            webhook_backoff: crate::webhook::FIRST_BACKOFF,
+        }
+    }
+
+    /// The policy.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn TelemetryStore> {
+        &self.store
+    }
+
+    /// Budgets from the file and from the API.
+    pub fn budgets(&self) -> Result<Vec<Budget>, StoreError> {
+        let mut all = self.settings.budgets.clone();
+        all.extend(api_budgets(self.store.as_ref())?);
+        Ok(all)
+    }
+
+    /// Runs one pass at `now_ms` (rolling up first, so the latest closed buckets count).
+    pub async fn run_once(&self, now_ms: i64) -> Result<RunSummary, AnalyticsError> {
+        let _guard = self.pass.lock().await;
+        let store = self.store.clone();
+        let mut settings = self.settings.clone();
+        let catalog = self.catalog.clone();
+        let (analysis, hosts, transitions, active) = tokio::task::spawn_blocking(move || {
+            store.roll_up(now_ms)?;
+            settings.budgets.extend(api_budgets(store.as_ref())?);
+            let snapshot = snapshot(store.as_ref(), &settings, now_ms)?;
+            let analysis = analytics::analyze(&snapshot, &settings, &catalog);
+            let (transitions, active) = persist(store.as_ref(), &analysis)?;
+            Ok::<_, AnalyticsError>((analysis, snapshot.hosts.len(), transitions, active))
+        })
+        .await
+        .map_err(|e| AnalyticsError::Task(e.to_string()))??;
+        for a in &transitions {
+            match (a.state, a.severity) {
+                (AlertState::Firing, Severity::Critical) => {
+                    warn!(alert = %a.key, severity = "critical", value = ?a.value, threshold = a.threshold, "Alert firing: {}", a.message);
+                }
+                (AlertState::Firing, _) => {
+                    warn!(alert = %a.key, severity = ?a.severity, value = ?a.value, threshold = a.threshold, "Alert firing: {}", a.message);
+                }
+                (AlertState::Resolved, _) => info!(alert = %a.key, "Alert resolved: {}", a.message),
+            }
+        }
+        if let (Some(url), false) = (self.settings.webhook_url.clone(), transitions.is_empty()) {
+            let alerts = transitions.clone();
+            let backoff = self.webhook_backoff;
+            tokio::task::spawn_blocking(move || {
+                let _ = crate::webhook::deliver(&url, now_ms, &alerts, backoff);
+            });
+        }
+        let summary = RunSummary {
+            generated_ms: now_ms,
+            hosts,
+            forecasts: analysis
+                .forecasts
+                .iter()
+                .map(|f| ForecastSummary {
+                    target: f.target.clone(),
+                    method: f.forecast.as_ref().map(|x| x.method.clone()),
+                    error: f.error.clone(),
+                    anomalies: f.anomalies.len(),
+                })
+                .collect(),
+            plans: analysis.plans.len(),
+            budgets: analysis.budgets.len(),
+            alert_transitions: transitions,
+            active_alerts: active,
+        };
+        let store = self.store.clone();
+        let meta = encode("summary", &summary)?;
+        tokio::task::spawn_blocking(move || store.put_doc("report/meta", &meta))
+            .await
+            .map_err(|e| AnalyticsError::Task(e.to_string()))??;
+        info!(
+            hosts = summary.hosts,
+            forecasts = summary.forecasts.len(),
+            plans = summary.plans,
+            budgets = summary.budgets,
+            alert_transitions = summary.alert_transitions.len(),
+            "Analytics pass done."
+        );
+        Ok(summary)
+    }
+}
+
+/// Runs passes on `schedule` (cron with seconds) until `shutdown`.
+pub async fn schedule(
+    analytics: Arc<Analytics>,
+    schedule: String,
+    shutdown: CancellationToken,
+) -> Result<(), AnalyticsError> {
+    use tokio_cron_scheduler::{Job, JobScheduler};
+    let err = |e: tokio_cron_scheduler::JobSchedulerError| AnalyticsError::Schedule {
+        schedule: schedule.clone(),
+        reason: e.to_string(),
+    };
+    let mut scheduler = JobScheduler::new().await.map_err(err)?;
+    let job = Job::new_async(schedule.as_str(), move |_, _| {
+        let a = analytics.clone();
+        Box::pin(async move {
+            if let Err(e) = a.run_once(crate::ingest::now_ms()).await {
+                warn!(error = %common::daemon::error_chain(&e), "Analytics pass failed.");
+            }
+        })
+    })
+    .map_err(err)?;
+    scheduler.add(job).await.map_err(err)?;
+    scheduler.start().await.map_err(err)?;
+    shutdown.cancelled().await;
+    scheduler.shutdown().await.map_err(err)?;
+    Ok(())
+}
+
+/// Budgets added through the API.
+pub fn api_budgets(store: &dyn TelemetryStore) -> Result<Vec<Budget>, StoreError> {
+    Ok(store
+        .doc("budgets/api")?
+        .and_then(|v| serde_json::from_slice::<Vec<Budget>>(&v).ok())
+        .unwrap_or_default())
+}
+
+/// Builds the snapshot analytics read.
+pub fn snapshot(
+    store: &dyn TelemetryStore,
+    settings: &Settings,
+    now_ms: i64,
+) -> Result<Snapshot, StoreError> {
+    let weeks = i64::try_from(settings.forecast.model.train_weeks).unwrap_or(6);
+    let lookback_ms = (weeks * 7 * DAY_MS)
+        .max(32 * DAY_MS)
+        .max(i64::try_from(settings.plans.lookback_hours).unwrap_or(0) * HOUR_MS)
+        .max(i64::try_from(settings.forecast.history_hours).unwrap_or(0) * HOUR_MS);
+    let window_ms = i64::try_from(settings.alert_window_secs).unwrap_or(300) * 1000;
+    let mut hosts = Vec::new();
+    for (id, _) in store.hosts()? {
+        let inventory = store.inventory(&id)?.unwrap_or_default();
+        let hours: BTreeMap<i64, HourStats> = store
+            .rollups(&id, now_ms - lookback_ms, now_ms, Resolution::Hour)?
+            .iter()
+            .map(|(t, r)| (*t, HourStats::from_rollup(r)))
+            .collect();
+        hosts.push(HostSnapshot {
+            host: id.to_string(),
+            labels: inventory.labels.into_iter().collect(),
+            gpus: u32::try_from(inventory.gpus.len()).unwrap_or(u32::MAX),
+            cpu_cores: inventory.cpu_cores,
+            memory_bytes: inventory.memory_total_bytes,
+            hours,
+            recent: recent(store, &id, now_ms - window_ms, now_ms, settings.alert_window_secs)?,
+        });
+    }
+    Ok(Snapshot { now_ms, hosts })
+}
+
+fn recent(
+    store: &dyn TelemetryStore,
+    host: &HostId,
+    from: i64,
+    to: i64,
+    window_secs: u64,
+) -> Result<RecentWindow, StoreError> {
+    let mut w = RecentWindow { window_secs, ..RecentWindow::default() };
+    let (mut gpu_sum, mut gpu_n) = (0.0, 0u32);
+    for s in store.samples(host, from, to)? {
+        let utils: Vec<f64> = s.gpus.iter().filter_map(|g| g.util_gpu_pct).map(f64::from).collect();
+        if !utils.is_empty() {
+            gpu_sum += utils.iter().sum::<f64>() / utils.len() as f64;
+            gpu_n += 1;
+        }
+        for m in &s.models {
+            // A malformed model sample is skipped whole (ModelTotals refuses it).
+            let _ = w.models.entry(m.model.clone()).or_default().add(m);
+        }
+    }
+    w.gpu_util_pct = (gpu_n > 0).then(|| gpu_sum / f64::from(gpu_n));
+    Ok(w)
+}
+
+fn encode<T: Serialize>(what: &str, v: &T) -> Result<Vec<u8>, AnalyticsError> {
+    serde_json::to_vec(v).map_err(|source| AnalyticsError::Encode { what: what.to_owned(), source })
+}
+
+/// Stores an analysis and applies its observations to the alert book; returns the transitions
+/// and the number of active alerts.
+fn persist(
+    store: &dyn TelemetryStore,
+    a: &Analysis,
+) -> Result<(Vec<Alert>, usize), AnalyticsError> {
+    store.delete_docs("forecast/")?;
+    for f in &a.forecasts {
+        store.put_doc(&format!("forecast/{}", f.target), &encode(&f.target, f)?)?;
+        for an in &f.anomalies {
+            let ev = AnomalyEvent { target: f.target.clone(), anomaly: an.clone() };
+            store.put_history("anomaly", an.unix_ms, &f.target, &encode("anomaly", &ev)?)?;
+        }
+    }
+    store.put_doc("report/costs", &encode("costs", &a.costs)?)?;
+    store.put_doc("report/plans", &encode("plans", &a.plans)?)?;
+    store.put_doc("report/budgets", &encode("budgets", &a.budgets)?)?;
+    let mut book: AlertBook =
+        store.doc("alerts/book")?.and_then(|v| serde_json::from_slice(&v).ok()).unwrap_or_default();
+    let transitions = book.apply(&a.observations, a.generated_ms);
+    for t in &transitions {
+        let id = format!("{}\u{0}{:?}", t.key, t.state);
+        store.put_history("alert", a.generated_ms, &id, &encode("alert", t)?)?;
+    }
+    store.put_doc("alerts/book", &encode("alert book", &book)?)?;
+    Ok((transitions, book.active.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_names_the_schedule_and_policy_problems() {
+        let bad = AnalyticsConfig {
+            schedule: "x y z a b c".into(),
+            pricing_file: None,
+            policy_file: None,
+        };
+        let err = check(&bad).unwrap_err().to_string();
+        assert!(err.contains("analytics.schedule"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("policy.toml");
+        std::fs::write(
+            &p,
+            "[[budgets]]\nname = \"b\"\namount = 0\nperiod = \"day\"\nscope = \"fleet\"\n",
+        )
+        .unwrap();
+        let cfg = AnalyticsConfig {
+            schedule: "0 */5 * * * *".into(),
+            pricing_file: None,
+            policy_file: Some(p),
+        };
+        let err = check(&cfg).unwrap_err().to_string();
+        assert!(err.contains("budgets[0].amount: must be a positive amount, got 0"), "{err}");
+        assert!(check(&AnalyticsConfig { policy_file: None, ..cfg }).is_ok());
+    }
+}
