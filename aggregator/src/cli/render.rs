@@ -162,7 +162,7 @@ pub fn format_duration_secs(secs: u64) -> String {
 /// A Unix millisecond time as UTC `YYYY-MM-DD HH:MM:SS`.
 pub fn format_utc(unix_ms: i64) -> String {
     let secs = unix_ms.div_euclid(1000);
-    let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
+    let (year, month, day) = crate::analytics::series::civil_from_days(secs.div_euclid(86_400));
     let second_of_day = secs.rem_euclid(86_400);
     format!(
         "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
@@ -218,21 +218,6 @@ fn format_bytes_f64(bytes: f64) -> String {
         value /= 1024.0;
     }
     format!("{value:.1} PiB")
-}
-
-/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
-/// (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 fn or_absent<T: Display>(value: Option<T>) -> String {
