@@ -11,7 +11,6 @@
 //! `batch_utilization_pct` and `latency_mean_ms`. Latency percentiles are deliberately not series:
 //! they come from merged histograms ([`crate::model_stats`]), never from averaging.
 
-use crate::histogram::LogHistogram;
 use crate::proto::{GpuSample, HostSample, ModelSample, Sample};
 
 /// One named value from a sample.
@@ -118,16 +117,14 @@ fn models(samples: &[ModelSample], out: &mut Vec<Point>) {
             *slot += v;
         }
         sum.batch_slots += m.batch_slots;
-        // Only the exact sums and counts are used here; a malformed histogram counts as empty.
-        let totals = |h: &Option<crate::proto::Histogram>| {
-            h.as_ref().and_then(|h| LogHistogram::from_proto(h).ok()).map(|h| (h.sum(), h.count()))
-        };
-        if let Some((s, _)) = totals(&m.compute_us) {
-            sum.compute_us += s;
+        // Only the histograms' exact sums and counts are used here, as stated; the buckets are
+        // read (and checked) only where percentiles are needed (`model_stats`).
+        if let Some(h) = &m.compute_us {
+            sum.compute_us = sum.compute_us.saturating_add(h.sum);
         }
-        if let Some((s, n)) = totals(&m.latency_us) {
-            sum.latency_us += s;
-            sum.latency_n += n;
+        if let Some(h) = &m.latency_us {
+            sum.latency_us = sum.latency_us.saturating_add(h.sum);
+            sum.latency_n = sum.latency_n.saturating_add(h.count);
         }
     }
     for (name, sum) in order {
@@ -151,6 +148,7 @@ fn models(samples: &[ModelSample], out: &mut Vec<Point>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::histogram::LogHistogram;
     use crate::proto::AcceleratorSample;
 
     #[test]

@@ -302,20 +302,13 @@ impl<T> BatchQueue<T> {
         Step::WaitUntil(wake.max(now))
     }
 
+    /// Takes the entries at `indexes` (in that order) out; the rest keep their arrival order.
     fn take(&mut self, indexes: &[usize], reason: Reason) -> Batch<T> {
-        let mut sorted = indexes.to_vec();
-        sorted.sort_unstable();
-        let mut picked: Vec<(usize, Entry<T>)> = Vec::with_capacity(sorted.len());
-        for i in sorted.into_iter().rev() {
-            picked.push((i, self.entries.swap_remove(i)));
-        }
-        // swap_remove from the back keeps lower indexes valid; restore dispatch order.
-        picked.sort_by_key(|(i, _)| indexes.iter().position(|x| x == i).unwrap_or(usize::MAX));
-        let rows = picked.iter().map(|(_, e)| e.rows).sum();
-        let mut remaining = std::mem::take(&mut self.entries);
-        remaining.sort_by_key(|e| e.seq);
-        self.entries = remaining;
-        Batch { items: picked.into_iter().map(|(_, e)| e.item).collect(), rows, reason }
+        let mut slots: Vec<Option<Entry<T>>> = self.entries.drain(..).map(Some).collect();
+        let picked: Vec<Entry<T>> = indexes.iter().filter_map(|i| slots[*i].take()).collect();
+        self.entries = slots.into_iter().flatten().collect();
+        let rows = picked.iter().map(|e| e.rows).sum();
+        Batch { items: picked.into_iter().map(|e| e.item).collect(), rows, reason }
     }
 }
 

@@ -286,12 +286,12 @@ fn run_batch(
     let mut whole = Some(outputs);
     let mut start = 0;
     for p in items {
-        let mine = match (&whole, single) {
-            (_, true) => Ok(whole.take().unwrap_or_default()),
-            (Some(outputs), false) => {
+        // One request keeps the outputs as they are; several each get their rows.
+        let mine = match whole.as_ref() {
+            Some(outputs) if !single => {
                 outputs.iter().map(|o| o.slice_rows(start, p.rows)).collect::<Result<Vec<_>, _>>()
             }
-            (None, false) => Ok(Vec::new()),
+            _ => Ok(whole.take().unwrap_or_default()),
         };
         start += p.rows;
         let now = Instant::now();

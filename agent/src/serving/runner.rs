@@ -61,6 +61,13 @@ pub trait Engine: Send + Sync + 'static {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError>;
 }
 
+/// Built plans by input shapes, and the order they were built in (oldest evicted first).
+#[derive(Default)]
+struct PlanCache {
+    by_shapes: HashMap<Vec<Vec<usize>>, Arc<TypedRunnableModel>>,
+    order: Vec<Vec<Vec<usize>>>,
+}
+
 /// A model loaded into tract.
 pub struct TractEngine {
     /// The model as loaded under each loader setting that worked, strict first.
@@ -68,8 +75,7 @@ pub struct TractEngine {
     /// The template that built the last plan.
     preferred: AtomicUsize,
     input_types: Vec<DatumType>,
-    plans: Mutex<HashMap<Vec<Vec<usize>>, Arc<TypedRunnableModel>>>,
-    plan_order: Mutex<Vec<Vec<Vec<usize>>>>,
+    plans: Mutex<PlanCache>,
 }
 
 impl std::fmt::Debug for TractEngine {
@@ -146,8 +152,7 @@ impl TractEngine {
             templates: loaded.into_iter().map(|(flags, (template, _))| (flags, template)).collect(),
             preferred: AtomicUsize::new(0),
             input_types,
-            plans: Mutex::new(HashMap::new()),
-            plan_order: Mutex::new(Vec::new()),
+            plans: Mutex::default(),
         };
         // A trial plan for one request, when the model fixes every size but the batch: it
         // catches broken graphs at load and warms the cache. Guessing open sizes would make
@@ -159,7 +164,7 @@ impl TractEngine {
     }
 
     fn plan_for(&self, shapes: Vec<Vec<usize>>) -> Result<Arc<TypedRunnableModel>, RunError> {
-        if let Some(plan) = self.plans.lock().ok().and_then(|p| p.get(&shapes).cloned()) {
+        if let Some(plan) = self.plans.lock().ok().and_then(|p| p.by_shapes.get(&shapes).cloned()) {
             return Ok(plan);
         }
         // Try the loader setting that worked last, then the others in order (strict first).
@@ -190,13 +195,13 @@ impl TractEngine {
             let e = first_error.unwrap_or_else(|| "no loader settings".to_owned());
             return Err(RunError(format!("building a plan for shapes {shapes:?}: {e}")));
         };
-        if let (Ok(mut plans), Ok(mut order)) = (self.plans.lock(), self.plan_order.lock()) {
-            if plans.len() >= MAX_PLANS && !order.is_empty() {
-                let oldest = order.remove(0);
-                plans.remove(&oldest);
+        if let Ok(mut cache) = self.plans.lock() {
+            if cache.by_shapes.len() >= MAX_PLANS && !cache.order.is_empty() {
+                let oldest = cache.order.remove(0);
+                cache.by_shapes.remove(&oldest);
             }
-            plans.insert(shapes.clone(), plan.clone());
-            order.push(shapes);
+            cache.by_shapes.insert(shapes.clone(), plan.clone());
+            cache.order.push(shapes);
         }
         Ok(plan)
     }
@@ -228,7 +233,7 @@ impl TractEngine {
 
     /// Plans built so far (for tests and stats).
     pub fn plan_count(&self) -> usize {
-        self.plans.lock().map(|p| p.len()).unwrap_or(0)
+        self.plans.lock().map(|p| p.by_shapes.len()).unwrap_or(0)
     }
 }
 

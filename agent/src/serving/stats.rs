@@ -14,8 +14,6 @@ use super::batcher::Reason;
 /// How a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// Answered.
-    Success,
     /// Admitted, then failed in the engine.
     Failure,
     /// Refused at admission (queue full, bad input, not ready).
@@ -82,12 +80,12 @@ impl ModelStats {
         f(&mut guard.delta);
     }
 
-    /// Counts a request that ended without reaching compute, or failed in it.
+    /// Counts a request that ended without an answer (successes go through
+    /// [`Self::request_succeeded`], which also records their times).
     pub fn request_ended(&self, outcome: Outcome) {
         self.with(|c| {
             c.requests += 1;
             match outcome {
-                Outcome::Success => c.successes += 1,
                 Outcome::Failure => c.failures += 1,
                 Outcome::Rejected => c.rejected += 1,
                 Outcome::Expired => c.expired += 1,
