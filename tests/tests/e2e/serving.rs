@@ -156,7 +156,11 @@ fn tritonclient_works_unmodified_and_stats_reach_the_aggregator() {
     ] {
         assert!(metrics.contains(family), "{family} missing from /metrics:\n{metrics}");
     }
-    if let Ok(promtool) = which("promtool") {
+    // promtool is part of the test's set-up (scripts/test installs it): its absence fails the
+    // test rather than skipping the check.
+    let promtool = which("promtool")
+        .expect("promtool is missing: install Debian's `prometheus` package (scripts/test does)");
+    {
         let mut check = Command::new(promtool)
             .args(["check", "metrics"])
             .stdin(std::process::Stdio::piped())
