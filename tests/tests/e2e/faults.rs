@@ -40,12 +40,17 @@ fn faults_then_partition(partition: Duration, seed: u64) {
     };
     eventually("the first batches through the relay", WAIT, || (last_seq() >= 2).then_some(()));
 
-    // Loss bursts (each long enough to eat a whole batch exchange) on top of 5 % random loss.
+    // Loss bursts (each eats a whole batch exchange: the agent sends a few datagrams a
+    // second) on top of 5 % random loss, then short blackouts of about a second.
+    let start = last_seq();
     relay.set(Faults { drop_prob: 0.05, ..Faults::default() });
     for _ in 0..5 {
-        relay.burst(40);
-        std::thread::sleep(Duration::from_millis(800));
+        relay.burst(6);
+        std::thread::sleep(Duration::from_millis(1500));
+        relay.partition(Duration::from_millis(700));
+        std::thread::sleep(Duration::from_millis(1000));
     }
+    eventually("batches through the loss bursts", WAIT, || (last_seq() > start + 3).then_some(()));
     // Duplication, reordering and jitter, both directions.
     relay.set(Faults {
         drop_prob: 0.02,
@@ -55,9 +60,12 @@ fn faults_then_partition(partition: Duration, seed: u64) {
         delay: Duration::from_millis(2),
         jitter: Duration::from_millis(10),
     });
+    let start = last_seq();
     std::thread::sleep(Duration::from_secs(5));
+    eventually("batches through duplication and reordering", WAIT, || {
+        (last_seq() > start + 3).then_some(())
+    });
     let before_cut = last_seq();
-    assert!(before_cut >= 5, "batches got through the lossy phase: last_seq {before_cut}");
 
     // Cut: nothing passes for longer than the idle timeout; the agent keeps spooling.
     relay.heal();
@@ -83,7 +91,7 @@ fn faults_then_partition(partition: Duration, seed: u64) {
         agg.cli_json(&["metrics", host, "load1", "--since", "1h", "--resolution", "raw"]).unwrap();
     assert_eq!(raw["points"].as_array().unwrap().len() as u64, produced, "raw points");
     eprintln!("relay: {}", relay.stats.summary());
-    assert!(relay.stats.dropped.load(std::sync::atomic::Ordering::Relaxed) > 100);
+    assert!(relay.stats.dropped.load(std::sync::atomic::Ordering::Relaxed) > 50);
     assert!(relay.stats.duplicated.load(std::sync::atomic::Ordering::Relaxed) > 0);
     assert!(relay.stats.reordered.load(std::sync::atomic::Ordering::Relaxed) > 0);
 
