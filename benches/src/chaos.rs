@@ -18,10 +18,10 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     agents: usize,
     /// Agent sampling interval during aggregator kills.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 100)]
     sample_ms: u64,
-    /// Agent sampling interval during agent kills (fast: many samples per sealed batch).
-    #[arg(long, default_value_t = 10)]
+    /// Agent sampling interval during agent kills (100 ms, the fastest the config allows).
+    #[arg(long, default_value_t = 100)]
     crash_sample_ms: u64,
     /// Seed of the kill moments.
     #[arg(long, default_value_t = 20_261_201)]
@@ -73,6 +73,7 @@ fn print(scenario: &str, r: &CycleReport) {
             "scenario": scenario,
             "cycles": r.cycles,
             "seconds": r.seconds,
+            "batches_sealed_by_killed_agents": r.batches_sealed,
             "samples_lost": r.lost(),
             "samples_duplicated": r.duplicated(),
             "hosts": hosts,

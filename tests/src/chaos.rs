@@ -199,6 +199,9 @@ pub struct CycleReport {
     pub hosts: Vec<HostAudit>,
     /// Wall time of the whole scenario.
     pub seconds: f64,
+    /// Batches the killed agents logged as sealed (agent-kill scenario; proves the logs were
+    /// read, so `acked_lost_batches == 0` means something).
+    pub batches_sealed: u64,
 }
 
 impl CycleReport {
@@ -230,7 +233,8 @@ fn wait_connects(agent: &Proc, n: usize) {
 fn wait_batches(agg: &Aggregator, hosts: &[String], batches: u64) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
-        if let Ok(rows) = agg.cli_json(&["hosts"]) {
+        let rows = agg.cli_json(&["hosts"]);
+        if let Ok(rows) = &rows {
             let done = hosts.iter().all(|h| {
                 rows.as_array().into_iter().flatten().any(|r| {
                     r["host"].as_str() == Some(h.as_str())
@@ -242,7 +246,7 @@ fn wait_batches(agg: &Aggregator, hosts: &[String], batches: u64) -> anyhow::Res
             }
         }
         if start.elapsed() > WAIT {
-            bail!("hosts did not reach {batches} stored batches within {WAIT:?}");
+            bail!("hosts did not reach {batches} stored batches within {WAIT:?}; last: {rows:?}");
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -269,7 +273,11 @@ pub fn aggregator_kill_cycles(
         fleet.issue(h);
         procs.push(agent_debug(h, &fleet.agent_config(h, agg.quic, sample_ms))?);
     }
-    wait_batches(&agg, &hosts, 2)?;
+    if let Err(e) = wait_batches(&agg, &hosts, 2) {
+        procs.iter().for_each(Proc::dump);
+        agg.proc.dump();
+        return Err(e);
+    }
     for cycle in 1..=cycles {
         // Let ingest run a random while, then kill it with batches in flight.
         std::thread::sleep(dice.between(Duration::from_millis(300), Duration::from_millis(2500)));
@@ -314,13 +322,15 @@ pub fn agent_kill_cycles(cycles: usize, sample_ms: u64, seed: u64) -> anyhow::Re
     let host = "crashy";
     fleet.issue(host);
     let config = fleet.agent_config(host, agg.quic, sample_ms);
-    let (mut lost_batches, mut lost_samples) = (0, 0);
+    let (mut lost_batches, mut lost_samples, mut sealed) = (0, 0, 0);
     for _ in 0..cycles {
         let mut a = agent_debug(host, &config)?;
         wait_connects(&a, 1);
         std::thread::sleep(dice.between(Duration::from_millis(200), Duration::from_millis(2500)));
         a.kill();
-        let (b, s) = RunLog::parse(&a.logs()).acked_lost();
+        let log = RunLog::parse(&a.logs());
+        sealed += log.sealed.len() as u64;
+        let (b, s) = log.acked_lost();
         lost_batches += b;
         lost_samples += s;
     }
@@ -332,7 +342,12 @@ pub fn agent_kill_cycles(cycles: usize, sample_ms: u64, seed: u64) -> anyhow::Re
         bail!("{} did not stop cleanly after {cycles} kills", a.name);
     }
     let produced = crate::samples_produced(&a);
-    let (b, s) = RunLog::parse(&a.logs()).acked_lost();
+    let log = RunLog::parse(&a.logs());
+    sealed += log.sealed.len() as u64;
+    if sealed == 0 {
+        bail!("no \"Sealed batch into spool.\" lines at debug level: the audit cannot see seals");
+    }
+    let (b, s) = log.acked_lost();
     lost_batches += b;
     lost_samples += s;
     if !agg.proc.terminate().success() {
@@ -341,5 +356,10 @@ pub fn agent_kill_cycles(cycles: usize, sample_ms: u64, seed: u64) -> anyhow::Re
     let mut audit = audit_store(&fleet.path().join("store"), host, produced)?;
     audit.acked_lost_batches = lost_batches;
     audit.acked_lost_samples = lost_samples;
-    Ok(CycleReport { cycles, hosts: vec![audit], seconds: t0.elapsed().as_secs_f64() })
+    Ok(CycleReport {
+        cycles,
+        hosts: vec![audit],
+        seconds: t0.elapsed().as_secs_f64(),
+        batches_sealed: sealed,
+    })
 }

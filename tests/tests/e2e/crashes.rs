@@ -7,12 +7,12 @@ use e2e::chaos::{agent_kill_cycles, aggregator_kill_cycles};
 
 #[test]
 fn aggregator_sigkill_cycles_lose_and_duplicate_nothing() {
-    let report = aggregator_kill_cycles(3, 2, 50, 0xa66).unwrap();
+    let report = aggregator_kill_cycles(3, 2, 100, 0xa66).unwrap();
     assert!(report.exact(), "{report:#?}");
 }
 
 #[test]
 fn agent_sigkill_cycles_during_spool_writes_lose_and_duplicate_nothing() {
-    let report = agent_kill_cycles(3, 10, 0xa6e).unwrap();
+    let report = agent_kill_cycles(3, 100, 0xa6e).unwrap();
     assert!(report.exact(), "{report:#?}");
 }
