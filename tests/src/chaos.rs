@@ -128,13 +128,13 @@ impl RunLog {
                 if let (Some(seq), Some(n)) = (field(l, "seq"), field(l, "samples")) {
                     log.sealed.insert(seq, n);
                 }
-            } else if l.contains("Batch acknowledged.") {
-                if let Some(seq) = field(l, "seq") {
-                    if l.contains("duplicate=true") {
-                        log.acked_duplicate.insert(seq);
-                    } else {
-                        log.acked_new.insert(seq);
-                    }
+            } else if l.contains("Batch acknowledged.")
+                && let Some(seq) = field(l, "seq")
+            {
+                if l.contains("duplicate=true") {
+                    log.acked_duplicate.insert(seq);
+                } else {
+                    log.acked_new.insert(seq);
                 }
             }
         }
@@ -326,7 +326,8 @@ pub fn agent_kill_cycles(cycles: usize, sample_ms: u64, seed: u64) -> anyhow::Re
     for _ in 0..cycles {
         let mut a = agent_debug(host, &config)?;
         wait_connects(&a, 1);
-        std::thread::sleep(dice.between(Duration::from_millis(200), Duration::from_millis(2500)));
+        // Seals happen every second; most runs seal a few batches, some die before the first.
+        std::thread::sleep(dice.between(Duration::from_millis(300), Duration::from_millis(3500)));
         a.kill();
         let log = RunLog::parse(&a.logs());
         sealed += log.sealed.len() as u64;
