@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use benches::{now_ms, realistic_sample};
+use benches::{now_ms, quantile, realistic_sample};
 use clap::Parser;
 use common::framed;
 use common::ids::HostId;
@@ -50,6 +50,17 @@ struct Tally {
     failed: AtomicU64,
     /// Microseconds from the restart until the last agent was welcomed.
     last_welcome_us: AtomicU64,
+    /// Seconds from the restart until each agent was welcomed.
+    welcomes: std::sync::Mutex<Vec<f64>>,
+    /// Why connection attempts failed, and how often.
+    errors: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl Tally {
+    fn error(&self, why: String) {
+        let mut e = self.errors.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *e.entry(why).or_default() += 1;
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -108,6 +119,9 @@ fn main() -> anyhow::Result<()> {
         let full_s =
             (reconnected == n).then(|| tally.last_welcome_us.load(Ordering::Relaxed) as f64 / 1e6);
         let rss_after_storm = vm_kb(pid, "VmRSS:");
+        let mut welcomes =
+            tally.welcomes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        welcomes.sort_by(f64::total_cmp);
         // Steady state: measure a window of reporting.
         let acked0 = tally.acked.load(Ordering::Relaxed);
         let failed0 = tally.failed.load(Ordering::Relaxed);
@@ -127,7 +141,13 @@ fn main() -> anyhow::Result<()> {
             "aggregator_restart_seconds": started_s,
             "reconnected": reconnected,
             "full_reconnection_seconds": full_s,
+            "welcome_seconds": {
+                "p10": quantile(&welcomes, 0.1),
+                "p50": quantile(&welcomes, 0.5),
+                "p90": quantile(&welcomes, 0.9),
+            },
             "connect_attempts_failed": tally.connect_failures.load(Ordering::Relaxed),
+            "connect_errors": *tally.errors.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
             "steady_seconds": window,
             "steady_batches_acked_per_s": acked as f64 / window,
             "steady_batches_expected_per_s": args.agents as f64 * 1000.0 / args.interval_ms as f64,
@@ -192,7 +212,11 @@ async fn agent_life(
         .await
         {
             Ok(Ok(c)) => c,
-            _ => {
+            other => {
+                tally.error(match other {
+                    Ok(Err(e)) => format!("{e:#}"),
+                    _ => "connect and Hello took over 10 s".to_owned(),
+                });
                 tally.connect_failures.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(backoff(attempt, i)).await;
                 attempt = attempt.saturating_add(1);
@@ -204,6 +228,11 @@ async fn agent_life(
             first = false;
             let us = u64::try_from(storm_start.elapsed().as_micros()).unwrap_or(u64::MAX);
             tally.last_welcome_us.fetch_max(us, Ordering::Relaxed);
+            tally
+                .welcomes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(storm_start.elapsed().as_secs_f64());
             tally.connected.fetch_add(1, Ordering::Relaxed);
         }
         let mut next = tokio::time::Instant::now();
