@@ -15,11 +15,18 @@ use anyhow::{Context as _, bail};
 use common::ids::HostId;
 use common::tls::{self, Ca};
 
+pub mod chaos;
+pub mod relay;
+
 /// How long any single wait in a test may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(60);
 
-/// Path of a workspace binary, next to the test executable's `deps/` directory.
+/// Path of a workspace binary, next to the test executable's `deps/` directory (or next to
+/// the running executable, for the benches that drive these scenarios).
 pub fn bin(name: &str) -> PathBuf {
+    if let Ok(path) = chaos::binary(name) {
+        return path;
+    }
     let exe = std::env::current_exe().unwrap_or_default();
     let dir = exe.parent().and_then(Path::parent).map(Path::to_owned).unwrap_or_default();
     let path = dir.join(name);
@@ -149,6 +156,11 @@ impl Proc {
             });
         }
         Self { name: name.to_owned(), child, logs }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Everything logged so far.

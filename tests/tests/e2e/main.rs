@@ -6,6 +6,9 @@
 //! - `fleet`: a real aggregator and agents as separate processes, seen through the CLI.
 //! - `security`: certificates from another CA, expired and revoked, refused at the handshake.
 //! - `durability`: the aggregator SIGKILLed and restarted loses and duplicates nothing.
+//! - `crashes`: SIGKILL cycles of the aggregator during ingest and of an agent during spool
+//!   writes, audited sample by sample in the store.
+//! - `faults`: loss, duplication, reordering and a partition from the loopback UDP relay.
 //! - `frames`: malformed and oversized frames and bad Hellos, from a hand-driven QUIC client.
 //! - `serving`: an agent serving the shared ONNX models to Triton's Python client; overload.
 //! - `startup`: bad configs exit 64 naming every key; the CLI without an aggregator; `flotilla up`.
@@ -17,7 +20,9 @@
 
 mod admin;
 mod analytics;
+mod crashes;
 mod durability;
+mod faults;
 mod fleet;
 mod frames;
 mod security;
