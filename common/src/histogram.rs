@@ -7,7 +7,10 @@
 //! percentiles honest: merge first, then read the quantile, never average quantiles.
 //!
 //! On the wire a histogram is the sparse [`proto::Histogram`]; [`LogHistogram::from_proto`]
-//! checks it, since it arrives from the network.
+//! checks it, since it arrives from the network: buckets paired and ascending, `count` their
+//! total, `min <= max`, `min` in the first non-empty bucket, `max` in the last, and `sum` between
+//! `min·count` and `max·count`. Every operation saturates instead of overflowing, and no method
+//! panics on any histogram, checked or not.
 
 use crate::proto;
 
@@ -72,6 +75,32 @@ pub enum HistogramError {
         /// Sum of the bucket counts.
         actual: u64,
     },
+    /// `min` or `max` is not in the bucket range the counts cover, or `min > max`.
+    #[error(
+        "histogram min {min} / max {max} do not fit its buckets (values {low}..={high} recorded)"
+    )]
+    BadRange {
+        /// `min` as sent.
+        min: u64,
+        /// `max` as sent.
+        max: u64,
+        /// Lowest value the first non-empty bucket holds.
+        low: u64,
+        /// Highest value the last non-empty bucket holds.
+        high: u64,
+    },
+    /// `sum` is outside `min·count ..= max·count`.
+    #[error("histogram sum {sum} is impossible for {count} values between {min} and {max}")]
+    BadSum {
+        /// `sum` as sent.
+        sum: u64,
+        /// `count` as sent.
+        count: u64,
+        /// `min` as sent.
+        min: u64,
+        /// `max` as sent.
+        max: u64,
+    },
 }
 
 /// A histogram being recorded or merged. Buckets grow only as far as the largest value seen.
@@ -104,7 +133,7 @@ impl LogHistogram {
         if self.counts.len() <= index {
             self.counts.resize(index + 1, 0);
         }
-        self.counts[index] += n;
+        self.counts[index] = self.counts[index].saturating_add(n);
         if self.count == 0 {
             self.min = value;
             self.max = value;
@@ -112,7 +141,7 @@ impl LogHistogram {
             self.min = self.min.min(value);
             self.max = self.max.max(value);
         }
-        self.count += n;
+        self.count = self.count.saturating_add(n);
         self.sum = self.sum.saturating_add(value.saturating_mul(n));
     }
 
@@ -125,7 +154,7 @@ impl LogHistogram {
             self.counts.resize(other.counts.len(), 0);
         }
         for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
-            *mine += theirs;
+            *mine = mine.saturating_add(*theirs);
         }
         if self.count == 0 {
             self.min = other.min;
@@ -134,7 +163,7 @@ impl LogHistogram {
             self.min = self.min.min(other.min);
             self.max = self.max.max(other.max);
         }
-        self.count += other.count;
+        self.count = self.count.saturating_add(other.count);
         self.sum = self.sum.saturating_add(other.sum);
     }
 
@@ -174,9 +203,11 @@ impl LogHistogram {
         let rank = ((q * self.count as f64).ceil() as u64).max(1);
         let mut seen = 0u64;
         for (index, n) in self.counts.iter().enumerate() {
-            seen += n;
+            seen = seen.saturating_add(*n);
             if seen >= rank {
-                return Some(upper_bound(index).clamp(self.min, self.max));
+                // Not `clamp`: it panics when min > max, and a histogram is only guaranteed
+                // consistent when it came through `from_proto` or `record`.
+                return Some(upper_bound(index).min(self.max).max(self.min));
             }
         }
         Some(self.max)
@@ -189,8 +220,7 @@ impl LogHistogram {
             .iter()
             .enumerate()
             .take_while(|(index, _)| upper_bound(*index) <= bound)
-            .map(|(_, n)| n)
-            .sum()
+            .fold(0u64, |total, (_, n)| total.saturating_add(*n))
     }
 
     /// The sparse wire form.
@@ -236,6 +266,25 @@ impl LogHistogram {
         }
         if total != wire.count {
             return Err(HistogramError::CountMismatch { stated: wire.count, actual: total });
+        }
+        let first = out.counts.iter().position(|n| *n > 0);
+        let last = out.counts.iter().rposition(|n| *n > 0);
+        if let (Some(first), Some(last)) = (first, last) {
+            let (low, high) = (lower_bound(first), upper_bound(last));
+            let (min, max) = (wire.min, wire.max);
+            let in_first = (low..=upper_bound(first)).contains(&min);
+            let in_last = (lower_bound(last)..=high).contains(&max);
+            if min > max || !in_first || !in_last {
+                return Err(HistogramError::BadRange { min, max, low, high });
+            }
+            let (floor, ceiling) = (min.saturating_mul(total), max.saturating_mul(total));
+            if wire.sum < floor || wire.sum > ceiling {
+                return Err(HistogramError::BadSum { sum: wire.sum, count: total, min, max });
+            }
+        } else {
+            // Empty: min, max and sum carry nothing; keep the canonical zeros.
+            out.counts.clear();
+            return Ok(out);
         }
         out.count = total;
         out.sum = wire.sum;
@@ -365,6 +414,60 @@ mod tests {
             LogHistogram::from_proto(&wrong_count),
             Err(HistogramError::CountMismatch { stated: 7, actual: 2 })
         );
+    }
+
+    #[test]
+    fn min_above_max_is_refused_and_quantile_never_panics() {
+        // Regression (issue 8, hole 6): this histogram from the wire made `quantile` panic in
+        // `clamp` on every /api/v1/models call and analytics pass.
+        let wire = proto::Histogram {
+            bucket_index: vec![5],
+            bucket_count: vec![1],
+            count: 1,
+            sum: 5,
+            min: 9,
+            max: 1,
+        };
+        assert!(matches!(
+            LogHistogram::from_proto(&wire),
+            Err(HistogramError::BadRange { min: 9, max: 1, .. })
+        ));
+        // Even an unchecked inconsistent histogram answers instead of panicking.
+        let bad = LogHistogram { counts: vec![0, 1], count: 1, sum: 1, min: 9, max: 1 };
+        assert!(bad.quantile(0.5).is_some());
+    }
+
+    #[test]
+    fn min_max_and_sum_must_fit_the_buckets() {
+        let mut h = LogHistogram::new();
+        h.record(100);
+        h.record(1000);
+        let good = h.to_proto();
+        assert_eq!(LogHistogram::from_proto(&good), Ok(h));
+        let mut low_min = good.clone();
+        low_min.min = 1;
+        assert!(matches!(LogHistogram::from_proto(&low_min), Err(HistogramError::BadRange { .. })));
+        let mut high_max = good.clone();
+        high_max.max = 1 << 40;
+        assert!(matches!(
+            LogHistogram::from_proto(&high_max),
+            Err(HistogramError::BadRange { .. })
+        ));
+        let mut sum = good;
+        sum.sum = u64::MAX;
+        assert!(matches!(LogHistogram::from_proto(&sum), Err(HistogramError::BadSum { .. })));
+    }
+
+    #[test]
+    fn counts_saturate_instead_of_overflowing() {
+        let mut a = LogHistogram::new();
+        a.record_n(7, u64::MAX);
+        let b = a.clone();
+        a.merge(&b);
+        a.record(7);
+        assert_eq!(a.count(), u64::MAX);
+        assert_eq!(a.quantile(1.0), Some(7));
+        assert_eq!(a.count_at_most(u64::MAX), u64::MAX);
     }
 
     #[test]

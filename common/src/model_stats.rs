@@ -64,14 +64,16 @@ impl ModelTotals {
 
     /// Adds another window's totals.
     pub fn merge(&mut self, other: &Self) {
-        self.requests += other.requests;
-        self.successes += other.successes;
-        self.failures += other.failures;
-        self.rejected += other.rejected;
-        self.expired += other.expired;
-        self.inferences += other.inferences;
-        self.batches += other.batches;
-        self.batch_slots += other.batch_slots;
+        // Counters come from the wire: saturate rather than overflow (a panic in debug builds,
+        // a silent wrap in release).
+        self.requests = self.requests.saturating_add(other.requests);
+        self.successes = self.successes.saturating_add(other.successes);
+        self.failures = self.failures.saturating_add(other.failures);
+        self.rejected = self.rejected.saturating_add(other.rejected);
+        self.expired = self.expired.saturating_add(other.expired);
+        self.inferences = self.inferences.saturating_add(other.inferences);
+        self.batches = self.batches.saturating_add(other.batches);
+        self.batch_slots = self.batch_slots.saturating_add(other.batch_slots);
         self.latency_us.merge(&other.latency_us);
         self.queue_us.merge(&other.queue_us);
         self.compute_us.merge(&other.compute_us);
@@ -124,6 +126,18 @@ mod tests {
         assert!((p99 - 1.0).abs() < 1.0 / 32.0, "p99 {p99} ms is within a bucket of 1 ms");
         assert_eq!(totals.latency_ms(1.0), Some(10.0));
         assert_eq!(totals.batch_utilization(), Some(100.0 / 16.0));
+    }
+
+    #[test]
+    fn wire_counters_saturate() {
+        // Regression (issue 8, hole 6): two samples claiming u64::MAX requests overflowed.
+        let mut huge = sample(u64::MAX, &[1]);
+        huge.batch_slots = u64::MAX;
+        let mut totals = ModelTotals::default();
+        totals.add(&huge).expect("valid");
+        totals.add(&huge).expect("valid");
+        assert_eq!(totals.requests, u64::MAX);
+        assert_eq!(totals.batch_slots, u64::MAX);
     }
 
     #[test]
