@@ -364,3 +364,45 @@ pub fn agent_kill_cycles(cycles: usize, sample_ms: u64, seed: u64) -> anyhow::Re
         batches_sealed: sealed,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_log_finds_acknowledged_batches_that_were_thrown_away() {
+        let lines: Vec<String> = [
+            "2026-12-01T15:07:05Z DEBUG agent::sampler: Sealed batch into spool. seq=7 samples=10",
+            "2026-12-01T15:07:05Z DEBUG agent::uplink: Batch acknowledged. seq=7 duplicate=true",
+            "2026-12-01T15:07:06Z DEBUG agent::sampler: Sealed batch into spool. seq=8 samples=9",
+            "2026-12-01T15:07:06Z DEBUG agent::uplink: Batch acknowledged. seq=8 duplicate=false",
+            // A batch inherited from the spool and retried: a duplicate ack is honest here.
+            "2026-12-01T15:07:06Z DEBUG agent::uplink: Batch acknowledged. seq=6 duplicate=true",
+        ]
+        .map(String::from)
+        .to_vec();
+        let log = RunLog::parse(&lines);
+        assert_eq!(log.sealed.len(), 2);
+        assert_eq!(log.acked_lost(), (1, 10), "seq 7 was sealed here and thrown away as a dup");
+    }
+
+    #[test]
+    fn audit_is_exact_only_when_every_count_agrees() {
+        let exact =
+            HostAudit { produced: 5, stored_keys: 5, samples_total: 5, ..HostAudit::default() };
+        assert!(exact.exact());
+        assert!(!HostAudit { missing: 1, ..exact.clone() }.exact());
+        assert!(!HostAudit { duplicated: 1, ..exact.clone() }.exact());
+        assert!(!HostAudit { samples_total: 6, ..exact.clone() }.exact());
+        assert!(!HostAudit { acked_lost_batches: 1, ..exact }.exact());
+    }
+
+    #[test]
+    fn dice_stays_in_range_and_replays() {
+        let (lo, hi) = (Duration::from_millis(300), Duration::from_millis(3500));
+        let a: Vec<_> = (0..100).scan(Dice::new(9), |d, _| Some(d.between(lo, hi))).collect();
+        let b: Vec<_> = (0..100).scan(Dice::new(9), |d, _| Some(d.between(lo, hi))).collect();
+        assert_eq!(a, b);
+        assert!(a.iter().all(|d| (lo..hi).contains(d)));
+    }
+}
