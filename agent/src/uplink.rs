@@ -314,9 +314,25 @@ impl Uplink {
                 in_flight.spawn(async move { send_batch(&conn, seq, frame).await });
             }
             let mut first_error = None;
+            let mut retry_after = Duration::ZERO;
             while let Some(joined) = in_flight.join_next().await {
                 match joined {
-                    Ok(Ok(seq)) => self.spool.ack(seq)?,
+                    Ok(Ok(Delivery::Stored(seq))) => self.spool.ack(seq)?,
+                    Ok(Ok(Delivery::Refused { seq, reason })) => {
+                        let samples = self.spool.discard(seq)?;
+                        error!(
+                            %seq,
+                            samples,
+                            %reason,
+                            "The aggregator refused this batch as invalid; dropped it (counted as \
+                             a spool drop)."
+                        );
+                    }
+                    Ok(Ok(Delivery::RetryAfter { seq, reason, after })) => {
+                        warn!(%seq, %reason, after_ms = after.as_millis(), "The aggregator \
+                              refused this batch for load; it stays spooled and is sent again.");
+                        retry_after = retry_after.max(after);
+                    }
                     Ok(Err(e)) => {
                         first_error.get_or_insert(e);
                     }
@@ -330,6 +346,10 @@ impl Uplink {
             if let Some(e) = first_error {
                 return Err(e);
             }
+            if !retry_after.is_zero() {
+                tokio::time::sleep(retry_after.min(MAX_RETRY_AFTER)).await;
+                continue;
+            }
             if !full {
                 return Ok(());
             }
@@ -337,11 +357,24 @@ impl Uplink {
     }
 }
 
+/// Longest pause an aggregator's `retry_after_ms` can impose before the next try.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// What the aggregator did with one batch.
+enum Delivery {
+    /// Stored (or already stored): ack it in the spool.
+    Stored(Seq),
+    /// Refused for good (invalid or over a size limit): drop it.
+    Refused { seq: Seq, reason: String },
+    /// Refused for load: keep it and send it again after `after`.
+    RetryAfter { seq: Seq, reason: String, after: Duration },
+}
+
 async fn send_batch(
     conn: &quinn::Connection,
     seq: Seq,
     frame: bytes::Bytes,
-) -> Result<Seq, UplinkError> {
+) -> Result<Delivery, UplinkError> {
     let exchange = async {
         let frame_err = |source| UplinkError::Frame { what: format!("batch {seq}"), source };
         let (mut send, mut recv) = conn.open_bi().await.map_err(UplinkError::Connection)?;
@@ -351,8 +384,19 @@ async fn send_batch(
         if ack.seq != seq.0 {
             return Err(UplinkError::AckMismatch { sent: seq.0, got: ack.seq });
         }
+        if !ack.refused.is_empty() {
+            let reason = ack.refused;
+            return Ok(match ack.retry_after_ms {
+                0 => Delivery::Refused { seq, reason },
+                ms => Delivery::RetryAfter {
+                    seq,
+                    reason,
+                    after: Duration::from_millis(u64::from(ms)),
+                },
+            });
+        }
         debug!(%seq, duplicate = ack.duplicate, "Batch acknowledged.");
-        Ok(seq)
+        Ok(Delivery::Stored(seq))
     };
     tokio::time::timeout(BATCH_TIMEOUT, exchange)
         .await

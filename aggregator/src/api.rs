@@ -508,15 +508,13 @@ async fn add_budget(
     }
     let store = state.store.clone();
     let saved = blocking(move || {
-        let mut all = crate::scheduler::api_budgets(store.as_ref())?;
-        all.retain(|b| b.name != budget.name);
-        all.push(budget);
-        let bytes = serde_json::to_vec(&all).map_err(|e| crate::store::StoreError::Corrupt {
-            what: "budgets/api".into(),
-            reason: e.to_string(),
+        let mut saved = Vec::new();
+        update_api_budgets(store.as_ref(), &mut |all| {
+            all.retain(|b| b.name != budget.name);
+            all.push(budget.clone());
+            saved.clone_from(all);
         })?;
-        store.put_doc("budgets/api", &bytes)?;
-        Ok(all)
+        Ok(saved)
     })
     .await?;
     Ok(Json(saved))
@@ -529,15 +527,14 @@ async fn delete_budget(
     let store = state.store.clone();
     let n = name.clone();
     let (had, all) = blocking(move || {
-        let mut all = crate::scheduler::api_budgets(store.as_ref())?;
-        let before = all.len();
-        all.retain(|b| b.name != n);
-        let bytes = serde_json::to_vec(&all).map_err(|e| crate::store::StoreError::Corrupt {
-            what: "budgets/api".into(),
-            reason: e.to_string(),
+        let (mut had, mut saved) = (false, Vec::new());
+        update_api_budgets(store.as_ref(), &mut |all| {
+            let before = all.len();
+            all.retain(|b| b.name != n);
+            had = before != all.len();
+            saved.clone_from(all);
         })?;
-        store.put_doc("budgets/api", &bytes)?;
-        Ok((before != all.len(), all))
+        Ok((had, saved))
     })
     .await?;
     if !had {
@@ -549,6 +546,23 @@ async fn delete_budget(
         ));
     }
     Ok(Json(all))
+}
+
+/// Read-modify-write of the API budgets as one atomic store update: concurrent requests never
+/// lose each other's budget, and an undecodable document fails the request instead of being
+/// replaced by an empty list.
+fn update_api_budgets(
+    store: &dyn crate::store::TelemetryStore,
+    change: &mut dyn FnMut(&mut Vec<crate::analytics::budgets::Budget>),
+) -> Result<(), crate::store::StoreError> {
+    store.update_doc(crate::scheduler::API_BUDGETS_DOC, &mut |current| {
+        let mut all = crate::scheduler::decode_api_budgets(current)?;
+        change(&mut all);
+        serde_json::to_vec(&all).map_err(|e| crate::store::StoreError::Corrupt {
+            what: crate::scheduler::API_BUDGETS_DOC.into(),
+            reason: e.to_string(),
+        })
+    })
 }
 
 /// Query of `/api/v1/alerts` and `/api/v1/anomalies`.

@@ -7,6 +7,9 @@
 //! - The first stream must carry a Hello within [`HELLO_TIMEOUT`]; an incompatible version gets a
 //!   `Refusal` naming both sides' versions, then the connection closes with `VERSION_REFUSED`.
 //! - An `Ack` is written only after the batch is durable (see [`crate::commit`]).
+//! - Every decoded Hello and batch passes [`common::validate`] before it is stored; an invalid
+//!   batch is answered with an `Ack` whose `refused` names the field (the agent drops it) and
+//!   counted on `/metrics` by reason; an invalid Hello gets a `Refusal` naming the field.
 //! - A bad frame resets its own stream with `MALFORMED_FRAME` / `FRAME_TOO_LARGE`; the
 //!   connection and its other streams carry on.
 
@@ -44,6 +47,12 @@ pub struct IngestContext {
     pub stats: Arc<Stats>,
     /// Largest frame accepted.
     pub max_frame_bytes: u32,
+    /// Most samples accepted in one batch.
+    pub max_batch_samples: usize,
+    /// Global budget of bytes held by frames being read and batches awaiting commit.
+    pub inflight: crate::limits::InflightBudget,
+    /// Per-host report byte rates.
+    pub rates: crate::limits::HostRates,
 }
 
 /// Accepts connections until `shutdown`, then closes the endpoint and waits for handlers.
@@ -190,6 +199,14 @@ async fn accept_hello(
             return None;
         }
     };
+    if let Err(invalid) = common::validate::hello(&hello) {
+        ctx.stats.hellos_refused.inc();
+        ctx.stats.refuse(invalid.reason());
+        let reason =
+            format!("invalid Hello: {invalid}; fix the agent's configuration or inventory");
+        refuse_hello(conn, host, peer, &mut send, reason, code::MALFORMED_FRAME).await;
+        return None;
+    }
     let Some(version) = common::proto::negotiate_version(hello.min_version, hello.max_version)
     else {
         ctx.stats.hellos_refused.inc();
@@ -200,22 +217,34 @@ async fn accept_hello(
             common::proto::MIN_VERSION,
             common::proto::MAX_VERSION
         );
-        warn!(%host, %peer, %reason, "Refused agent: incompatible protocol version.");
-        let refusal = HelloReply {
-            reply: Some(hello_reply::Reply::Refusal(Refusal {
-                reason: reason.clone(),
-                server_min_version: common::proto::MIN_VERSION,
-                server_max_version: common::proto::MAX_VERSION,
-            })),
-        };
-        let _ = framed::write(&mut send, &refusal).await;
-        let _ = send.finish();
-        // Let the refusal reach the agent before the close does.
-        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-        conn.close(quinn::VarInt::from_u32(code::VERSION_REFUSED), reason.as_bytes());
+        refuse_hello(conn, host, peer, &mut send, reason, code::VERSION_REFUSED).await;
         return None;
     };
     Some((hello, send, version))
+}
+
+/// Answers a Hello with a `Refusal` carrying `reason`, then closes the connection with `code`.
+async fn refuse_hello(
+    conn: &quinn::Connection,
+    host: &HostId,
+    peer: SocketAddr,
+    send: &mut quinn::SendStream,
+    reason: String,
+    code: u32,
+) {
+    warn!(%host, %peer, %reason, "Refused agent's Hello.");
+    let refusal = HelloReply {
+        reply: Some(hello_reply::Reply::Refusal(Refusal {
+            reason: reason.clone(),
+            server_min_version: common::proto::MIN_VERSION,
+            server_max_version: common::proto::MAX_VERSION,
+        })),
+    };
+    let _ = framed::write(send, &refusal).await;
+    let _ = send.finish();
+    // Let the refusal reach the agent before the close does.
+    let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    conn.close(quinn::VarInt::from_u32(code), reason.as_bytes());
 }
 
 async fn handle_batch(
@@ -224,7 +253,16 @@ async fn handle_batch(
     ctx: &IngestContext,
     host: HostId,
 ) {
-    let batch: TelemetryBatch = match framed::read(&mut recv, ctx.max_frame_bytes).await {
+    let len = match framed::read_len(&mut recv, ctx.max_frame_bytes).await {
+        Ok(len) => len,
+        Err(e) => {
+            refuse_frame(&mut send, &mut recv, ctx, &host, &e);
+            return;
+        }
+    };
+    // Held until this handler returns: after the ack, or the refusal.
+    let Some(_reserved) = ctx.inflight.reserve(len).await else { return };
+    let batch: TelemetryBatch = match framed::read_payload(&mut recv, len).await {
         Ok(b) => b,
         Err(e) => {
             refuse_frame(&mut send, &mut recv, ctx, &host, &e);
@@ -235,6 +273,36 @@ async fn handle_batch(
         ctx.stats.frames_malformed.inc();
         warn!(%host, "Refused a batch with seq 0 (seqs start at 1).");
         framed::refuse(&mut send, &mut recv, code::UNEXPECTED_MESSAGE);
+        return;
+    }
+    if let Err(invalid) = common::validate::batch(&batch, ctx.max_batch_samples) {
+        ctx.stats.refuse(invalid.reason());
+        let seq = batch.seq;
+        warn!(%host, seq, reason = invalid.reason(), error = %invalid, "Refused an invalid batch; the agent drops it.");
+        let refusal =
+            Ack { seq, duplicate: false, refused: invalid.to_string(), retry_after_ms: 0 };
+        if framed::write(&mut send, &refusal).await.is_ok() {
+            let _ = send.finish();
+        }
+        return;
+    }
+    if let Err(wait) = ctx.rates.take(&host, len as u64, std::time::Instant::now()) {
+        ctx.stats.refuse("rate");
+        let seq = batch.seq;
+        let retry_after_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1);
+        debug!(%host, seq, retry_after_ms, "Refused a batch over the host's rate limit.");
+        let refusal = Ack {
+            seq,
+            duplicate: false,
+            refused: format!(
+                "this host is over its report rate (ingest.host_rate_bytes_per_sec); \
+                 retry in {retry_after_ms} ms"
+            ),
+            retry_after_ms,
+        };
+        if framed::write(&mut send, &refusal).await.is_ok() {
+            let _ = send.finish();
+        }
         return;
     }
     let seq = batch.seq;
@@ -250,7 +318,7 @@ async fn handle_batch(
                 ctx.stats.samples_stored.add(samples);
             }
             debug!(%host, seq, samples, duplicate, "Batch stored.");
-            if framed::write(&mut send, &Ack { seq, duplicate }).await.is_ok() {
+            if framed::write(&mut send, &Ack { seq, duplicate, ..Ack::default() }).await.is_ok() {
                 let _ = send.finish();
             }
         }

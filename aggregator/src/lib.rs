@@ -9,6 +9,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`ingest`] | accepting agents, Hello/Welcome, batch streams, acks |
+//! | [`limits`] | ingest memory budget and per-host report rates |
 //! | [`commit`] | group commit: one durable flush for many batches |
 //! | [`store`] | the storage interface and its sled backend, all key layouts |
 //! | [`connections`] | open connections by host |
@@ -28,6 +29,7 @@ pub mod cli;
 pub mod commit;
 pub mod connections;
 pub mod ingest;
+pub mod limits;
 pub mod scheduler;
 pub mod stats;
 pub mod store;
@@ -151,9 +153,7 @@ pub async fn run(
     let Bound { endpoint, admin, store, revocations } = bound;
     let token = match &config.listen.admin_token_file {
         Some(path) => Some(Arc::<str>::from(
-            std::fs::read_to_string(path)
-                .map_err(|source| AggregatorError::Token { path: path.clone(), source })?
-                .trim(),
+            common::config::aggregator::read_admin_token(path).map_err(AggregatorError::Config)?,
         )),
         None => None,
     };
@@ -166,6 +166,12 @@ pub async fn run(
         connections: connections.clone(),
         stats: stats.clone(),
         max_frame_bytes: config.ingest.max_frame_bytes,
+        max_batch_samples: config.ingest.max_batch_samples,
+        inflight: limits::InflightBudget::new(config.ingest.max_inflight_bytes),
+        rates: limits::HostRates::new(
+            config.ingest.host_rate_bytes_per_sec,
+            config.ingest.host_burst_bytes,
+        ),
     });
     let unknown = || SocketAddr::from(([0, 0, 0, 0], 0));
     info!(

@@ -280,12 +280,24 @@ pub async fn schedule(
     Ok(())
 }
 
-/// Budgets added through the API.
+/// The document holding budgets added through the API.
+pub const API_BUDGETS_DOC: &str = "budgets/api";
+
+/// Budgets added through the API. A document that does not decode is an error naming it, never
+/// an empty list (which the next write would persist, losing every budget).
 pub fn api_budgets(store: &dyn TelemetryStore) -> Result<Vec<Budget>, StoreError> {
-    Ok(store
-        .doc("budgets/api")?
-        .and_then(|v| serde_json::from_slice::<Vec<Budget>>(&v).ok())
-        .unwrap_or_default())
+    decode_api_budgets(store.doc(API_BUDGETS_DOC)?.as_deref())
+}
+
+/// Decodes the API budgets document (`None`: no budgets yet).
+pub fn decode_api_budgets(bytes: Option<&[u8]>) -> Result<Vec<Budget>, StoreError> {
+    match bytes {
+        None => Ok(Vec::new()),
+        Some(v) => serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+            what: format!("analytics document {API_BUDGETS_DOC}"),
+            reason: format!("{e}; restore it from a backup or delete and re-add the budgets"),
+        }),
+    }
 }
 
 /// Builds the snapshot analytics read.
@@ -366,8 +378,15 @@ fn persist(
     store.put_doc("report/costs", &encode("costs", &a.costs)?)?;
     store.put_doc("report/plans", &encode("plans", &a.plans)?)?;
     store.put_doc("report/budgets", &encode("budgets", &a.budgets)?)?;
-    let mut book: AlertBook =
-        store.doc("alerts/book")?.and_then(|v| serde_json::from_slice(&v).ok()).unwrap_or_default();
+    // An undecodable book is an error, not an empty book that would be written back (and would
+    // re-fire every active alert).
+    let mut book: AlertBook = match store.doc("alerts/book")? {
+        Some(v) => serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+            what: "analytics document alerts/book".into(),
+            reason: e.to_string(),
+        })?,
+        None => AlertBook::default(),
+    };
     let transitions = book.apply(&a.observations, a.generated_ms);
     for t in &transitions {
         let id = format!("{}\u{0}{:?}", t.key, t.state);
@@ -380,6 +399,19 @@ fn persist(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn undecodable_api_budgets_are_an_error_not_an_empty_list() {
+        // Regression (issue 8, hole 11): a corrupt budgets document read as "no budgets", and the
+        // next API write persisted the empty list over it.
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SledStore::open(dir.path()).unwrap();
+        assert_eq!(api_budgets(&store).unwrap(), Vec::new());
+        store.put_doc(API_BUDGETS_DOC, b"{not json").unwrap();
+        let err = api_budgets(&store).unwrap_err().to_string();
+        assert!(err.contains(API_BUDGETS_DOC), "{err}");
+        assert_eq!(store.doc(API_BUDGETS_DOC).unwrap().unwrap(), b"{not json");
+    }
 
     #[test]
     fn check_names_the_schedule_and_policy_problems() {

@@ -47,6 +47,22 @@ pub struct Stats {
     pub frames_malformed: Counter,
     /// Frames refused as too large.
     pub frames_too_large: Counter,
+    /// Decoded messages refused by validation, one counter per [`REFUSAL_REASONS`] entry.
+    pub refused: [Counter; REFUSAL_REASONS.len()],
+}
+
+/// Labels of `flotilla_ingest_refused_total`: the validation reasons of
+/// `common::validate::Invalid::reason`, then `rate` (over the host's report rate).
+pub const REFUSAL_REASONS: [&str; 6] = ["histogram", "string", "list", "number", "samples", "rate"];
+
+impl Stats {
+    /// Counts one refused message under `reason`; an unknown reason counts under `number`.
+    pub fn refuse(&self, reason: &str) {
+        let i = REFUSAL_REASONS.iter().position(|r| *r == reason).unwrap_or(3);
+        if let Some(c) = self.refused.get(i) {
+            c.inc();
+        }
+    }
 }
 
 /// A gauge value computed at scrape time.
@@ -109,6 +125,17 @@ impl Stats {
                 ("{reason=\"too_large\"}", self.frames_too_large.get()),
             ],
         );
+        let refused: Vec<(String, u64)> = REFUSAL_REASONS
+            .iter()
+            .zip(&self.refused)
+            .map(|(r, c)| (format!("{{reason=\"{r}\"}}"), c.get()))
+            .collect();
+        let rows: Vec<(&str, u64)> = refused.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        counter(
+            "flotilla_ingest_refused_total",
+            "Decoded Hellos and batches refused by validation or limits, by reason.",
+            &rows,
+        );
         let _ = writeln!(out, "# HELP flotilla_connections_open Agent connections open now.");
         let _ = writeln!(out, "# TYPE flotilla_connections_open gauge");
         let _ = writeln!(out, "flotilla_connections_open {}", gauges.connections_open);
@@ -136,6 +163,12 @@ mod tests {
         assert!(text.contains("# TYPE flotilla_ingest_batches_total counter\n"));
         assert!(text.contains("flotilla_ingest_batches_total{outcome=\"stored\"} 3\n"));
         assert!(text.contains("flotilla_connections_open 2\n"));
+        for reason in common::validate::Invalid::REASONS {
+            assert!(REFUSAL_REASONS.contains(&reason), "{reason} has a label");
+        }
+        s.refuse("histogram");
+        let text = s.render(&Gauges { connections_open: 0, hosts: [("online", 0); 3] });
+        assert!(text.contains("flotilla_ingest_refused_total{reason=\"histogram\"} 1\n"));
         assert!(text.contains("flotilla_hosts{state=\"offline\"} 1\n"));
         // Every sample line is `name{labels} value`.
         for line in text.lines().filter(|l| !l.starts_with('#')) {

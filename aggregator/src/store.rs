@@ -22,6 +22,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use tracing::warn;
 
 use common::ids::HostId;
 use common::proto::{Hello, Inventory, Sample, TelemetryBatch};
@@ -231,6 +232,14 @@ pub trait TelemetryStore: Send + Sync + std::fmt::Debug + 'static {
     fn put_doc(&self, key: &str, json: &[u8]) -> Result<(), StoreError>;
     /// An analytics document.
     fn doc(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Atomically replaces the document under `key` with `update(current)`, durably: a
+    /// compare-and-swap loop, so concurrent updates are never lost (each sees the other's
+    /// result). An error from `update` leaves the document as it was and is returned.
+    fn update_doc(
+        &self,
+        key: &str,
+        update: &mut dyn FnMut(Option<&[u8]>) -> Result<Vec<u8>, StoreError>,
+    ) -> Result<(), StoreError>;
     /// Analytics documents whose key starts with `prefix`, in key order.
     fn docs(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Deletes the analytics documents whose key starts with `prefix`; returns how many.
@@ -378,10 +387,7 @@ impl SledStore {
     }
 
     fn write_host(&self, host: &str, rec: &HostRecord) -> Result<(), StoreError> {
-        let bytes = postcard::to_allocvec(rec).map_err(|e| StoreError::Corrupt {
-            what: format!("host {host}"),
-            reason: e.to_string(),
-        })?;
+        let bytes = encode_host(host, rec)?;
         self.hosts.insert(host, bytes).map(drop).map_err(io("write host"))
     }
 
@@ -578,9 +584,15 @@ impl TelemetryStore for SledStore {
         let mut out = Vec::new();
         for item in self.hosts.iter() {
             let (k, v) = item.map_err(io("scan hosts"))?;
-            let Ok(id) = HostId::new(&String::from_utf8_lossy(&k)) else { continue };
-            let rec = decode_host(&id, &v)?;
-            out.push((id, rec));
+            let Ok(id) = HostId::new(&String::from_utf8_lossy(&k)) else {
+                warn!(key = %String::from_utf8_lossy(&k).escape_debug(), "Skipped a host record with an invalid host id.");
+                continue;
+            };
+            // One bad record must not hide every other host: report it and go on.
+            match decode_host(&id, &v) {
+                Ok(rec) => out.push((id, rec)),
+                Err(e) => warn!(host = %id, error = %e, "Skipped an undecodable host record."),
+            }
         }
         Ok(out)
     }
@@ -769,6 +781,25 @@ impl TelemetryStore for SledStore {
         Ok(self.analytics.get(key).map_err(io("read analytics document"))?.map(|v| v.to_vec()))
     }
 
+    fn update_doc(
+        &self,
+        key: &str,
+        update: &mut dyn FnMut(Option<&[u8]>) -> Result<Vec<u8>, StoreError>,
+    ) -> Result<(), StoreError> {
+        loop {
+            let current = self.analytics.get(key).map_err(io("read analytics document"))?;
+            let next = update(current.as_deref())?;
+            let swapped = self
+                .analytics
+                .compare_and_swap(key, current, Some(next))
+                .map_err(io("update analytics document"))?;
+            if swapped.is_ok() {
+                return self.analytics.flush().map(drop).map_err(io("flush"));
+            }
+            // Someone else wrote in between: read their value and apply `update` again.
+        }
+    }
+
     fn docs(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
         for item in self.analytics.scan_prefix(prefix) {
@@ -834,9 +865,38 @@ impl SledStore {
     }
 }
 
+/// Host records start with this magic byte and then a version byte, then postcard. Records
+/// written before versioning are bare postcard; they are read as version 0.
+const HOST_RECORD_MAGIC: u8 = 0xF1;
+/// The host record layout written now.
+const HOST_RECORD_VERSION: u8 = 1;
+
+fn encode_host(host: &str, rec: &HostRecord) -> Result<Vec<u8>, StoreError> {
+    let mut bytes = vec![HOST_RECORD_MAGIC, HOST_RECORD_VERSION];
+    postcard::to_io(rec, &mut bytes)
+        .map_err(|e| StoreError::Corrupt { what: format!("host {host}"), reason: e.to_string() })?;
+    Ok(bytes)
+}
+
 fn decode_host(host: impl std::fmt::Display, bytes: &[u8]) -> Result<HostRecord, StoreError> {
-    postcard::from_bytes(bytes)
-        .map_err(|e| StoreError::Corrupt { what: format!("host {host}"), reason: e.to_string() })
+    let corrupt = |reason: String| StoreError::Corrupt { what: format!("host {host}"), reason };
+    match bytes {
+        [HOST_RECORD_MAGIC, HOST_RECORD_VERSION, rest @ ..] => {
+            // A legacy record whose first string is 241+ bytes long also starts with the magic
+            // byte; fall back to the legacy layout before calling it corrupt.
+            postcard::from_bytes(rest)
+                .or_else(|e| postcard::from_bytes(bytes).map_err(|_| e))
+                .map_err(|e| corrupt(e.to_string()))
+        }
+        [HOST_RECORD_MAGIC, v, ..] if *v > HOST_RECORD_VERSION => postcard::from_bytes(bytes)
+            .map_err(|_| {
+                corrupt(format!(
+                    "written by a newer aggregator (host record version {v}, this one reads up \
+                     to {HOST_RECORD_VERSION}); upgrade this aggregator"
+                ))
+            }),
+        _ => postcard::from_bytes(bytes).map_err(|e| corrupt(e.to_string())),
+    }
 }
 
 fn merge_into(rollup: &mut Rollup, name: String, st: Stats) {
@@ -891,6 +951,63 @@ mod tests {
 
     fn hello(epoch: u64) -> Hello {
         Hello { spool_epoch: epoch, agent_version: "t".into(), ..Hello::default() }
+    }
+
+    #[test]
+    fn host_records_are_versioned_and_one_bad_record_is_skipped() {
+        // Regression (issue 8, hole 11): one undecodable host record failed `hosts()` for all.
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store.record_hello(&host("a"), &hello(1), 0, 5).unwrap();
+        let raw = store.hosts.get("a").unwrap().unwrap();
+        assert_eq!(raw[..2], [HOST_RECORD_MAGIC, HOST_RECORD_VERSION]);
+        // A record written before versioning still reads.
+        let legacy =
+            HostRecord { agent_version: "0.1.0".into(), watermark: 9, ..HostRecord::default() };
+        store.hosts.insert("b", postcard::to_allocvec(&legacy).unwrap()).unwrap();
+        store.hosts.insert("c", &[0xff, 0xff, 0xff][..]).unwrap();
+        store.hosts.insert("d", &[HOST_RECORD_MAGIC, 9, 1][..]).unwrap();
+        let hosts = store.hosts().unwrap();
+        let names: Vec<&str> = hosts.iter().map(|(h, _)| h.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(hosts[1].1, legacy);
+        let err = store.host(&host("d")).unwrap_err().to_string();
+        assert!(err.contains("newer aggregator"), "{err}");
+        assert!(store.host(&host("c")).is_err(), "a direct read still reports the corruption");
+    }
+
+    #[test]
+    fn update_doc_loses_no_concurrent_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(SledStore::open(dir.path()).unwrap());
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for i in 0..25 {
+                        store
+                            .update_doc("list", &mut |cur| {
+                                let mut v: Vec<u32> =
+                                    cur.map_or(Ok(Vec::new()), serde_json::from_slice).unwrap();
+                                v.push(t * 100 + i);
+                                Ok(serde_json::to_vec(&v).unwrap())
+                            })
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let v: Vec<u32> = serde_json::from_slice(&store.doc("list").unwrap().unwrap()).unwrap();
+        assert_eq!(v.len(), 200);
+        // A failing update leaves the document alone.
+        let err = store.update_doc("list", &mut |_| {
+            Err(StoreError::Corrupt { what: "x".into(), reason: "no".into() })
+        });
+        assert!(err.is_err());
+        assert_eq!(store.doc("list").unwrap().unwrap(), serde_json::to_vec(&v).unwrap());
     }
 
     #[test]

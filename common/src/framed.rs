@@ -50,6 +50,13 @@ pub async fn write<M: Message>(send: &mut SendStream, msg: &M) -> Result<(), Fra
 
 /// Reads one frame and decodes it as `M`, refusing frames over `max` bytes before reading them.
 pub async fn read<M: Message + Default>(recv: &mut RecvStream, max: u32) -> Result<M, FrameError> {
+    let len = read_len(recv, max).await?;
+    read_payload(recv, len).await
+}
+
+/// Reads a frame's length prefix, refusing a length over `max`. With [`read_payload`] this lets
+/// a caller reserve memory for the payload before reading it.
+pub async fn read_len(recv: &mut RecvStream, max: u32) -> Result<usize, FrameError> {
     let mut prefix = [0u8; wire::PREFIX_LEN];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
@@ -59,7 +66,14 @@ pub async fn read<M: Message + Default>(recv: &mut RecvStream, max: u32) -> Resu
         }
         Err(e) => return Err(FrameError::Read(e)),
     }
-    let len = wire::check_len(prefix, max)?;
+    Ok(wire::check_len(prefix, max)?)
+}
+
+/// Reads the `len` payload bytes announced by [`read_len`] and decodes them as `M`.
+pub async fn read_payload<M: Message + Default>(
+    recv: &mut RecvStream,
+    len: usize,
+) -> Result<M, FrameError> {
     // Grow the buffer as bytes arrive rather than trusting the prefix: a peer announcing many
     // large frames must not make us allocate memory it never sends.
     let mut payload = Vec::with_capacity(len.min(INITIAL_BUFFER));

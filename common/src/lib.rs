@@ -12,6 +12,7 @@
 //! | [`config`] | agent and aggregator TOML: raw serde structs to validated types, `ConfigError` |
 //! | [`histogram`] | mergeable log-linear histograms (latency, batch size) and their wire form |
 //! | [`model_stats`] | adding up per-model serving samples across versions, hosts and intervals |
+//! | [`validate`] | what a well-formed decoded `Hello` / `TelemetryBatch` is, checked at ingest |
 //! | [`metrics`] | flattening a `Sample` into named series (`cpu_util_pct`, `gpu0_power_mw`, ...) |
 //!
 //! ```text
@@ -30,4 +31,5 @@ pub mod model_stats;
 pub mod proto;
 pub mod quic;
 pub mod tls;
+pub mod validate;
 pub mod wire;

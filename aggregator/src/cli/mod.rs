@@ -202,7 +202,8 @@ where
     match run(cli, env) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // Error texts can quote the server or an agent: escape them like any output.
+            eprintln!("error: {}", render::escape_output(&format!("{err:#}")));
             exit_code_for(&err)
         }
     }
@@ -401,13 +402,24 @@ pub fn parse_since(text: &str) -> Result<u64, String> {
 }
 
 fn to_json<T: Serialize>(value: &T) -> anyhow::Result<String> {
-    let mut text = serde_json::to_string_pretty(value).context("encoding the answer as JSON")?;
-    text.push('\n');
-    Ok(text)
+    let text = serde_json::to_string_pretty(value).context("encoding the answer as JSON")?;
+    // serde_json escapes C0 controls but writes DEL and C1 (e.g. U+009B, a CSI) raw; `\u00XX`
+    // is the same JSON string and inert on a terminal.
+    let mut out = String::with_capacity(text.len() + 1);
+    for c in text.chars() {
+        if c.is_control() && c != '\n' {
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('\n');
+    Ok(out)
 }
 
 /// Writes `text` to stdout; a closed pipe (`flotilla hosts | head -1`) is not an error.
 fn print(text: &str) -> anyhow::Result<()> {
+    let text = render::escape_output(text);
     let mut stdout = io::stdout().lock();
     match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
         Err(err) if err.kind() != io::ErrorKind::BrokenPipe => {

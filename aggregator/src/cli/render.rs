@@ -1,6 +1,12 @@
 //! Text rendering for the `flotilla` CLI: aligned tables, human units and times, the host detail
 //! page, metric tables and sparklines.
 //!
+//! Text that came from agents or the store (host names, labels, model and GPU names, error
+//! texts) can hold terminal control sequences. [`escape`] makes such text inert; every table cell
+//! and detail-page value goes through it, and the CLI passes its whole output through
+//! [`escape_output`] before writing it, so no control character but the line breaks the renderer
+//! itself writes reaches the operator's terminal.
+//!
 //! Everything here is a pure function of its inputs (the current time is passed in as `now_ms`),
 //! so output is unit-tested with known strings. Absent values render as [`ABSENT`]. Times are
 //! shown in UTC. Widths count `char`s, which is right for the ASCII, `—`, `°` and block
@@ -50,9 +56,9 @@ impl Table {
         self
     }
 
-    /// Adds a row. Missing cells render empty; extra cells are ignored.
+    /// Adds a row, [`escape`]d. Missing cells render empty; extra cells are ignored.
     pub fn push_row(&mut self, row: Vec<String>) {
-        self.rows.push(row);
+        self.rows.push(row.into_iter().map(|c| escape(&c).into_owned()).collect());
     }
 
     /// The table as lines ending in `\n`, without trailing spaces.
@@ -87,6 +93,36 @@ impl Table {
         }
         out
     }
+}
+
+// === escaping ===
+
+/// `text` with every control character (C0, DEL, C1, line breaks included) written as a visible
+/// Rust-style escape (`\n`, `\u{1b}`), so it stays on one line and cannot drive the terminal.
+/// Borrowed when there is nothing to escape.
+pub fn escape(text: &str) -> std::borrow::Cow<'_, str> {
+    escape_except(text, |_| false)
+}
+
+/// A whole rendered answer with every control character but `\n` escaped as in [`escape`]:
+/// the last guard before the terminal.
+pub fn escape_output(text: &str) -> std::borrow::Cow<'_, str> {
+    escape_except(text, |c| c == '\n')
+}
+
+fn escape_except(text: &str, keep: impl Fn(char) -> bool) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(|c| c.is_control() && !keep(c)) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() && !keep(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 // === units ===
@@ -395,7 +431,8 @@ pub fn resolution_name(resolution: Resolution) -> &'static str {
 // --- detail page helpers ---
 
 fn field(out: &mut String, key: &str, value: impl Display) {
-    out.push_str(&format!("  {key:<KEY_WIDTH$}{value}\n"));
+    let value = value.to_string();
+    out.push_str(&format!("  {key:<KEY_WIDTH$}{}\n", escape(&value)));
 }
 
 fn inventory_fields(out: &mut String, inventory: &Inventory) {
@@ -685,6 +722,24 @@ mod tests {
         let ramp: Vec<f64> = (0..8).map(f64::from).collect();
         assert_eq!(sparkline(&ramp, 4), "▁▃▆█");
         assert_eq!(sparkline(&vec![1.0; 1000], 10).chars().count(), 10);
+    }
+
+    #[test]
+    fn agent_strings_cannot_drive_the_terminal() {
+        // Regression (issue 8, hole 6): a host name or label with an escape sequence was printed
+        // raw, so an agent could retitle, clear or rewrite the operator's terminal.
+        let now = 1_700_000_000_000;
+        let table = hosts_table(&[summary("evil\u{1b}]0;pwned\u{7}\nfake-host", now)], now);
+        assert!(!table.chars().any(|c| c.is_control() && c != '\n'), "{table:?}");
+        assert!(table.contains("evil\\u{1b}]0;pwned\\u{7}\\nfake-host"), "{table}");
+        assert_eq!(table.lines().count(), 2, "an embedded newline must not add a row");
+        let mut inventory = Inventory { hostname: "h\u{9b}2J".into(), ..Inventory::default() };
+        inventory.labels.insert("zone".into(), "a\u{1b}[31m".into());
+        let mut out = String::new();
+        inventory_fields(&mut out, &inventory);
+        assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
+        assert_eq!(escape_output("ok\nline\u{1b}"), "ok\nline\\u{1b}");
+        assert!(matches!(escape("plain"), std::borrow::Cow::Borrowed("plain")));
     }
 
     fn summary(host: &str, now: i64) -> HostSummary {

@@ -92,6 +92,14 @@ pub struct IngestConfig {
     pub max_frame_bytes: u32,
     /// A host not heard from for this long is shown as offline.
     pub offline_after: Duration,
+    /// Most samples accepted in one telemetry batch; a larger batch is refused.
+    pub max_batch_samples: usize,
+    /// Global budget of bytes held by frames being read and batches awaiting commit.
+    pub max_inflight_bytes: u64,
+    /// Average report bytes per second each host may send.
+    pub host_rate_bytes_per_sec: u64,
+    /// Largest burst of report bytes a host may send at once.
+    pub host_burst_bytes: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -165,12 +173,40 @@ struct RawIngest {
     max_frame_bytes: u32,
     #[serde(default = "default_offline_secs")]
     offline_after_secs: u64,
+    #[serde(default = "default_max_batch_samples")]
+    max_batch_samples: u64,
+    #[serde(default = "default_max_inflight")]
+    max_inflight_bytes: u64,
+    #[serde(default = "default_host_rate")]
+    host_rate_bytes_per_sec: u64,
+    #[serde(default = "default_host_burst")]
+    host_burst_bytes: u64,
 }
 
 impl Default for RawIngest {
     fn default() -> Self {
-        Self { max_frame_bytes: default_max_frame(), offline_after_secs: default_offline_secs() }
+        Self {
+            max_frame_bytes: default_max_frame(),
+            offline_after_secs: default_offline_secs(),
+            max_batch_samples: default_max_batch_samples(),
+            max_inflight_bytes: default_max_inflight(),
+            host_rate_bytes_per_sec: default_host_rate(),
+            host_burst_bytes: default_host_burst(),
+        }
     }
+}
+
+fn default_max_batch_samples() -> u64 {
+    50_000
+}
+fn default_max_inflight() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_host_rate() -> u64 {
+    4 * 1024 * 1024
+}
+fn default_host_burst() -> u64 {
+    32 * 1024 * 1024
 }
 
 fn default_quic() -> String {
@@ -198,10 +234,15 @@ fn default_offline_secs() -> u64 {
 // === impl AggregatorConfig ===
 
 impl AggregatorConfig {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file, and the admin token file it names (see
+    /// [`read_admin_token`]).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let (text, origin, base) = read_file(path)?;
-        Self::parse(&text, &origin, &base)
+        let config = Self::parse(&text, &origin, &base)?;
+        if let Some(token) = &config.listen.admin_token_file {
+            read_admin_token(token)?;
+        }
+        Ok(config)
     }
 
     /// Parses and validates TOML text; relative paths are resolved against `base`.
@@ -214,10 +255,14 @@ impl AggregatorConfig {
             .admin_token_file
             .as_ref()
             .map(|p| c.path("listen.admin_token_file", p, base));
-        if !admin.ip().is_loopback() && admin_token_file.is_none() {
+        if !admin.ip().is_loopback() {
+            // The admin API is plain HTTP: off loopback its bearer token would cross the network
+            // in cleartext.
             c.problem(
-                "listen.admin_token_file",
-                "must be set when listen.admin is not a loopback address (the admin API needs a bearer token there)",
+                "listen.admin",
+                "must be a loopback address (127.0.0.1 or [::1]): the admin API is plain HTTP and \
+                 would send its bearer token in cleartext; reach it through an SSH tunnel or a \
+                 TLS-terminating proxy on this host",
                 &raw.listen.admin,
             );
         }
@@ -274,7 +319,43 @@ impl AggregatorConfig {
                 2,
                 86_400,
             )),
+            // At most 1,000,000, which fits usize on every target we build for.
+            max_batch_samples: usize::try_from(
+                c.range("ingest.max_batch_samples", raw.ingest.max_batch_samples, 1, 1_000_000)
+                    .clamp(1, 1_000_000),
+            )
+            .unwrap_or(1_000_000),
+            max_inflight_bytes: c.range(
+                "ingest.max_inflight_bytes",
+                raw.ingest.max_inflight_bytes,
+                1024 * 1024,
+                64 * 1024 * 1024 * 1024,
+            ),
+            host_rate_bytes_per_sec: c.range(
+                "ingest.host_rate_bytes_per_sec",
+                raw.ingest.host_rate_bytes_per_sec,
+                1024,
+                1024 * 1024 * 1024,
+            ),
+            host_burst_bytes: raw.ingest.host_burst_bytes,
         };
+        // Every frame the limit admits must fit both the global budget and a host's burst, or
+        // it could never be read or stored.
+        for (key, value) in [
+            ("ingest.max_inflight_bytes", ingest.max_inflight_bytes),
+            ("ingest.host_burst_bytes", ingest.host_burst_bytes),
+        ] {
+            if value < u64::from(ingest.max_frame_bytes) {
+                c.problem(
+                    key,
+                    &format!(
+                        "must be at least ingest.max_frame_bytes ({})",
+                        ingest.max_frame_bytes
+                    ),
+                    value,
+                );
+            }
+        }
         let a = &raw.analytics;
         if a.schedule.split_whitespace().count() != 6 {
             c.problem(
@@ -299,6 +380,45 @@ impl AggregatorConfig {
         // The embedded text is fixed and covered by a unit test.
         Self::parse(EMBEDDED, "<embedded>", base).unwrap_or_else(|e| unreachable!("{e}"))
     }
+}
+
+/// Reads `listen.admin_token_file`: refused when unreadable, empty (every client would get 401)
+/// or readable by group or others (the token is a password). Returns the trimmed token.
+pub fn read_admin_token(path: &Path) -> Result<String, ConfigError> {
+    let problem = |what: String| ConfigError::Invalid {
+        origin: path.display().to_string(),
+        problems: vec![format!("listen.admin_token_file: {what}")],
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(problem(format!(
+                "{} is readable by group or others (mode {:o}); the token is a password: run \
+                 `chmod 600 {}`",
+                path.display(),
+                mode & 0o777,
+                path.display()
+            )));
+        }
+    }
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(problem(format!(
+            "{} is empty, so every admin request would be refused with 401; write a token into \
+             it, e.g. `head -c 32 /dev/urandom | base64 > {} && chmod 600 {}`",
+            path.display(),
+            path.display(),
+            path.display()
+        )));
+    }
+    Ok(token.to_owned())
 }
 
 #[cfg(test)]
@@ -335,7 +455,7 @@ max_frame_bytes = 10
             AggregatorConfig::parse(text, "agg.toml", Path::new(".")).unwrap_err().to_string();
         for needle in [
             "listen.quic: must be an IP address and port",
-            "listen.admin_token_file: must be set when listen.admin is not a loopback address",
+            "listen.admin: must be a loopback address",
             "store.raw_retention_hours: must be 1..=8760, got 0",
             "store.hour_retention_days",
             "store.minute_retention_days: must be 1..=3650, got 9223372036854775807",
@@ -343,5 +463,36 @@ max_frame_bytes = 10
         ] {
             assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
         }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn admin_token_file_is_checked_at_load() {
+        // Regression (issue 8, hole 9): an empty or world-readable token file was accepted; the
+        // empty one then refused every client with 401.
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("admin.token");
+        let config = dir.path().join("aggregator.toml");
+        std::fs::write(
+            &config,
+            "[listen]\nadmin = \"127.0.0.1:7070\"\nadmin_token_file = \"admin.token\"\n\
+             [tls]\nca_cert = \"ca.pem\"\ncert = \"s.pem\"\nkey = \"s.key\"\n\
+             [store]\npath = \"store\"\n",
+        )
+        .unwrap();
+        let set = |text: &str, mode: u32| {
+            std::fs::write(&token, text).unwrap();
+            std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        set("  \n", 0o600);
+        let err = AggregatorConfig::load(&config).unwrap_err().to_string();
+        assert!(err.contains("listen.admin_token_file") && err.contains("is empty"), "{err}");
+        set("s3cret\n", 0o644);
+        let err = AggregatorConfig::load(&config).unwrap_err().to_string();
+        assert!(err.contains("chmod 600") && err.contains("mode 644"), "{err}");
+        set("s3cret\n", 0o600);
+        AggregatorConfig::load(&config).unwrap();
+        assert_eq!(read_admin_token(&token).unwrap(), "s3cret");
     }
 }

@@ -1,6 +1,8 @@
-//! The admin API's edges: the bearer token, and errors that are always JSON.
+//! The admin API's edges: the bearer token, its file checked at start, plain HTTP kept on
+//! loopback, and errors that are always JSON.
 
 use std::io::{Read as _, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
 
 use e2e::{Aggregator, Fleet};
 
@@ -24,6 +26,7 @@ fn token_is_required_when_configured_and_errors_are_json() {
     let fleet = Fleet::new();
     let token_file = fleet.path().join("admin.token");
     std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let config = fleet.aggregator_config(0);
     let mut text = std::fs::read_to_string(&config).unwrap();
     text = text.replace(
@@ -62,5 +65,47 @@ fn token_is_required_when_configured_and_errors_are_json() {
         let json: serde_json::Value = serde_json::from_str(&body)
             .unwrap_or_else(|e| panic!("{method} {path}: {e}: {body:?}"));
         assert!(json["error"].as_str().is_some_and(|e| !e.is_empty()), "{method} {path}: {body}");
+    }
+}
+
+/// Regression (issue 8, hole 9): an empty or group/world-readable token file, or an admin address
+/// off loopback (plain HTTP would carry the token in cleartext), stops the aggregator at start
+/// with exit 64 and a message naming the key and the fix.
+#[test]
+fn unsafe_admin_settings_are_refused_at_start() {
+    let fleet = Fleet::new();
+    let token_file = fleet.path().join("admin.token");
+    let config = fleet.aggregator_config(0);
+    let base = std::fs::read_to_string(&config).unwrap();
+    let with_token = base.replace(
+        "admin = \"127.0.0.1:0\"",
+        "admin = \"127.0.0.1:0\"\nadmin_token_file = \"admin.token\"",
+    );
+    let cases = [
+        (with_token.as_str(), "", 0o600, "is empty"),
+        (with_token.as_str(), "s3cret\n", 0o644, "chmod 600"),
+        (
+            &*base.replace("admin = \"127.0.0.1:0\"", "admin = \"0.0.0.0:0\""),
+            "s3cret\n",
+            0o600,
+            "listen.admin: must be a loopback address",
+        ),
+    ];
+    for (text, token, mode, needle) in cases {
+        std::fs::write(&config, text).unwrap();
+        std::fs::write(&token_file, token).unwrap();
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(mode)).unwrap();
+        for command in [
+            &["--config", config.to_str().unwrap()][..],
+            &["--config", config.to_str().unwrap(), "check-config"],
+        ] {
+            let out = std::process::Command::new(e2e::bin("flotilla-aggregator"))
+                .args(command)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{needle}: {stderr}");
+            assert!(stderr.contains(needle), "{needle}: {stderr}");
+        }
     }
 }

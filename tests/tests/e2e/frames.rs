@@ -1,9 +1,12 @@
 //! Bytes from the network never crash the aggregator: bad frames reset their own stream, the
-//! connection carries on, and an incompatible Hello gets a clear refusal.
+//! connection carries on, an incompatible Hello gets a clear refusal, and a batch that decodes
+//! but is invalid is refused with the reason instead of being stored.
 
 use common::framed;
 use common::ids::HostId;
-use common::proto::{Ack, Hello, HelloReply, Sample, TelemetryBatch, code, hello_reply};
+use common::proto::{
+    Ack, Hello, HelloReply, Histogram, ModelSample, Sample, TelemetryBatch, code, hello_reply,
+};
 use e2e::{Aggregator, Fleet, quic_client};
 
 fn identity(fleet: &Fleet, host: &str) -> (String, String, String) {
@@ -78,7 +81,7 @@ fn bad_frames_reset_their_stream_and_the_connection_goes_on() {
             framed::write(&mut send, &batch).await.unwrap();
             send.finish().unwrap();
             let ack: Ack = framed::read(&mut recv, 1024).await.unwrap();
-            assert_eq!(ack, Ack { seq: 1, duplicate: expect_duplicate });
+            assert_eq!(ack, Ack { seq: 1, duplicate: expect_duplicate, ..Ack::default() });
         }
         assert!(conn.close_reason().is_none(), "connection survived: {:?}", conn.close_reason());
         conn.close(0u32.into(), b"done");
@@ -111,4 +114,67 @@ fn an_incompatible_protocol_version_is_refused_with_the_reason() {
         );
     });
     agg.proc.wait_for_log(&["incompatible protocol version", "time-traveller"]);
+}
+
+/// Regression (issue 8, hole 6): a histogram with `min > max` was stored, and every later
+/// `/api/v1/models` call and analytics pass panicked on it. Now the batch is refused with the
+/// field named in the Ack, nothing is stored, and the refusal is counted on /metrics.
+#[test]
+fn an_invalid_batch_is_refused_with_the_reason_and_not_stored() {
+    let fleet = Fleet::new();
+    let agg = Aggregator::start(&fleet.aggregator_config(0));
+    let (ca, cert, key) = identity(&fleet, "liar");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let endpoint = quic_client(&ca, &cert, &key);
+        let conn = endpoint.connect(agg.quic, "flotilla-aggregator").unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        framed::write(&mut send, &hello(1, 1)).await.unwrap();
+        let _: HelloReply = framed::read(&mut recv, 1 << 16).await.unwrap();
+        let model = ModelSample {
+            model: "m".into(),
+            version: "1".into(),
+            latency_us: Some(Histogram {
+                bucket_index: vec![5],
+                bucket_count: vec![1],
+                count: 1,
+                sum: 5,
+                min: 9,
+                max: 1,
+            }),
+            ..ModelSample::default()
+        };
+        let batch = TelemetryBatch {
+            seq: 1,
+            samples: vec![Sample {
+                unix_ms: 1_700_000_000_000,
+                sample_index: 1,
+                models: vec![model],
+                ..Sample::default()
+            }],
+            ..TelemetryBatch::default()
+        };
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        framed::write(&mut send, &batch).await.unwrap();
+        send.finish().unwrap();
+        let ack: Ack = framed::read(&mut recv, 1 << 16).await.unwrap();
+        assert_eq!((ack.seq, ack.retry_after_ms), (1, 0));
+        assert!(ack.refused.contains("samples[0].models[0].latency_us"), "{}", ack.refused);
+        conn.close(0u32.into(), b"done");
+    });
+    let detail = agg.cli_json(&["host", "liar"]).unwrap();
+    assert_eq!(detail["summary"]["samples_total"], 0);
+    let models = agg.cli(&["models", "--json"]);
+    assert!(models.status.success(), "{}", String::from_utf8_lossy(&models.stderr));
+    let text = {
+        use std::io::{Read as _, Write as _};
+        let addr = agg.api.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    };
+    assert!(text.contains("flotilla_ingest_refused_total{reason=\"histogram\"} 1"), "{text}");
 }
