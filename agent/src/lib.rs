@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod downlink;
+pub mod health;
 pub mod probe;
 pub mod sampler;
 pub mod serving;
@@ -82,8 +83,9 @@ pub async fn run(
         None => None,
     };
     let models = serving.as_ref().map(serving::Serving::telemetry);
+    let health = Arc::new(health::TelemetryHealth::default());
     let (sampler, inventory, samples) =
-        Sampler::start(&config.telemetry, &config.labels, models).await?;
+        Sampler::start(&config.telemetry, &config.labels, models, health.clone()).await?;
     info!(
         gpus = inventory.gpus.len(),
         accelerators = inventory.accelerators.len(),
@@ -98,13 +100,23 @@ pub async fn run(
         inventory: Some(inventory),
         config_version: config.version(),
         spool_epoch: spool.epoch(),
+        spool_low_seq: 0, // filled in by the uplink at each connection
     };
 
     let sealed = Arc::new(Notify::new());
-    let sealer =
-        tokio::spawn(sampler::seal(samples, spool.clone(), sealed.clone(), config.uplink.interval));
+    let sealer = common::daemon::spawn_watched(
+        "sealer",
+        sampler::seal(
+            samples,
+            spool.clone(),
+            sealed.clone(),
+            config.uplink.interval,
+            health.clone(),
+        ),
+    );
     let uplink_stop = CancellationToken::new();
-    let uplink = tokio::spawn(
+    let uplink = common::daemon::spawn_watched(
+        "uplink",
         uplink::Uplink {
             endpoint,
             config: config.uplink.clone(),
@@ -113,6 +125,7 @@ pub async fn run(
             sealed,
             drain_grace: Duration::from_secs(5),
             directives: downlink::DirectiveMemory::default(),
+            health,
         }
         .run(uplink_stop.clone()),
     );

@@ -5,11 +5,19 @@
 //!   called for its seq, which the uplink does only after the aggregator's *application* `Ack`
 //!   (sent once the batch is durable there). A QUIC-level ack is never enough.
 //! - Seqs start at 1, increase by 1 per batch and are never reused within a spool epoch; sample
-//!   indexes likewise, so the aggregator can count samples exactly once.
+//!   indexes likewise, so the aggregator can count samples exactly once. A batch and the
+//!   `next_seq` / `next_sample_index` counters are written in one sled transaction, and
+//!   [`Spool::open`] also raises the counters past the newest stored batch, so a crash (or a
+//!   spool written by an older agent) can never make a seq or sample index repeat.
+//! - The low seq ([`Spool::low_seq`]) is the lowest seq the spool can still send: its oldest
+//!   batch, or the next seq when it is empty. Every seq below it was either acknowledged or
+//!   dropped, and will never be sent again; the uplink tells the aggregator (Hello and every
+//!   batch) so it can stop waiting for the dropped ones.
 //! - The epoch is a random number chosen when the spool is created; a wiped spool gets a new one.
 //! - The spool never holds more than `max_bytes` of batches (except the newest batch, always
 //!   kept). Beyond that the *oldest* batches are dropped; each drop is counted (batches and
-//!   samples), logged at WARN, persisted, and reported to the aggregator in every batch.
+//!   samples), logged at WARN, persisted in the same transaction as the removal, and reported to
+//!   the aggregator in every batch.
 //! - All key layouts live here: `batches`: seq (u64 BE) -> TelemetryBatch (protobuf, without the
 //!   drop counters, which are filled in when sent); `meta`: fixed names -> u64 BE.
 
@@ -20,6 +28,8 @@ use bytes::Bytes;
 use common::ids::Seq;
 use common::proto::{Sample, TelemetryBatch};
 use prost::Message;
+use sled::Transactional as _;
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use tracing::warn;
 
 const META_NEXT_SEQ: &[u8] = b"next_seq";
@@ -86,6 +96,9 @@ pub struct Spool {
     epoch: u64,
     // Serializes appends and drops so counters and sizes stay consistent.
     state: Mutex<SpoolStats>,
+    // Appends that fail before touching sled, for tests of the callers' error handling.
+    #[cfg(test)]
+    pub(crate) fail_appends: std::sync::atomic::AtomicU32,
 }
 
 impl Spool {
@@ -108,6 +121,8 @@ impl Spool {
             max_bytes,
             epoch: 0,
             state: Mutex::new(SpoolStats::default()),
+            #[cfg(test)]
+            fail_appends: std::sync::atomic::AtomicU32::new(0),
         };
         spool.epoch = match spool.meta_u64(META_EPOCH)? {
             0 => {
@@ -128,7 +143,39 @@ impl Spool {
             stats.bytes += v.len() as u64;
         }
         spool.state = Mutex::new(stats);
+        spool.reconcile_counters()?;
         Ok(spool)
+    }
+
+    /// Raises `next_seq` / `next_sample_index` past the newest stored batch, in case a crash
+    /// (or an older agent that wrote them separately) left them behind it.
+    fn reconcile_counters(&self) -> Result<(), SpoolError> {
+        let Some((k, v)) = self.batches.last().map_err(|source| self.io("scan", source))? else {
+            return Ok(());
+        };
+        let last = key_seq(&k);
+        let last_sample = TelemetryBatch::decode(v.as_ref())
+            .map_err(|source| SpoolError::Decode { seq: Seq(last), source })?
+            .samples
+            .iter()
+            .map(|s| s.sample_index)
+            .max()
+            .unwrap_or(0);
+        let (next_seq, next_sample) =
+            (self.meta_u64(META_NEXT_SEQ)?, self.meta_u64(META_NEXT_SAMPLE)?);
+        if next_seq <= last || next_sample <= last_sample {
+            warn!(
+                path = %self.path.display(),
+                next_seq,
+                newest_batch = last,
+                next_sample,
+                newest_sample = last_sample,
+                "Spool counters were behind the newest batch (interrupted write); raised them."
+            );
+            self.put_meta(META_NEXT_SEQ, next_seq.max(last.saturating_add(1)))?;
+            self.put_meta(META_NEXT_SAMPLE, next_sample.max(last_sample.saturating_add(1)))?;
+        }
+        Ok(())
     }
 
     /// The spool's epoch (random, fixed for the spool's life).
@@ -138,31 +185,69 @@ impl Spool {
 
     /// Seals `samples` into a new batch: numbers the samples, assigns the next seq, stores it and
     /// enforces the size cap. Durable once [`Spool::flush`] returns.
-    pub fn append(&self, mut samples: Vec<Sample>) -> Result<Seq, SpoolError> {
+    pub fn append(&self, samples: &[Sample]) -> Result<Seq, SpoolError> {
         let mut state = self.lock();
-        let seq = self.meta_u64(META_NEXT_SEQ)?.max(1);
-        let mut next_sample = self.meta_u64(META_NEXT_SAMPLE)?.max(1);
-        for s in &mut samples {
-            s.sample_index = next_sample;
-            next_sample += 1;
+        #[cfg(test)]
+        if self.fail_appends.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            self.fail_appends.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(self.io("append", sled::Error::Unsupported("injected failure".into())));
         }
-        let batch = TelemetryBatch { seq, samples, ..TelemetryBatch::default() };
-        let bytes = batch.encode_to_vec();
-        let mut tx = sled::Batch::default();
-        tx.insert(&seq.to_be_bytes(), bytes.as_slice());
-        self.batches.apply_batch(tx).map_err(|source| self.io("append", source))?;
-        self.put_meta(META_NEXT_SEQ, seq + 1)?;
-        self.put_meta(META_NEXT_SAMPLE, next_sample)?;
+        // One transaction: the batch and both counters land together or not at all.
+        let (seq, len) = (&self.batches, &self.meta)
+            .transaction(|(batches, meta)| {
+                let seq = tx_u64(meta, META_NEXT_SEQ)?.max(1);
+                let mut next_sample = tx_u64(meta, META_NEXT_SAMPLE)?.max(1);
+                let mut samples = samples.to_vec();
+                for s in &mut samples {
+                    s.sample_index = next_sample;
+                    next_sample += 1;
+                }
+                let batch = TelemetryBatch { seq, samples, ..TelemetryBatch::default() };
+                let bytes = batch.encode_to_vec();
+                batches.insert(&seq.to_be_bytes(), bytes.as_slice())?;
+                meta.insert(META_NEXT_SEQ, &(seq + 1).to_be_bytes())?;
+                meta.insert(META_NEXT_SAMPLE, &next_sample.to_be_bytes())?;
+                Ok((seq, bytes.len() as u64))
+            })
+            .map_err(|e| self.tx_err("append", e))?;
         state.batches += 1;
-        state.bytes += bytes.len() as u64;
+        state.bytes += len;
         self.enforce_cap(&mut state)?;
         Ok(Seq(seq))
+    }
+
+    /// The lowest seq the spool can still send: its oldest batch, or the next seq to be sealed
+    /// when it is empty. Every seq below it was acknowledged or dropped.
+    pub fn low_seq(&self) -> Result<Seq, SpoolError> {
+        let _state = self.lock();
+        self.low_seq_locked()
+    }
+
+    fn low_seq_locked(&self) -> Result<Seq, SpoolError> {
+        match self.batches.first().map_err(|source| self.io("read", source))? {
+            Some((k, _)) => Ok(Seq(key_seq(&k))),
+            None => Ok(Seq(self.meta_u64(META_NEXT_SEQ)?.max(1))),
+        }
     }
 
     /// Up to `n` of the oldest unacknowledged batches with seq above `after`, ready to send
     /// (drop counters filled in).
     pub fn oldest(&self, after: Seq, n: usize) -> Result<Vec<(Seq, Bytes)>, SpoolError> {
-        let stats = *self.lock();
+        self.oldest_stamped(after, n, |_| {})
+    }
+
+    /// Like [`Spool::oldest`], with `stamp` applied to each batch just before it is encoded
+    /// (the uplink adds what is known only at send time, such as the clock offset).
+    pub fn oldest_stamped(
+        &self,
+        after: Seq,
+        n: usize,
+        stamp: impl Fn(&mut TelemetryBatch),
+    ) -> Result<Vec<(Seq, Bytes)>, SpoolError> {
+        let (stats, low) = {
+            let state = self.lock();
+            (*state, self.low_seq_locked()?)
+        };
         let start = after.0.saturating_add(1).to_be_bytes();
         let mut out = Vec::with_capacity(n);
         for item in self.batches.range(start..).take(n) {
@@ -172,6 +257,8 @@ impl Spool {
                 .map_err(|source| SpoolError::Decode { seq, source })?;
             batch.spool_dropped_batches = stats.dropped_batches;
             batch.spool_dropped_samples = stats.dropped_samples;
+            batch.spool_low_seq = low.0;
+            stamp(&mut batch);
             out.push((seq, common::wire::encode(&batch)));
         }
         Ok(out)
@@ -211,25 +298,19 @@ impl Spool {
     /// it like a batch dropped for space. Returns the samples it held.
     pub fn discard(&self, seq: Seq) -> Result<u64, SpoolError> {
         let mut state = self.lock();
-        let Some(v) = self
-            .batches
-            .remove(seq.0.to_be_bytes())
-            .map_err(|source| self.io("discard", source))?
-        else {
-            return Ok(0);
-        };
-        self.count_drop(&mut state, &v)
+        Ok(self.drop_batch(&mut state, seq, "discard")?.unwrap_or(0))
     }
 
     fn enforce_cap(&self, state: &mut SpoolStats) -> Result<(), SpoolError> {
         while state.bytes > self.max_bytes && state.batches > 1 {
-            let Some((k, v)) = self.batches.pop_min().map_err(|source| self.io("drop", source))?
+            let Some((k, _)) = self.batches.first().map_err(|source| self.io("drop", source))?
             else {
                 break;
             };
-            let samples = self.count_drop(state, &v)?;
+            let seq = Seq(key_seq(&k));
+            let Some(samples) = self.drop_batch(state, seq, "drop")? else { break };
             warn!(
-                seq = key_seq(&k),
+                %seq,
                 samples,
                 dropped_batches = state.dropped_batches,
                 max_bytes = self.max_bytes,
@@ -239,15 +320,43 @@ impl Spool {
         Ok(())
     }
 
-    fn count_drop(&self, state: &mut SpoolStats, batch: &[u8]) -> Result<u64, SpoolError> {
-        let samples = TelemetryBatch::decode(batch).map_or(0, |b| b.samples.len() as u64);
+    /// Removes batch `seq` and counts it as dropped, in one transaction. Returns its samples,
+    /// or `None` when it was not there.
+    fn drop_batch(
+        &self,
+        state: &mut SpoolStats,
+        seq: Seq,
+        op: &'static str,
+    ) -> Result<Option<u64>, SpoolError> {
+        let (dropped_batches, dropped_samples) = (state.dropped_batches, state.dropped_samples);
+        let removed = (&self.batches, &self.meta)
+            .transaction(|(batches, meta)| {
+                let Some(v) = batches.remove(&seq.0.to_be_bytes())? else {
+                    return Ok(None);
+                };
+                let samples =
+                    TelemetryBatch::decode(v.as_ref()).map_or(0, |b| b.samples.len() as u64);
+                meta.insert(META_DROPPED_BATCHES, &(dropped_batches + 1).to_be_bytes())?;
+                meta.insert(META_DROPPED_SAMPLES, &(dropped_samples + samples).to_be_bytes())?;
+                Ok(Some((v.len() as u64, samples)))
+            })
+            .map_err(|e| self.tx_err(op, e))?;
+        let Some((len, samples)) = removed else { return Ok(None) };
         state.batches = state.batches.saturating_sub(1);
-        state.bytes = state.bytes.saturating_sub(batch.len() as u64);
+        state.bytes = state.bytes.saturating_sub(len);
         state.dropped_batches += 1;
         state.dropped_samples += samples;
-        self.put_meta(META_DROPPED_BATCHES, state.dropped_batches)?;
-        self.put_meta(META_DROPPED_SAMPLES, state.dropped_samples)?;
-        Ok(samples)
+        Ok(Some(samples))
+    }
+
+    fn tx_err(&self, op: &'static str, e: TransactionError<()>) -> SpoolError {
+        match e {
+            TransactionError::Storage(source) => self.io(op, source),
+            // The closures above never abort.
+            TransactionError::Abort(()) => {
+                self.io(op, sled::Error::Unsupported("transaction aborted".into()))
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SpoolStats> {
@@ -269,6 +378,12 @@ impl Spool {
     fn io(&self, op: &'static str, source: sled::Error) -> SpoolError {
         SpoolError::Io { path: self.path.clone(), op, source }
     }
+}
+
+/// Reads a u64 counter inside a transaction (absent or malformed reads as 0).
+fn tx_u64(tree: &TransactionalTree, key: &[u8]) -> Result<u64, ConflictableTransactionError<()>> {
+    let v = tree.get(key)?;
+    Ok(v.and_then(|v| v.as_ref().try_into().ok()).map_or(0, u64::from_be_bytes))
 }
 
 fn key_seq(k: &[u8]) -> u64 {
@@ -301,8 +416,8 @@ mod tests {
         {
             let spool = reopen(dir.path(), 1 << 20);
             epoch = spool.epoch();
-            assert_eq!(spool.append(samples(2)).unwrap(), Seq(1));
-            assert_eq!(spool.append(samples(3)).unwrap(), Seq(2));
+            assert_eq!(spool.append(&samples(2)).unwrap(), Seq(1));
+            assert_eq!(spool.append(&samples(3)).unwrap(), Seq(2));
             spool.ack(Seq(1)).unwrap();
             spool.flush().unwrap();
         }
@@ -316,7 +431,7 @@ mod tests {
         assert_eq!(batch.seq, 2);
         let idx: Vec<u64> = batch.samples.iter().map(|s| s.sample_index).collect();
         assert_eq!(idx, [3, 4, 5], "sample indexes continue across batches");
-        assert_eq!(spool.append(samples(1)).unwrap(), Seq(3), "seqs continue after reopen");
+        assert_eq!(spool.append(&samples(1)).unwrap(), Seq(3), "seqs continue after reopen");
         assert!(spool.oldest(Seq(2), 10).unwrap().iter().all(|(s, _)| s.0 > 2));
     }
 
@@ -325,7 +440,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = reopen(dir.path(), 200);
         for _ in 0..10 {
-            spool.append(samples(5)).unwrap();
+            spool.append(&samples(5)).unwrap();
         }
         let stats = spool.stats();
         assert!(stats.bytes <= 200 || stats.batches == 1, "{stats:?}");
@@ -345,5 +460,50 @@ mod tests {
         assert_eq!(spool.discard(newest).unwrap(), 5);
         assert_eq!(spool.stats().dropped_batches, stats.dropped_batches + 1);
         assert_eq!(spool.discard(newest).unwrap(), 0, "discarding twice counts once");
+    }
+
+    #[test]
+    fn a_batch_written_without_its_counters_is_not_renumbered() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let spool = reopen(dir.path(), 1 << 20);
+            assert_eq!(spool.append(&samples(2)).unwrap(), Seq(1));
+            // What a crash between the batch write and the counter writes leaves behind: batch 2
+            // (samples 3 and 4) is stored, the counters still say seq 2 / sample 3.
+            let mut crashed = samples(2);
+            crashed[0].sample_index = 3;
+            crashed[1].sample_index = 4;
+            let batch = TelemetryBatch { seq: 2, samples: crashed, ..TelemetryBatch::default() };
+            spool.batches.insert(2u64.to_be_bytes(), batch.encode_to_vec()).unwrap();
+            spool.flush().unwrap();
+        }
+        let spool = reopen(dir.path(), 1 << 20);
+        assert_eq!(spool.append(&samples(1)).unwrap(), Seq(3), "seq 2 must not be reused");
+        let pending = spool.oldest(Seq(2), 10).unwrap();
+        let (batch, _) =
+            common::wire::decode_frame::<TelemetryBatch>(&pending[0].1, u32::MAX).unwrap().unwrap();
+        assert_eq!(batch.samples[0].sample_index, 5, "sample indexes must not be reused");
+        assert_eq!(spool.produced().unwrap(), (3, 5));
+    }
+
+    #[test]
+    fn low_seq_is_the_oldest_sendable_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = reopen(dir.path(), 200);
+        assert_eq!(spool.low_seq().unwrap(), Seq(1), "empty new spool: the next seq");
+        for _ in 0..10 {
+            spool.append(&samples(5)).unwrap();
+        }
+        let oldest = spool.oldest(Seq(0), 100).unwrap();
+        let first = oldest[0].0;
+        assert!(first > Seq(1), "the cap dropped some batches");
+        assert_eq!(spool.low_seq().unwrap(), first);
+        let (batch, _) =
+            common::wire::decode_frame::<TelemetryBatch>(&oldest[0].1, u32::MAX).unwrap().unwrap();
+        assert_eq!(batch.spool_low_seq, first.0, "every batch carries the low seq");
+        for (seq, _) in &oldest {
+            spool.ack(*seq).unwrap();
+        }
+        assert_eq!(spool.low_seq().unwrap(), Seq(11), "all acked: the next seq");
     }
 }

@@ -6,6 +6,9 @@
 //!   its reason at ERROR (an operator must act: upgrade, or fix the certificate).
 //! - Each batch travels on its own bidirectional stream, up to [`WINDOW`] at once, so a stream
 //!   error affects one batch and retries are safe (the aggregator dedups on `(host, seq)`).
+//! - Hello and every batch carry the spool's low seq (the lowest seq it can still send), so the
+//!   aggregator stops waiting for seqs the spool dropped; every batch also carries the telemetry
+//!   health and the clock offset measured from the latest Welcome ([`TelemetryHealth`]).
 //! - Reconnects back off exponentially with jitter, from `backoff_initial` to `backoff_max`.
 //! - On stop, pending batches get one last chance within the grace period, then the connection
 //!   is closed with code OK.
@@ -24,6 +27,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::health::{TelemetryHealth, unix_ms_now};
 use crate::spool::{Spool, SpoolError};
 
 /// Batches in flight at once on one connection.
@@ -34,6 +38,9 @@ const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long connecting plus Hello/Welcome may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Clock offset from the aggregator above which the agent warns, ms.
+pub const CLOCK_WARN_MS: i64 = 2_000;
 
 /// Largest reply frame the agent reads (Acks and Welcomes are tiny).
 const MAX_REPLY_BYTES: u32 = 64 * 1024;
@@ -117,6 +124,8 @@ pub struct Uplink {
     pub drain_grace: Duration,
     /// Directive results, kept across connections.
     pub directives: crate::downlink::DirectiveMemory,
+    /// Telemetry health and clock offset, stamped on every batch sent.
+    pub health: Arc<TelemetryHealth>,
 }
 
 impl Uplink {
@@ -133,10 +142,20 @@ impl Uplink {
                 Ok((conn, welcome)) => {
                     attempt = 0;
                     let max_frame = welcome.max_frame_bytes;
+                    let clock_offset_ms = self.health.snapshot().clock_offset_ms;
+                    if let Some(offset) = clock_offset_ms.filter(|o| o.abs() > CLOCK_WARN_MS) {
+                        warn!(
+                            aggregator = %addr,
+                            clock_offset_ms = offset,
+                            "This host's clock differs from the aggregator's; sample times are \
+                             this host's clock. Check NTP."
+                        );
+                    }
                     info!(
                         aggregator = %addr,
                         host = %welcome.host_id,
                         version = welcome.version,
+                        clock_offset_ms,
                         pending = self.spool.stats().batches,
                         "Connected to aggregator."
                     );
@@ -236,11 +255,21 @@ impl Uplink {
     async fn hello(&self, conn: &quinn::Connection) -> Result<Welcome, UplinkError> {
         let frame_err = |source| UplinkError::Frame { what: "Hello/Welcome".into(), source };
         let (mut send, mut recv) = conn.open_bi().await.map_err(UplinkError::Connection)?;
-        framed::write(&mut send, &self.hello).await.map_err(frame_err)?;
+        let mut hello = self.hello.clone();
+        let spool = self.spool.clone();
+        hello.spool_low_seq = tokio::task::spawn_blocking(move || spool.low_seq())
+            .await
+            .map_err(|e| UplinkError::Timeout { what: format!("reading the spool: {e}") })??
+            .0;
+        let sent_ms = unix_ms_now();
+        framed::write(&mut send, &hello).await.map_err(frame_err)?;
         let reply: HelloReply =
             framed::read(&mut recv, MAX_REPLY_BYTES).await.map_err(frame_err)?;
         match reply.reply {
-            Some(hello_reply::Reply::Welcome(w)) => Ok(w),
+            Some(hello_reply::Reply::Welcome(w)) => {
+                self.health.record_welcome(sent_ms, unix_ms_now(), w.server_unix_ms);
+                Ok(w)
+            }
             Some(hello_reply::Reply::Refusal(r)) => Err(UplinkError::Refused {
                 reason: r.reason,
                 min: r.server_min_version,
@@ -290,7 +319,7 @@ impl Uplink {
         max_frame: u32,
     ) -> Result<(), UplinkError> {
         loop {
-            let batch = self.spool.oldest(Seq(0), WINDOW)?;
+            let batch = self.spool.oldest_stamped(Seq(0), WINDOW, |b| self.health.stamp(b))?;
             if batch.is_empty() {
                 return Ok(());
             }

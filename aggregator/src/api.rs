@@ -247,7 +247,12 @@ async fn host_detail(
 ) -> Result<Json<HostDetail>, Failure> {
     let host = parse_host(&host)?;
     let (rec, inventory, latest) = load_host(&state, &host).await?;
+    let store = state.store.clone();
+    let h = host.clone();
+    let telemetry = blocking(move || store.host_health(&h)).await?;
     Ok(Json(HostDetail {
+        telemetry,
+        dedup_seen: rec.seen_above,
         summary: state.summary(&host, &rec, inventory.gpus.len(), latest.as_ref(), now_ms()),
         inventory,
         latest,
@@ -350,10 +355,29 @@ async fn prometheus(State(state): State<ApiState>) -> Result<Response, Failure> 
         };
         counts[i].1 += 1;
     }
-    let body = state
+    let mut body = state
         .stats
         .render(&Gauges { connections_open: state.connections.len() as u64, hosts: counts });
+    body.push_str(&health_metrics(&hosts, &state.analytics.health()));
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
+}
+
+/// `/metrics` lines for dedup state and analytics failures.
+fn health_metrics(
+    hosts: &[(HostId, HostRecord)],
+    analytics: &crate::scheduler::AnalyticsHealth,
+) -> String {
+    let seen: u64 = hosts.iter().map(|(_, r)| r.seen_above).sum();
+    format!(
+        "# HELP flotilla_dedup_seen_seqs Stored seqs above the hosts' watermarks (bounded by their \
+         spools).\n# TYPE flotilla_dedup_seen_seqs gauge\nflotilla_dedup_seen_seqs {seen}\n\
+         # HELP flotilla_analytics_failures_total Analytics failures, by kind (each is logged at \
+         ERROR).\n# TYPE flotilla_analytics_failures_total counter\n\
+         flotilla_analytics_failures_total{{kind=\"pass\"}} {}\n\
+         flotilla_analytics_failures_total{{kind=\"webhook\"}} {}\n\
+         flotilla_analytics_failures_total{{kind=\"scheduler\"}} {}\n",
+        analytics.pass_failures, analytics.webhook_failures, analytics.scheduler_failures
+    )
 }
 
 // === analytics routes ===

@@ -58,7 +58,7 @@ impl Committer {
         stats: Arc<Stats>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        let worker = tokio::spawn(work(rx, store, stats));
+        let worker = common::daemon::spawn_watched("commit worker", work(rx, store, stats));
         (Self { tx }, worker)
     }
 

@@ -42,9 +42,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::config::aggregator::AggregatorConfig;
+use common::daemon::spawn_watched;
 use common::tls::Revocations;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::store::{Retention, SledStore, TelemetryStore};
 
@@ -180,16 +181,16 @@ pub async fn run(
         store = %config.store.path.display(),
         "Aggregator started."
     );
-    let ingest = tokio::spawn(ingest::serve(endpoint, ctx, shutdown.clone()));
-    let upkeep = tokio::spawn(upkeep(store.clone(), &config, shutdown.clone()));
+    // Watched: a panic is logged at ERROR when it happens, not at shutdown.
+    let ingest = spawn_watched("ingest", ingest::serve(endpoint, ctx, shutdown.clone()));
+    let upkeep = spawn_watched("upkeep", upkeep(store.clone(), &config, shutdown.clone()));
     let (settings, catalog) =
         scheduler::load_settings(&config.analytics).map_err(AggregatorError::Config)?;
     let analytics = Arc::new(scheduler::Analytics::new(store.clone(), settings, catalog));
-    let cron = tokio::spawn(scheduler::schedule(
-        analytics.clone(),
-        config.analytics.schedule.clone(),
-        shutdown.clone(),
-    ));
+    let cron = spawn_watched(
+        "analytics scheduler",
+        scheduler::schedule(analytics.clone(), config.analytics.schedule.clone(), shutdown.clone()),
+    );
     let app = api::router(api::ApiState {
         store: store.clone(),
         connections,
@@ -242,8 +243,8 @@ fn upkeep(
                     let now = ingest::now_ms();
                     match tokio::task::spawn_blocking(move || s.roll_up(now)).await {
                         Ok(Ok(_)) => {}
-                        Ok(Err(e)) => warn!(error = %common::daemon::error_chain(&e), "Rollup pass failed."),
-                        Err(e) => warn!(error = %e, "Rollup task failed."),
+                        Ok(Err(e)) => error!(error = %common::daemon::error_chain(&e), "Rollup pass failed; retrying at the next pass."),
+                        Err(e) => error!(error = %e, "Rollup task failed; retrying at the next pass."),
                     }
                 }
                 _ = retain.tick() => {
@@ -252,8 +253,8 @@ fn upkeep(
                     match tokio::task::spawn_blocking(move || s.enforce_retention(now, retention)).await {
                         Ok(Ok(n)) if n > 0 => info!(deleted = n, "Retention pass deleted expired records."),
                         Ok(Ok(_)) => {}
-                        Ok(Err(e)) => warn!(error = %common::daemon::error_chain(&e), "Retention pass failed."),
-                        Err(e) => warn!(error = %e, "Retention task failed."),
+                        Ok(Err(e)) => error!(error = %common::daemon::error_chain(&e), "Retention pass failed; retrying at the next pass."),
+                        Err(e) => error!(error = %e, "Retention task failed; retrying at the next pass."),
                     }
                 }
                 () = shutdown.cancelled() => return,

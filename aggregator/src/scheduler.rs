@@ -8,6 +8,10 @@
 //! - The alert book (active alerts) is stored after every pass, so a restart neither re-fires
 //!   nor forgets active alerts; every transition is kept in the `alert` history.
 //! - Analysis documents (`forecast/TARGET`, `report/*`) are replaced whole by each pass.
+//! - A failed pass (or webhook delivery, or the scheduler itself) is logged at ERROR, counted in
+//!   [`AnalyticsHealth`] (on `/metrics` and the analytics summary API), and retried with
+//!   backoff: a pass up to [`PASS_RETRIES`] times before the next scheduled one, the scheduler
+//!   until it starts. Nothing ends silently.
 //!
 //! Stored documents: `report/meta`, `report/costs`, `report/plans`, `report/budgets`,
 //! `forecast/{target}`, `alerts/book`, `budgets/api` (budgets added through the API).
@@ -22,7 +26,7 @@ use common::ids::HostId;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::analytics::alerts::{Alert, AlertBook, AlertState, Severity};
 use crate::analytics::anomaly::Anomaly;
@@ -104,6 +108,31 @@ pub struct AnomalyEvent {
     pub anomaly: Anomaly,
 }
 
+/// Times a failed scheduled pass is retried before waiting for the next scheduled one.
+pub const PASS_RETRIES: u32 = 3;
+
+/// First wait before retrying a failed pass or restarting the scheduler (doubles each time,
+/// up to [`MAX_RETRY_BACKOFF`]).
+pub const FIRST_RETRY_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Longest wait between retries.
+pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Failures of the analytics runner since the aggregator started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnalyticsHealth {
+    /// Passes that failed (each retry counts).
+    pub pass_failures: u64,
+    /// Alert webhook deliveries that failed after all their attempts.
+    pub webhook_failures: u64,
+    /// Times the cron scheduler failed and was restarted.
+    pub scheduler_failures: u64,
+    /// The latest failure, in words (empty when none).
+    pub last_failure: String,
+    /// When, Unix ms (0 when none).
+    pub last_failure_ms: i64,
+}
+
 /// The analytics runner.
 #[derive(Debug)]
 pub struct Analytics {
@@ -112,6 +141,8 @@ pub struct Analytics {
     catalog: PricingCatalog,
     pass: Mutex<()>,
     webhook_backoff: Duration,
+    health: Arc<std::sync::Mutex<AnalyticsHealth>>,
+    retry_backoff: Duration,
 }
 
 /// Loads the policy and pricing files the config names (the built-in catalog and an empty
@@ -163,6 +194,47 @@ impl Analytics {
             catalog,
             pass: Mutex::new(()),
             webhook_backoff: crate::webhook::FIRST_BACKOFF,
+            health: Arc::default(),
+            retry_backoff: FIRST_RETRY_BACKOFF,
+        }
+    }
+
+    /// Failures since start.
+    pub fn health(&self) -> AnalyticsHealth {
+        lock_health(&self.health).clone()
+    }
+
+    /// The delay before retry `attempt` (1-based): doubling from the first backoff, capped.
+    fn retry_delay(&self, attempt: u32) -> Duration {
+        self.retry_backoff
+            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(16)))
+            .min(MAX_RETRY_BACKOFF)
+    }
+
+    /// Runs a scheduled pass; a failure is logged at ERROR, counted, and retried with backoff
+    /// up to [`PASS_RETRIES`] times.
+    pub async fn run_scheduled(&self) {
+        for attempt in 0..=PASS_RETRIES {
+            if attempt > 0 {
+                tokio::time::sleep(self.retry_delay(attempt)).await;
+            }
+            let Err(e) = self.run_once(crate::ingest::now_ms()).await else { return };
+            let chain = common::daemon::error_chain(&e);
+            record_failure(&self.health, |h| h.pass_failures += 1, &chain);
+            if attempt < PASS_RETRIES {
+                error!(
+                    error = %chain,
+                    attempt = attempt + 1,
+                    retry_in_ms = u64::try_from(self.retry_delay(attempt + 1).as_millis()).unwrap_or(u64::MAX),
+                    "Analytics pass failed; retrying."
+                );
+            } else {
+                error!(
+                    error = %chain,
+                    attempts = attempt + 1,
+                    "Analytics pass failed; giving up until the next scheduled pass."
+                );
+            }
         }
     }
 
@@ -213,8 +285,13 @@ impl Analytics {
         if let (Some(url), false) = (self.settings.webhook_url.clone(), transitions.is_empty()) {
             let alerts = transitions.clone();
             let backoff = self.webhook_backoff;
+            let health = self.health.clone();
             tokio::task::spawn_blocking(move || {
-                let _ = crate::webhook::deliver(&url, now_ms, &alerts, backoff);
+                // `deliver` logs its own failure at ERROR; count it so it shows.
+                if let Err(e) = crate::webhook::deliver(&url, now_ms, &alerts, backoff) {
+                    let chain = common::daemon::error_chain(&e);
+                    record_failure(&health, |h| h.webhook_failures += 1, &chain);
+                }
             });
         }
         let summary = RunSummary {
@@ -252,25 +329,50 @@ impl Analytics {
     }
 }
 
-/// Runs passes on `schedule` (cron with seconds) until `shutdown`.
+/// Runs passes on `schedule` (cron with seconds) until `shutdown`. A scheduler that fails to
+/// start is logged at ERROR, counted and restarted with backoff; the error is returned only if
+/// `shutdown` comes first.
 pub async fn schedule(
     analytics: Arc<Analytics>,
     schedule: String,
     shutdown: CancellationToken,
 ) -> Result<(), AnalyticsError> {
+    let mut attempt: u32 = 0;
+    loop {
+        let Err(e) = run_scheduler(analytics.clone(), &schedule, &shutdown).await else {
+            return Ok(());
+        };
+        attempt = attempt.saturating_add(1);
+        let chain = common::daemon::error_chain(&e);
+        record_failure(&analytics.health, |h| h.scheduler_failures += 1, &chain);
+        let delay = analytics.retry_delay(attempt);
+        error!(
+            error = %chain,
+            attempt,
+            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "Analytics scheduler failed; no scheduled passes until it restarts."
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return Err(e),
+        }
+    }
+}
+
+async fn run_scheduler(
+    analytics: Arc<Analytics>,
+    schedule: &str,
+    shutdown: &CancellationToken,
+) -> Result<(), AnalyticsError> {
     use tokio_cron_scheduler::{Job, JobScheduler};
     let err = |e: tokio_cron_scheduler::JobSchedulerError| AnalyticsError::Schedule {
-        schedule: schedule.clone(),
+        schedule: schedule.to_owned(),
         reason: e.to_string(),
     };
     let mut scheduler = JobScheduler::new().await.map_err(err)?;
-    let job = Job::new_async(schedule.as_str(), move |_, _| {
+    let job = Job::new_async(schedule, move |_, _| {
         let a = analytics.clone();
-        Box::pin(async move {
-            if let Err(e) = a.run_once(crate::ingest::now_ms()).await {
-                warn!(error = %common::daemon::error_chain(&e), "Analytics pass failed.");
-            }
-        })
+        Box::pin(async move { a.run_scheduled().await })
     })
     .map_err(err)?;
     scheduler.add(job).await.map_err(err)?;
@@ -278,6 +380,23 @@ pub async fn schedule(
     shutdown.cancelled().await;
     scheduler.shutdown().await.map_err(err)?;
     Ok(())
+}
+
+fn lock_health(
+    health: &std::sync::Mutex<AnalyticsHealth>,
+) -> std::sync::MutexGuard<'_, AnalyticsHealth> {
+    health.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn record_failure(
+    health: &std::sync::Mutex<AnalyticsHealth>,
+    count: impl FnOnce(&mut AnalyticsHealth),
+    what: &str,
+) {
+    let mut h = lock_health(health);
+    count(&mut h);
+    what.clone_into(&mut h.last_failure);
+    h.last_failure_ms = crate::ingest::now_ms();
 }
 
 /// The document holding budgets added through the API.
@@ -437,5 +556,68 @@ mod tests {
         let err = check(&cfg).unwrap_err().to_string();
         assert!(err.contains("budgets[0].amount: must be a positive amount, got 0"), "{err}");
         assert!(check(&AnalyticsConfig { policy_file: None, ..cfg }).is_ok());
+    }
+
+    /// A real store whose one host has an undecodable inventory, so every pass fails.
+    fn failing_store(dir: &std::path::Path) -> Arc<dyn TelemetryStore> {
+        use crate::store::SledStore;
+        let host = HostId::new("h1").unwrap();
+        {
+            let store = SledStore::open(dir).unwrap();
+            store.record_hello(&host, &common::proto::Hello::default(), 0, 0).unwrap();
+        }
+        let open_raw = || {
+            for _ in 0..100 {
+                if let Ok(db) = sled::open(dir) {
+                    return db;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            sled::open(dir).unwrap()
+        };
+        {
+            let db = open_raw();
+            db.open_tree("inventories").unwrap().insert("h1", &[0xff, 0xff, 0xff][..]).unwrap();
+            db.flush().unwrap();
+        }
+        for _ in 0..100 {
+            if let Ok(s) = SledStore::open(dir) {
+                return Arc::new(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Arc::new(SledStore::open(dir).unwrap())
+    }
+
+    fn analytics(store: Arc<dyn TelemetryStore>) -> Analytics {
+        let mut a = Analytics::new(store, Settings::default(), PricingCatalog::builtin().unwrap());
+        a.retry_backoff = Duration::from_millis(5);
+        a
+    }
+
+    #[tokio::test]
+    async fn a_failed_pass_is_counted_and_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = analytics(failing_store(dir.path()));
+        a.run_scheduled().await;
+        let h = a.health();
+        assert_eq!(h.pass_failures, u64::from(PASS_RETRIES) + 1, "{h:?}");
+        assert!(h.last_failure.contains("inventory h1"), "{h:?}");
+        assert!(h.last_failure_ms > 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_scheduler_is_restarted_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Arc::new(analytics(failing_store(dir.path())));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(schedule(a.clone(), "not a schedule".into(), stop.clone()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!task.is_finished(), "the scheduler gave up silently");
+        let h = a.health();
+        assert!(h.scheduler_failures >= 2, "{h:?}");
+        assert!(h.last_failure.contains("not a schedule"), "{h:?}");
+        stop.cancel();
+        assert!(task.await.unwrap().is_err(), "the error is still returned at stop");
     }
 }

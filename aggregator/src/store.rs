@@ -8,6 +8,13 @@
 //! - [`TelemetryStore::commit`] returns only after the batches are durable (sled flushed).
 //! - `(host, seq)` is stored at most once per spool epoch: a per-host watermark says "every seq up
 //!   to here is stored", and the `seen` tree holds stored seqs above it (normally none or a few).
+//! - The watermark also moves past seqs the agent says it will never send (its spool's low seq,
+//!   in Hello and every batch: those were dropped), and `seen` entries at or below the watermark
+//!   are removed as it moves, so `seen` stays bounded by the agent's spool however many batches
+//!   were dropped.
+//! - A sample more than [`MAX_FUTURE_MS`] ahead of its batch's arrival is refused (counted in
+//!   the host's [`HostHealth`], logged), so a wrong agent clock cannot pin "latest" or keep
+//!   samples beyond retention.
 //! - Raw sample keys are deterministic (`host, unix_ms, sample_index`), so a batch re-applied
 //!   after a crash between its writes overwrites itself instead of duplicating.
 //! - The host record (watermark, counters) is written after the batch's samples, as one key, so
@@ -37,6 +44,10 @@ pub const MINUTE_MS: i64 = 60_000;
 pub const HOUR_MS: i64 = 3_600_000;
 /// How long after a bucket ends it is rolled up (late batches re-mark it and are folded in).
 pub const ROLLUP_GRACE_MS: i64 = 60_000;
+/// How far ahead of its arrival (aggregator clock) a sample's time may be before it is refused.
+pub const MAX_FUTURE_MS: i64 = 5 * MINUTE_MS;
+/// Version byte in front of every stored [`HostHealth`].
+const HEALTH_VERSION: u8 = 1;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +111,25 @@ pub struct HostRecord {
     pub spool_dropped_samples: u64,
     /// Client certificate expiry at the latest handshake, Unix seconds.
     pub cert_not_after_secs: i64,
+}
+
+/// How a host's telemetry pipeline is doing: what its agent last reported about itself, and
+/// what the aggregator refused from it. Stored apart from [`HostRecord`] (tree `host_health`,
+/// key `host`, a version byte then postcard), written only when it changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostHealth {
+    /// The agent's clock minus the aggregator's, ms, as the agent last measured it.
+    pub clock_offset_ms: Option<i64>,
+    /// Times the agent failed to take a sample or seal samples into its spool since it started.
+    pub telemetry_errors: u64,
+    /// The latest such failure, in the agent's words (empty when none).
+    pub last_telemetry_error: String,
+    /// When it happened, Unix ms (agent clock; 0 when none).
+    pub last_telemetry_error_unix_ms: i64,
+    /// Samples refused because their time was more than [`MAX_FUTURE_MS`] ahead of arrival.
+    pub future_samples_refused: u64,
+    /// The latest arrival time (aggregator clock, Unix ms) of a refused future sample.
+    pub last_future_refusal_ms: i64,
 }
 
 /// A batch to store, with the host it came from (read from its certificate).
@@ -183,6 +213,10 @@ pub trait TelemetryStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<HostRecord, StoreError>;
     /// Stores batches, each at most once, and returns once they are durable.
     fn commit(&self, batches: &[IncomingBatch]) -> Result<Vec<CommitOutcome>, StoreError>;
+    /// A host's telemetry health (default when nothing was ever reported or refused).
+    fn host_health(&self, host: &HostId) -> Result<HostHealth, StoreError>;
+    /// Stored seqs above a host's watermark (`seen` entries); stays bounded by the agent's spool.
+    fn seen_count(&self, host: &HostId) -> Result<u64, StoreError>;
     /// Every known host.
     fn hosts(&self) -> Result<Vec<(HostId, HostRecord)>, StoreError>;
     /// One host.
@@ -323,6 +357,7 @@ pub struct SledStore {
     hosts: sled::Tree,
     inventories: sled::Tree,
     seen: sled::Tree,
+    health: sled::Tree,
     samples: sled::Tree,
     minutes: sled::Tree,
     hours: sled::Tree,
@@ -356,6 +391,7 @@ impl SledStore {
             hosts: tree("hosts")?,
             inventories: tree("inventories")?,
             seen: tree("seen")?,
+            health: tree("host_health")?,
             samples: tree("samples")?,
             minutes: tree("rollup_minute")?,
             hours: tree("rollup_hour")?,
@@ -398,6 +434,86 @@ impl SledStore {
             .map_err(io("mark dirty"))
     }
 
+    /// Moves the watermark to at least `low - 1` (the agent will never send a seq below its
+    /// spool's low seq), removing the `seen` entries it passes, then on through any contiguous
+    /// `seen` entries above. Returns whether the record changed.
+    fn advance_watermark(
+        &self,
+        host: &str,
+        rec: &mut HostRecord,
+        low: u64,
+    ) -> Result<bool, StoreError> {
+        let target = low.saturating_sub(1);
+        if target <= rec.watermark {
+            return Ok(false);
+        }
+        if rec.seen_above > 0 {
+            let range =
+                keys::seen(host, rec.watermark.saturating_add(1))..=keys::seen(host, target);
+            let mut batch = sled::Batch::default();
+            for k in self.seen.range(range).keys() {
+                batch.remove(k.map_err(io("scan seen"))?);
+                rec.seen_above = rec.seen_above.saturating_sub(1);
+            }
+            self.seen.apply_batch(batch).map_err(io("prune seen"))?;
+        }
+        rec.watermark = target;
+        self.fold_seen(host, rec)?;
+        Ok(true)
+    }
+
+    /// Moves the watermark through the `seen` entries just above it.
+    fn fold_seen(&self, host: &str, rec: &mut HostRecord) -> Result<(), StoreError> {
+        while rec.seen_above > 0
+            && self
+                .seen
+                .remove(keys::seen(host, rec.watermark + 1))
+                .map_err(io("advance"))?
+                .is_some()
+        {
+            rec.watermark += 1;
+            rec.seen_above -= 1;
+        }
+        Ok(())
+    }
+
+    fn read_health(&self, host: &str) -> Result<HostHealth, StoreError> {
+        let Some(v) = self.health.get(host).map_err(io("read host health"))? else {
+            return Ok(HostHealth::default());
+        };
+        let corrupt =
+            |reason: String| StoreError::Corrupt { what: format!("health {host}"), reason };
+        match v.split_first() {
+            Some((&HEALTH_VERSION, rest)) => {
+                postcard::from_bytes(rest).map_err(|e| corrupt(e.to_string()))
+            }
+            Some((other, _)) => Err(corrupt(format!(
+                "version {other}, this aggregator reads version {HEALTH_VERSION}; upgrade it"
+            ))),
+            None => Err(corrupt("empty record".into())),
+        }
+    }
+
+    /// Applies `change` to a host's health and writes it back if it changed.
+    fn update_health(
+        &self,
+        host: &str,
+        change: impl FnOnce(&mut HostHealth),
+    ) -> Result<(), StoreError> {
+        let before = self.read_health(host)?;
+        let mut after = before.clone();
+        change(&mut after);
+        if after == before {
+            return Ok(());
+        }
+        let mut bytes = vec![HEALTH_VERSION];
+        bytes.extend(postcard::to_allocvec(&after).map_err(|e| StoreError::Corrupt {
+            what: format!("health {host}"),
+            reason: e.to_string(),
+        })?);
+        self.health.insert(host, bytes).map(drop).map_err(io("write host health"))
+    }
+
     fn commit_one(&self, b: &IncomingBatch) -> Result<CommitOutcome, StoreError> {
         let host = b.host.as_str();
         let mut rec = self.read_host(host)?.unwrap_or_else(|| HostRecord {
@@ -405,15 +521,30 @@ impl SledStore {
             ..HostRecord::default()
         });
         let seq = b.batch.seq;
+        // The low seq is never above the batch's own seq (that batch is still in the spool); one
+        // that is cannot be trusted and is ignored.
+        let low = if b.batch.spool_low_seq <= seq { b.batch.spool_low_seq } else { 0 };
+        let advanced = self.advance_watermark(host, &mut rec, low)?;
         let seen_key = keys::seen(host, seq);
         let seen_before =
             rec.seen_above > 0 && self.seen.contains_key(&seen_key).map_err(io("read seen"))?;
         if seq <= rec.watermark || seen_before {
+            if advanced {
+                self.write_host(host, &rec)?;
+            }
             return Ok(CommitOutcome::Duplicate);
         }
         let mut minutes = Vec::new();
         let mut writes = sled::Batch::default();
+        let newest_allowed = b.received_ms.saturating_add(MAX_FUTURE_MS);
+        let mut future = 0u64;
+        let mut furthest_ms = 0i64;
         for s in &b.batch.samples {
+            if s.unix_ms > newest_allowed {
+                future += 1;
+                furthest_ms = furthest_ms.max(s.unix_ms - b.received_ms);
+                continue;
+            }
             writes.insert(keys::sample(host, s.unix_ms, s.sample_index), s.encode_to_vec());
             let minute = s.unix_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
             if !minutes.contains(&minute) {
@@ -427,7 +558,30 @@ impl SledStore {
                 self.mark_dirty(&self.dirty_minutes, host, m)?;
             }
         }
-        rec.samples_total += b.batch.samples.len() as u64;
+        if future > 0 {
+            tracing::warn!(
+                host,
+                seq,
+                refused = future,
+                ahead_ms = furthest_ms,
+                max_ahead_ms = MAX_FUTURE_MS,
+                "Refused samples dated in the future; check the host's clock (NTP)."
+            );
+        }
+        let health = &b.batch;
+        self.update_health(host, |h| {
+            if health.clock_offset_ms.is_some() {
+                h.clock_offset_ms = health.clock_offset_ms;
+            }
+            h.telemetry_errors = health.telemetry_errors;
+            h.last_telemetry_error.clone_from(&health.last_telemetry_error);
+            h.last_telemetry_error_unix_ms = health.last_telemetry_error_unix_ms;
+            if future > 0 {
+                h.future_samples_refused += future;
+                h.last_future_refusal_ms = b.received_ms;
+            }
+        })?;
+        rec.samples_total += b.batch.samples.len() as u64 - future;
         rec.batches_total += 1;
         rec.last_seen_ms = rec.last_seen_ms.max(b.received_ms);
         rec.last_seq = rec.last_seq.max(seq);
@@ -435,16 +589,7 @@ impl SledStore {
         rec.spool_dropped_samples = b.batch.spool_dropped_samples;
         if seq == rec.watermark + 1 {
             rec.watermark = seq;
-            while rec.seen_above > 0
-                && self
-                    .seen
-                    .remove(keys::seen(host, rec.watermark + 1))
-                    .map_err(io("advance"))?
-                    .is_some()
-            {
-                rec.watermark += 1;
-                rec.seen_above -= 1;
-            }
+            self.fold_seen(host, &mut rec)?;
         } else {
             self.seen.insert(seen_key, &[]).map_err(io("write seen"))?;
             rec.seen_above += 1;
@@ -561,6 +706,7 @@ impl TelemetryStore for SledStore {
                 self.seen.remove(k.map_err(io("scan seen"))?).map_err(io("reset seen"))?;
             }
         }
+        self.advance_watermark(host.as_str(), &mut rec, hello.spool_low_seq)?;
         let inventory = hello.inventory.clone().unwrap_or_default().encode_to_vec();
         self.inventories.insert(host.as_str(), inventory).map_err(io("write inventory"))?;
         rec.agent_version.clone_from(&hello.agent_version);
@@ -578,6 +724,14 @@ impl TelemetryStore for SledStore {
         drop(guard);
         self.db.flush().map_err(io("flush"))?;
         Ok(outcomes)
+    }
+
+    fn host_health(&self, host: &HostId) -> Result<HostHealth, StoreError> {
+        self.read_health(host.as_str())
+    }
+
+    fn seen_count(&self, host: &HostId) -> Result<u64, StoreError> {
+        Ok(self.seen.scan_prefix(keys::host_prefix(host.as_str())).keys().count() as u64)
     }
 
     fn hosts(&self) -> Result<Vec<(HostId, HostRecord)>, StoreError> {
@@ -705,6 +859,16 @@ impl TelemetryStore for SledStore {
             n += self.delete_before(&self.samples, h, now_ms - r.raw_ms)?;
             n += self.delete_before(&self.minutes, h, now_ms - r.minute_ms)?;
             n += self.delete_before(&self.hours, h, now_ms - r.hour_ms)?;
+            // Samples dated past the future bound (stored before ingest refused them) would
+            // pin "latest" and never expire.
+            let future = keys::bucket(h, now_ms.saturating_add(MAX_FUTURE_MS + 1))
+                ..keys::bucket(h, i64::MAX);
+            let mut batch = sled::Batch::default();
+            for k in self.samples.range(future).keys() {
+                batch.remove(k.map_err(io("scan future samples"))?);
+                n += 1;
+            }
+            self.samples.apply_batch(batch).map_err(io("delete future samples"))?;
         }
         // Analytics history lives as long as hourly rollups.
         let mut batch = sled::Batch::default();
@@ -1034,6 +1198,80 @@ mod tests {
         drop(store);
         let store = reopen(dir.path());
         assert_eq!(store.commit(&[b3]).unwrap(), [CommitOutcome::Duplicate]);
+    }
+
+    fn with_low(mut b: IncomingBatch, low: u64) -> IncomingBatch {
+        b.batch.spool_low_seq = low;
+        b
+    }
+
+    #[test]
+    fn dropped_seqs_do_not_pin_the_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let a = host("a");
+        store.record_hello(&a, &hello(7), 0, 0).unwrap();
+        store.commit(&[batch("a", 1, 1, &[1000])]).unwrap();
+        // The agent's spool dropped seqs 2..=4 (full while the aggregator was away).
+        for seq in 5..=9 {
+            store.commit(&[batch("a", seq, seq, &[seq as i64 * 1000])]).unwrap();
+        }
+        assert_eq!(store.seen_count(&a).unwrap(), 5, "without the low seq every batch waits");
+        // The agent reconnects and says its spool now starts at 10: 2..=4 will never come.
+        let mut h = hello(7);
+        h.spool_low_seq = 10;
+        let rec = store.record_hello(&a, &h, 0, 0).unwrap();
+        assert_eq!((rec.watermark, rec.seen_above), (9, 0));
+        assert_eq!(store.seen_count(&a).unwrap(), 0, "seen is empty again");
+        // Batches carry it too: 13 arrives first, saying 11 and 12 were dropped meanwhile.
+        store.commit(&[with_low(batch("a", 13, 13, &[13_000]), 13)]).unwrap();
+        let rec = store.host(&a).unwrap().unwrap();
+        assert_eq!((rec.watermark, rec.seen_above), (13, 0));
+        assert_eq!(store.seen_count(&a).unwrap(), 0);
+        // A gap the agent still holds keeps waiting, and a low seq above the batch is ignored.
+        store.commit(&[with_low(batch("a", 15, 15, &[15_000]), 99)]).unwrap();
+        assert_eq!(store.seen_count(&a).unwrap(), 1);
+        assert_eq!(
+            store.commit(&[with_low(batch("a", 14, 14, &[14_000]), 14)]).unwrap(),
+            [CommitOutcome::Stored]
+        );
+        let rec = store.host(&a).unwrap().unwrap();
+        assert_eq!((rec.watermark, rec.seen_above, rec.samples_total), (15, 0, 9));
+        assert_eq!(store.seen.len(), 0);
+    }
+
+    #[test]
+    fn future_samples_are_refused_counted_and_health_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let a = host("a");
+        store.record_hello(&a, &hello(7), 0, 0).unwrap();
+        let now = 1_700_000_000_000;
+        let mut b = batch("a", 1, 1, &[now - 1000, now + MAX_FUTURE_MS, now + 365 * 86_400_000]);
+        b.received_ms = now;
+        b.batch.clock_offset_ms = Some(-1500);
+        b.batch.telemetry_errors = 2;
+        b.batch.last_telemetry_error = "disk full".into();
+        b.batch.last_telemetry_error_unix_ms = now - 5000;
+        store.commit(&[b]).unwrap();
+        assert_eq!(store.count_samples(&a).unwrap(), 2, "the sample a year ahead is refused");
+        assert_eq!(store.latest_sample(&a).unwrap().unwrap().unix_ms, now + MAX_FUTURE_MS);
+        let health = store.host_health(&a).unwrap();
+        assert_eq!(health.future_samples_refused, 1);
+        assert_eq!(health.clock_offset_ms, Some(-1500));
+        assert_eq!(
+            (health.telemetry_errors, health.last_telemetry_error.as_str()),
+            (2, "disk full")
+        );
+        assert_eq!(store.host(&a).unwrap().unwrap().samples_total, 2);
+        drop(store);
+        let store = reopen(dir.path());
+        assert_eq!(store.host_health(&a).unwrap().future_samples_refused, 1, "persisted");
+        // Future samples stored before this check existed are removed by retention.
+        store.samples.insert(keys::sample("a", now + 86_400_000, 9), Vec::<u8>::new()).unwrap();
+        let keep = Retention { raw_ms: i64::MAX / 4, minute_ms: 0, hour_ms: 0 };
+        store.enforce_retention(now, keep).unwrap();
+        assert_eq!(store.count_samples(&a).unwrap(), 2);
     }
 
     #[test]

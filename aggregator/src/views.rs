@@ -66,6 +66,12 @@ pub struct HostDetail {
     pub spool_dropped_samples: u64,
     /// When the host's client certificate expires, Unix seconds (from its last handshake).
     pub cert_not_after_secs: Option<i64>,
+    /// Telemetry health: clock offset, the agent's telemetry errors, refused future samples.
+    #[serde(default)]
+    pub telemetry: crate::store::HostHealth,
+    /// Stored seqs above the host's watermark, waiting for a gap to fill (normally 0).
+    #[serde(default)]
+    pub dedup_seen: u64,
 }
 
 /// Resolution of a metric query.

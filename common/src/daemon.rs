@@ -1,5 +1,6 @@
 //! What every Flotilla binary does the same way: logging set-up, stopping on SIGTERM or
-//! Ctrl-C, and printing an error with all its causes.
+//! Ctrl-C, printing an error with all its causes, and spawning tasks whose panics are logged
+//! at once ([`spawn_watched`]).
 
 use tokio_util::sync::CancellationToken;
 
@@ -64,6 +65,31 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Spawns `fut` as a task whose panic is logged at ERROR (naming `task`) the moment it happens,
+/// instead of surfacing only when someone awaits the handle; the handle then reports the panic
+/// as before. Aborting the returned handle does not stop the task: use it for tasks that run
+/// until a cancellation token says stop.
+pub fn spawn_watched<F>(task: &'static str, fut: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let inner = tokio::spawn(fut);
+    tokio::spawn(async move {
+        match inner.await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(task, error = %e, "Task ended abnormally.");
+                match e.try_into_panic() {
+                    Ok(panic) => std::panic::resume_unwind(panic),
+                    // Cancelled: only when the runtime itself is going away.
+                    Err(e) => std::panic::resume_unwind(Box::new(e.to_string())),
+                }
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,5 +102,12 @@ mod tests {
     fn chains_every_cause() {
         let e = Outer(std::io::Error::other("inner"));
         assert_eq!(error_chain(&e), "outer: inner");
+    }
+
+    #[tokio::test]
+    async fn a_watched_task_still_reports_its_panic() {
+        let handle = spawn_watched("test", async { panic!("boom") });
+        assert!(handle.await.unwrap_err().is_panic());
+        assert_eq!(spawn_watched("test", async { 7 }).await.unwrap(), 7);
     }
 }

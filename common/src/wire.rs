@@ -118,6 +118,9 @@ mod tests {
             }],
             spool_dropped_batches: 1,
             spool_dropped_samples: 5,
+            spool_low_seq: 6,
+            clock_offset_ms: Some(-12),
+            ..Default::default()
         }
     }
 

@@ -190,31 +190,83 @@ pub fn month_bounds(unix_ms: i64) -> (i64, i64) {
     (start, days_from_civil(ny, nm, 1) * DAY_MS)
 }
 
-/// Parses `YYYY-MM-DDTHH[:MM[:SS]]` (optionally ending in `Z`; `T` or a space) as UTC, or a
-/// Unix time in seconds (up to 11 digits) or milliseconds.
+/// Parses `YYYY-MM-DDTHH[:MM[:SS[.fff]]]` (`T` or a space) followed by nothing (UTC), `Z`, or
+/// a UTC offset `+HH:MM`, `+HHMM` or `+HH` (or `-`), which is honoured; or a Unix time in seconds
+/// (up to 11 digits) or milliseconds. Anything else after the time (an unknown zone name, stray
+/// text) is refused rather than ignored, so a local time is never read as UTC by accident.
 pub fn parse_time(text: &str) -> Option<i64> {
-    let t = text.trim().trim_end_matches('Z');
-    if t.bytes().all(|b| b.is_ascii_digit()) && !t.is_empty() {
-        let n: i64 = t.parse().ok()?;
-        return Some(if t.len() <= 11 { n.checked_mul(1000)? } else { n });
+    let t = text.trim();
+    let digits = t.strip_suffix('Z').unwrap_or(t);
+    if digits.bytes().all(|b| b.is_ascii_digit()) && !digits.is_empty() {
+        let n: i64 = digits.parse().ok()?;
+        return Some(if digits.len() <= 11 { n.checked_mul(1000)? } else { n });
     }
     let b = t.as_bytes();
     if b.len() < 13 || b[4] != b'-' || b[7] != b'-' || !(b[10] == b'T' || b[10] == b' ') {
         return None;
     }
-    let num = |r: std::ops::Range<usize>| t.get(r).and_then(|s| s.parse::<u32>().ok());
+    let num = |r: std::ops::Range<usize>| {
+        t.get(r)
+            .filter(|s| s.bytes().all(|c| c.is_ascii_digit()))
+            .and_then(|s| s.parse::<u32>().ok())
+    };
     let year = i64::from(num(0..4)?);
     let (month, day, hour) = (num(5..7)?, num(8..10)?, num(11..13)?);
-    let minute = if b.len() >= 16 { num(14..16)? } else { 0 };
-    let second = if b.len() >= 19 { num(17..19)? } else { 0 };
+    let mut at = 13;
+    let field = |at: &mut usize| {
+        if b.get(*at) == Some(&b':') {
+            let v = num(*at + 1..*at + 3)?;
+            *at += 3;
+            Some(v)
+        } else {
+            Some(0)
+        }
+    };
+    let minute = field(&mut at)?;
+    let second = if at == 16 { field(&mut at)? } else { 0 };
+    let mut millis = 0i64;
+    if at == 19 && b.get(at) == Some(&b'.') {
+        let frac: String = t[at + 1..].chars().take_while(char::is_ascii_digit).collect();
+        if frac.is_empty() {
+            return None;
+        }
+        let ms3: String = frac.chars().chain(std::iter::repeat('0')).take(3).collect();
+        millis = ms3.parse().ok()?;
+        at += 1 + frac.len();
+    }
+    let offset_min = parse_offset(&t[at..])?;
     if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
         return None;
     }
     let secs = days_from_civil(year, month, day) * 86_400
         + i64::from(hour) * 3600
         + i64::from(minute) * 60
-        + i64::from(second.min(60));
-    Some(secs * 1000)
+        + i64::from(second.min(60))
+        - offset_min * 60;
+    Some(secs * 1000 + millis)
+}
+
+/// The zone suffix of a date-time: empty or `Z` is UTC (0), `+HH:MM` / `+HHMM` / `+HH` (or `-`)
+/// is that offset in minutes east of UTC; anything else is `None`.
+fn parse_offset(zone: &str) -> Option<i64> {
+    if zone.is_empty() || zone == "Z" {
+        return Some(0);
+    }
+    let sign = match zone.as_bytes()[0] {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let rest = zone[1..].replace(':', "");
+    if !rest.bytes().all(|c| c.is_ascii_digit()) || !(rest.len() == 2 || rest.len() == 4) {
+        return None;
+    }
+    let hours: i64 = rest[..2].parse().ok()?;
+    let minutes: i64 = if rest.len() == 4 { rest[2..].parse().ok()? } else { 0 };
+    if hours > 23 || minutes > 59 || zone[1..].matches(':').count() > 1 {
+        return None;
+    }
+    Some(sign * (hours * 60 + minutes))
 }
 
 /// Formats Unix ms as `YYYY-MM-DDTHH:MM` UTC.
@@ -240,7 +292,10 @@ pub fn parse_csv(text: &str) -> Result<Vec<(i64, f64)>, SeriesError> {
             Err(_) if n == 0 => continue,
             Err(_) => return Err(err("the value is not a number")),
         };
-        let unix_ms = parse_time(t).ok_or_else(|| err("the timestamp is not a UTC date-time"))?;
+        let unix_ms = parse_time(t).ok_or_else(|| err(
+            "the timestamp is not a date-time (YYYY-MM-DDTHH:MM:SS, then nothing, Z or a UTC offset \
+             like +02:00) or Unix seconds/milliseconds",
+        ))?;
         out.push((unix_ms, value));
     }
     if out.is_empty() {
@@ -299,5 +354,24 @@ mod tests {
         let err = parse_csv("timestamp,value\n2018-01-01T00,x\n").unwrap_err().to_string();
         assert!(err.contains("line 2"), "{err}");
         assert!(parse_csv("timestamp,value\n").is_err());
+    }
+
+    #[test]
+    fn utc_offsets_are_honoured_and_unknown_zones_refused() {
+        let utc = days_from_civil(2018, 9, 10) * DAY_MS + 5 * HOUR_MS;
+        assert_eq!(parse_time("2018-09-10T07:00:00+02:00"), Some(utc));
+        assert_eq!(parse_time("2018-09-10T07:00+0200"), Some(utc));
+        assert_eq!(parse_time("2018-09-10T07+02"), Some(utc));
+        assert_eq!(parse_time("2018-09-10T01:30:00-03:30"), Some(utc));
+        assert_eq!(parse_time("2018-09-10T05:00:00.250Z"), Some(utc + 250));
+        assert_eq!(parse_time("2018-09-10T05:00:00.5+00:00"), Some(utc + 500));
+        assert_eq!(parse_time("2018-09-10T05:00:00 CEST"), None);
+        assert_eq!(parse_time("2018-09-10T05:00:00+2"), None);
+        assert_eq!(parse_time("2018-09-10T05:00:00junk"), None);
+        assert_eq!(parse_time("2018-09-10T05:0"), None);
+        let pts = parse_csv("timestamp,value\n2018-09-10T07:00:00+02:00,5\n").unwrap();
+        assert_eq!(pts, vec![(utc, 5.0)]);
+        let err = parse_csv("t,v\n2018-09-10T07:00:00 PST,5\n").unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("UTC offset"), "{err}");
     }
 }

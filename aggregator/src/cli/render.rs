@@ -25,6 +25,9 @@ pub const ABSENT: &str = "—";
 /// Sparkline levels, lowest first.
 const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
 
+/// Clock offset (agent minus aggregator) above which `flotilla host` warns, ms.
+pub const CLOCK_WARN_MS: i64 = 2_000;
+
 /// Width of the key column in the host detail page.
 const KEY_WIDTH: usize = 14;
 
@@ -357,6 +360,7 @@ pub fn host_detail(detail: &HostDetail, now_ms: i64) -> String {
             detail.spool_dropped_batches, detail.spool_dropped_samples
         ),
     );
+    telemetry_fields(&mut out, detail, now_ms);
     let certificate = detail.cert_not_after_secs.map(|secs| {
         let ms = secs.saturating_mul(1000);
         format!("expires {} UTC ({})", format_utc(ms), format_ago(ms, now_ms))
@@ -379,6 +383,56 @@ pub fn host_detail(detail: &HostDetail, now_ms: i64) -> String {
     gpu_blocks(&mut out, &inventory.gpus, latest);
     accelerator_blocks(&mut out, inventory, latest);
     out
+}
+
+/// Clock, telemetry health and refused samples of the host detail page.
+fn telemetry_fields(out: &mut String, detail: &HostDetail, now_ms: i64) {
+    let t = &detail.telemetry;
+    let clock = match t.clock_offset_ms {
+        None => ABSENT.to_owned(),
+        Some(ms) => {
+            let side = if ms >= 0 { "ahead of" } else { "behind" };
+            let text = format!("{:.3} s {side} the aggregator", ms.unsigned_abs() as f64 / 1000.0);
+            if ms.abs() > CLOCK_WARN_MS {
+                format!("{text}  WARNING: over {} s off; check NTP", CLOCK_WARN_MS / 1000)
+            } else {
+                text
+            }
+        }
+    };
+    field(out, "Clock", clock);
+    let health = if t.telemetry_errors == 0 {
+        "ok".to_owned()
+    } else {
+        format!(
+            "{} errors since agent start, last {}: {}",
+            t.telemetry_errors,
+            format_ago(t.last_telemetry_error_unix_ms, now_ms),
+            printable(&t.last_telemetry_error)
+        )
+    };
+    field(out, "Telemetry", health);
+    if t.future_samples_refused > 0 {
+        field(
+            out,
+            "Refused",
+            format!(
+                "{} samples dated in the future, last {}",
+                t.future_samples_refused,
+                format_ago(t.last_future_refusal_ms, now_ms)
+            ),
+        );
+    }
+    if detail.dedup_seen > 0 {
+        field(out, "Gaps", format!("{} batches stored after a missing one", detail.dedup_seen));
+    }
+}
+
+/// Agent-supplied text with control characters escaped, so it cannot drive the terminal.
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| if c.is_control() { c.escape_default().collect() } else { vec![c] })
+        .collect()
 }
 
 /// `flotilla metrics HOST METRIC`: TIME VALUE MIN MAX COUNT, oldest first.
@@ -832,6 +886,8 @@ mod tests {
             spool_dropped_batches: 0,
             spool_dropped_samples: 0,
             cert_not_after_secs: None,
+            telemetry: crate::store::HostHealth::default(),
+            dedup_seen: 0,
         };
         let page = host_detail(&detail, now);
         for expected in [
@@ -856,6 +912,47 @@ mod tests {
             "  Processes     pid 42 (—)\n",
             "Accelerator exec:fpga u250\n",
             "  temp_c        41.5 °C\n",
+            "  Clock         —\n",
+            "  Telemetry     ok\n",
+        ] {
+            assert!(page.contains(expected), "missing {expected:?} in\n{page}");
+        }
+        assert!(!page.contains("Refused") && !page.contains("Gaps"), "{page}");
+    }
+
+    #[test]
+    fn host_detail_shows_clock_skew_and_telemetry_failures() {
+        let now = 1_700_000_000_000;
+        let mut detail = HostDetail {
+            summary: summary("gpu-01", now),
+            inventory: Inventory::default(),
+            latest: None,
+            spool_dropped_batches: 0,
+            spool_dropped_samples: 0,
+            cert_not_after_secs: None,
+            telemetry: crate::store::HostHealth {
+                clock_offset_ms: Some(-1_250),
+                ..Default::default()
+            },
+            dedup_seen: 0,
+        };
+        let page = host_detail(&detail, now);
+        assert!(page.contains("  Clock         1.250 s behind the aggregator\n"), "{page}");
+        detail.telemetry = crate::store::HostHealth {
+            clock_offset_ms: Some(600_000),
+            telemetry_errors: 3,
+            last_telemetry_error: "spool: append failed\x1b[2J".into(),
+            last_telemetry_error_unix_ms: now - 60_000,
+            future_samples_refused: 7,
+            last_future_refusal_ms: now - 5_000,
+        };
+        detail.dedup_seen = 2;
+        let page = host_detail(&detail, now);
+        for expected in [
+            "  Clock         600.000 s ahead of the aggregator  WARNING: over 2 s off; check NTP\n",
+            "  Telemetry     3 errors since agent start, last 1m ago: spool: append failed\\u{1b}[2J\n",
+            "  Refused       7 samples dated in the future, last 5s ago\n",
+            "  Gaps          2 batches stored after a missing one\n",
         ] {
             assert!(page.contains(expected), "missing {expected:?} in\n{page}");
         }
