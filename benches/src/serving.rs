@@ -220,6 +220,8 @@ async fn served_run(
         listen: "127.0.0.1:0".parse()?,
         model_repository: repo.path().to_owned(),
         max_request_bytes: 64 << 20,
+        admin_token_file: None,
+        limits: common::config::agent::ServingLimits::default(),
     };
     let shutdown = CancellationToken::new();
     let serving = agent::serving::Serving::start(&config, shutdown.clone()).await?;

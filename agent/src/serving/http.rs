@@ -2,23 +2,31 @@
 //! tensors, Triton's model configuration, statistics and repository extensions, and `/metrics`.
 //!
 //! Every error is `{"error": "..."}` naming what was wrong: 400 for a request that does not fit
-//! the model (input, expected, actual), 404 for an unknown model or version, 413 for a body over
-//! the limit, 503 when the model is not ready or its queue is full, 504 when the deadline passed
-//! before compute, 500 when the engine failed.
+//! the model (input, expected, actual) or a name outside the rule, 403 for repository control
+//! from a non-loopback peer without the admin token, 404 for an unknown model or version, 413
+//! for a body over the limit, 503 when the model is not ready, its queue is full or a `limits`
+//! budget is spent, 504 when the deadline or `serving.request_timeout_ms` passed, 500 when the
+//! engine failed.
+//!
+//! Model and version names from the path are checked against [`names`](super::names) before
+//! anything else; the admission limits ([`limits`](super::limits)) apply before a body is read.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Request, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Map, Value, json};
 
 use super::batcher::Refusal;
+use super::limits::{Limit, Limits};
 use super::model::{InferError, LoadedModel};
 use super::repository::{LookupError, ModelState, Repository};
 use super::runner::IoSpec;
@@ -35,6 +43,103 @@ pub struct ApiState {
     pub repository: Arc<Repository>,
     /// Largest request body accepted, bytes.
     pub max_request_bytes: usize,
+    /// Admission limits.
+    pub limits: Arc<Limits>,
+    /// Bearer token that lets non-loopback peers load and unload models.
+    pub admin_token: Option<AdminToken>,
+}
+
+/// The repository-control bearer token; never printed.
+#[derive(Clone)]
+pub struct AdminToken(Arc<str>);
+
+impl AdminToken {
+    /// Wraps a token read from `serving.admin_token_file`.
+    pub fn new(token: &str) -> Self {
+        Self(token.into())
+    }
+
+    /// Compares in time independent of where the first difference is.
+    fn matches(&self, given: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), given.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
+/// Refuses a model or version name outside the rule, before any lookup or path.
+fn check_names(model: &str, version: Option<&str>) -> ApiResult<()> {
+    super::names::check("model", model).map_err(|e| ApiError::bad(e.to_string()))?;
+    if let Some(v) = version {
+        super::names::check("version", v).map_err(|e| ApiError::bad(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Repository control is for loopback peers, or any peer with the admin token.
+fn check_control(s: &ApiState, request: &Request) -> ApiResult<()> {
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    if peer.is_some_and(|p| p.ip().to_canonical().is_loopback()) {
+        return Ok(());
+    }
+    let shown = peer.map_or_else(|| "an unknown peer".to_owned(), |p| p.ip().to_string());
+    let forbidden = |msg: String| Err(ApiError(StatusCode::FORBIDDEN, msg));
+    let Some(token) = &s.admin_token else {
+        return forbidden(format!(
+            "repository control (load/unload) is allowed only from loopback; this request came from {shown}. Run it on the agent's host, or set serving.admin_token_file and send Authorization: Bearer TOKEN"
+        ));
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if token.matches(t.trim()) => Ok(()),
+        Some(_) => forbidden(format!(
+            "repository control from {shown}: the bearer token does not match serving.admin_token_file"
+        )),
+        None => forbidden(format!(
+            "repository control from {shown} needs Authorization: Bearer TOKEN (the token in serving.admin_token_file)"
+        )),
+    }
+}
+
+/// The concurrency limit and the time limit, around every route but the health checks.
+async fn admission(State(limits): State<Arc<Limits>>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    if path.starts_with("/v2/health/") {
+        return next.run(request).await;
+    }
+    // Loading a large model may take longer than a request; it must not be cut off half-way.
+    let timed = !path.starts_with("/v2/repository/");
+    let _slot = match limits.request_slot() {
+        Ok(slot) => slot,
+        Err(msg) => return unavailable(msg).into_response(),
+    };
+    if !timed {
+        return next.run(request).await;
+    }
+    let limit = limits.config().request_timeout;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            limits.refused(Limit::Timeout);
+            ApiError(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "the request took longer than {} ms (serving.request_timeout_ms) and was abandoned",
+                    limit.as_millis()
+                ),
+            )
+            .into_response()
+        }
+    }
 }
 
 /// An error response.
@@ -105,6 +210,7 @@ pub fn router(state: ApiState) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint".into())
         })
+        .layer(middleware::from_fn_with_state(state.limits.clone(), admission))
         .with_state(state)
 }
 
@@ -145,6 +251,7 @@ async fn metadata(
     State(s): State<ApiState>,
     Path(model): Path<String>,
 ) -> ApiResult<axum::Json<Value>> {
+    check_names(&model, None)?;
     let m = s.repository.get(&model, None)?;
     Ok(axum::Json(metadata_json(&s, &model, &m)))
 }
@@ -153,6 +260,7 @@ async fn metadata_v(
     State(s): State<ApiState>,
     Path((model, version)): Path<(String, String)>,
 ) -> ApiResult<axum::Json<Value>> {
+    check_names(&model, Some(&version))?;
     let m = s.repository.get(&model, Some(&version))?;
     Ok(axum::Json(metadata_json(&s, &model, &m)))
 }
@@ -161,6 +269,7 @@ async fn ready(
     State(s): State<ApiState>,
     Path(model): Path<String>,
 ) -> ApiResult<axum::Json<Value>> {
+    check_names(&model, None)?;
     s.repository.get(&model, None)?;
     Ok(axum::Json(json!({"name": model, "ready": true})))
 }
@@ -169,6 +278,7 @@ async fn ready_v(
     State(s): State<ApiState>,
     Path((model, version)): Path<(String, String)>,
 ) -> ApiResult<axum::Json<Value>> {
+    check_names(&model, Some(&version))?;
     s.repository.get(&model, Some(&version))?;
     Ok(axum::Json(json!({"name": model, "version": version, "ready": true})))
 }
@@ -226,6 +336,7 @@ async fn config(
     State(s): State<ApiState>,
     Path(model): Path<String>,
 ) -> ApiResult<axum::Json<Value>> {
+    check_names(&model, None)?;
     Ok(axum::Json(config_json(&s.repository.get(&model, None)?)))
 }
 
@@ -233,6 +344,7 @@ async fn config_v(
     State(s): State<ApiState>,
     Path((model, version)): Path<(String, String)>,
 ) -> ApiResult<axum::Json<Value>> {
+    check_names(&model, Some(&version))?;
     Ok(axum::Json(config_json(&s.repository.get(&model, Some(&version))?)))
 }
 
@@ -245,6 +357,7 @@ async fn stats(
     State(s): State<ApiState>,
     Path(model): Path<String>,
 ) -> ApiResult<axum::Json<Value>> {
+    check_names(&model, None)?;
     let list: Vec<Value> = match s.repository.state(&model) {
         Some(ModelState::Ready(v)) => v.iter().map(|m| m.stats.triton_json()).collect(),
         _ => vec![s.repository.get(&model, None)?.stats.triton_json()],
@@ -256,6 +369,7 @@ async fn stats_v(
     State(s): State<ApiState>,
     Path((model, version)): Path<(String, String)>,
 ) -> ApiResult<axum::Json<Value>> {
+    check_names(&model, Some(&version))?;
     let m = s.repository.get(&model, Some(&version))?;
     Ok(axum::Json(json!({ "model_stats": [m.stats.triton_json()] })))
 }
@@ -284,7 +398,10 @@ async fn index(State(s): State<ApiState>) -> axum::Json<Value> {
 async fn load(
     State(s): State<ApiState>,
     Path(model): Path<String>,
+    request: Request,
 ) -> ApiResult<axum::Json<Value>> {
+    check_control(&s, &request)?;
+    check_names(&model, None)?;
     if !s.repository.root().join(&model).is_dir() {
         return Err(LookupError::Unknown(model).into());
     }
@@ -298,7 +415,10 @@ async fn load(
 async fn unload(
     State(s): State<ApiState>,
     Path(model): Path<String>,
+    request: Request,
 ) -> ApiResult<axum::Json<Value>> {
+    check_control(&s, &request)?;
+    check_names(&model, None)?;
     s.repository.unload(&model)?;
     Ok(axum::Json(json!({})))
 }
@@ -316,6 +436,13 @@ async fn metrics(State(s): State<ApiState>) -> Response {
             m.version.replace('"', "\\\""),
             m.queued()
         ));
+    }
+    text.push_str(
+        "# HELP flotilla_api_refused_total Requests refused by an admission limit (serving.*).\n",
+    );
+    text.push_str("# TYPE flotilla_api_refused_total counter\n");
+    for (limit, n) in s.limits.refusals() {
+        text.push_str(&format!("flotilla_api_refused_total{{limit=\"{}\"}} {n}\n", limit.label()));
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
@@ -348,31 +475,99 @@ async fn run_infer(
     version: Option<String>,
     request: Request,
 ) -> ApiResult<Response> {
+    check_names(&model, version.as_deref())?;
     let m = s.repository.get(&model, version.as_deref())?;
-    let (parts, body) = request.into_parts();
-    let body = read_body(body, s.max_request_bytes).await?;
-    let parsed = parse_request(&m, &parts.headers, &body);
-    let (inputs, wishes, priority, timeout, id) = match parsed {
-        Ok(p) => p,
-        Err(e) => {
-            m.stats.request_ended(super::stats::Outcome::Rejected);
-            return Err(e);
-        }
+    let key = format!("{}/{}", m.name, m.version);
+    let refuse = |e: ApiError| {
+        m.stats.request_ended(super::stats::Outcome::Rejected);
+        e
     };
+    let (parts, body) = request.into_parts();
+    // Bytes in flight: the body while it is read and parsed (reserved up front when the client
+    // declares its length), then the decoded inputs until the reply is built.
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(n) = declared.filter(|n| *n > s.max_request_bytes) {
+        return Err(refuse(too_large(s.max_request_bytes, &format!("Content-Length {n}"))));
+    }
+    let early = match declared {
+        Some(n) => Some(s.limits.reserve(&key, n).map_err(|(_, msg)| refuse(unavailable(msg)))?),
+        None => None,
+    };
+    let body = read_body(body, s.max_request_bytes).await.map_err(&refuse)?;
+    let body_permit = match early {
+        Some(p) => p,
+        None => s.limits.reserve(&key, body.len()).map_err(|(_, msg)| refuse(unavailable(msg)))?,
+    };
+    let (inputs, wishes, priority, timeout, id) =
+        parse_request(&m, &parts.headers, &body).map_err(&refuse)?;
+    s.limits.admit_shape(&m, free_dims(&m, &inputs)).map_err(|msg| refuse(ApiError::bad(msg)))?;
+    let tensor_bytes = inputs.iter().map(Tensor::byte_len).fold(0usize, usize::saturating_add);
+    let _inputs_permit =
+        s.limits.reserve(&key, tensor_bytes).map_err(|(_, msg)| refuse(unavailable(msg)))?;
+    drop(body);
+    drop(body_permit);
     let outputs = m.infer(inputs, priority, timeout).await?;
     Ok(encode_response(&m, id, &wishes, outputs))
 }
 
+fn too_large(limit: usize, what: &str) -> ApiError {
+    ApiError(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "request body is over the limit of {limit} bytes (serving.max_request_bytes): {what}"
+        ),
+    )
+}
+
+fn unavailable(msg: String) -> ApiError {
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, msg)
+}
+
 async fn read_body(body: Body, limit: usize) -> ApiResult<Bytes> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        ApiError(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body is over the limit of {limit} bytes (serving.max_request_bytes) or unreadable: {e}"),
-        )
-    })
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|e| too_large(limit, &format!("or unreadable: {e}")))
+}
+
+/// The sizes a request chose for the model's free dims: every `-1` in an input's declared
+/// shape except the batch axis of a batched model. Each distinct list costs a tract plan.
+fn free_dims(m: &LoadedModel, inputs: &[Tensor]) -> Vec<usize> {
+    let batched = m.signature.max_batch_size > 0;
+    let mut free = Vec::new();
+    for (spec, t) in m.signature.inputs.iter().zip(inputs) {
+        for (axis, (want, got)) in spec.dims.iter().zip(t.shape()).enumerate() {
+            if *want < 0 && !(batched && axis == 0) {
+                free.push(*got);
+            }
+        }
+    }
+    free
 }
 
 type Parsed = (Vec<Tensor>, Vec<OutputWish>, Option<u32>, Option<Duration>, Option<Value>);
+
+/// Checks an input's shape against the dims the model (file or config) declares.
+fn check_shape(name: &str, shape: &[usize], dims: &[i64]) -> ApiResult<()> {
+    if shape.len() != dims.len() {
+        return Err(ApiError::bad(format!(
+            "input {name:?}: expected shape {dims:?} ({} dims), got {shape:?} ({} dims)",
+            dims.len(),
+            shape.len()
+        )));
+    }
+    for (axis, (got, want)) in shape.iter().zip(dims).enumerate() {
+        if *want >= 0 && i64::try_from(*got).ok() != Some(*want) {
+            return Err(ApiError::bad(format!(
+                "input {name:?}: dim {axis} must be {want}, got {got} (expected shape {dims:?}, got {shape:?})"
+            )));
+        }
+    }
+    Ok(())
+}
 
 fn parse_request(m: &LoadedModel, headers: &HeaderMap, body: &[u8]) -> ApiResult<Parsed> {
     let header_len = match headers.get(HEADER_LENGTH) {
@@ -389,35 +584,21 @@ fn parse_request(m: &LoadedModel, headers: &HeaderMap, body: &[u8]) -> ApiResult
                 ))
             })?,
     };
-    let header: Value = serde_json::from_slice(&body[..header_len])
+    let (json, mut binary) = body.split_at(header_len);
+    let header = super::request::parse(json)
         .map_err(|e| ApiError::bad(format!("request JSON is invalid: {e}")))?;
-    let mut binary = &body[header_len..];
-    let params = header.get("parameters").cloned().unwrap_or(Value::Null);
-    let priority = match params.get("priority") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(v.as_u64().and_then(|p| u32::try_from(p).ok()).ok_or_else(|| {
-            ApiError::bad(format!("parameters.priority must be a positive integer, got {v}"))
+    let priority = match header.priority {
+        None => None,
+        Some(p) => Some(u32::try_from(p).map_err(|_| {
+            ApiError::bad(format!("parameters.priority must be a positive integer, got {p}"))
         })?)
         .filter(|p| *p != 0),
     };
-    let timeout = match params.get("timeout") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(Duration::from_micros(v.as_u64().ok_or_else(|| {
-            ApiError::bad(format!("parameters.timeout must be microseconds as an integer, got {v}"))
-        })?))
-        .filter(|d| !d.is_zero()),
-    };
-    let binary_all = params.get("binary_data_output").and_then(Value::as_bool).unwrap_or(false);
-    let list = header
-        .get("inputs")
-        .and_then(Value::as_array)
-        .ok_or_else(|| ApiError::bad("request JSON needs an \"inputs\" array"))?;
-    let mut given: HashMap<&str, Tensor> = HashMap::new();
-    for (i, input) in list.iter().enumerate() {
-        let name = input
-            .get("name")
-            .and_then(Value::as_str)
-            .ok_or_else(|| ApiError::bad(format!("inputs[{i}] has no \"name\"")))?;
+    let timeout = header.timeout_us.map(Duration::from_micros).filter(|d| !d.is_zero());
+    let binary_all = header.binary_data_output;
+    let mut given: HashMap<String, Tensor> = HashMap::new();
+    for input in header.inputs {
+        let name = input.name;
         let Some(spec) = m.signature.inputs.iter().find(|s| s.name == name) else {
             let known: Vec<&str> = m.signature.inputs.iter().map(|s| s.name.as_str()).collect();
             return Err(ApiError::bad(format!(
@@ -425,8 +606,8 @@ fn parse_request(m: &LoadedModel, headers: &HeaderMap, body: &[u8]) -> ApiResult
                 m.name
             )));
         };
-        let dt_name = input.get("datatype").and_then(Value::as_str).unwrap_or_default();
-        let dtype = DataType::parse(dt_name).ok_or_else(|| {
+        let dt_name = input.datatype;
+        let dtype = DataType::parse(&dt_name).ok_or_else(|| {
             ApiError::bad(format!("input {name:?}: unknown datatype {dt_name:?}"))
         })?;
         if dtype != spec.datatype {
@@ -436,48 +617,32 @@ fn parse_request(m: &LoadedModel, headers: &HeaderMap, body: &[u8]) -> ApiResult
             )));
         }
         let shape: Vec<usize> = input
-            .get("shape")
-            .and_then(Value::as_array)
-            .and_then(|s| {
-                s.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect()
-            })
-            .ok_or_else(|| {
-                ApiError::bad(format!(
-                    "input {name:?}: \"shape\" must be an array of non-negative integers"
-                ))
+            .shape
+            .iter()
+            .map(|d| usize::try_from(*d))
+            .collect::<Result<_, _>>()
+            .map_err(|_| {
+                ApiError::bad(format!("input {name:?}: a dim of {:?} is too large", input.shape))
             })?;
-        let fits = shape.len() == spec.dims.len()
-            && shape.iter().zip(&spec.dims).all(|(got, want)| *want < 0 || *got as i64 == *want);
-        if !fits {
-            return Err(ApiError::bad(format!(
-                "input {name:?}: expected shape {:?}, got {shape:?}",
-                spec.dims
-            )));
-        }
-        let binary_size = input
-            .get("parameters")
-            .and_then(|p| p.get("binary_data_size"))
-            .map(|v| {
-                v.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
-                    ApiError::bad(format!(
-                        "input {name:?}: binary_data_size must be a byte count, got {v}"
-                    ))
-                })
-            })
-            .transpose()?;
-        let tensor = match (binary_size, input.get("data")) {
+        check_shape(&name, &shape, &spec.dims)?;
+        let tensor = match (input.binary_data_size, input.data) {
             (Some(n), _) => {
-                if n > binary.len() {
-                    return Err(ApiError::bad(format!(
+                let n = usize::try_from(n).ok().filter(|n| *n <= binary.len()).ok_or_else(|| {
+                    ApiError::bad(format!(
                         "input {name:?}: binary_data_size {n} is more than the {} binary bytes left in the body",
                         binary.len()
-                    )));
-                }
+                    ))
+                })?;
                 let (mine, rest) = binary.split_at(n);
                 binary = rest;
                 Tensor::from_bytes(dtype, shape, mine.to_vec())
             }
-            (None, Some(data)) => Tensor::from_json(dtype, shape, data),
+            (None, Some(data)) => {
+                let (payload, _) = data
+                    .into_payload(dtype)
+                    .map_err(|e| ApiError::bad(format!("input {name:?}: {e}")))?;
+                Tensor::from_payload(dtype, shape, payload)
+            }
             (None, None) => {
                 return Err(ApiError::bad(format!(
                     "input {name:?} has neither \"data\" nor parameters.binary_data_size"
@@ -485,9 +650,10 @@ fn parse_request(m: &LoadedModel, headers: &HeaderMap, body: &[u8]) -> ApiResult
             }
         }
         .map_err(|e| ApiError::bad(format!("input {name:?}: {e}")))?;
-        if given.insert(name, tensor).is_some() {
+        if given.contains_key(&name) {
             return Err(ApiError::bad(format!("input {name:?} is given twice")));
         }
+        given.insert(name, tensor);
     }
     if !binary.is_empty() {
         return Err(ApiError::bad(format!(
@@ -526,7 +692,7 @@ fn parse_request(m: &LoadedModel, headers: &HeaderMap, body: &[u8]) -> ApiResult
             )));
         }
     }
-    let wishes = match header.get("outputs").and_then(Value::as_array) {
+    let wishes = match header.outputs {
         None => m
             .signature
             .outputs
@@ -535,30 +701,22 @@ fn parse_request(m: &LoadedModel, headers: &HeaderMap, body: &[u8]) -> ApiResult
             .collect(),
         Some(list) => {
             let mut wishes = Vec::new();
-            for (i, o) in list.iter().enumerate() {
-                let name = o
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| ApiError::bad(format!("outputs[{i}] has no \"name\"")))?;
-                if !m.signature.outputs.iter().any(|s| s.name == name) {
+            for o in list {
+                if !m.signature.outputs.iter().any(|s| s.name == o.name) {
                     let known: Vec<&str> =
                         m.signature.outputs.iter().map(|s| s.name.as_str()).collect();
                     return Err(ApiError::bad(format!(
-                        "model {} has no output {name:?}; its outputs are {known:?}",
-                        m.name
+                        "model {} has no output {:?}; its outputs are {known:?}",
+                        m.name, o.name
                     )));
                 }
-                let binary = o
-                    .get("parameters")
-                    .and_then(|p| p.get("binary_data"))
-                    .and_then(Value::as_bool)
-                    .unwrap_or(binary_all);
-                wishes.push(OutputWish { name: name.to_owned(), binary });
+                let binary = o.parameters.binary_data.unwrap_or(binary_all);
+                wishes.push(OutputWish { name: o.name, binary });
             }
             wishes
         }
     };
-    Ok((inputs, wishes, priority, timeout, header.get("id").cloned()))
+    Ok((inputs, wishes, priority, timeout, header.id.map(|id| id.to_json())))
 }
 
 fn encode_response(
@@ -661,16 +819,47 @@ mod tests {
     use super::*;
     use tower::ServiceExt as _;
 
+    use common::config::agent::ServingLimits;
+
     async fn app(limit: usize) -> (Router, tempfile::TempDir) {
+        let (app, dir, _) = app_with(limit, ServingLimits::default(), None).await;
+        (app, dir)
+    }
+
+    async fn app_with(
+        limit: usize,
+        limits: ServingLimits,
+        token: Option<&str>,
+    ) -> (Router, tempfile::TempDir, ApiState) {
         let dir = tempfile::tempdir().expect("tempdir");
         super::super::demo::install_demo(dir.path()).expect("demo");
         let repository = Arc::new(Repository::new(dir.path()));
         repository.load_all().await;
-        (router(ApiState { repository, max_request_bytes: limit }), dir)
+        let state = ApiState {
+            repository,
+            max_request_bytes: limit,
+            limits: Arc::new(Limits::new(limits)),
+            admin_token: token.map(AdminToken::new),
+        };
+        (router(state.clone()), dir, state)
     }
+
+    /// Loopback, as a local client; tests of other peers use `call_from`.
+    const LOCAL: &str = "127.0.0.1:50000";
 
     async fn call(
         app: &Router,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (StatusCode, HeaderMap, Vec<u8>) {
+        call_from(app, LOCAL, method, uri, headers, body).await
+    }
+
+    async fn call_from(
+        app: &Router,
+        peer: &str,
         method: &str,
         uri: &str,
         headers: &[(&str, &str)],
@@ -680,11 +869,10 @@ mod tests {
         for (k, v) in headers {
             request = request.header(*k, *v);
         }
-        let response = app
-            .clone()
-            .oneshot(request.body(Body::from(body)).expect("request"))
-            .await
-            .expect("infallible");
+        let mut request = request.body(Body::from(body)).expect("request");
+        let peer: SocketAddr = peer.parse().expect("peer");
+        request.extensions_mut().insert(ConnectInfo(peer));
+        let response = app.clone().oneshot(request).await.expect("infallible");
         let (parts, body) = response.into_parts();
         let bytes = axum::body::to_bytes(body, usize::MAX).await.expect("body");
         (parts.status, parts.headers, bytes.to_vec())
@@ -739,7 +927,9 @@ mod tests {
             ("POST", "/v2/models/demo/infer", vec![], b"{not json".to_vec(), StatusCode::BAD_REQUEST, "request JSON is invalid"),
             ("POST", "/v2/models/demo/infer", vec![(HEADER_LENGTH, "99999")], JSON_REQUEST.into(), StatusCode::BAD_REQUEST, "Inference-Header-Content-Length"),
             ("POST", "/v2/models/demo/infer", vec![], br#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[1,2,3]}]}"#.to_vec(), StatusCode::BAD_REQUEST, "3 elements do not fill shape [1, 4]"),
-            ("POST", "/v2/models/demo/infer", vec![], br#"{"inputs":[{"name":"features","shape":[1,5],"datatype":"FP32","data":[1,2,3,4,5]}]}"#.to_vec(), StatusCode::BAD_REQUEST, "expected shape [-1, 4], got [1, 5]"),
+            ("POST", "/v2/models/demo/infer", vec![], br#"{"inputs":[{"name":"features","shape":[1,5],"datatype":"FP32","data":[1,2,3,4,5]}]}"#.to_vec(), StatusCode::BAD_REQUEST, "input \"features\": dim 1 must be 4, got 5 (expected shape [-1, 4], got [1, 5])"),
+            ("POST", "/v2/models/demo/infer", vec![], br#"{"inputs":[{"name":"features","shape":[4],"datatype":"FP32","data":[1,2,3,4]}]}"#.to_vec(), StatusCode::BAD_REQUEST, "expected shape [-1, 4] (2 dims), got [4] (1 dims)"),
+            ("POST", "/v2/models/demo/infer", vec![], br#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[1,2,"x",4]}]}"#.to_vec(), StatusCode::BAD_REQUEST, "element 2: expected a number, got the string \"x\""),
             ("POST", "/v2/models/demo/infer", vec![], br#"{"inputs":[]}"#.to_vec(), StatusCode::BAD_REQUEST, "needs input \"features\""),
             ("POST", "/v2/models/demo/infer", vec![], br#"{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}],"outputs":[{"name":"nope"}]}"#.to_vec(), StatusCode::BAD_REQUEST, "has no output \"nope\""),
             ("POST", "/v2/models/demo/infer", vec![], br#"{"parameters":{"priority":9},"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}"#.to_vec(), StatusCode::BAD_REQUEST, "priority 9 is outside 1..=1"),
@@ -806,6 +996,248 @@ mod tests {
                 assert!(!error_of(&reply).is_empty());
             }
         }
+    }
+
+    /// Names are checked after percent-decoding and before any lookup or path: `..`, `/`, NUL
+    /// and long names get 400 naming the rule, on every route that takes a name.
+    #[tokio::test]
+    async fn names_outside_the_rule_are_refused_before_any_file_access() {
+        let (app, dir, state) = app_with(1 << 20, ServingLimits::default(), None).await;
+        std::fs::create_dir(dir.path().join("secret")).expect("dir");
+        let long = "x".repeat(129);
+        let bad = [
+            "%2e%2e",
+            "..",
+            "%2E%2E",
+            ".",
+            "a%2Fb",
+            "demo%2F1",
+            "a%00b",
+            "%2e%2e%2fsecret",
+            long.as_str(),
+        ];
+        for name in bad {
+            for (method, uri) in [
+                ("POST", format!("/v2/repository/models/{name}/load")),
+                ("POST", format!("/v2/repository/models/{name}/unload")),
+                ("GET", format!("/v2/models/{name}")),
+                ("GET", format!("/v2/models/{name}/ready")),
+                ("GET", format!("/v2/models/{name}/config")),
+                ("GET", format!("/v2/models/{name}/stats")),
+                ("POST", format!("/v2/models/{name}/infer")),
+                ("GET", format!("/v2/models/demo/versions/{name}")),
+                ("POST", format!("/v2/models/demo/versions/{name}/infer")),
+            ] {
+                let (status, _, body) = call(&app, method, &uri, &[], vec![]).await;
+                assert_eq!(
+                    status,
+                    StatusCode::BAD_REQUEST,
+                    "{uri}: {}",
+                    String::from_utf8_lossy(&body)
+                );
+                let e = error_of(&body);
+                assert!(e.contains("name") && e.contains("1 to 128 ASCII letters"), "{uri}: {e}");
+            }
+        }
+        // Unknown names: 404, and the index does not grow.
+        let before = state.repository.index();
+        for name in ["ghost", "secret2", "a.b"] {
+            for action in ["load", "unload"] {
+                let uri = format!("/v2/repository/models/{name}/{action}");
+                let (status, _, body) = call(&app, "POST", &uri, &[], vec![]).await;
+                assert_eq!(
+                    status,
+                    StatusCode::NOT_FOUND,
+                    "{uri}: {}",
+                    String::from_utf8_lossy(&body)
+                );
+            }
+        }
+        assert_eq!(state.repository.index(), before);
+        // An unload of a directory path inside a model never adds an entry either.
+        assert!(state.repository.unload("demo/1").is_err());
+        assert!(state.repository.unload("..").is_err());
+        assert_eq!(state.repository.index(), before);
+    }
+
+    /// Load and unload from a non-loopback peer: 403 without a token configured; with one,
+    /// 403 without or with a wrong bearer token, 200 with the right one. Loopback always works.
+    #[tokio::test]
+    async fn repository_control_is_loopback_only_unless_a_token_is_configured() {
+        let remote = "10.1.2.3:40000";
+        let (open, _dir) = app(1 << 20).await;
+        for action in ["unload", "load"] {
+            let uri = format!("/v2/repository/models/demo/{action}");
+            let (status, _, body) = call_from(&open, remote, "POST", &uri, &[], vec![]).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{}", String::from_utf8_lossy(&body));
+            let e = error_of(&body);
+            assert!(e.contains("only from loopback") && e.contains("10.1.2.3"), "{e}");
+            assert!(e.contains("serving.admin_token_file"), "{e}");
+            let mapped = "[::ffff:127.0.0.1]:1";
+            let (status, _, _) = call_from(&open, mapped, "POST", &uri, &[], vec![]).await;
+            assert_eq!(status, StatusCode::OK, "IPv4-mapped loopback is loopback");
+        }
+        // Inference from the same peer is not affected.
+        let (status, _, _) =
+            call_from(&open, remote, "POST", "/v2/models/demo/infer", &[], JSON_REQUEST.into())
+                .await;
+        assert_eq!(status, StatusCode::OK);
+
+        let (guarded, _dir, _) =
+            app_with(1 << 20, ServingLimits::default(), Some("s3cret-token")).await;
+        let uri = "/v2/repository/models/demo/unload";
+        let (status, _, body) = call_from(&guarded, remote, "POST", uri, &[], vec![]).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(error_of(&body).contains("needs Authorization: Bearer"), "{}", error_of(&body));
+        let wrong = [("authorization", "Bearer nope")];
+        let (status, _, body) = call_from(&guarded, remote, "POST", uri, &wrong, vec![]).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(error_of(&body).contains("does not match"), "{}", error_of(&body));
+        let right = [("authorization", "Bearer s3cret-token")];
+        let (status, _, body) = call_from(&guarded, remote, "POST", uri, &right, vec![]).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        let uri = "/v2/repository/models/demo/load";
+        let (status, _, _) = call_from(&guarded, remote, "POST", uri, &right, vec![]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(!format!("{:?}", AdminToken::new("s3cret-token")).contains("s3cret"));
+    }
+
+    /// Bytes in flight: a body declared over the model budget is refused 503 before it is read,
+    /// counted as rejected and on /metrics.
+    #[tokio::test]
+    async fn bytes_in_flight_are_bounded_and_counted() {
+        let limits = ServingLimits {
+            max_model_inflight_bytes: 64 * 1024,
+            max_inflight_bytes: 64 * 1024,
+            ..ServingLimits::default()
+        };
+        let (app, _dir, state) = app_with(1 << 20, limits, None).await;
+        // Hold most of the budget as a queued request would.
+        let held = state.limits.reserve("demo/1", 64 * 1024).expect("reserve");
+        let len = JSON_REQUEST.len().to_string();
+        let cl = [("content-length", len.as_str())];
+        let (status, _, body) =
+            call(&app, "POST", "/v2/models/demo/infer", &cl, JSON_REQUEST.into()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{}", String::from_utf8_lossy(&body));
+        assert!(
+            error_of(&body).contains("serving.max_model_inflight_bytes"),
+            "{}",
+            error_of(&body)
+        );
+        // Without Content-Length the body is measured after reading: refused the same way.
+        let (status, _, _) =
+            call(&app, "POST", "/v2/models/demo/infer", &[], JSON_REQUEST.into()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        drop(held);
+        let (status, _, _) =
+            call(&app, "POST", "/v2/models/demo/infer", &cl, JSON_REQUEST.into()).await;
+        assert_eq!(status, StatusCode::OK);
+        let (_, _, stats) = call(&app, "GET", "/v2/models/demo/stats", &[], vec![]).await;
+        let stats: Value = serde_json::from_slice(&stats).expect("json");
+        assert_eq!(stats["model_stats"][0]["flotilla"]["rejected"], 2, "{stats}");
+        let (_, _, text) = call(&app, "GET", "/metrics", &[], vec![]).await;
+        let text = String::from_utf8_lossy(&text);
+        assert!(text.contains("flotilla_api_refused_total{limit=\"model_bytes\"} 2"), "{text}");
+        // A declared length over max_request_bytes is refused before reading.
+        let big = [("content-length", "2000000")];
+        let (status, _, body) =
+            call(&app, "POST", "/v2/models/demo/infer", &big, JSON_REQUEST.into()).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(error_of(&body).contains("Content-Length 2000000"), "{}", error_of(&body));
+    }
+
+    /// Over max_concurrent_requests: 503 at once; past request_timeout_ms: 504. Health checks
+    /// are exempt from both.
+    #[tokio::test]
+    async fn concurrency_and_time_limits_answer_json() {
+        let limits = ServingLimits {
+            max_concurrent_requests: 1,
+            request_timeout: Duration::from_millis(50),
+            ..ServingLimits::default()
+        };
+        let (app, _dir, state) = app_with(1 << 20, limits, None).await;
+        let slot = state.limits.request_slot().expect("the only slot");
+        let (status, _, body) =
+            call(&app, "POST", "/v2/models/demo/infer", &[], JSON_REQUEST.into()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(error_of(&body).contains("serving.max_concurrent_requests"), "{}", error_of(&body));
+        let (status, _, _) = call(&app, "GET", "/v2/health/live", &[], vec![]).await;
+        assert_eq!(status, StatusCode::OK, "health is exempt");
+        drop(slot);
+        // The same layer around a handler slower than the limit.
+        let slow = Router::new()
+            .route(
+                "/v2/models/slow/infer",
+                post(|| async {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    "late"
+                }),
+            )
+            .layer(middleware::from_fn_with_state(state.limits.clone(), admission));
+        let started = std::time::Instant::now();
+        let (status, _, body) = call(&slow, "POST", "/v2/models/slow/infer", &[], vec![]).await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            error_of(&body).contains("50 ms (serving.request_timeout_ms)"),
+            "{}",
+            error_of(&body)
+        );
+        let refused: Vec<u64> = state.limits.refusals().iter().map(|(_, n)| *n).collect();
+        assert_eq!(refused, vec![0, 0, 1, 1, 0]);
+    }
+
+    /// A model with free dims (the OCR classifier: `[-1, 3, -1, -1]`) accepts
+    /// `max_shapes_per_model` distinct (H, W); a new one past that is refused with 400 before it
+    /// costs a plan, while shapes already in use still pass.
+    #[tokio::test]
+    async fn new_free_dim_shapes_past_the_cap_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let model = dir.path().join("ocr/1");
+        std::fs::create_dir_all(&model).expect("dirs");
+        let file = super::super::runner::tests::shared_model("ppocr_mobile_v2_cls.onnx");
+        std::fs::copy(file, model.join("model.onnx")).expect("copy");
+        let repository = Arc::new(Repository::new(dir.path()));
+        repository.load_all().await;
+        let limits = ServingLimits { max_shapes_per_model: 2, ..ServingLimits::default() };
+        let state = ApiState {
+            repository,
+            max_request_bytes: 1 << 24,
+            limits: Arc::new(Limits::new(limits)),
+            admin_token: None,
+        };
+        let app = router(state.clone());
+        let request = |h: usize, w: usize| {
+            let n = 3 * h * w * 4;
+            let header = format!(
+                r#"{{"inputs":[{{"name":"x","shape":[1,3,{h},{w}],"datatype":"FP32","parameters":{{"binary_data_size":{n}}}}}]}}"#
+            );
+            let mut body = header.clone().into_bytes();
+            body.extend(vec![0u8; n]);
+            (header.len().to_string(), body)
+        };
+        for (h, w, want) in [
+            (48, 64, StatusCode::OK),
+            (48, 96, StatusCode::OK),
+            (48, 64, StatusCode::OK),
+            (48, 128, StatusCode::BAD_REQUEST),
+            (32, 96, StatusCode::BAD_REQUEST),
+            (48, 96, StatusCode::OK),
+        ] {
+            let (len, body) = request(h, w);
+            let (status, _, reply) =
+                call(&app, "POST", "/v2/models/ocr/infer", &[(HEADER_LENGTH, &len)], body).await;
+            assert_eq!(status, want, "{h}x{w}: {}", String::from_utf8_lossy(&reply));
+            if want == StatusCode::BAD_REQUEST {
+                let e = error_of(&reply);
+                assert!(
+                    e.contains("2 distinct sizes") && e.contains("serving.max_shapes_per_model"),
+                    "{e}"
+                );
+                assert!(e.contains(&format!("[{h}, {w}]")), "{e}");
+            }
+        }
+        assert_eq!(state.limits.refusals()[4], (Limit::Shapes, 2));
     }
 
     #[tokio::test]

@@ -11,8 +11,11 @@
 //! | [`batcher`] | the pure batch policy and the per-model worker |
 //! | [`model`] | one loaded version: queue, worker, instance threads, replies |
 //! | [`stats`] | per-version counters and histograms, `/metrics`, telemetry deltas |
+//! | [`names`] | the model and version name rule, checked before any file-system access |
 //! | [`repository`] | the model directory, load/unload, the index |
-//! | [`http`] | the axum routes |
+//! | [`request`] | the KServe v2 JSON request parsed into typed buffers, no `Value` tree |
+//! | [`limits`] | admission: bytes in flight, concurrency, request time, shapes per model |
+//! | [`http`] | the axum routes, name checks, repository-control access |
 //! | [`demo`] | the embedded demo model `flotilla up` serves |
 //!
 //! ```text
@@ -24,9 +27,12 @@ pub mod batcher;
 pub mod demo;
 pub mod http;
 pub mod kserve;
+pub mod limits;
 pub mod model;
 pub mod model_config;
+pub mod names;
 pub mod repository;
+pub mod request;
 pub mod runner;
 pub mod stats;
 pub mod tensor;
@@ -54,6 +60,9 @@ pub enum ServingError {
         #[source]
         source: std::io::Error,
     },
+    /// The admin token file could not be used (checked at config load too).
+    #[error("serving.admin_token_file: {0}")]
+    AdminToken(String),
 }
 
 /// A running inference server.
@@ -76,13 +85,22 @@ impl Serving {
             .await
             .map_err(|source| ServingError::Bind { addr: config.listen, source })?;
         let addr = listener.local_addr().unwrap_or(config.listen);
+        let admin_token = match &config.admin_token_file {
+            Some(path) => Some(http::AdminToken::new(
+                &common::config::agent::read_token_file(path).map_err(ServingError::AdminToken)?,
+            )),
+            None => None,
+        };
         let repository = Arc::new(Repository::new(&config.model_repository));
         repository.load_all().await;
         let state = http::ApiState {
             repository: repository.clone(),
             max_request_bytes: config.max_request_bytes,
+            limits: Arc::new(limits::Limits::new(config.limits.clone())),
+            admin_token,
         };
-        let app = http::router(state);
+        // Peer addresses reach the handlers: repository control checks for loopback.
+        let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
         let server = tokio::spawn(async move {
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -14,6 +14,7 @@ use tracing::{error, info};
 use super::kserve::KserveEngine;
 use super::model::LoadedModel;
 use super::model_config::{Backend, ModelConfig};
+use super::names::{self, is_model_name};
 use super::runner::{Engine, TractEngine, log_signature};
 
 /// A model's place in the index.
@@ -71,12 +72,6 @@ pub struct Repository {
     models: RwLock<BTreeMap<String, ModelState>>,
 }
 
-fn is_model_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-}
-
 impl Repository {
     /// A repository rooted at `root` with nothing loaded.
     pub fn new(root: &Path) -> Self {
@@ -111,9 +106,7 @@ impl Repository {
     /// (Re)loads a model's versions from disk. On failure the model is marked unavailable with
     /// the reason, which is also returned.
     pub async fn load(&self, name: &str) -> Result<(), String> {
-        if !is_model_name(name) {
-            return Err(format!("{name:?} is not a model name (letters, digits, '-', '_', '.')"));
-        }
+        names::check("model", name).map_err(|e| e.to_string())?;
         let dir = self.root.join(name);
         if !dir.is_dir() {
             return Err(format!("no directory {} in the model repository", dir.display()));
@@ -155,6 +148,10 @@ impl Repository {
 
     /// Stops serving a model. Queued requests fail with "unloaded".
     pub fn unload(&self, name: &str) -> Result<(), LookupError> {
+        // Checked before any path is built from it: an unknown name adds nothing to the index.
+        if !is_model_name(name) {
+            return Err(LookupError::Unknown(name.to_owned()));
+        }
         let mut models = self.models.write().map_err(|_| LookupError::Unknown(name.to_owned()))?;
         match models.get(name) {
             None if !self.root.join(name).is_dir() => Err(LookupError::Unknown(name.to_owned())),

@@ -2,7 +2,8 @@
 //! and outputs, and running batches with one optimized plan per concrete input shape.
 //!
 //! tract runs much faster on a plan whose shapes are all known, so a plan is built the first
-//! time a shape is used (for a batched model: each batch size) and cached. Plans are shared by
+//! time a shape is used (for a batched model: each batch size) and kept in an LRU cache of 32
+//! per model (how many distinct client-chosen shapes reach it is capped in `limits`). Plans are shared by
 //! the model's instance threads; running one is thread-safe. Some graphs build concrete plans
 //! only under the lenient loader settings (silero's VAD needs `ignore_value_info`), so every
 //! setting that loads is kept and tried in turn when a plan is built.
@@ -23,7 +24,7 @@ use tract_onnx::tract_hir::infer::Factoid;
 use super::model_config::{LoaderOptions, ModelConfig, TensorSpec};
 use super::tensor::{DataType, Tensor};
 
-/// Plans kept per model; the least recently built goes first beyond this.
+/// Plans kept per model; the least recently used goes first beyond this.
 const MAX_PLANS: usize = 32;
 
 /// An input or output as the API describes it.
@@ -61,11 +62,43 @@ pub trait Engine: Send + Sync + 'static {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError>;
 }
 
-/// Built plans by input shapes, and the order they were built in (oldest evicted first).
-#[derive(Default)]
+/// Built plans by input shapes, each with the tick of its last use; beyond `capacity` the least
+/// recently used is dropped (an LRU: a hot shape is never evicted by a stream of new ones).
 struct PlanCache {
-    by_shapes: HashMap<Vec<Vec<usize>>, Arc<TypedRunnableModel>>,
-    order: Vec<Vec<Vec<usize>>>,
+    by_shapes: HashMap<Vec<Vec<usize>>, (Arc<TypedRunnableModel>, u64)>,
+    tick: u64,
+    capacity: usize,
+}
+
+impl Default for PlanCache {
+    fn default() -> Self {
+        Self { by_shapes: HashMap::new(), tick: 0, capacity: MAX_PLANS }
+    }
+}
+
+impl PlanCache {
+    fn get(&mut self, shapes: &[Vec<usize>]) -> Option<Arc<TypedRunnableModel>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.by_shapes.get_mut(shapes).map(|(plan, used)| {
+            *used = tick;
+            plan.clone()
+        })
+    }
+
+    fn insert(&mut self, shapes: Vec<Vec<usize>>, plan: Arc<TypedRunnableModel>) {
+        self.tick += 1;
+        while self.by_shapes.len() >= self.capacity.max(1) && !self.by_shapes.contains_key(&shapes)
+        {
+            let oldest =
+                self.by_shapes.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => self.by_shapes.remove(&k),
+                None => break,
+            };
+        }
+        self.by_shapes.insert(shapes, (plan, self.tick));
+    }
 }
 
 /// A model loaded into tract.
@@ -164,7 +197,7 @@ impl TractEngine {
     }
 
     fn plan_for(&self, shapes: Vec<Vec<usize>>) -> Result<Arc<TypedRunnableModel>, RunError> {
-        if let Some(plan) = self.plans.lock().ok().and_then(|p| p.by_shapes.get(&shapes).cloned()) {
+        if let Some(plan) = self.plans.lock().ok().and_then(|mut p| p.get(&shapes)) {
             return Ok(plan);
         }
         // Try the loader setting that worked last, then the others in order (strict first).
@@ -196,12 +229,7 @@ impl TractEngine {
             return Err(RunError(format!("building a plan for shapes {shapes:?}: {e}")));
         };
         if let Ok(mut cache) = self.plans.lock() {
-            if cache.by_shapes.len() >= MAX_PLANS && !cache.order.is_empty() {
-                let oldest = cache.order.remove(0);
-                cache.by_shapes.remove(&oldest);
-            }
-            cache.by_shapes.insert(shapes.clone(), plan.clone());
-            cache.order.push(shapes);
+            cache.insert(shapes, plan.clone());
         }
         Ok(plan)
     }
@@ -234,6 +262,18 @@ impl TractEngine {
     /// Plans built so far (for tests and stats).
     pub fn plan_count(&self) -> usize {
         self.plans.lock().map(|p| p.by_shapes.len()).unwrap_or(0)
+    }
+
+    /// Whether a plan for these input shapes is cached (for tests).
+    pub fn has_plan(&self, shapes: &[Vec<usize>]) -> bool {
+        self.plans.lock().is_ok_and(|p| p.by_shapes.contains_key(shapes))
+    }
+
+    /// Sets how many plans are kept (for tests; the default is 32).
+    pub fn set_plan_capacity(&self, capacity: usize) {
+        if let Ok(mut p) = self.plans.lock() {
+            p.capacity = capacity;
+        }
     }
 }
 
@@ -385,7 +425,7 @@ pub fn log_signature(model: &str, signature: &Signature) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::path::PathBuf;
 
@@ -470,6 +510,27 @@ mod tests {
         let probability = out[0].to_f64()[0];
         assert!((0.0..=1.0).contains(&probability), "{probability}");
         assert_eq!(out[1].shape(), &[2, 1, 128]);
+    }
+
+    /// The plan cache keeps the shape in use: with room for two plans, using A, B, A, C drops
+    /// B (least recently used), where the old FIFO dropped A.
+    #[test]
+    fn plan_cache_is_lru() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("model.onnx");
+        std::fs::write(&path, crate::serving::demo::DEMO_ONNX).expect("write");
+        let (engine, _) = TractEngine::load(&path, &ModelConfig::default()).expect("loads");
+        engine.set_plan_capacity(2);
+        let rows = |n: usize| {
+            Tensor::from_bytes(DataType::F32, vec![n, 4], vec![0; n * 16]).expect("tensor")
+        };
+        for n in [1, 2, 1, 3] {
+            engine.run(vec![rows(n)]).expect("runs");
+        }
+        assert!(engine.has_plan(&[vec![1, 4]]), "the hot shape stays");
+        assert!(engine.has_plan(&[vec![3, 4]]));
+        assert!(!engine.has_plan(&[vec![2, 4]]), "the least recently used goes");
+        assert_eq!(engine.plan_count(), 2);
     }
 
     #[test]

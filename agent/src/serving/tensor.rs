@@ -182,7 +182,49 @@ pub fn element_count(shape: &[usize]) -> Result<usize, TensorError> {
     )
 }
 
+/// Bytes of `n` elements of `size` bytes, refusing overflow.
+pub fn byte_count(shape: &[usize], n: usize, size: usize) -> Result<usize, TensorError> {
+    n.checked_mul(size).map_or_else(
+        || err(format!("shape {shape:?} of {size}-byte elements has more bytes than this machine can address")),
+        Ok,
+    )
+}
+
 impl Tensor {
+    /// A tensor from elements already in storage form, checking they fill `shape` exactly.
+    pub fn from_payload(
+        dtype: DataType,
+        shape: Vec<usize>,
+        payload: Payload,
+    ) -> Result<Self, TensorError> {
+        let n = element_count(&shape)?;
+        match (payload, dtype.size()) {
+            (Payload::Fixed(bytes), Some(size)) => {
+                let want = byte_count(&shape, n, size)?;
+                if bytes.len() != want {
+                    return err(format!(
+                        "{} elements do not fill shape {shape:?} ({n} elements)",
+                        bytes.len() / size
+                    ));
+                }
+                if dtype == DataType::Bool && bytes.iter().any(|b| *b > 1) {
+                    return err("BOOL data must be bytes 0 or 1");
+                }
+                Ok(Self { dtype, shape, payload: Payload::Fixed(bytes) })
+            }
+            (Payload::Strings(strings), None) => {
+                if strings.len() != n {
+                    return err(format!(
+                        "{} elements do not fill shape {shape:?} ({n} elements)",
+                        strings.len()
+                    ));
+                }
+                Ok(Self { dtype, shape, payload: Payload::Strings(strings) })
+            }
+            _ => err(format!("{dtype} elements in the wrong storage")),
+        }
+    }
+
     /// A tensor of fixed-size elements from little-endian bytes.
     pub fn from_bytes(
         dtype: DataType,
@@ -193,11 +235,11 @@ impl Tensor {
         let Some(size) = dtype.size() else {
             return Self::from_bytes_elements(shape, &bytes);
         };
-        if bytes.len() != n * size {
+        let want = byte_count(&shape, n, size)?;
+        if bytes.len() != want {
             return err(format!(
-                "{} bytes of {dtype} data do not fill shape {shape:?} ({n} elements of {size} bytes = {} bytes)",
+                "{} bytes of {dtype} data do not fill shape {shape:?} ({n} elements of {size} bytes = {want} bytes)",
                 bytes.len(),
-                n * size
             ));
         }
         if dtype == DataType::Bool && bytes.iter().any(|b| *b > 1) {
@@ -262,7 +304,7 @@ impl Tensor {
             return Ok(Self { dtype, shape, payload: Payload::Strings(strings) });
         }
         let size = dtype.size().unwrap_or(1);
-        let mut bytes = Vec::with_capacity(n * size);
+        let mut bytes = Vec::with_capacity(byte_count(&shape, n, size)?);
         for (i, v) in flat.into_iter().enumerate() {
             encode_json_element(dtype, v, &mut bytes)
                 .map_err(|TensorError(m)| TensorError(format!("element {i}: {m}")))?;
@@ -278,6 +320,14 @@ impl Tensor {
     /// The shape.
     pub fn shape(&self) -> &[usize] {
         &self.shape
+    }
+
+    /// Bytes the elements take (BYTES: each string plus its 4-byte length).
+    pub fn byte_len(&self) -> usize {
+        match &self.payload {
+            Payload::Fixed(b) => b.len(),
+            Payload::Strings(s) => s.iter().map(|e| e.len().saturating_add(4)).sum(),
+        }
     }
 
     /// The elements.
@@ -335,7 +385,8 @@ impl Tensor {
                     first.dtype, first.shape, p.dtype, p.shape
                 ));
             }
-            rows += p.rows();
+            rows = usize::checked_add(rows, p.rows())
+                .map_or_else(|| err("batch rows overflow"), Ok)?;
         }
         let mut shape = first.shape.clone();
         shape[0] = rows;
@@ -364,23 +415,30 @@ impl Tensor {
 
     /// Rows `start..start + count` along axis 0.
     pub fn slice_rows(&self, start: usize, count: usize) -> Result<Self, TensorError> {
-        if self.shape.is_empty() || start + count > self.rows() {
+        let end = start.checked_add(count).filter(|end| *end <= self.rows());
+        let Some(end) = end.filter(|_| !self.shape.is_empty()) else {
             return err(format!(
                 "rows {start}..{} are outside shape {:?}",
-                start + count,
+                start.saturating_add(count),
                 self.shape
             ));
-        }
+        };
         let per_row = element_count(&self.shape[1..])?;
         let mut shape = self.shape.clone();
         shape[0] = count;
+        let range = |unit: usize| -> Option<std::ops::Range<usize>> {
+            Some(start.checked_mul(unit)?..end.checked_mul(unit)?)
+        };
+        let outside = || TensorError(format!("rows {start}..{end} are outside the data"));
         let payload = match &self.payload {
             Payload::Fixed(b) => {
-                let size = self.dtype.size().unwrap_or(1) * per_row;
-                Payload::Fixed(b[start * size..(start + count) * size].to_vec())
+                let unit = self.dtype.size().unwrap_or(1).saturating_mul(per_row);
+                let r = range(unit).ok_or_else(outside)?;
+                Payload::Fixed(b.get(r).ok_or_else(outside)?.to_vec())
             }
             Payload::Strings(s) => {
-                Payload::Strings(s[start * per_row..(start + count) * per_row].to_vec())
+                let r = range(per_row).ok_or_else(outside)?;
+                Payload::Strings(s.get(r).ok_or_else(outside)?.to_vec())
             }
         };
         Ok(Self { dtype: self.dtype, shape, payload })
@@ -584,6 +642,20 @@ mod tests {
         assert!(e.0.contains("0 or 1"), "{e}");
         let e = Tensor::from_json(DataType::F32, vec![usize::MAX, 2], &json!([])).unwrap_err();
         assert!(e.0.contains("more elements"), "{e}");
+    }
+
+    /// Shapes from the wire whose element count fits but whose byte count wraps are refused,
+    /// never compared after wrapping (2^62 FP32 elements * 4 bytes = 2^64 = 0 when wrapped).
+    #[test]
+    fn sizes_from_the_wire_never_wrap() {
+        let huge = vec![1usize << 62];
+        let e = Tensor::from_bytes(DataType::F32, huge.clone(), Vec::new()).unwrap_err();
+        assert!(e.0.contains("more bytes than this machine can address"), "{e}");
+        let e = Tensor::from_payload(DataType::F64, huge, Payload::Fixed(Vec::new())).unwrap_err();
+        assert!(e.0.contains("more bytes"), "{e}");
+        let t = Tensor::from_json(DataType::I32, vec![2, 1], &json!([1, 2])).expect("t");
+        assert!(t.slice_rows(usize::MAX, 2).is_err());
+        assert!(t.slice_rows(1, usize::MAX).is_err());
     }
 
     #[test]

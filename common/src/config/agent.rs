@@ -49,6 +49,43 @@ pub struct ServingConfig {
     pub model_repository: PathBuf,
     /// Largest request body accepted, bytes.
     pub max_request_bytes: usize,
+    /// File holding the bearer token that lets non-loopback peers load and unload models;
+    /// `None`: repository control only from loopback. Checked by [`AgentConfig::load`].
+    pub admin_token_file: Option<PathBuf>,
+    /// Admission limits of the inference API.
+    pub limits: ServingLimits,
+}
+
+/// The inference API's admission limits (`[serving]` keys). Over a limit, a request is refused
+/// at once with a JSON error naming the key, never queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServingLimits {
+    /// Request body bytes in flight (read, parsed, queued or computing) over all models.
+    pub max_inflight_bytes: usize,
+    /// Request body bytes in flight for one model version.
+    pub max_model_inflight_bytes: usize,
+    /// HTTP requests handled at once; one more gets 503.
+    pub max_concurrent_requests: usize,
+    /// Longest an HTTP request may take before it is answered 504.
+    pub request_timeout: Duration,
+    /// Distinct values of the free (client-chosen, non-batch) dims a model version accepts
+    /// before refusing new ones; each costs a tract plan.
+    pub max_shapes_per_model: usize,
+}
+
+impl Default for ServingLimits {
+    fn default() -> Self {
+        Self {
+            max_inflight_bytes: usize::try_from(default_max_inflight_bytes()).unwrap_or(usize::MAX),
+            max_model_inflight_bytes: usize::try_from(default_max_model_inflight_bytes())
+                .unwrap_or(usize::MAX),
+            max_concurrent_requests: usize::try_from(default_max_concurrent_requests())
+                .unwrap_or(usize::MAX),
+            request_timeout: Duration::from_millis(default_request_timeout_ms()),
+            max_shapes_per_model: usize::try_from(default_max_shapes_per_model())
+                .unwrap_or(usize::MAX),
+        }
+    }
 }
 
 /// `[uplink]`, validated.
@@ -197,6 +234,23 @@ struct RawServing {
     model_repository: PathBuf,
     #[serde(default = "default_max_request_bytes")]
     max_request_bytes: u64,
+    /// Bearer-token file for repository control from non-loopback peers.
+    admin_token_file: Option<PathBuf>,
+    /// Request bytes in flight over all models.
+    #[serde(default = "default_max_inflight_bytes")]
+    max_inflight_bytes: u64,
+    /// Request bytes in flight per model version.
+    #[serde(default = "default_max_model_inflight_bytes")]
+    max_model_inflight_bytes: u64,
+    /// HTTP requests handled at once.
+    #[serde(default = "default_max_concurrent_requests")]
+    max_concurrent_requests: u64,
+    /// Per-request time limit, ms.
+    #[serde(default = "default_request_timeout_ms")]
+    request_timeout_ms: u64,
+    /// Distinct free-dim shapes per model version.
+    #[serde(default = "default_max_shapes_per_model")]
+    max_shapes_per_model: u64,
 }
 
 fn default_serving_listen() -> String {
@@ -204,6 +258,21 @@ fn default_serving_listen() -> String {
 }
 fn default_max_request_bytes() -> u64 {
     64 * 1024 * 1024
+}
+fn default_max_inflight_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_max_model_inflight_bytes() -> u64 {
+    128 * 1024 * 1024
+}
+fn default_max_concurrent_requests() -> u64 {
+    256
+}
+fn default_request_timeout_ms() -> u64 {
+    30_000
+}
+fn default_max_shapes_per_model() -> u64 {
+    16
 }
 
 #[derive(Debug, Deserialize)]
@@ -309,7 +378,14 @@ impl AgentConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let (text, origin, base) = read_file(path)?;
-        Self::parse(&text, &origin, &base)
+        let config = Self::parse(&text, &origin, &base)?;
+        if let Some(file) = config.serving.as_ref().and_then(|s| s.admin_token_file.as_ref()) {
+            read_token_file(file).map_err(|problem| ConfigError::Invalid {
+                origin,
+                problems: vec![format!("serving.admin_token_file: {problem}")],
+            })?;
+        }
+        Ok(config)
     }
 
     /// Parses and validates TOML text; relative paths are resolved against `base`.
@@ -417,16 +493,73 @@ impl AgentConfig {
                 );
             }
         }
-        let serving = raw.serving.as_ref().map(|sv| ServingConfig {
-            listen: c.socket_addr("serving.listen", &sv.listen),
-            model_repository: c.path("serving.model_repository", &sv.model_repository, base),
-            max_request_bytes: usize::try_from(c.range(
-                "serving.max_request_bytes",
-                sv.max_request_bytes,
+        let serving = raw.serving.as_ref().map(|sv| {
+            let size = |c: &mut Checker, key: &str, v: u64, lo: u64, hi: u64| {
+                usize::try_from(c.range(key, v, lo, hi)).unwrap_or(usize::MAX)
+            };
+            let max_request_bytes =
+                size(&mut c, "serving.max_request_bytes", sv.max_request_bytes, 1024, 1 << 32);
+            let max_inflight_bytes =
+                size(&mut c, "serving.max_inflight_bytes", sv.max_inflight_bytes, 1024, 1 << 40);
+            let max_model_inflight_bytes = size(
+                &mut c,
+                "serving.max_model_inflight_bytes",
+                sv.max_model_inflight_bytes,
                 1024,
-                1 << 32,
-            ))
-            .unwrap_or(usize::MAX),
+                1 << 40,
+            );
+            if max_model_inflight_bytes < max_request_bytes {
+                c.problem(
+                    "serving.max_model_inflight_bytes",
+                    &format!(
+                        "must be at least serving.max_request_bytes ({max_request_bytes}), or no request that large could ever be admitted"
+                    ),
+                    max_model_inflight_bytes,
+                );
+            }
+            if max_inflight_bytes < max_model_inflight_bytes {
+                c.problem(
+                    "serving.max_inflight_bytes",
+                    &format!(
+                        "must be at least serving.max_model_inflight_bytes ({max_model_inflight_bytes})"
+                    ),
+                    max_inflight_bytes,
+                );
+            }
+            let limits = ServingLimits {
+                max_inflight_bytes,
+                max_model_inflight_bytes,
+                max_concurrent_requests: size(
+                    &mut c,
+                    "serving.max_concurrent_requests",
+                    sv.max_concurrent_requests,
+                    1,
+                    65_536,
+                ),
+                request_timeout: Duration::from_millis(c.range(
+                    "serving.request_timeout_ms",
+                    sv.request_timeout_ms,
+                    1,
+                    3_600_000,
+                )),
+                max_shapes_per_model: size(
+                    &mut c,
+                    "serving.max_shapes_per_model",
+                    sv.max_shapes_per_model,
+                    1,
+                    4096,
+                ),
+            };
+            ServingConfig {
+                listen: c.socket_addr("serving.listen", &sv.listen),
+                model_repository: c.path("serving.model_repository", &sv.model_repository, base),
+                max_request_bytes,
+                admin_token_file: sv
+                    .admin_token_file
+                    .as_ref()
+                    .map(|p| c.path("serving.admin_token_file", p, base)),
+                limits,
+            }
         });
         let config = Self { uplink, tls, telemetry, spool, labels: raw.labels, serving };
         c.finish(origin, config)
@@ -446,6 +579,35 @@ impl AgentConfig {
             self.uplink.interval.as_secs()
         )
     }
+}
+
+/// Reads a bearer-token file: the token is its content with surrounding whitespace trimmed.
+/// Refuses a file that is missing, empty, or readable by every user (`chmod 600` it).
+pub fn read_token_file(path: &Path) -> Result<String, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = meta.permissions().mode();
+        if mode & 0o004 != 0 {
+            return Err(format!(
+                "{} is readable by every user (mode {:o}); run chmod 600 on it",
+                path.display(),
+                mode & 0o777
+            ));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = meta;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!(
+            "{} is empty; put a long random token in it (e.g. openssl rand -hex 32)",
+            path.display()
+        ));
+    }
+    Ok(token.to_owned())
 }
 
 #[cfg(test)]
@@ -497,6 +659,11 @@ path = "s"
 listen = "port 8000"
 model_repository = "models"
 max_request_bytes = 10
+max_concurrent_requests = 0
+request_timeout_ms = 0
+max_shapes_per_model = 0
+max_model_inflight_bytes = 2048
+max_inflight_bytes = 1024
 "#;
         let err = AgentConfig::parse(text, "agent.toml", Path::new(".")).unwrap_err().to_string();
         for needle in [
@@ -509,9 +676,55 @@ max_request_bytes = 10
             "telemetry.exec[0].command",
             "serving.listen: must be an IP address and port such as 127.0.0.1:7443, got \"port 8000\"",
             "serving.max_request_bytes: must be 1024..=4294967296, got 10",
+            "serving.max_concurrent_requests: must be 1..=65536, got 0",
+            "serving.request_timeout_ms: must be 1..=3600000, got 0",
+            "serving.max_shapes_per_model: must be 1..=4096, got 0",
+            "serving.max_inflight_bytes: must be at least serving.max_model_inflight_bytes (2048)",
         ] {
             assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
         }
+    }
+
+    #[test]
+    fn serving_defaults_and_admin_token_file_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml =
+            |extra: &str| format!("{EMBEDDED}\n[serving]\nmodel_repository = \"models\"\n{extra}",);
+        let c = AgentConfig::parse(&toml(""), "a.toml", dir.path()).unwrap();
+        let s = c.serving.unwrap();
+        assert_eq!(s.listen.to_string(), "0.0.0.0:8000");
+        assert_eq!(s.limits, ServingLimits::default());
+        assert_eq!(s.limits.request_timeout, Duration::from_secs(30));
+        assert!(s.admin_token_file.is_none());
+
+        let file = dir.path().join("agent.toml");
+        let token = dir.path().join("token");
+        std::fs::write(&file, toml("admin_token_file = \"token\"\n")).unwrap();
+        let err = AgentConfig::load(&file).unwrap_err().to_string();
+        assert!(err.contains("serving.admin_token_file") && err.contains("token"), "{err}");
+        std::fs::write(&token, "  \n").unwrap();
+        set_mode(&token, 0o600);
+        let err = AgentConfig::load(&file).unwrap_err().to_string();
+        assert!(err.contains("serving.admin_token_file") && err.contains("is empty"), "{err}");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        set_mode(&token, 0o644);
+        let err = AgentConfig::load(&file).unwrap_err();
+        assert!(err.to_string().contains("readable by every user"), "{err}");
+        assert!(matches!(err, ConfigError::Invalid { .. }), "exit 64 needs a ConfigError");
+        set_mode(&token, 0o600);
+        let c = AgentConfig::load(&file).unwrap();
+        let path = c.serving.unwrap().admin_token_file.unwrap();
+        assert_eq!(read_token_file(&path).unwrap(), "s3cret");
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        #[cfg(not(unix))]
+        let _ = (path, mode);
     }
 
     #[test]
