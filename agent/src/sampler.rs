@@ -195,7 +195,7 @@ pub async fn seal(
                     if buffer.len() > MAX_UNSEALED {
                         buffer.remove(0);
                         trimmed += 1;
-                        if trimmed == 1 || trimmed % 600 == 0 {
+                        if trimmed == 1 || trimmed.is_multiple_of(600) {
                             error!(
                                 lost = trimmed,
                                 held = MAX_UNSEALED,
