@@ -151,6 +151,11 @@ impl Proc {
         Self { name: name.to_owned(), child, logs }
     }
 
+    /// The process id (for sending signals).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything logged so far.
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()

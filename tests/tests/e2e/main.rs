@@ -6,6 +6,8 @@
 //! - `fleet`: a real aggregator and agents as separate processes, seen through the CLI.
 //! - `security`: certificates from another CA, expired and revoked, refused at the handshake.
 //! - `durability`: the aggregator SIGKILLed and restarted loses and duplicates nothing.
+//! - `lifecycle`: a slow model with requests in flight through unload, SIGTERM and a second
+//!   signal: every request answered, the stop bounded, the spool sealed.
 //! - `frames`: malformed and oversized frames and bad Hellos, from a hand-driven QUIC client.
 //! - `serving`: an agent serving the shared ONNX models to Triton's Python client; overload.
 //! - `startup`: bad configs exit 64 naming every key; the CLI without an aggregator; `flotilla up`.
@@ -20,6 +22,7 @@ mod analytics;
 mod durability;
 mod fleet;
 mod frames;
+mod lifecycle;
 mod security;
 mod serving;
 mod startup;
