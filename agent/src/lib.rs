@@ -7,8 +7,10 @@
 //! aggregator ==QUIC==> downlink --> DirectiveResult
 //! ```
 //!
-//! Stop order: sampling stops -> the sealer seals what it holds -> spool flush -> the uplink
-//! drains within the grace period -> close(OK) -> endpoint idle.
+//! Stop order: queued inference requests are answered 503 and the inference API drains (at most
+//! [`serving::HTTP_DRAIN_GRACE`], concurrently with the rest) -> sampling stops -> the sealer
+//! seals what it holds -> the uplink drains within its grace period -> close(OK) -> spool
+//! flush -> endpoint idle. The seal never waits behind HTTP clients.
 #![forbid(unsafe_code)]
 
 pub mod downlink;
@@ -71,6 +73,19 @@ pub async fn run(
     endpoint: quinn::Endpoint,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
+    let inference = config.serving.as_ref().map(serving::Serving::bind).transpose()?;
+    run_bound(config, endpoint, inference, shutdown).await
+}
+
+/// Like [`run`] with the inference API's listener already bound (from
+/// [`serving::Serving::bind`]), so the caller knows its address (port 0) before it starts.
+/// `inference` is used only when the config has a `[serving]` section.
+pub async fn run_bound(
+    config: AgentConfig,
+    endpoint: quinn::Endpoint,
+    inference: Option<std::net::TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     let spool_path = config.spool.path.clone();
     let max_bytes = config.spool.max_bytes;
     let spool = tokio::task::spawn_blocking(move || spool::Spool::open(&spool_path, max_bytes))
@@ -78,9 +93,12 @@ pub async fn run(
         .map_err(|e| AgentError::Task(e.to_string()))??;
     let spool = Arc::new(spool);
 
-    let serving = match &config.serving {
-        Some(sc) => Some(serving::Serving::start(sc, shutdown.clone()).await?),
-        None => None,
+    let serving = match (&config.serving, inference) {
+        (Some(sc), Some(listener)) => {
+            Some(serving::Serving::start_on(listener, sc, shutdown.clone()).await?)
+        }
+        (Some(sc), None) => Some(serving::Serving::start(sc, shutdown.clone()).await?),
+        (None, _) => None,
     };
     let models = serving.as_ref().map(serving::Serving::telemetry);
     let health = Arc::new(health::TelemetryHealth::default());
@@ -131,9 +149,9 @@ pub async fn run(
     );
 
     shutdown.cancelled().await;
-    if let Some(serving) = serving {
-        serving.stopped().await;
-    }
+    // The HTTP drain runs beside the seal, bounded, so slow clients cannot hold telemetry back.
+    let http_drain =
+        serving.map(|serving| tokio::spawn(serving.stopped(serving::HTTP_DRAIN_GRACE)));
     info!("Stopping: sealing the last samples.");
     sampler.stop();
     let sealed_ok = sealer.await.map_err(|e| AgentError::Task(e.to_string()))?;
@@ -143,6 +161,9 @@ pub async fn run(
     tokio::task::spawn_blocking(move || spool_for_flush.flush())
         .await
         .map_err(|e| AgentError::Task(e.to_string()))??;
+    if let Some(drain) = http_drain {
+        let _ = drain.await;
+    }
     sealed_ok?;
     let (batches, samples_produced) = spool.produced()?;
     let stats = spool.stats();

@@ -1,7 +1,7 @@
 //! `flotilla-agent`: arguments, config, logging, signals and exit codes; nothing else.
 //!
 //! Exit codes: 0 after a clean stop, 64 for a bad config (systemd does not restart on it),
-//! 1 for anything else.
+//! 1 for anything else, 130 when a second SIGTERM/SIGINT cut the clean stop short.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,13 +60,17 @@ fn real_main(args: Args) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(async {
+            let result = runtime.block_on(async {
                 let endpoint = agent::client_endpoint(&config)?;
                 let shutdown = CancellationToken::new();
                 tokio::spawn(common::daemon::stop_on_signal(shutdown.clone()));
                 agent::run(config, endpoint, shutdown).await?;
                 Ok(())
-            })
+            });
+            // Blocking tasks still running (a model load, a disk write) must not hold the
+            // exit past the clean stop: the runtime gets a second to wind down.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
         }
     }
 }

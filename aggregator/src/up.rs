@@ -51,7 +51,7 @@ pub fn run(opts: UpOptions) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let bound = crate::Bound::bind(&agg_config).await.context("starting the aggregator")?;
         let admin = bound.admin_addr().unwrap_or(opts.admin);
         let quic = bound.quic_addr().unwrap_or(opts.quic);
@@ -59,30 +59,33 @@ pub fn run(opts: UpOptions) -> anyhow::Result<()> {
         let agent_text = agent_config(&opts, quic);
         write_config(&opts.data_dir.join("agent.toml"), &agent_text)?;
         let agent_config = AgentConfig::parse(&agent_text, "flotilla up (agent)", &opts.data_dir)?;
+        // Bound here so the welcome shows the real port (`--inference 127.0.0.1:0` picks one).
+        let listener = agent_config
+            .serving
+            .as_ref()
+            .map(agent::serving::Serving::bind)
+            .transpose()
+            .context("starting the agent's inference API")?;
+        let inference =
+            listener.as_ref().and_then(|l| l.local_addr().ok()).unwrap_or(opts.inference);
         let shutdown = CancellationToken::new();
         let aggregator = tokio::spawn(crate::run(agg_config, bound, shutdown.clone()));
         let endpoint = agent::client_endpoint(&agent_config).context("starting the agent")?;
-        let agent = tokio::spawn(agent::run(agent_config, endpoint, shutdown.clone()));
-        print_welcome(&opts.data_dir, &host, quic, admin, connect_addr(opts.inference));
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = sigterm() => {}
-        }
-        println!("Stopping…");
-        shutdown.cancel();
+        let agent =
+            tokio::spawn(agent::run_bound(agent_config, endpoint, listener, shutdown.clone()));
+        print_welcome(&opts.data_dir, &host, quic, admin, connect_addr(inference));
+        // First Ctrl-C/SIGTERM: clean stop; a second one exits at once.
+        tokio::spawn(common::daemon::stop_on_signal(shutdown.clone()));
+        shutdown.cancelled().await;
+        println!("Stopping… (Ctrl-C again to exit at once)");
         let (a, b) = tokio::join!(agent, aggregator);
         a.context("agent task")?.context("agent")?;
         b.context("aggregator task")?.context("aggregator")?;
         Ok(())
-    })
-}
-
-async fn sigterm() {
-    if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        s.recv().await;
-    } else {
-        std::future::pending::<()>().await;
-    }
+    });
+    // Blocking tasks still running must not hold the exit past the clean stop.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 /// This machine's host name as a valid host id (`local` if it has none usable).
@@ -91,6 +94,12 @@ pub fn local_host_id() -> HostId {
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_default();
+    host_id_from(&raw)
+}
+
+/// A valid host id made from a host name: lower case, other characters as '-', leading
+/// punctuation dropped, cut to the id length limit; `local` when nothing usable is left.
+fn host_id_from(raw: &str) -> HostId {
     let cleaned: String = raw
         .trim()
         .to_ascii_lowercase()
@@ -214,8 +223,18 @@ mod tests {
     }
 
     #[test]
-    fn host_id_from_this_machine_is_valid() {
-        let id = local_host_id();
-        assert!(HostId::new(id.as_str()).is_ok());
+    fn host_ids_are_made_from_host_names() {
+        let id = |raw: &str| host_id_from(raw).as_str().to_owned();
+        assert_eq!(id("gpu-node-7\n"), "gpu-node-7");
+        assert_eq!(id("  GPU_Node.Example.COM \n"), "gpu_node.example.com");
+        assert_eq!(id("rack 4/slot#2"), "rack-4-slot-2");
+        assert_eq!(id("--.node"), "node", "leading punctuation is dropped");
+        assert_eq!(id(""), "local");
+        assert_eq!(id("\n"), "local");
+        assert_eq!(id("---"), "local");
+        let long = "a".repeat(common::ids::HOST_ID_MAX_LEN + 10);
+        assert_eq!(id(&long).len(), common::ids::HOST_ID_MAX_LEN);
+        // Whatever this machine is called, the id is one the fleet accepts.
+        assert!(HostId::new(local_host_id().as_str()).is_ok());
     }
 }

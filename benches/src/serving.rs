@@ -274,7 +274,7 @@ async fn served_run(
         lat.extend(tokio::task::spawn_blocking(move || h.join().unwrap_or_default()).await?);
     }
     shutdown.cancel();
-    serving.stopped().await;
+    serving.stopped(agent::serving::HTTP_DRAIN_GRACE).await;
     lat.sort_by(f64::total_cmp);
     Ok(Run {
         rows_per_s: (lat.len() * rows_per_request) as f64 / elapsed,
@@ -385,7 +385,7 @@ fn batcher_overhead(runtime: &tokio::runtime::Runtime) {
             let _ = task.await;
         }
         let us = t.elapsed().as_secs_f64() * 1e6 / requests as f64;
-        model.stop();
+        model.stop(agent::serving::model::StopCause::Unload);
         us
     });
     println!(

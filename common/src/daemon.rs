@@ -16,23 +16,58 @@ pub fn init_logging(filter: &str, fallback: &str) {
         .try_init();
 }
 
-/// Waits for SIGTERM or SIGINT, then cancels `shutdown`.
+/// Waits for SIGTERM or SIGINT, then cancels `shutdown`; a second SIGTERM or SIGINT while the
+/// clean stop runs ends the process at once with [`EXIT_FORCED`] (logged at ERROR).
 pub async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+    let mut signals = Signals::new();
+    signals.next().await;
+    tracing::info!("Signal received; stopping (a second signal stops at once).");
+    shutdown.cancel();
+    signals.next().await;
+    tracing::error!(
+        code = EXIT_FORCED,
+        "Second signal received; exiting now without finishing the clean stop."
+    );
+    std::process::exit(i32::from(EXIT_FORCED));
+}
+
+/// SIGTERM and SIGINT as one stream. The handlers are installed once, so a signal that
+/// arrives between two waits is kept, not lost to the default action.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Self {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
         }
     }
-    tracing::info!("Signal received; stopping.");
-    shutdown.cancel();
+
+    async fn next(&mut self) {
+        async fn recv(s: Option<&mut tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    if s.recv().await.is_none() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+        tokio::select! {
+            () = recv(self.term.as_mut()) => {}
+            () = recv(self.int.as_mut()) => {}
+        }
+    }
 }
+
+/// Exit status when a second SIGTERM/SIGINT cut the clean stop short (128 + SIGINT, as shells
+/// report an interrupted command).
+pub const EXIT_FORCED: u8 = 130;
 
 /// Exit status for a bad configuration (sysexits' EX_USAGE); systemd units do not restart on it.
 pub const EXIT_CONFIG: u8 = 64;

@@ -232,6 +232,12 @@ impl<T> BatchQueue<T> {
         expired
     }
 
+    /// Takes out every waiting request, deadline or not, in arrival order (unload, reload and
+    /// shutdown answer each one).
+    pub fn drain_all(&mut self) -> Vec<T> {
+        self.entries.drain(..).map(|e| e.item).collect()
+    }
+
     fn effective_level(&self, e: &Entry<T>, now: Instant) -> u32 {
         let aging = self.policy.priority_aging.as_nanos().max(1);
         let steps = now.saturating_duration_since(e.enqueued).as_nanos() / aging;
@@ -447,6 +453,19 @@ mod tests {
             Step::Dispatch(b) => b,
             other => panic!("expected a batch, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn drain_all_takes_requests_with_and_without_deadlines() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy());
+        q.push(0, 1, 1, None, t0).expect("room");
+        q.push(1, 1, 1, Some(t0 + ms(10)), t0).expect("room");
+        q.push(2, 2, 1, None, t0).expect("room");
+        assert_eq!(q.drain_all(), vec![0, 1, 2]);
+        assert!(q.is_empty());
+        assert!(matches!(q.next(t0, Duration::ZERO), Step::Idle));
+        assert!(q.drain_all().is_empty());
     }
 
     #[test]

@@ -44,9 +44,14 @@ use std::time::Duration;
 use common::config::agent::ServingConfig;
 use common::proto::ModelSample;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use repository::Repository;
+
+/// How long the inference API may take, after shutdown, to finish the responses it is writing
+/// (queued requests are answered 503 at once, batches already running finish). Past it, open
+/// connections are cut. The systemd units' `TimeoutStopSec=30` stays above it.
+pub const HTTP_DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 /// Why serving could not start.
 #[derive(Debug, thiserror::Error)]
@@ -76,14 +81,30 @@ pub struct Serving {
 }
 
 impl Serving {
+    /// Binds `serving.listen` (port 0 picks a free port; the log and [`Self::addr`] say which).
+    pub fn bind(config: &ServingConfig) -> Result<std::net::TcpListener, ServingError> {
+        let bind_error = |source| ServingError::Bind { addr: config.listen, source };
+        let listener = std::net::TcpListener::bind(config.listen).map_err(bind_error)?;
+        listener.set_nonblocking(true).map_err(bind_error)?;
+        Ok(listener)
+    }
+
     /// Binds the API, loads every model in the repository, and serves until `shutdown`.
     pub async fn start(
         config: &ServingConfig,
         shutdown: CancellationToken,
     ) -> Result<Self, ServingError> {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ServingError::Bind { addr: config.listen, source })?;
+        Self::start_on(Self::bind(config)?, config, shutdown).await
+    }
+
+    /// Like [`Self::start`] on an already bound listener (from [`Self::bind`]).
+    pub async fn start_on(
+        listener: std::net::TcpListener,
+        config: &ServingConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ServingError> {
+        let bind_error = |source| ServingError::Bind { addr: config.listen, source };
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(bind_error)?;
         let addr = listener.local_addr().unwrap_or(config.listen);
         let admin_token = match &config.admin_token_file {
             Some(path) => Some(http::AdminToken::new(
@@ -120,10 +141,20 @@ impl Serving {
         ModelTelemetry { repository: self.repository.clone() }
     }
 
-    /// Waits for the API to finish after shutdown, then stops the models.
-    pub async fn stopped(self) {
-        let _ = self.server.await;
+    /// Call after `shutdown` is cancelled: answers every queued request at once (503, the agent
+    /// is shutting down), then gives the API up to `grace` to finish the responses it is
+    /// writing; past that its connections are cut (logged). Returns whether it drained in time.
+    pub async fn stopped(mut self, grace: Duration) -> bool {
         self.repository.stop_all();
+        if tokio::time::timeout(grace, &mut self.server).await.is_ok() {
+            return true;
+        }
+        self.server.abort();
+        warn!(
+            grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+            "The inference API did not drain within its grace period; open connections were cut."
+        );
+        false
     }
 }
 

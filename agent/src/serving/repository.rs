@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 use tracing::{error, info};
 
 use super::kserve::KserveEngine;
-use super::model::LoadedModel;
+use super::model::{LoadedModel, StopCause};
 use super::model_config::{Backend, ModelConfig};
 use super::names::{self, is_model_name};
 use super::runner::{Engine, TractEngine, log_signature};
@@ -140,7 +140,7 @@ impl Repository {
         let previous = self.models.write().ok().and_then(|mut m| m.insert(name.to_owned(), state));
         if let Some(ModelState::Ready(old)) = previous {
             for m in old {
-                m.stop();
+                m.stop(StopCause::Reload);
             }
         }
         outcome.map(|_| ())
@@ -161,7 +161,7 @@ impl Repository {
                 drop(models);
                 if let Some(ModelState::Ready(old)) = previous {
                     for m in old {
-                        m.stop();
+                        m.stop(StopCause::Unload);
                     }
                 }
                 info!(model = name, "Model unloaded.");
@@ -256,7 +256,7 @@ impl Repository {
     /// Stops every model.
     pub fn stop_all(&self) {
         for m in self.loaded() {
-            m.stop();
+            m.stop(StopCause::Shutdown);
         }
     }
 }
@@ -303,4 +303,31 @@ fn prepare(dir: &Path, name: &str) -> Result<Vec<Prepared>, String> {
         out.push((version, config.clone(), signature, engine));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(file: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(file)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_model_tract_cannot_analyse_is_unavailable_with_tracts_reason() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("nested/1")).expect("mkdir");
+        std::fs::copy(fixture("nested_if.onnx"), dir.path().join("nested/1/model.onnx"))
+            .expect("copy the fixture");
+        let repo = Repository::new(dir.path());
+        let reason = repo.load("nested").await.expect_err("refused at load");
+        assert!(reason.contains("If_"), "the failing node is named: {reason}");
+        assert!(repo.loaded().is_empty());
+        let index = repo.index();
+        assert_eq!(index.len(), 1, "{index:?}");
+        assert_eq!(index[0].state, "UNAVAILABLE");
+        assert_eq!(index[0].reason, reason);
+        let refused = repo.get("nested", None).expect_err("not served");
+        assert!(refused.to_string().contains("not ready"), "{refused}");
+    }
 }

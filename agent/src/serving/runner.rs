@@ -533,12 +533,30 @@ pub(crate) mod tests {
         assert_eq!(engine.plan_count(), 2);
     }
 
+    /// A fixture made by `tests/python/make_fixtures.py` (committed under `tests/fixtures`).
+    fn fixture(file: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(file)
+    }
+
+    #[test]
+    fn a_model_tract_cannot_analyse_fails_at_load_naming_the_node() {
+        // Branches of different shapes under an undecided condition, nested: the analysis at
+        // load must fail, naming the node, so the model is never listed ready.
+        let err = TractEngine::load(&fixture("nested_if.onnx"), &ModelConfig::default())
+            .expect_err("a model tract cannot analyse does not load");
+        assert!(
+            err.contains("Failed analyse") && err.contains("If_0"),
+            "the failing node is named: {err}"
+        );
+    }
+
     #[test]
     fn a_broken_file_is_reported_with_tracts_message() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("model.onnx");
         std::fs::write(&path, b"not a protobuf").expect("write");
         let err = TractEngine::load(&path, &ModelConfig::default()).unwrap_err();
-        assert!(!err.is_empty());
+        // tract's own words for what failed: the file is not an ONNX protobuf.
+        assert!(err.contains("failed to decode Protobuf message"), "{err}");
     }
 }

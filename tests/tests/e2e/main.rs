@@ -9,6 +9,8 @@
 //! - `crashes`: SIGKILL cycles of the aggregator during ingest and of an agent during spool
 //!   writes, audited sample by sample in the store.
 //! - `faults`: loss, duplication, reordering and a partition from the loopback UDP relay.
+//! - `lifecycle`: a slow model with requests in flight through unload, SIGTERM and a second
+//!   signal: every request answered, the stop bounded, the spool sealed.
 //! - `frames`: malformed and oversized frames and bad Hellos, from a hand-driven QUIC client.
 //! - `serving`: an agent serving the shared ONNX models to Triton's Python client; overload.
 //! - `startup`: bad configs exit 64 naming every key; the CLI without an aggregator; `flotilla up`.
@@ -25,6 +27,7 @@ mod durability;
 mod faults;
 mod fleet;
 mod frames;
+mod lifecycle;
 mod security;
 mod serving;
 mod startup;

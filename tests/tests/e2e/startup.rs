@@ -46,8 +46,20 @@ fn bad_configs_exit_64_and_name_every_key() {
 
 #[test]
 fn the_cli_says_clearly_when_the_aggregator_is_unreachable() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let out = cli(&format!("http://127.0.0.1:{port}"), &["hosts"]);
+    // A socket bound but not listening holds the port (nobody else can take it) and refuses
+    // connections, so the address is unreachable for as long as the test needs it.
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Stream,
+        nix::sys::socket::SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    let any = nix::sys::socket::SockaddrIn::new(127, 0, 0, 1, 0);
+    nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&socket), &any).unwrap();
+    let bound: nix::sys::socket::SockaddrIn =
+        nix::sys::socket::getsockname(std::os::fd::AsRawFd::as_raw_fd(&socket)).unwrap();
+    let out = cli(&format!("http://127.0.0.1:{}", bound.port()), &["hosts"]);
     assert_eq!(out.status.code(), Some(69));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot reach"), "{err}");
@@ -57,8 +69,6 @@ fn the_cli_says_clearly_when_the_aggregator_is_unreachable() {
 fn flotilla_up_runs_a_one_host_fleet() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let inference = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let inference_arg = inference.to_string();
     let mut up = Proc::spawn(
         "flotilla up",
         &bin("flotilla"),
@@ -71,7 +81,7 @@ fn flotilla_up_runs_a_one_host_fleet() {
             "--admin",
             "127.0.0.1:0",
             "--inference",
-            &inference_arg,
+            "127.0.0.1:0",
             "--sample-ms",
             "200",
             "--uplink-secs",
@@ -89,10 +99,14 @@ fn flotilla_up_runs_a_one_host_fleet() {
     assert_eq!(rows[0]["state"], "online");
     assert!(data.join("tls/ca.pem").exists() && data.join("agent.toml").exists());
 
-    // The demo model answers the request the welcome text shows.
+    // The demo model answers the request the welcome text shows, on the port it bound.
+    let line = up.wait_for_log(&["inference API http://"]);
+    let inference =
+        line[line.find("http://").unwrap() + 7..].split_whitespace().next().unwrap().to_owned();
+    assert!(!inference.ends_with(":0"), "the welcome shows the bound port: {line}");
     let welcome = up.wait_for_log(&["/v2/models/demo/infer"]);
     let body = &welcome[welcome.find('{').unwrap()..welcome.rfind('}').unwrap() + 1];
-    let reply = e2e::http_post_json(&inference.to_string(), "/v2/models/demo/infer", body);
+    let reply = e2e::http_post_json(&inference, "/v2/models/demo/infer", body);
     let probabilities: Vec<f64> = reply["outputs"][0]["data"]
         .as_array()
         .unwrap()
