@@ -111,7 +111,7 @@ fn serve(model: &Path, instances: usize, queue: usize) -> anyhow::Result<()> {
         })
         .await?;
         shutdown.cancel();
-        serving.stopped().await;
+        serving.stopped(std::time::Duration::from_secs(5)).await;
         anyhow::Ok(())
     })
 }

@@ -1361,7 +1361,7 @@ mod tests {
             );
         }
         shutdown.cancel();
-        serving.stopped().await;
+        serving.stopped(std::time::Duration::from_secs(5)).await;
     }
 
     #[tokio::test]
