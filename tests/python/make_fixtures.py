@@ -9,9 +9,9 @@ analyses it with open sizes but not with concrete ones (`Failed analyse for node
 so the agent must refuse it at load.
 
 `make_fixtures.py --slow OUT.onnx [LAYERS]` writes (not committed: the e2e lifecycle tests make
-it in a temp dir) a deliberately slow model: x [N, 64] -> broadcast to [N, 512, 64] -> LAYERS
-MatMuls with a 512x512 weight and Tanh -> mean over axis 1 -> y [N, 512]; about 0.27 GFLOP per
-layer and row.
+it in a temp dir) a deliberately slow model: x [1, 64] -> broadcast to [1, 512, 64] -> LAYERS
+MatMuls with a 512x512 weight and Tanh -> mean over axis 1 -> y [1, 512]; about 0.27 GFLOP per
+layer.
 """
 
 import os
@@ -69,8 +69,8 @@ def slow(layers):
     import numpy as np
 
     rng = np.random.default_rng(7)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 512])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 512])
     w0 = (rng.standard_normal((64, 512)) / 8.0).astype(np.float32)
     w = (rng.standard_normal((512, 512)) / np.sqrt(512.0)).astype(np.float32)
     inits = [
