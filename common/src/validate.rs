@@ -135,7 +135,7 @@ pub fn text(value: &str, field: &str) -> Result<(), Invalid> {
         return Err(Invalid::new(
             "string",
             field,
-            format!("contains the control character {:?}; names must be printable", c),
+            format!("contains the control character {c:?}; names must be printable"),
         ));
     }
     Ok(())
