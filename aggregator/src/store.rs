@@ -201,6 +201,10 @@ pub struct Retention {
     pub hour_ms: i64,
 }
 
+/// A read-modify-write step for [`TelemetryStore::update_doc`]: given the document's current
+/// bytes (`None` when absent), returns the bytes to store, or an error that leaves it unchanged.
+pub type DocUpdate<'a> = dyn FnMut(Option<&[u8]>) -> Result<Vec<u8>, StoreError> + 'a;
+
 /// What the aggregator may ask of storage.
 pub trait TelemetryStore: Send + Sync + std::fmt::Debug + 'static {
     /// Records a host's Hello; a new spool epoch resets its seq watermark. Returns the record.
@@ -269,11 +273,7 @@ pub trait TelemetryStore: Send + Sync + std::fmt::Debug + 'static {
     /// Atomically replaces the document under `key` with `update(current)`, durably: a
     /// compare-and-swap loop, so concurrent updates are never lost (each sees the other's
     /// result). An error from `update` leaves the document as it was and is returned.
-    fn update_doc(
-        &self,
-        key: &str,
-        update: &mut dyn FnMut(Option<&[u8]>) -> Result<Vec<u8>, StoreError>,
-    ) -> Result<(), StoreError>;
+    fn update_doc(&self, key: &str, update: &mut DocUpdate<'_>) -> Result<(), StoreError>;
     /// Analytics documents whose key starts with `prefix`, in key order.
     fn docs(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Deletes the analytics documents whose key starts with `prefix`; returns how many.
@@ -945,11 +945,7 @@ impl TelemetryStore for SledStore {
         Ok(self.analytics.get(key).map_err(io("read analytics document"))?.map(|v| v.to_vec()))
     }
 
-    fn update_doc(
-        &self,
-        key: &str,
-        update: &mut dyn FnMut(Option<&[u8]>) -> Result<Vec<u8>, StoreError>,
-    ) -> Result<(), StoreError> {
+    fn update_doc(&self, key: &str, update: &mut DocUpdate<'_>) -> Result<(), StoreError> {
         loop {
             let current = self.analytics.get(key).map_err(io("read analytics document"))?;
             let next = update(current.as_deref())?;

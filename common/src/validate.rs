@@ -273,9 +273,12 @@ mod tests {
         assert_eq!(batch(&good(), 100), Ok(()));
     }
 
+    /// One way to spoil a batch.
+    type Spoil = Box<dyn Fn(&mut TelemetryBatch)>;
+
     #[test]
     fn each_problem_is_named_with_its_field() {
-        let cases: Vec<(&str, &str, Box<dyn Fn(&mut TelemetryBatch)>)> = vec![
+        let cases: Vec<(&str, &str, Spoil)> = vec![
             ("number", "seq", Box::new(|b| b.seq = 0)),
             (
                 "histogram",
