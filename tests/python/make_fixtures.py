@@ -9,9 +9,9 @@ analyses it with open sizes but not with concrete ones (`Failed analyse for node
 so the agent must refuse it at load.
 
 `make_fixtures.py --slow OUT.onnx [LAYERS]` writes (not committed: the e2e lifecycle tests make
-it in a temp dir) a deliberately slow model: x [1, 64] -> broadcast to [1, 512, 64] -> LAYERS
-MatMuls with a 512x512 weight and Tanh -> mean over axis 1 -> y [1, 512]; about 0.27 GFLOP per
-layer.
+it in a temp dir) a deliberately slow model: x [1, 64] -> [1, 512] -> an outer product to
+[1, 512, 512] -> LAYERS MatMuls with a 512x512 weight and Tanh -> mean over axis 1 -> y [1, 512];
+about 0.27 GFLOP per layer.
 """
 
 import os
@@ -73,16 +73,19 @@ def slow(layers):
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 512])
     w0 = (rng.standard_normal((64, 512)) / 8.0).astype(np.float32)
     w = (rng.standard_normal((512, 512)) / np.sqrt(512.0)).astype(np.float32)
+    w1 = (rng.standard_normal((1, 512)) / 8.0).astype(np.float32)
     inits = [
         onnx.numpy_helper.from_array(w0, "w0"),
+        onnx.numpy_helper.from_array(w1, "w1"),
         onnx.numpy_helper.from_array(w, "w"),
-        onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
-        onnx.numpy_helper.from_array(np.array([1, 512, 1], dtype=np.int64), "wide"),
+        onnx.numpy_helper.from_array(np.array([1, 512, 1], dtype=np.int64), "column"),
     ]
+    # [1, 64] -> [1, 512] -> [1, 512, 1] x [1, 512] (an outer product) -> [1, 512, 512]: every
+    # shape is constant, so tract plans it at load.
     nodes = [
-        helper.make_node("Unsqueeze", ["x", "axis1"], ["x3"]),
-        helper.make_node("Expand", ["x3", "wide"], ["xw"]),
-        helper.make_node("MatMul", ["xw", "w0"], ["h0"]),
+        helper.make_node("MatMul", ["x", "w0"], ["v"]),
+        helper.make_node("Reshape", ["v", "column"], ["vc"]),
+        helper.make_node("MatMul", ["vc", "w1"], ["h0"]),
     ]
     for i in range(layers):
         nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"m{i}"]))

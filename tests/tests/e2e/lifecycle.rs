@@ -152,7 +152,6 @@ fn check_answers(
 }
 
 #[test]
-#[ignore = "the generated slow model does not optimize in tract yet (`running pass ...` at load); fix make_fixtures.py --slow"]
 fn unload_answers_every_request_in_flight() {
     let fleet = Fleet::new();
     let repo = fleet.path().join("models");
@@ -172,7 +171,6 @@ fn unload_answers_every_request_in_flight() {
 }
 
 #[test]
-#[ignore = "the generated slow model does not optimize in tract yet (`running pass ...` at load); fix make_fixtures.py --slow"]
 fn sigterm_with_requests_in_flight_stops_in_bounded_time_and_seals_the_spool() {
     let fleet = Fleet::new();
     let repo = fleet.path().join("models");
@@ -212,7 +210,6 @@ fn sigterm_with_requests_in_flight_stops_in_bounded_time_and_seals_the_spool() {
 }
 
 #[test]
-#[ignore = "the generated slow model does not optimize in tract yet (`running pass ...` at load); fix make_fixtures.py --slow"]
 fn a_second_signal_during_a_stuck_drain_exits_at_once() {
     let fleet = Fleet::new();
     let repo = fleet.path().join("models");
