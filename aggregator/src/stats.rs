@@ -167,8 +167,8 @@ mod tests {
             assert!(REFUSAL_REASONS.contains(&reason), "{reason} has a label");
         }
         s.refuse("histogram");
-        let text = s.render(&Gauges { connections_open: 0, hosts: [("online", 0); 3] });
-        assert!(text.contains("flotilla_ingest_refused_total{reason=\"histogram\"} 1\n"));
+        let refused = s.render(&Gauges { connections_open: 0, hosts: [("online", 0); 3] });
+        assert!(refused.contains("flotilla_ingest_refused_total{reason=\"histogram\"} 1\n"));
         assert!(text.contains("flotilla_hosts{state=\"offline\"} 1\n"));
         // Every sample line is `name{labels} value`.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
