@@ -211,7 +211,7 @@ async fn accept_hello(
     else {
         ctx.stats.hellos_refused.inc();
         let reason = format!(
-            "agent speaks protocol {}..={}, this aggregator speaks {}..={}; upgrade the older side",
+            "incompatible protocol version: agent speaks {}..={}, this aggregator speaks {}..={}; upgrade the older side",
             hello.min_version,
             hello.max_version,
             common::proto::MIN_VERSION,
