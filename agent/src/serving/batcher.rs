@@ -40,6 +40,10 @@ pub struct Policy {
     pub high_priority_max_queue_delay: Duration,
     /// Requests waiting at most.
     pub max_queue_size: usize,
+    /// Longest expected wait a new request is admitted into; `None` for no limit.
+    pub max_queue_wait: Option<Duration>,
+    /// Instances running batches in parallel (the expected wait is shared among them).
+    pub instances: usize,
 }
 
 impl Policy {
@@ -55,6 +59,8 @@ impl Policy {
             priority_aging: c.priority_aging,
             high_priority_max_queue_delay: c.high_priority_max_queue_delay,
             max_queue_size: c.max_queue_size,
+            max_queue_wait: c.max_queue_wait,
+            instances: c.instances,
         }
     }
 
@@ -118,6 +124,16 @@ pub enum Refusal {
         rows: usize,
         /// The limit.
         max: usize,
+    },
+    /// The batches queued ahead would keep the request waiting longer than `max_queue_wait`.
+    #[error(
+        "the queue would keep this request about {expected_ms} ms, over max_queue_wait_ms {limit_ms}; retry later or on another host, or add instances"
+    )]
+    WaitTooLong {
+        /// Expected wait before the request's batch starts.
+        expected_ms: u64,
+        /// The limit.
+        limit_ms: u64,
     },
     /// The priority is outside 1..=levels.
     #[error("priority {priority} is outside 1..={levels} for this model")]
@@ -183,7 +199,31 @@ impl<T> BatchQueue<T> {
         self.entries.is_empty()
     }
 
-    /// Queues a request, or refuses it at once.
+    /// Expected wait before a request queued now starts running: the batches already queued
+    /// ahead of it, each taking about `compute`, spread over the instances.
+    pub fn expected_wait(&self, compute: Duration) -> Duration {
+        let rows: usize = self.entries.iter().map(|e| e.rows).sum();
+        let batches = rows.div_ceil(self.policy.rows_cap());
+        let per_instance = batches.div_ceil(self.policy.instances.max(1));
+        compute.saturating_mul(u32::try_from(per_instance).unwrap_or(u32::MAX))
+    }
+
+    /// The refusal for a request that would wait past `max_queue_wait`. (A request that
+    /// cannot finish by its own deadline is queued and answered 504 by `expire`, as before.)
+    fn wait_refusal(&self, compute: Duration) -> Option<Refusal> {
+        let limit = self.policy.max_queue_wait?;
+        if compute.is_zero() {
+            return None; // no batch has run yet: nothing to estimate from
+        }
+        let expected = self.expected_wait(compute);
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        (expected > limit)
+            .then(|| Refusal::WaitTooLong { expected_ms: ms(expected), limit_ms: ms(limit) })
+    }
+
+    /// Queues a request, or refuses it at once: bad priority, too many rows, a full queue, or
+    /// (once `compute`, the estimate of one batch's run time, is known) an expected wait over
+    /// `max_queue_wait`.
     pub fn push(
         &mut self,
         item: T,
@@ -191,6 +231,7 @@ impl<T> BatchQueue<T> {
         priority: u32,
         deadline: Option<Instant>,
         now: Instant,
+        compute: Duration,
     ) -> Result<(), (T, Refusal)> {
         if priority == 0 || priority > self.policy.priority_levels {
             let levels = self.policy.priority_levels;
@@ -202,6 +243,9 @@ impl<T> BatchQueue<T> {
         if self.entries.len() >= self.policy.max_queue_size {
             let refusal =
                 Refusal::QueueFull { waiting: self.entries.len(), max: self.policy.max_queue_size };
+            return Err((item, refusal));
+        }
+        if let Some(refusal) = self.wait_refusal(compute) {
             return Err((item, refusal));
         }
         self.entries.push(Entry {
@@ -356,9 +400,12 @@ impl<T> Shared<T> {
         deadline: Option<Instant>,
     ) -> Result<(), (T, Refusal)> {
         let now = Instant::now();
+        let compute = self.compute_estimate();
         let pushed = match self.queue.lock() {
-            Ok(mut q) => q.push(item, rows, priority, deadline, now),
-            Err(poisoned) => poisoned.into_inner().push(item, rows, priority, deadline, now),
+            Ok(mut q) => q.push(item, rows, priority, deadline, now, compute),
+            Err(poisoned) => {
+                poisoned.into_inner().push(item, rows, priority, deadline, now, compute)
+            }
         };
         if pushed.is_ok() {
             self.arrived.notify_one();
@@ -441,6 +488,8 @@ mod tests {
             priority_aging: Duration::from_millis(100),
             high_priority_max_queue_delay: Duration::ZERO,
             max_queue_size: 16,
+            max_queue_wait: None,
+            instances: 1,
         }
     }
 
@@ -459,9 +508,9 @@ mod tests {
     fn drain_all_takes_requests_with_and_without_deadlines() {
         let t0 = Instant::now();
         let mut q = BatchQueue::new(policy());
-        q.push(0, 1, 1, None, t0).expect("room");
-        q.push(1, 1, 1, Some(t0 + ms(10)), t0).expect("room");
-        q.push(2, 2, 1, None, t0).expect("room");
+        q.push(0, 1, 1, None, t0, Duration::ZERO).expect("room");
+        q.push(1, 1, 1, Some(t0 + ms(10)), t0, Duration::ZERO).expect("room");
+        q.push(2, 2, 1, None, t0, Duration::ZERO).expect("room");
         assert_eq!(q.drain_all(), vec![0, 1, 2]);
         assert!(q.is_empty());
         assert!(matches!(q.next(t0, Duration::ZERO), Step::Idle));
@@ -473,7 +522,7 @@ mod tests {
         let t0 = Instant::now();
         let mut q = BatchQueue::new(policy());
         for i in 0..10 {
-            q.push(i, 1, 1, None, t0).expect("room");
+            q.push(i, 1, 1, None, t0, Duration::ZERO).expect("room");
         }
         let b = dispatched(q.next(t0, Duration::ZERO));
         assert_eq!((b.items, b.reason), ((0..8).collect(), Reason::Full));
@@ -490,12 +539,12 @@ mod tests {
     fn preferred_size_goes_early_and_rows_count() {
         let t0 = Instant::now();
         let mut q = BatchQueue::new(Policy { preferred_batch_sizes: vec![4], ..policy() });
-        q.push("a", 3, 1, None, t0).expect("room");
+        q.push("a", 3, 1, None, t0, Duration::ZERO).expect("room");
         assert!(matches!(q.next(t0, Duration::ZERO), Step::WaitUntil(_)));
-        q.push("b", 1, 1, None, t0).expect("room");
+        q.push("b", 1, 1, None, t0, Duration::ZERO).expect("room");
         let b = dispatched(q.next(t0, Duration::ZERO));
         assert_eq!((b.rows, b.reason), (4, Reason::Preferred));
-        let too_big = q.push("c", 9, 1, None, t0).unwrap_err();
+        let too_big = q.push("c", 9, 1, None, t0, Duration::ZERO).unwrap_err();
         assert_eq!(too_big.1, Refusal::TooManyRows { rows: 9, max: 8 });
     }
 
@@ -503,7 +552,7 @@ mod tests {
     fn min_batch_size_waits_until_its_cap() {
         let t0 = Instant::now();
         let mut q = BatchQueue::new(Policy { min_batch_size: 3, ..policy() });
-        q.push(1, 1, 1, None, t0).expect("room");
+        q.push(1, 1, 1, None, t0, Duration::ZERO).expect("room");
         match q.next(t0 + ms(10), Duration::ZERO) {
             Step::WaitUntil(at) => assert_eq!(at, t0 + ms(50)),
             other => panic!("{other:?}"),
@@ -512,13 +561,54 @@ mod tests {
         assert_eq!(b.reason, Reason::Delay);
     }
 
+    /// Issue 8, hole 8 (overload): a queue bounded only by count let admitted requests wait
+    /// many seconds at 2x and 5x overload. Admission now refuses a request whose expected wait
+    /// (batches ahead x batch time / instances) is over `max_queue_wait`.
+    #[test]
+    fn expected_wait_over_the_limit_is_refused_at_once() {
+        let t0 = Instant::now();
+        let compute = ms(100);
+        let mut q = BatchQueue::new(limited_again());
+        // Nothing ahead: admitted whatever the estimate.
+        q.push(0, 2, 1, None, t0, compute).expect("empty queue");
+        assert_eq!(q.expected_wait(compute), ms(100), "1 batch ahead over 2 instances");
+        for i in 1..5 {
+            q.push(i, 2, 1, None, t0, compute).expect("within the limit");
+        }
+        // 5 batches ahead over 2 instances: 3 rounds of 100 ms = 300 ms > 250 ms.
+        let (item, refusal) = q.push(9, 1, 1, None, t0, compute).unwrap_err();
+        assert_eq!(item, 9);
+        assert!(
+            matches!(refusal, Refusal::WaitTooLong { expected_ms: 300, limit_ms: 250 }),
+            "{refusal:?}"
+        );
+        assert!(refusal.to_string().contains("max_queue_wait_ms"), "{refusal}");
+        // Without a limit only the count bounds the queue.
+        let mut q = BatchQueue::new(Policy { max_batch_size: 2, ..policy() });
+        for i in 0..16 {
+            q.push(i, 2, 1, None, t0, compute).expect("no wait limit");
+        }
+        let mut q = BatchQueue::new(limited_again());
+        q.push(0, 2, 1, None, t0, compute).expect("room");
+        q.push(1, 2, 1, None, t0, compute).expect("room");
+        q.push(2, 2, 1, None, t0, compute).expect("room");
+        // No estimate yet (no batch has run): nothing to refuse on.
+        for i in 3..10 {
+            q.push(i, 2, 1, None, t0, Duration::ZERO).expect("no estimate");
+        }
+    }
+
+    fn limited_again() -> Policy {
+        Policy { max_batch_size: 2, max_queue_wait: Some(ms(250)), instances: 2, ..policy() }
+    }
+
     #[test]
     fn full_queue_refuses_at_once() {
         let t0 = Instant::now();
         let mut q = BatchQueue::new(Policy { max_queue_size: 2, ..policy() });
-        q.push(1, 1, 1, None, t0).expect("room");
-        q.push(2, 1, 1, None, t0).expect("room");
-        let (item, refusal) = q.push(3, 1, 1, None, t0).unwrap_err();
+        q.push(1, 1, 1, None, t0, Duration::ZERO).expect("room");
+        q.push(2, 1, 1, None, t0, Duration::ZERO).expect("room");
+        let (item, refusal) = q.push(3, 1, 1, None, t0, Duration::ZERO).unwrap_err();
         assert_eq!(item, 3);
         assert_eq!(refusal, Refusal::QueueFull { waiting: 2, max: 2 });
         assert!(refusal.to_string().contains("max_queue_size"));
@@ -528,10 +618,10 @@ mod tests {
     fn deadlines_order_within_a_level_and_expire_before_compute() {
         let t0 = Instant::now();
         let mut q = BatchQueue::new(Policy { max_batch_size: 2, ..policy() });
-        q.push("late", 1, 1, Some(t0 + ms(100)), t0).expect("room");
-        q.push("none", 1, 1, None, t0).expect("room");
-        q.push("soon", 1, 1, Some(t0 + ms(20)), t0).expect("room");
-        q.push("doomed", 1, 1, Some(t0 + ms(3)), t0).expect("room");
+        q.push("late", 1, 1, Some(t0 + ms(100)), t0, Duration::ZERO).expect("room");
+        q.push("none", 1, 1, None, t0, Duration::ZERO).expect("room");
+        q.push("soon", 1, 1, Some(t0 + ms(20)), t0, Duration::ZERO).expect("room");
+        q.push("doomed", 1, 1, Some(t0 + ms(3)), t0, Duration::ZERO).expect("room");
         // With batches taking 5 ms, "doomed" cannot finish by t0 + 3 ms.
         assert_eq!(q.expire(t0, ms(5)), vec!["doomed"]);
         let b = dispatched(q.next(t0, ms(5)));
@@ -542,7 +632,7 @@ mod tests {
     fn near_deadline_dispatches_before_the_delay() {
         let t0 = Instant::now();
         let mut q = BatchQueue::new(Policy { max_queue_delay: ms(50), ..policy() });
-        q.push(1, 1, 1, Some(t0 + ms(30)), t0).expect("room");
+        q.push(1, 1, 1, Some(t0 + ms(30)), t0, Duration::ZERO).expect("room");
         match q.next(t0, ms(10)) {
             Step::WaitUntil(at) => assert_eq!(at, t0 + ms(10)),
             other => panic!("{other:?}"),
@@ -560,12 +650,12 @@ mod tests {
             high_priority_max_queue_delay: ms(1),
             ..policy()
         });
-        q.push("low", 1, 3, None, t0).expect("room");
+        q.push("low", 1, 3, None, t0, Duration::ZERO).expect("room");
         let mut order = Vec::new();
         // A steady stream of top-priority work arrives every 5 ms for 100 ms.
         for step in 0..20u64 {
             let now = t0 + ms(step * 5);
-            q.push("high", 1, 1, None, now).expect("room");
+            q.push("high", 1, 1, None, now, Duration::ZERO).expect("room");
             if let Step::Dispatch(b) = q.next(now, Duration::ZERO) {
                 order.extend(b.items);
             }
@@ -574,7 +664,7 @@ mod tests {
         assert!(low_at > 0, "high priority went first: {order:?}");
         // Aged from level 3 to 1 after 20 ms, then first by arrival order.
         assert!(low_at <= 5, "low priority starved: {order:?}");
-        let bad = q.push("x", 1, 4, None, t0).unwrap_err();
+        let bad = q.push("x", 1, 4, None, t0, Duration::ZERO).unwrap_err();
         assert_eq!(bad.1, Refusal::BadPriority { priority: 4, levels: 3 });
     }
 
@@ -586,8 +676,8 @@ mod tests {
             high_priority_max_queue_delay: ms(1),
             ..policy()
         });
-        q.push("normal", 1, 2, None, t0).expect("room");
-        q.push("urgent", 1, 1, None, t0).expect("room");
+        q.push("normal", 1, 2, None, t0, Duration::ZERO).expect("room");
+        q.push("urgent", 1, 1, None, t0, Duration::ZERO).expect("room");
         match q.next(t0, Duration::ZERO) {
             Step::WaitUntil(at) => assert_eq!(at, t0 + ms(1)),
             other => panic!("{other:?}"),
@@ -600,8 +690,8 @@ mod tests {
     fn unbatched_models_run_each_request_alone() {
         let t0 = Instant::now();
         let mut q = BatchQueue::new(Policy { max_batch_size: 0, ..policy() });
-        q.push("a", 4, 1, None, t0).expect("any rows");
-        q.push("b", 2, 1, None, t0).expect("any rows");
+        q.push("a", 4, 1, None, t0, Duration::ZERO).expect("any rows");
+        q.push("b", 2, 1, None, t0, Duration::ZERO).expect("any rows");
         let b = dispatched(q.next(t0, Duration::ZERO));
         assert_eq!((b.items, b.rows, b.reason), (vec!["a"], 4, Reason::Unbatched));
     }

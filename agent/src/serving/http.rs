@@ -171,7 +171,10 @@ impl From<LookupError> for ApiError {
 impl From<InferError> for ApiError {
     fn from(e: InferError) -> Self {
         let status = match &e {
-            InferError::Refused { refusal: Refusal::QueueFull { .. }, .. }
+            InferError::Refused {
+                refusal: Refusal::QueueFull { .. } | Refusal::WaitTooLong { .. },
+                ..
+            }
             | InferError::Unloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             InferError::Refused { .. } => StatusCode::BAD_REQUEST,
             InferError::Expired { .. } => StatusCode::GATEWAY_TIMEOUT,

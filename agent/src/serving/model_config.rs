@@ -78,6 +78,10 @@ pub struct ModelConfig {
     pub default_timeout: Option<Duration>,
     /// Requests waiting at most; more are refused at once.
     pub max_queue_size: usize,
+    /// Longest expected queue wait a new request is admitted into (the batches queued ahead of
+    /// it times the running estimate of one batch's run time, shared by the instances); past it
+    /// the request is refused at once. `None`: no limit beyond `max_queue_size`.
+    pub max_queue_wait: Option<Duration>,
     /// Inputs to pin or describe.
     pub inputs: Vec<TensorSpec>,
     /// Outputs to describe.
@@ -119,6 +123,7 @@ struct RawModelConfig {
     high_priority_max_queue_delay_us: Option<u64>,
     default_timeout_ms: Option<u64>,
     max_queue_size: Option<usize>,
+    max_queue_wait_ms: Option<u64>,
     #[serde(default)]
     input: Vec<RawTensor>,
     #[serde(default)]
@@ -232,6 +237,8 @@ impl ModelConfig {
             range("default_timeout_ms", raw.default_timeout_ms.unwrap_or(0), 0, 3_600_000);
         let max_queue_size =
             range("max_queue_size", raw.max_queue_size.unwrap_or(256) as u64, 1, 1_000_000);
+        let max_queue_wait =
+            range("max_queue_wait_ms", raw.max_queue_wait_ms.unwrap_or(1000), 0, 3_600_000);
         let mut preferred = raw.preferred_batch_sizes.clone();
         preferred.sort_unstable();
         preferred.dedup();
@@ -325,6 +332,7 @@ impl ModelConfig {
             high_priority_max_queue_delay: Duration::from_micros(high),
             default_timeout: (timeout > 0).then(|| Duration::from_millis(timeout)),
             max_queue_size: narrow(max_queue_size),
+            max_queue_wait: (max_queue_wait > 0).then(|| Duration::from_millis(max_queue_wait)),
             inputs,
             outputs,
             loader: LoaderOptions {
