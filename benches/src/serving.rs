@@ -345,7 +345,7 @@ fn batcher_overhead(runtime: &tokio::runtime::Runtime) {
     let t = Instant::now();
     let mut dispatched = 0usize;
     for i in 0..n {
-        let _ = queue.push(i, 1, 1, None, now);
+        let _ = queue.push(i, 1, 1, None, now, Duration::ZERO);
         if let Step::Dispatch(b) = queue.next(now, Duration::ZERO) {
             dispatched += b.items.len();
         }
