@@ -102,6 +102,9 @@ pub async fn run_bound(
     };
     let models = serving.as_ref().map(serving::Serving::telemetry);
     let health = Arc::new(health::TelemetryHealth::default());
+    if let Some(serving) = &serving {
+        serving.show_telemetry_health(health.clone());
+    }
     let (sampler, inventory, samples) =
         Sampler::start(&config.telemetry, &config.labels, models, health.clone()).await?;
     info!(

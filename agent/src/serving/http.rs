@@ -47,6 +47,9 @@ pub struct ApiState {
     pub limits: Arc<Limits>,
     /// Bearer token that lets non-loopback peers load and unload models.
     pub admin_token: Option<AdminToken>,
+    /// The agent's telemetry health, shown on `/metrics` once the agent has set it (the API
+    /// starts before the telemetry pipeline).
+    pub telemetry_health: Arc<std::sync::OnceLock<Arc<crate::health::TelemetryHealth>>>,
 }
 
 /// The repository-control bearer token; never printed.
@@ -426,6 +429,32 @@ async fn unload(
     Ok(axum::Json(json!({})))
 }
 
+/// The telemetry pipeline's health as Prometheus text: failures to sample or to seal into the
+/// spool (each also logged at ERROR), when the last one happened, and the clock offset.
+fn render_telemetry_health(h: &crate::health::HealthState) -> String {
+    let mut text = String::new();
+    text.push_str(
+        "# HELP flotilla_telemetry_errors_total Failures to take a sample or seal samples into the spool.\n",
+    );
+    text.push_str("# TYPE flotilla_telemetry_errors_total counter\n");
+    text.push_str(&format!("flotilla_telemetry_errors_total {}\n", h.errors));
+    text.push_str(
+        "# HELP flotilla_telemetry_last_error_timestamp_seconds When the latest telemetry failure happened (0: none).\n",
+    );
+    text.push_str("# TYPE flotilla_telemetry_last_error_timestamp_seconds gauge\n");
+    let at = h.last_error_unix_ms as f64 / 1000.0;
+    text.push_str(&format!("flotilla_telemetry_last_error_timestamp_seconds {at}\n"));
+    if let Some(offset_ms) = h.clock_offset_ms {
+        text.push_str(
+            "# HELP flotilla_clock_offset_seconds This agent's clock minus the aggregator's, from the latest Welcome.\n",
+        );
+        text.push_str("# TYPE flotilla_clock_offset_seconds gauge\n");
+        let offset = offset_ms as f64 / 1000.0;
+        text.push_str(&format!("flotilla_clock_offset_seconds {offset}\n"));
+    }
+    text
+}
+
 async fn metrics(State(s): State<ApiState>) -> Response {
     let loaded = s.repository.loaded();
     let stats: Vec<_> = loaded.iter().map(|m| m.stats.clone()).collect();
@@ -446,6 +475,9 @@ async fn metrics(State(s): State<ApiState>) -> Response {
     text.push_str("# TYPE flotilla_api_refused_total counter\n");
     for (limit, n) in s.limits.refusals() {
         text.push_str(&format!("flotilla_api_refused_total{{limit=\"{}\"}} {n}\n", limit.label()));
+    }
+    if let Some(health) = s.telemetry_health.get() {
+        text.push_str(&render_telemetry_health(&health.snapshot()));
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
@@ -843,6 +875,7 @@ mod tests {
             max_request_bytes: limit,
             limits: Arc::new(Limits::new(limits)),
             admin_token: token.map(AdminToken::new),
+            telemetry_health: Arc::default(),
         };
         (router(state.clone()), dir, state)
     }
@@ -1208,6 +1241,7 @@ mod tests {
             max_request_bytes: 1 << 24,
             limits: Arc::new(Limits::new(limits)),
             admin_token: None,
+            telemetry_health: Arc::default(),
         };
         let app = router(state.clone());
         let request = |h: usize, w: usize| {
@@ -1365,6 +1399,25 @@ mod tests {
         }
         shutdown.cancel();
         serving.stopped(std::time::Duration::from_secs(5)).await;
+    }
+
+    /// Issue 8, hole 5: telemetry failures were visible only in the logs and `flotilla host`;
+    /// the agent's own `/metrics` now shows them and the clock offset.
+    #[tokio::test]
+    async fn metrics_show_telemetry_health() {
+        let (app, _dir, state) = app_with(1 << 20, ServingLimits::default(), None).await;
+        let (_, _, before) = call(&app, "GET", "/metrics", &[], vec![]).await;
+        let before = String::from_utf8(before).expect("utf-8");
+        assert!(!before.contains("flotilla_telemetry_errors_total"), "not set yet");
+        let health = Arc::new(crate::health::TelemetryHealth::default());
+        health.record_error("spool: No space left on device");
+        health.record_welcome(1_000, 1_010, 900);
+        state.telemetry_health.set(health).expect("set once");
+        let (_, _, text) = call(&app, "GET", "/metrics", &[], vec![]).await;
+        let text = String::from_utf8(text).expect("utf-8");
+        assert!(text.contains("flotilla_telemetry_errors_total 1\n"), "{text}");
+        assert!(!text.contains("flotilla_telemetry_last_error_timestamp_seconds 0\n"), "{text}");
+        assert!(text.contains("flotilla_clock_offset_seconds 0.105\n"), "{text}");
     }
 
     #[tokio::test]

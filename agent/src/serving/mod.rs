@@ -78,6 +78,7 @@ pub struct Serving {
     /// Where the API listens.
     pub addr: SocketAddr,
     server: tokio::task::JoinHandle<()>,
+    telemetry_health: Arc<std::sync::OnceLock<Arc<crate::health::TelemetryHealth>>>,
 }
 
 impl Serving {
@@ -119,7 +120,9 @@ impl Serving {
             max_request_bytes: config.max_request_bytes,
             limits: Arc::new(limits::Limits::new(config.limits.clone())),
             admin_token,
+            telemetry_health: Arc::default(),
         };
+        let telemetry_health = state.telemetry_health.clone();
         // Peer addresses reach the handlers: repository control checks for loopback.
         let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
         let server = tokio::spawn(async move {
@@ -133,7 +136,13 @@ impl Serving {
         let ready: Vec<String> =
             repository.loaded().iter().map(|m| format!("{}/{}", m.name, m.version)).collect();
         info!(%addr, repository = %config.model_repository.display(), models = ?ready, "Inference API listening.");
-        Ok(Self { repository, addr, server })
+        Ok(Self { repository, addr, server, telemetry_health })
+    }
+
+    /// Shows the agent's telemetry health on `/metrics` from now on (set once; later calls
+    /// are ignored).
+    pub fn show_telemetry_health(&self, health: Arc<crate::health::TelemetryHealth>) {
+        let _ = self.telemetry_health.set(health);
     }
 
     /// A source of per-model telemetry for the sampler.
