@@ -10,7 +10,6 @@
 //!
 //! `cargo run --release -p benches --bin bench-ingest -- --agents 2000 --seconds 20`
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,7 +19,7 @@ use benches::{BenchAggregator, cpu_split, now_ms, quantile, realistic_sample};
 use clap::{Parser, ValueEnum};
 use common::framed;
 use common::ids::HostId;
-use common::proto::{Ack, Hello, HelloReply, TelemetryBatch, hello_reply};
+use common::proto::{Ack, TelemetryBatch};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
@@ -99,7 +98,7 @@ async fn drive(args: &Args, agg: &BenchAggregator) -> anyhow::Result<()> {
         let addr = agg.quic;
         joins.spawn(async move {
             let _permit = sem.acquire().await;
-            connect(&endpoint, config, addr, i).await
+            benches::connect_agent(&endpoint, config, addr, i, "bench").await
         });
     }
     let mut conns = Vec::with_capacity(args.agents);
@@ -197,29 +196,6 @@ async fn drive(args: &Args, agg: &BenchAggregator) -> anyhow::Result<()> {
         e.wait_idle().await;
     }
     Ok(())
-}
-
-async fn connect(
-    endpoint: &quinn::Endpoint,
-    config: quinn::ClientConfig,
-    addr: SocketAddr,
-    i: usize,
-) -> anyhow::Result<quinn::Connection> {
-    let conn = endpoint.connect_with(config, addr, "flotilla-aggregator")?.await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let hello = Hello {
-        min_version: 1,
-        max_version: 1,
-        agent_version: "bench".into(),
-        spool_epoch: i as u64 + 1,
-        ..Hello::default()
-    };
-    framed::write(&mut send, &hello).await?;
-    let reply: HelloReply = framed::read(&mut recv, 1 << 20).await?;
-    match reply.reply {
-        Some(hello_reply::Reply::Welcome(_)) => Ok(conn),
-        other => anyhow::bail!("agent {i} not welcomed: {other:?}"),
-    }
 }
 
 async fn send(conn: &quinn::Connection, batch: &TelemetryBatch) -> anyhow::Result<()> {

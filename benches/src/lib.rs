@@ -173,3 +173,31 @@ pub fn cpu_split() -> (f64, f64) {
     }
     (server, other)
 }
+
+/// Opens a simulated agent's connection: QUIC handshake with `config`'s certificate, then a
+/// Hello (spool epoch `i + 1`, agent version `agent_version`) answered by a Welcome.
+pub async fn connect_agent(
+    endpoint: &quinn::Endpoint,
+    config: quinn::ClientConfig,
+    addr: SocketAddr,
+    i: usize,
+    agent_version: &str,
+) -> anyhow::Result<quinn::Connection> {
+    use common::framed;
+    use common::proto::{Hello, HelloReply, hello_reply};
+    let conn = endpoint.connect_with(config, addr, "flotilla-aggregator")?.await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let hello = Hello {
+        min_version: 1,
+        max_version: 1,
+        agent_version: agent_version.into(),
+        spool_epoch: i as u64 + 1,
+        ..Hello::default()
+    };
+    framed::write(&mut send, &hello).await?;
+    let reply: HelloReply = framed::read(&mut recv, 1 << 20).await?;
+    match reply.reply {
+        Some(hello_reply::Reply::Welcome(_)) => Ok(conn),
+        other => anyhow::bail!("agent {i} not welcomed: {other:?}"),
+    }
+}

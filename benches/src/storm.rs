@@ -18,7 +18,7 @@ use benches::{now_ms, quantile, realistic_sample};
 use clap::Parser;
 use common::framed;
 use common::ids::HostId;
-use common::proto::{Ack, Hello, HelloReply, TelemetryBatch, hello_reply};
+use common::proto::{Ack, TelemetryBatch};
 use e2e::{Aggregator, Fleet};
 
 /// Reconnect-storm benchmark.
@@ -174,7 +174,7 @@ async fn warm_up(
             (endpoints[i % endpoints.len()].clone(), config.clone(), sem.clone());
         joins.spawn(async move {
             let _permit = sem.acquire().await;
-            let conn = connect(&endpoint, config, addr, i).await?;
+            let conn = benches::connect_agent(&endpoint, config, addr, i, "bench-storm").await?;
             send(&conn, 1).await?;
             conn.close(0u32.into(), b"warm-up done");
             anyhow::Ok(())
@@ -207,7 +207,7 @@ async fn agent_life(
     while !stop.load(Ordering::Relaxed) {
         let conn = match tokio::time::timeout(
             Duration::from_secs(10),
-            connect(&endpoint, config.clone(), addr, i),
+            benches::connect_agent(&endpoint, config.clone(), addr, i, "bench-storm"),
         )
         .await
         {
@@ -264,29 +264,6 @@ fn backoff(attempt: u32, i: usize) -> Duration {
     // Deterministic per agent and attempt, spread over half the delay.
     let spread = ((i as u64).wrapping_mul(2_654_435_761) ^ u64::from(attempt)) % 1000;
     base.mul_f64(0.5 + spread as f64 / 2000.0)
-}
-
-async fn connect(
-    endpoint: &quinn::Endpoint,
-    config: quinn::ClientConfig,
-    addr: SocketAddr,
-    i: usize,
-) -> anyhow::Result<quinn::Connection> {
-    let conn = endpoint.connect_with(config, addr, "flotilla-aggregator")?.await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let hello = Hello {
-        min_version: 1,
-        max_version: 1,
-        agent_version: "bench-storm".into(),
-        spool_epoch: i as u64 + 1,
-        ..Hello::default()
-    };
-    framed::write(&mut send, &hello).await?;
-    let reply: HelloReply = framed::read(&mut recv, 1 << 20).await?;
-    match reply.reply {
-        Some(hello_reply::Reply::Welcome(_)) => Ok(conn),
-        other => anyhow::bail!("agent {i} not welcomed: {other:?}"),
-    }
 }
 
 async fn send(conn: &quinn::Connection, seq: u64) -> anyhow::Result<()> {

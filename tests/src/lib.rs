@@ -336,3 +336,18 @@ pub fn http_post_json(addr: &str, path: &str, body: &str) -> serde_json::Value {
     assert!(head.starts_with("HTTP/1.1 200"), "POST {path}: {head}\n{reply}");
     serde_json::from_str(reply).expect("JSON reply")
 }
+
+/// A plain HTTP/1.1 GET over a socket, as a scraper does, to `addr` (`host:port`, with or
+/// without `http://`); returns the body and fails the test on anything but 200.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let addr = addr.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP reply");
+    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}\n{body}");
+    body.to_owned()
+}

@@ -60,7 +60,7 @@ fn aggregator_sigkill_loses_and_duplicates_nothing() {
     }
     // Some batches were retried across the outage and recognised as duplicates, or none were:
     // either way the counts above are exact. The restarted aggregator saw no failures.
-    let metrics = http_get(&agg.api, "/metrics");
+    let metrics = e2e::http_get(&agg.api, "/metrics");
     assert_eq!(metric(&metrics, "flotilla_ingest_batches_total{outcome=\"failed\"}"), 0.0);
     assert!(metric(&metrics, "flotilla_ingest_batches_total{outcome=\"stored\"}") > 0.0);
     assert_eq!(metric(&metrics, "flotilla_dedup_seen_seqs"), 0.0);
@@ -150,7 +150,7 @@ fn spool_drops_leave_no_dedup_gap_behind() {
     let detail = host(&agg).unwrap();
     assert_eq!(detail["dedup_seen"], 0, "seen must return to empty: {detail:#}");
     assert_eq!(detail["spool_dropped_batches"].as_u64(), Some(spool.stats().dropped_batches));
-    let metrics = http_get(&agg.api, "/metrics");
+    let metrics = e2e::http_get(&agg.api, "/metrics");
     assert_eq!(metric(&metrics, "flotilla_dedup_seen_seqs"), 0.0);
     stop.cancel();
     rt.block_on(uplink).unwrap();
@@ -160,20 +160,6 @@ fn e2e_now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// GETs `path` from the admin API (`http://ADDR`) and returns the body, failing on a non-200.
-fn http_get(api: &str, path: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let addr = api.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}\n{body}");
-    body.to_owned()
 }
 
 /// The value of the sample line `name{labels}` in Prometheus text; fails when it is missing.

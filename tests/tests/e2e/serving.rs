@@ -147,7 +147,7 @@ fn tritonclient_works_unmodified_and_stats_reach_the_aggregator() {
     assert!(stdout.contains("all checks passed"));
 
     // /metrics is Prometheus text with the per-model families.
-    let metrics = http_get(&addr, "/metrics");
+    let metrics = e2e::http_get(&addr, "/metrics");
     for family in [
         "flotilla_model_requests_total{model=\"ocr\",version=\"1\"}",
         "flotilla_model_latency_seconds_bucket{model=\"ocr\",version=\"1\",le=\"+Inf\"}",
@@ -210,19 +210,6 @@ fn which(program: &str) -> Result<PathBuf, ()> {
         .ok_or(())
 }
 
-/// A tiny HTTP/1.1 GET over a plain socket (what a scraper does).
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
-}
-
 /// One raw KServe JSON inference; returns the status code and when it came back.
 fn http_infer(addr: &str, model: &str, body: &str) -> (u16, Instant) {
     use std::io::{Read as _, Write as _};
@@ -282,7 +269,7 @@ fn overload_refuses_the_excess_fast_and_serves_the_admitted() {
     assert!(median(&refused) < median(&ok), "refusals are not faster than service");
 
     // The server counted the same story, and nobody expired or failed.
-    let stats: Value = serde_json::from_str(&http_get(&addr, "/v2/models/ocr/stats")).unwrap();
+    let stats: Value = serde_json::from_str(&e2e::http_get(&addr, "/v2/models/ocr/stats")).unwrap();
     let f = &stats["model_stats"][0]["flotilla"];
     assert_eq!(f["rejected"].as_u64().unwrap() as usize, refused.len(), "{stats}");
     assert_eq!(f["expired"], 0, "{stats}");
@@ -322,7 +309,7 @@ fn kserve_backend_forwards_batches_to_another_server() {
     assert_eq!(forwarded["outputs"][0]["shape"], json!([2, 3]), "{forwarded}");
     assert_eq!(forwarded["outputs"][0]["data"], direct["outputs"][0]["data"]);
     let meta: Value =
-        serde_json::from_str(&http_get(&front_addr, "/v2/models/classifier")).unwrap();
+        serde_json::from_str(&e2e::http_get(&front_addr, "/v2/models/classifier")).unwrap();
     assert_eq!(meta["platform"], "kserve");
     assert_eq!(meta["inputs"][0]["name"], "features");
 }
