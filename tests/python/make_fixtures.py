@@ -3,10 +3,11 @@
 tests/python/make_fixtures.py`). The files are committed; this script says how they were made.
 
 nested_if.onnx: y = If(sr == 16000, then: If(sum(x) > 0, relu(x), -x), else: concat(x, x)),
-with x [N, 4] float and sr an int64 scalar: like silero VAD's graph before its Ifs were removed,
-the branches give different shapes ([N, 4] and [N, 8]), so y is declared [N, K]. tract
-analyses it with open sizes but not with concrete ones (`Failed analyse for node ... "If_0"`),
-so the agent must refuse it at load.
+with x [?, ?] float (both sizes open, neither numbered nor named) and sr an int64 scalar: like
+silero VAD's graph before its Ifs were removed, the branches give different shapes ([N, K] and
+[N, 2K]) under a condition known only at run time. tract analyses the file while the sizes are
+unknown, so it loads, but fails to analyse it once any input shape is given (`Failed analyse
+for node ... "If_0"`), so no request could ever run: the agent must refuse it at load.
 
 `make_fixtures.py --slow OUT.onnx [LAYERS]` writes (not committed: the e2e lifecycle tests make
 it in a temp dir) a deliberately slow model: x [1, 64] -> [1, 512] -> an outer product to
@@ -23,9 +24,9 @@ from onnx import TensorProto, helper
 
 
 def nested_if():
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None])
     sr = helper.make_tensor_value_info("sr", TensorProto.INT64, [])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "K"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])
     out = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
 
     inner_then = helper.make_graph([helper.make_node("Relu", ["x"], ["t_out"])], "inner_then", [], [out("t_out")])

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use tracing::{info, warn};
 use tract_onnx::prelude::{
-    DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, TValue,
+    DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, TDim, TValue,
     TypedRunnableModel, tvec,
 };
 use tract_onnx::tract_core::model::IntoRunnable;
@@ -188,12 +188,76 @@ impl TractEngine {
             plans: Mutex::default(),
         };
         // A trial plan for one request, when the model fixes every size but the batch: it
-        // catches broken graphs at load and warms the cache. Guessing open sizes would make
-        // tract fail (or panic) on shapes no request will send, so those wait for first use.
-        if let Some(shapes) = trial_shapes(&signature) {
-            engine.plan_for(shapes).map_err(|e| e.0)?;
+        // catches broken graphs at load and warms the cache. With sizes left open, the graph
+        // must still analyse once input shapes are given, or no request could ever run.
+        match trial_shapes(&signature) {
+            Some(shapes) => {
+                engine.plan_for(shapes).map_err(|e| e.0)?;
+            }
+            None => engine.check_open_sizes(&signature)?,
         }
         Ok((engine, signature))
+    }
+
+    /// Checks that a model with open sizes analyses once its input shapes are given: first with
+    /// a symbol for each open size (what tract needs to type the graph), then, for graphs that
+    /// only type with numbers (a `Reshape` fed by a `Shape` chain), with each open size at 1.
+    /// Either one passing is enough; a graph that fails both (an `If` whose branches give
+    /// different shapes under a condition known only at run time) fails every request, so it is
+    /// refused here with tract's reason.
+    fn check_open_sizes(&self, signature: &Signature) -> Result<(), String> {
+        let mut symbolic_error = None;
+        for (_, template) in &self.templates {
+            match self.type_with_symbols(template, signature) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    symbolic_error.get_or_insert(e);
+                }
+            }
+        }
+        let ones: Vec<Vec<usize>> = signature
+            .inputs
+            .iter()
+            .map(|io| io.dims.iter().map(|d| usize::try_from(*d).unwrap_or(1)).collect())
+            .collect();
+        // Built and dropped: a size of 1 is a guess, not a shape requests are known to send.
+        match (0..self.templates.len()).find_map(|index| self.build(index, &ones).ok()) {
+            Some(_) => Ok(()),
+            None => Err(format!(
+                "tract cannot analyse the graph once input shapes are given, so no request \
+                 could run: {}",
+                symbolic_error.unwrap_or_else(|| "no loader settings".to_owned())
+            )),
+        }
+    }
+
+    /// Types a copy of `template` with a fresh symbol for each open input size.
+    fn type_with_symbols(
+        &self,
+        template: &InferenceModel,
+        signature: &Signature,
+    ) -> Result<(), String> {
+        let mut model = template.clone();
+        for (i, (io, dt)) in signature.inputs.iter().zip(&self.input_types).enumerate() {
+            let dims: Vec<TDim> = io
+                .dims
+                .iter()
+                .enumerate()
+                .map(|(axis, d)| match usize::try_from(*d) {
+                    Ok(d) => TDim::from(d),
+                    Err(_) => model.symbols.sym(&format!("flotilla_open_{i}_{axis}")).into(),
+                })
+                .collect();
+            model
+                .set_input_fact(i, InferenceFact::dt_shape(*dt, dims))
+                .map_err(|e| format!("giving input {i} open sizes: {e:#}"))?;
+        }
+        let typed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.into_typed()));
+        match typed {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("{e:#}")),
+            Err(_) => Err("tract panicked typing the graph with open sizes".to_owned()),
+        }
     }
 
     fn plan_for(&self, shapes: Vec<Vec<usize>>) -> Result<Arc<TypedRunnableModel>, RunError> {
