@@ -183,8 +183,19 @@ async fn accept_hello(
     };
     let stream = tokio::time::timeout(HELLO_TIMEOUT, async {
         let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-        let hello: Hello =
-            framed::read(&mut recv, ctx.max_frame_bytes).await.map_err(|e| e.to_string())?;
+        let len =
+            framed::read_len(&mut recv, ctx.max_frame_bytes).await.map_err(|e| e.to_string())?;
+        // Under the same budget as batches: a reconnect storm of large Hellos is bounded too.
+        let (payload, _reserved) = match read_budgeted(&mut recv, len, ctx).await {
+            Ok(Some(read)) => read,
+            Ok(None) => return Err("the aggregator is stopping".to_owned()),
+            Err(Budgeted::Frame(e)) => return Err(e.to_string()),
+            Err(Budgeted::OverBudget { error, .. }) => {
+                ctx.stats.refuse("decoded_size");
+                return Err(error.to_string());
+            }
+        };
+        let hello: Hello = common::wire::decode_payload(&payload).map_err(|e| e.to_string())?;
         Ok::<_, String>((send, hello))
     })
     .await;
@@ -261,14 +272,35 @@ async fn handle_batch(
         }
     };
     // Held until this handler returns: after the ack, or the refusal.
-    let Some(_reserved) = ctx.inflight.reserve(len).await else { return };
-    let batch: TelemetryBatch = match framed::read_payload(&mut recv, len).await {
-        Ok(b) => b,
-        Err(e) => {
+    let (payload, _reserved) = match read_budgeted(&mut recv, len, ctx).await {
+        Ok(Some(read)) => read,
+        Ok(None) => return,
+        Err(Budgeted::Frame(e)) => {
             refuse_frame(&mut send, &mut recv, ctx, &host, &e);
             return;
         }
+        Err(Budgeted::OverBudget { payload, error }) => {
+            // Every byte was read, so the agent gets an answer it acts on (drop the batch, not
+            // retry it forever); its seq is read without decoding the rest.
+            ctx.stats.refuse("decoded_size");
+            let seq = prost::Message::decode(payload.as_slice()).map_or(0, |b: BatchSeq| b.seq);
+            warn!(%host, seq, error = %error, "Refused a batch that could decode into more than the in-flight budget; the agent drops it.");
+            let refusal =
+                Ack { seq, duplicate: false, refused: error.to_string(), retry_after_ms: 0 };
+            if framed::write(&mut send, &refusal).await.is_ok() {
+                let _ = send.finish();
+            }
+            return;
+        }
     };
+    let batch: TelemetryBatch = match common::wire::decode_payload(&payload) {
+        Ok(b) => b,
+        Err(e) => {
+            refuse_frame(&mut send, &mut recv, ctx, &host, &e.into());
+            return;
+        }
+    };
+    drop(payload);
     if batch.seq == 0 {
         ctx.stats.frames_malformed.inc();
         warn!(%host, "Refused a batch with seq 0 (seqs start at 1).");
@@ -328,6 +360,45 @@ async fn handle_batch(
             framed::refuse(&mut send, &mut recv, code::INTERNAL);
         }
     }
+}
+
+/// Only the seq of a `TelemetryBatch`: prost skips the other fields without allocating.
+#[derive(Clone, PartialEq, prost::Message)]
+struct BatchSeq {
+    #[prost(uint64, tag = "1")]
+    seq: u64,
+}
+
+/// Why a budgeted read gave no payload.
+enum Budgeted {
+    /// The stream or its bytes were bad.
+    Frame(FrameError),
+    /// The payload could decode into more than the whole budget; here it is, undecoded.
+    OverBudget { payload: Vec<u8>, error: common::wire::WireError },
+}
+
+/// Reads a `len`-byte payload under the in-flight budget: the wire bytes are reserved before
+/// they are read, then the reservation is swapped for the most they can decode into
+/// ([`common::decoded_size::bound`]) before anyone decodes them. `Ok(None)` if the budget is
+/// closed. The returned permit holds the reservation.
+async fn read_budgeted(
+    recv: &mut quinn::RecvStream,
+    len: usize,
+    ctx: &IngestContext,
+) -> Result<Option<(Vec<u8>, tokio::sync::OwnedSemaphorePermit)>, Budgeted> {
+    let Some(wire_bytes) = ctx.inflight.reserve(len).await else { return Ok(None) };
+    let payload = framed::read_payload_bytes(recv, len).await.map_err(Budgeted::Frame)?;
+    let bound = common::decoded_size::bound(&payload).max(len);
+    let max = ctx.inflight.capacity();
+    if bound > max {
+        let error = common::wire::WireError::DecodesTooLarge { len, bound, max };
+        return Err(Budgeted::OverBudget { payload, error });
+    }
+    // Released before the larger reservation is taken: two streams each holding their wire
+    // bytes while waiting for more could otherwise wait on each other forever.
+    drop(wire_bytes);
+    let Some(decoded) = ctx.inflight.reserve(bound).await else { return Ok(None) };
+    Ok(Some((payload, decoded)))
 }
 
 fn refuse_frame(

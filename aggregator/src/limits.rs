@@ -2,8 +2,10 @@
 //!
 //! Invariants:
 //! - A frame's bytes are reserved from one global budget ([`InflightBudget`],
-//!   `ingest.max_inflight_bytes`) after its length prefix is read and before its payload is, and
-//!   stay reserved until the batch is acked or refused. Frames being read and batches waiting in
+//!   `ingest.max_inflight_bytes`) after its length prefix is read and before its payload is;
+//!   before the payload is decoded, the reservation becomes the most it can decode into
+//!   ([`common::decoded_size::bound`]), and it stays reserved until the batch is acked or
+//!   refused. A payload whose bound is over the whole budget is refused undecoded. Frames being read and batches waiting in
 //!   the commit queue together never hold more than the budget; a stream that cannot reserve
 //!   waits, and QUIC flow control then holds its sender. The budget is at least one maximum
 //!   frame (checked in the config), so every frame can eventually be read.
@@ -22,20 +24,29 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 #[derive(Debug, Clone)]
 pub struct InflightBudget {
     bytes: Arc<Semaphore>,
+    capacity: usize,
 }
 
 impl InflightBudget {
     /// A budget of `max_bytes`.
     pub fn new(max_bytes: u64) -> Self {
-        let permits = usize::try_from(max_bytes).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
-        Self { bytes: Arc::new(Semaphore::new(permits)) }
+        // One reservation takes at most u32::MAX permits, so the budget stops there (4 GiB).
+        let permits = usize::try_from(max_bytes.min(u64::from(u32::MAX)))
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
+        Self { bytes: Arc::new(Semaphore::new(permits)), capacity: permits }
+    }
+
+    /// The whole budget: a reservation over it could never be granted.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Reserves `len` bytes, waiting while the budget is spent. `None` only if the budget was
     /// closed (never, today).
     pub async fn reserve(&self, len: usize) -> Option<OwnedSemaphorePermit> {
-        // Frames are at most 64 MiB (config range), far below u32::MAX.
-        let n = u32::try_from(len).unwrap_or(u32::MAX);
+        // Never more than the whole budget, which fits a u32 (see `new`).
+        let n = u32::try_from(len.min(self.capacity)).unwrap_or(u32::MAX);
         self.bytes.clone().acquire_many_owned(n).await.ok()
     }
 

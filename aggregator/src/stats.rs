@@ -52,8 +52,10 @@ pub struct Stats {
 }
 
 /// Labels of `flotilla_ingest_refused_total`: the validation reasons of
-/// `common::validate::Invalid::reason`, then `rate` (over the host's report rate).
-pub const REFUSAL_REASONS: [&str; 6] = ["histogram", "string", "list", "number", "samples", "rate"];
+/// `common::validate::Invalid::reason`, then `rate` (over the host's report rate) and
+/// `decoded_size` (a frame that could decode into more than the in-flight budget).
+pub const REFUSAL_REASONS: [&str; 7] =
+    ["histogram", "string", "list", "number", "samples", "rate", "decoded_size"];
 
 impl Stats {
     /// Counts one refused message under `reason`; an unknown reason counts under `number`.

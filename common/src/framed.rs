@@ -74,6 +74,13 @@ pub async fn read_payload<M: Message + Default>(
     recv: &mut RecvStream,
     len: usize,
 ) -> Result<M, FrameError> {
+    let payload = read_payload_bytes(recv, len).await?;
+    Ok(wire::decode_payload(&payload)?)
+}
+
+/// Reads the `len` payload bytes announced by [`read_len`], undecoded (for a caller that
+/// sizes them up first, see [`crate::decoded_size`]).
+pub async fn read_payload_bytes(recv: &mut RecvStream, len: usize) -> Result<Vec<u8>, FrameError> {
     // Grow the buffer as bytes arrive rather than trusting the prefix: a peer announcing many
     // large frames must not make us allocate memory it never sends.
     let mut payload = Vec::with_capacity(len.min(INITIAL_BUFFER));
@@ -84,7 +91,7 @@ pub async fn read_payload<M: Message + Default>(
     if payload.len() < len {
         return Err(WireError::Truncated { got: payload.len(), expected: len }.into());
     }
-    Ok(wire::decode_payload(&payload)?)
+    Ok(payload)
 }
 
 /// Resets `send` and stops `recv` with `code`, ignoring streams already closed.

@@ -32,6 +32,19 @@ pub enum WireError {
         #[source]
         source: prost::DecodeError,
     },
+    /// The payload could decode into more memory than the receiver will hold for it.
+    #[error(
+        "frame of {len} bytes could decode into {bound} bytes, over the receiver's budget of \
+         {max} bytes; send fewer or smaller submessages per frame"
+    )]
+    DecodesTooLarge {
+        /// Payload length on the wire.
+        len: usize,
+        /// The decoded-size bound ([`crate::decoded_size::bound`]).
+        bound: usize,
+        /// The receiver's budget.
+        max: usize,
+    },
     /// The stream ended in the middle of a frame.
     #[error("stream ended inside a frame ({got} of {expected} bytes)")]
     Truncated {
@@ -46,7 +59,9 @@ impl WireError {
     /// The protocol error code to reset a stream with for this error.
     pub fn code(&self) -> u32 {
         match self {
-            Self::TooLarge { .. } => crate::proto::code::FRAME_TOO_LARGE,
+            Self::TooLarge { .. } | Self::DecodesTooLarge { .. } => {
+                crate::proto::code::FRAME_TOO_LARGE
+            }
             Self::Malformed { .. } | Self::Truncated { .. } => crate::proto::code::MALFORMED_FRAME,
         }
     }

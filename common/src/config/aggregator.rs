@@ -329,7 +329,8 @@ impl AggregatorConfig {
                 "ingest.max_inflight_bytes",
                 raw.ingest.max_inflight_bytes,
                 1024 * 1024,
-                64 * 1024 * 1024 * 1024,
+                // One reservation is at most u32::MAX bytes (tokio's semaphore takes a u32).
+                u64::from(u32::MAX),
             ),
             host_rate_bytes_per_sec: c.range(
                 "ingest.host_rate_bytes_per_sec",

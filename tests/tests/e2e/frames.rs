@@ -178,3 +178,60 @@ fn an_invalid_batch_is_refused_with_the_reason_and_not_stored() {
     };
     assert!(text.contains("flotilla_ingest_refused_total{reason=\"histogram\"} 1"), "{text}");
 }
+
+/// The aggregator's peak resident memory (VmHWM), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Regression (issue 8, section 2 "bounded aggregator memory"): a 4 MiB frame of two million
+/// empty samples is 2 bytes per sample on the wire and a `Sample` struct each once decoded, so
+/// the aggregator used to allocate hundreds of MiB decoding it before refusing it by count. Now
+/// its decoded size is bounded from its bytes first, and it is refused undecoded, with a reason
+/// the agent acts on (drop it), counted on /metrics, and the peak memory barely moves.
+#[test]
+fn a_frame_that_would_decode_huge_is_refused_undecoded() {
+    let fleet = Fleet::new();
+    let agg = Aggregator::start(&fleet.aggregator_config(0));
+    let (ca, cert, key) = identity(&fleet, "inflater");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let before = peak_rss_kib(agg.proc.pid());
+    rt.block_on(async {
+        let endpoint = quic_client(&ca, &cert, &key);
+        let conn = endpoint.connect(agg.quic, "flotilla-aggregator").unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        framed::write(&mut send, &hello(1, 1)).await.unwrap();
+        let _: HelloReply = framed::read(&mut recv, 1 << 16).await.unwrap();
+
+        // seq = 7, then field 2 (samples) empty, two million times: just under 4 MiB.
+        let mut payload = vec![0x08, 0x07];
+        for _ in 0..2_000_000 {
+            payload.extend_from_slice(&[0x12, 0x00]);
+        }
+        let mut frame = u32::try_from(payload.len()).unwrap().to_be_bytes().to_vec();
+        frame.extend_from_slice(&payload);
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&frame).await.unwrap();
+        send.finish().unwrap();
+        let ack: Ack = framed::read(&mut recv, 1 << 16).await.unwrap();
+        assert_eq!((ack.seq, ack.retry_after_ms), (7, 0), "refused for good: {ack:?}");
+        assert!(
+            ack.refused.contains("could decode into") && ack.refused.contains("budget"),
+            "{}",
+            ack.refused
+        );
+        assert!(conn.close_reason().is_none(), "the connection goes on");
+        conn.close(0u32.into(), b"done");
+    });
+    let grown_mib = peak_rss_kib(agg.proc.pid()).saturating_sub(before) / 1024;
+    assert!(grown_mib < 64, "peak RSS grew by {grown_mib} MiB reading one 4 MiB frame");
+    let metrics = e2e::http_get(agg.api.trim_start_matches("http://"), "/metrics");
+    assert!(
+        metrics.contains("flotilla_ingest_refused_total{reason=\"decoded_size\"} 1"),
+        "{metrics}"
+    );
+    let detail = agg.cli_json(&["host", "inflater"]).unwrap();
+    assert_eq!(detail["summary"]["samples_total"], 0);
+}
