@@ -26,7 +26,7 @@ use tracing::info;
 use crate::connections::Connections;
 use crate::ingest::now_ms;
 use crate::stats::{Gauges, Stats};
-use crate::store::{HostRecord, TelemetryStore};
+use crate::store::{HostRecord, TelemetryStore, decode_or_skip};
 use crate::views::{
     ApiError, HostDetail, HostState, HostSummary, MetricNames, MetricSeries, Resolution,
     RevokeResult,
@@ -375,8 +375,15 @@ fn health_metrics(
          ERROR).\n# TYPE flotilla_analytics_failures_total counter\n\
          flotilla_analytics_failures_total{{kind=\"pass\"}} {}\n\
          flotilla_analytics_failures_total{{kind=\"webhook\"}} {}\n\
-         flotilla_analytics_failures_total{{kind=\"scheduler\"}} {}\n",
-        analytics.pass_failures, analytics.webhook_failures, analytics.scheduler_failures
+         flotilla_analytics_failures_total{{kind=\"scheduler\"}} {}\n\
+         # HELP flotilla_store_skipped_records_total Stored records that reads skipped because \
+         they do not decode (each is counted, the first and every thousandth logged at WARN).\n\
+         # TYPE flotilla_store_skipped_records_total counter\n\
+         flotilla_store_skipped_records_total {}\n",
+        analytics.pass_failures,
+        analytics.webhook_failures,
+        analytics.scheduler_failures,
+        crate::store::skipped_records()
     )
 }
 
@@ -619,7 +626,10 @@ async fn alerts(
     let raw = blocking(move || store.history("alert", i64::MIN, limit)).await?;
     Ok(Json(AlertsView {
         active: book.active.into_values().collect(),
-        history: raw.iter().filter_map(|v| serde_json::from_slice(v).ok()).collect(),
+        history: raw
+            .iter()
+            .filter_map(|v| decode_or_skip("alert", b"history/alert", serde_json::from_slice(v)))
+            .collect(),
     }))
 }
 
@@ -632,5 +642,11 @@ async fn anomalies(
     let store = state.store.clone();
     let limit = q.limit.unwrap_or(100).min(10_000);
     let raw = blocking(move || store.history("anomaly", i64::MIN, limit)).await?;
-    Ok(Json(raw.iter().filter_map(|v| serde_json::from_slice(v).ok()).collect()))
+    Ok(Json(
+        raw.iter()
+            .filter_map(|v| {
+                decode_or_skip("anomaly", b"history/anomaly", serde_json::from_slice(v))
+            })
+            .collect(),
+    ))
 }

@@ -38,6 +38,42 @@ use serde::{Deserialize, Serialize};
 
 use crate::views::{MetricPoint, Resolution};
 
+/// Stored records skipped by reads because they did not decode, since this process started
+/// (`flotilla_store_skipped_records_total`). A read that meets one goes on without it rather
+/// than failing every query of that host and time; each skip is counted and logged.
+static SKIPPED_RECORDS: AtomicU64 = AtomicU64::new(0);
+
+/// Records skipped by reads so far (see [`SKIPPED_RECORDS`]).
+pub fn skipped_records() -> u64 {
+    SKIPPED_RECORDS.load(Ordering::Relaxed)
+}
+
+/// Decodes a stored record with `decode`; one that does not decode is counted, logged (the
+/// first, then every thousandth, so a corrupt range cannot flood the log) and skipped.
+pub fn decode_or_skip<T, E: std::fmt::Display>(
+    what: &str,
+    key: &[u8],
+    decoded: Result<T, E>,
+) -> Option<T> {
+    match decoded {
+        Ok(value) => Some(value),
+        Err(error) => {
+            let skipped = SKIPPED_RECORDS.fetch_add(1, Ordering::Relaxed) + 1;
+            if skipped == 1 || skipped % 1000 == 0 {
+                warn!(
+                    record = what,
+                    key = %String::from_utf8_lossy(key).escape_debug(),
+                    %error,
+                    skipped,
+                    "Skipped a stored record that does not decode (corrupt, or written by a \
+                     newer version); reads go on without it."
+                );
+            }
+            None
+        }
+    }
+}
+
 /// One minute, ms.
 pub const MINUTE_MS: i64 = 60_000;
 /// One hour, ms.
@@ -630,8 +666,10 @@ impl SledStore {
     fn fold_samples(&self, host: &str, start: i64, end: i64) -> Result<Rollup, StoreError> {
         let mut rollup = Rollup::new();
         for s in self.samples.range(keys::bucket(host, start)..keys::bucket(host, end)) {
-            let (_, v) = s.map_err(io("scan samples"))?;
-            let Ok(sample) = Sample::decode(v.as_ref()) else { continue };
+            let (k, v) = s.map_err(io("scan samples"))?;
+            let Some(sample) = decode_or_skip("sample", &k, Sample::decode(v.as_ref())) else {
+                continue;
+            };
             for (name, value) in common::metrics::flatten(&sample) {
                 merge_into(&mut rollup, name, Stats::of(value));
             }
@@ -643,8 +681,11 @@ impl SledStore {
     fn fold_minutes(&self, host: &str, start: i64, end: i64) -> Result<Rollup, StoreError> {
         let mut rollup = Rollup::new();
         for m in self.minutes.range(keys::bucket(host, start)..keys::bucket(host, end)) {
-            let (_, v) = m.map_err(io("scan minutes"))?;
-            let Ok(minute) = postcard::from_bytes::<Rollup>(&v) else { continue };
+            let (k, v) = m.map_err(io("scan minutes"))?;
+            let Some(minute) = decode_or_skip("rollup", &k, postcard::from_bytes::<Rollup>(&v))
+            else {
+                continue;
+            };
             for (name, st) in minute {
                 merge_into(&mut rollup, name, st);
             }
@@ -794,8 +835,10 @@ impl TelemetryStore for SledStore {
         match resolution {
             Resolution::Raw => {
                 for item in self.samples.range(range) {
-                    let (_, v) = item.map_err(io("scan samples"))?;
-                    let Ok(s) = Sample::decode(v.as_ref()) else { continue };
+                    let (k, v) = item.map_err(io("scan samples"))?;
+                    let Some(s) = decode_or_skip("sample", &k, Sample::decode(v.as_ref())) else {
+                        continue;
+                    };
                     if let Some(value) = common::metrics::value(&s, metric) {
                         points.push(MetricPoint {
                             unix_ms: s.unix_ms,
@@ -813,7 +856,11 @@ impl TelemetryStore for SledStore {
                 for item in tree.range(range) {
                     let (k, v) = item.map_err(io("scan rollups"))?;
                     let Some((_, start)) = keys::split(&k) else { continue };
-                    let Ok(rollup) = postcard::from_bytes::<Rollup>(&v) else { continue };
+                    let Some(rollup) =
+                        decode_or_skip("rollup", &k, postcard::from_bytes::<Rollup>(&v))
+                    else {
+                        continue;
+                    };
                     if let Some(st) = rollup.get(metric).filter(|st| st.count > 0) {
                         points.push(MetricPoint {
                             unix_ms: start,
@@ -1018,7 +1065,10 @@ impl SledStore {
         for item in tree.range(keys::bucket(host, since_ms)..keys::bucket(host, until_ms)) {
             let (k, v) = item.map_err(io("scan rollups"))?;
             let Some((_, start)) = keys::split(&k) else { continue };
-            let Ok(rollup) = postcard::from_bytes::<Rollup>(&v) else { continue };
+            let Some(rollup) = decode_or_skip("rollup", &k, postcard::from_bytes::<Rollup>(&v))
+            else {
+                continue;
+            };
             out.push((start, rollup));
         }
         Ok(out)
@@ -1134,6 +1184,39 @@ mod tests {
         let err = store.host(&host("d")).unwrap_err().to_string();
         assert!(err.contains("newer aggregator"), "{err}");
         assert!(store.host(&host("c")).is_err(), "a direct read still reports the corruption");
+    }
+
+    #[test]
+    fn undecodable_samples_and_rollups_are_skipped_counted_and_the_rest_served() {
+        // Reads used to drop these without a trace; now each skip is counted for /metrics.
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store.commit(&[batch("a", 1, 1, &[60_000, 61_000])]).unwrap();
+        store.roll_up(10 * 60_000).unwrap();
+        let before = skipped_records();
+        store.samples.insert(keys::sample("a", 62_000, 99), &[0xff, 0xff, 0xff][..]).unwrap();
+        store.minutes.insert(keys::bucket("a", 120_000), &[0xff; 3][..]).unwrap();
+        let raw = store.series(&host("a"), "cpu_util_pct", 0, Resolution::Raw).unwrap();
+        assert_eq!(raw.len(), 2, "the good samples are served: {raw:?}");
+        let minutes = store.series(&host("a"), "cpu_util_pct", 0, Resolution::Minute).unwrap();
+        assert_eq!(minutes.len(), 1, "the good minute is served: {minutes:?}");
+        assert!(skipped_records() >= before + 2, "both skips are counted");
+    }
+
+    proptest::proptest! {
+        /// Stored-record decoding never panics, whatever bytes are on disk.
+        #[test]
+        fn stored_records_decode_or_err_on_any_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = decode_host("h", &bytes);
+            let mut magic = vec![HOST_RECORD_MAGIC, HOST_RECORD_VERSION];
+            magic.extend_from_slice(&bytes);
+            let _ = decode_host("h", &magic);
+            let _ = postcard::from_bytes::<Rollup>(&bytes);
+            let _ = Sample::decode(bytes.as_slice());
+            let _ = crate::scheduler::decode_api_budgets(Some(&bytes));
+            let _ = serde_json::from_slice::<crate::analytics::alerts::AlertBook>(&bytes);
+            let _ = serde_json::from_slice::<crate::scheduler::AnomalyEvent>(&bytes);
+        }
     }
 
     #[test]

@@ -36,7 +36,24 @@ pub enum SeriesError {
     /// The input has no usable value.
     #[error("the series has no values")]
     Empty,
+    /// The timestamps span more hours than a series holds.
+    #[error(
+        "the timestamps span {hours} hours (line {first_line} to line {last_line}), more than \
+         the {MAX_SLOTS} hours (20 years) a series holds; check for a stray timestamp"
+    )]
+    TooLong {
+        /// Hours from the earliest to the latest timestamp.
+        hours: i64,
+        /// 1-based line of the earliest timestamp.
+        first_line: usize,
+        /// 1-based line of the latest timestamp.
+        last_line: usize,
+    },
 }
+
+/// The most hourly slots a series holds (20 years): older points are left out of a grid, so one
+/// stray timestamp cannot make it allocate terabytes.
+pub const MAX_SLOTS: usize = 24 * 366 * 20;
 
 /// Values on an hourly grid; `None` marks a missing hour.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,11 +83,16 @@ impl HourlySeries {
         else {
             return Self { start_ms: 0, values: Vec::new() };
         };
-        let len = usize::try_from((last - first) / HOUR_MS + 1).unwrap_or(0);
-        let mut values = vec![None; len];
-        for (t, (sum, n)) in acc {
-            if let Ok(i) = usize::try_from((t - first) / HOUR_MS) {
-                values[i] = Some(sum / f64::from(n));
+        // At most MAX_SLOTS hours, ending with the last point; older points are left out.
+        let max_span = (MAX_SLOTS as i64 - 1) * HOUR_MS;
+        let first = first.max(last.saturating_sub(max_span));
+        let len = usize::try_from(last.saturating_sub(first) / HOUR_MS + 1).unwrap_or(0);
+        let mut values = vec![None; len.min(MAX_SLOTS)];
+        for (t, (sum, n)) in acc.range(first..) {
+            if let Some(slot) =
+                usize::try_from((t - first) / HOUR_MS).ok().and_then(|i| values.get_mut(i))
+            {
+                *slot = Some(sum / f64::from(*n));
             }
         }
         Self { start_ms: first, values }
@@ -280,6 +302,7 @@ pub fn format_time(unix_ms: i64) -> String {
 /// number) into points.
 pub fn parse_csv(text: &str) -> Result<Vec<(i64, f64)>, SeriesError> {
     let mut out = Vec::new();
+    let mut lines = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -297,9 +320,21 @@ pub fn parse_csv(text: &str) -> Result<Vec<(i64, f64)>, SeriesError> {
              like +02:00) or Unix seconds/milliseconds",
         ))?;
         out.push((unix_ms, value));
+        lines.push(n + 1);
     }
-    if out.is_empty() {
+    let (Some(earliest), Some(latest)) = (
+        out.iter().enumerate().min_by_key(|(_, (t, _))| *t),
+        out.iter().enumerate().max_by_key(|(_, (t, _))| *t),
+    ) else {
         return Err(SeriesError::Empty);
+    };
+    let hours = latest.1.0.saturating_sub(earliest.1.0) / HOUR_MS;
+    if hours >= MAX_SLOTS as i64 {
+        return Err(SeriesError::TooLong {
+            hours,
+            first_line: lines[earliest.0],
+            last_line: lines[latest.0],
+        });
     }
     Ok(out)
 }
@@ -322,6 +357,20 @@ mod tests {
         assert_eq!(s.present(), 2);
         assert_eq!(s.before(HOUR_MS * 12).values, vec![Some(2.0), None]);
         assert_eq!(s.last(1).start_ms, HOUR_MS * 13);
+    }
+
+    #[test]
+    fn a_stray_timestamp_is_refused_not_gridded_into_terabytes() {
+        // Regression: one Unix-ms timestamp in the year 292 million made `from_points` ask for
+        // trillions of slots and abort the CLI.
+        let text = "time,value\n2024-01-01T00:00,5\n9223372036854775807,6\n";
+        let err = parse_csv(text).unwrap_err().to_string();
+        assert!(err.contains("line 2 to line 3") && err.contains("stray timestamp"), "{err}");
+        let grid =
+            HourlySeries::from_points([(0, 1.0), (i64::MAX, 2.0), (i64::MAX - HOUR_MS, 3.0)]);
+        assert_eq!(grid.len(), MAX_SLOTS, "the grid keeps the most recent 20 years");
+        assert_eq!(grid.values.last(), Some(&Some(2.0)));
+        assert_eq!(grid.values[MAX_SLOTS - 2], Some(3.0));
     }
 
     #[test]
