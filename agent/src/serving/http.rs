@@ -1447,4 +1447,137 @@ mod tests {
             call(&app, "POST", "/v2/repository/models/ghost/load", &[], vec![]).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{}", String::from_utf8_lossy(&body));
     }
+
+    /// One demo-model app shared by every property case (loading the model per case is slow).
+    fn shared_app() -> &'static (tokio::runtime::Runtime, Router, tempfile::TempDir) {
+        static APP: std::sync::OnceLock<(tokio::runtime::Runtime, Router, tempfile::TempDir)> =
+            std::sync::OnceLock::new();
+        APP.get_or_init(|| {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let (app, dir) = rt.block_on(app(1 << 20));
+            (rt, app, dir)
+        })
+    }
+
+    /// A KServe v2 request body shaped like a real one, with every part drawn from values that
+    /// are valid, odd or hostile: names, shapes (negative, zero, huge), datatypes, nested data
+    /// of any JSON kind, binary sizes, and a binary tail.
+    fn arb_infer_body() -> impl proptest::strategy::Strategy<Value = (Vec<u8>, Option<String>)> {
+        use proptest::prelude::*;
+        let dim = prop_oneof![
+            Just(-1i64),
+            Just(0),
+            Just(1),
+            Just(2),
+            Just(4),
+            Just(1 << 40),
+            any::<i64>()
+        ];
+        let datatype = prop_oneof![
+            Just("FP32".to_owned()),
+            Just("FP16".to_owned()),
+            Just("INT64".to_owned()),
+            Just("BYTES".to_owned()),
+            Just("BOOL".to_owned()),
+            "[A-Z0-9]{0,6}",
+        ];
+        let scalar = prop_oneof![
+            any::<f64>().prop_map(|v| Value::from(v).to_string()),
+            any::<i64>().prop_map(|v| v.to_string()),
+            (-1e3f64..1e3).prop_map(|v| v.to_string()),
+            Just("true".to_owned()),
+            Just("null".to_owned()),
+            "\"[a-z]{0,5}\"",
+            Just("1e999".to_owned()),
+        ];
+        let data = scalar.clone().prop_recursive(3, 64, 8, |inner| {
+            proptest::collection::vec(inner, 0..8).prop_map(|v| format!("[{}]", v.join(",")))
+        });
+        // Nearly valid: the demo's input with n rows of 4, any datatype, values of any kind.
+        let floats = (-1e3f64..1e3).prop_map(|v| v.to_string());
+        let values = prop_oneof![
+            proptest::collection::vec(floats, 12),
+            proptest::collection::vec(scalar.clone(), 12),
+        ];
+        let datatypes = prop_oneof![Just("FP32".to_owned()), datatype.clone()];
+        let near = (1usize..4, datatypes, values).prop_map(|(n, dt, values)| {
+            format!(
+                "{{\"name\":\"features\",\"shape\":[{n},4],\"datatype\":{dt:?},\"data\":[{}]}}",
+                values[..n * 4].join(",")
+            )
+        });
+        let input = (
+            prop_oneof![Just("features".to_owned()), ".{0,8}"],
+            proptest::collection::vec(dim, 0..4),
+            datatype,
+            proptest::option::of(data),
+            proptest::option::of(any::<i64>()),
+        )
+            .prop_map(|(name, shape, dt, data, binary)| {
+                let shape: Vec<String> = shape.iter().map(i64::to_string).collect();
+                let mut fields = vec![
+                    format!("\"name\":{}", Value::from(name)),
+                    format!("\"shape\":[{}]", shape.join(",")),
+                    format!("\"datatype\":{dt:?}"),
+                ];
+                if let Some(d) = data {
+                    fields.push(format!("\"data\":{d}"));
+                }
+                if let Some(n) = binary {
+                    fields.push(format!("\"parameters\":{{\"binary_data_size\":{n}}}"));
+                }
+                format!("{{{}}}", fields.join(","))
+            });
+        let input = prop_oneof![input, near];
+        (
+            proptest::collection::vec(input, 0..3),
+            proptest::collection::vec(any::<u8>(), 0..64),
+            prop_oneof![Just(None), Just(Some(usize::MAX)), (0usize..400).prop_map(Some)],
+            0usize..4,
+        )
+            .prop_map(|(inputs, tail, header_len, mangle)| {
+                let json = format!("{{\"id\":\"p\",\"inputs\":[{}]}}", inputs.join(","));
+                let mut body = json.clone().into_bytes();
+                let mut header = None;
+                match mangle {
+                    0 => {}
+                    1 => {
+                        body.extend_from_slice(&tail);
+                        header = Some(match header_len {
+                            Some(usize::MAX) => "not a number".to_owned(),
+                            Some(n) => n.to_string(),
+                            None => json.len().to_string(),
+                        });
+                    }
+                    2 => body.truncate(header_len.unwrap_or(0).min(body.len())),
+                    _ => body = tail,
+                }
+                (body, header)
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 192, failure_persistence: None, ..Default::default() })]
+        /// Whatever the body, the KServe v2 JSON and binary parsers answer: 200 with outputs, or
+        /// 4xx / 503 with a JSON error. Never a 500, never a panic.
+        #[test]
+        fn any_infer_body_is_answered_never_with_a_500((body, header) in arb_infer_body()) {
+            let (rt, app, _) = shared_app();
+            let headers: Vec<(&str, &str)> = header.iter().map(|h| (HEADER_LENGTH, h.as_str())).collect();
+            let (status, _, reply) =
+                rt.block_on(call(app, "POST", "/v2/models/demo/infer", &headers, body.clone()));
+            proptest::prop_assert!(
+                status != StatusCode::INTERNAL_SERVER_ERROR,
+                "500 for {}: {}", String::from_utf8_lossy(&body), String::from_utf8_lossy(&reply)
+            );
+            if status != StatusCode::OK {
+                let v: Value = serde_json::from_slice(&reply).expect("a JSON error body");
+                proptest::prop_assert!(v["error"].is_string(), "{v}");
+            }
+        }
+    }
 }

@@ -438,4 +438,38 @@ mod example {
         assert_eq!((c.priority_levels, c.preferred_batch_sizes.clone()), (2, vec![4, 8]));
         assert_eq!(c.inputs[0].dims, Some(vec![3, 48, -1]));
     }
+
+    /// `config/model.toml` with every `key = value` line's value replaced by `value`.
+    fn every_key_set_to(value: &str) -> String {
+        let example = include_str!("../../../config/model.toml");
+        let mut out = String::new();
+        for line in example.lines() {
+            match line.split_once(" = ") {
+                Some((key, _)) if !line.trim_start().starts_with('#') => {
+                    out.push_str(&format!("{key} = {value}\n"));
+                }
+                _ => out.push_str(&format!("{line}\n")),
+            }
+        }
+        out
+    }
+
+    proptest::proptest! {
+        /// Any text, and every real key set to a hostile value, is parsed or refused with a
+        /// message naming the model's config file.
+        #[test]
+        fn any_config_text_is_parsed_or_refused_by_name(
+            text in "(\\[{1,2}[a-z_.]{0,12}\\]{1,2}\n|[a-z_]{1,24} = (\"[^\"\n]{0,20}\"|-?[0-9]{1,20}|true|\\[[0-9, ]{0,12}\\])\n|.{0,40}\n){0,12}",
+            n in proptest::prelude::any::<i64>(),
+            f in proptest::prelude::any::<f64>(),
+            s in ".{0,30}",
+        ) {
+            if let Err(e) = ModelConfig::parse(&text, "prop/config.toml", "m") {
+                proptest::prop_assert!(e.to_string().contains("config.toml"), "{e}");
+            }
+            for value in [n.to_string(), format!("{f:?}"), format!("{s:?}"), "[]".to_owned()] {
+                let _ = ModelConfig::parse(&every_key_set_to(&value), "prop/config.toml", "m");
+            }
+        }
+    }
 }

@@ -324,4 +324,27 @@ mod tests {
         assert!(parse_line(r#"{"device":"card0","metrics":{"die.temp_c":1}}"#).is_err());
         assert!(parse_line(r#"{"device":"pci:0000_3b","metrics":{"temp_c":1}}"#).is_ok());
     }
+
+    proptest::proptest! {
+        /// Any line, JSON-shaped or not, is parsed or refused with a reason; what is accepted
+        /// has names that keep the series names unambiguous.
+        #[test]
+        fn any_output_line_is_parsed_or_refused(
+            device in "[a-zA-Z0-9._: -]{0,12}",
+            metrics in proptest::collection::vec(("[a-zA-Z0-9._:-]{0,10}", "-?[0-9]{1,20}(\\.[0-9]{0,5})?(e[+-]?[0-9]{1,3})?|\"x\"|null|\\[\\]"), 0..8),
+            noise in ".{0,40}",
+            cut in 0usize..200,
+        ) {
+            let body: Vec<String> = metrics.iter().map(|(k, v)| format!("{k:?}:{v}")).collect();
+            let line = format!("{{\"device\":{device:?},\"metrics\":{{{}}}}}", body.join(","));
+            for text in [line.clone(), format!("{line}{noise}"), line.chars().take(cut).collect()] {
+                if let Ok(parsed) = parse_line(&text) {
+                    let ok = |n: &str| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_:".contains(c));
+                    proptest::prop_assert!(ok(&parsed.device), "{text}");
+                    proptest::prop_assert!(parsed.metrics.keys().all(|k| ok(k)), "{text}");
+                    proptest::prop_assert!(parsed.metrics.values().all(|v| v.is_finite()), "{text}");
+                }
+            }
+        }
+    }
 }
