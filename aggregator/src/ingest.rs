@@ -53,6 +53,9 @@ pub struct IngestContext {
     pub inflight: crate::limits::InflightBudget,
     /// Per-host report byte rates.
     pub rates: crate::limits::HostRates,
+    /// Connections allowed through the handshake and Hello at once
+    /// (`ingest.max_concurrent_handshakes`).
+    pub handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 /// Accepts connections until `shutdown`, then closes the endpoint and waits for handlers.
@@ -68,9 +71,17 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
         };
         let Some(incoming) = incoming else { break };
+        // Held through the handshake and the Hello: past the limit a connection is refused
+        // before any crypto, and its agent backs off, rather than all of them timing out.
+        let Ok(admitted) = ctx.handshakes.clone().try_acquire_owned() else {
+            ctx.stats.admissions_refused.inc();
+            debug!(peer = %incoming.remote_address(), "Refused a connection: too many handshakes in progress.");
+            incoming.refuse();
+            continue;
+        };
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
-        tracker.spawn(async move { handle_connection(incoming, ctx, shutdown).await });
+        tracker.spawn(async move { handle_connection(incoming, ctx, shutdown, admitted).await });
     }
     endpoint.close(quinn::VarInt::from_u32(code::OK), b"aggregator stopping");
     tracker.close();
@@ -83,6 +94,7 @@ async fn handle_connection(
     incoming: quinn::Incoming,
     ctx: Arc<IngestContext>,
     shutdown: CancellationToken,
+    admitted: tokio::sync::OwnedSemaphorePermit,
 ) {
     let peer = incoming.remote_address();
     let conn = match incoming.await {
@@ -146,6 +158,8 @@ async fn handle_connection(
     let replaced = ctx.connections.insert(host.clone(), conn.clone());
     ctx.stats.connections_accepted.inc();
     info!(%host, %peer, version, replaced, watermark = record.watermark, "Agent connected.");
+    // Welcomed: the next connection may start its handshake.
+    drop(admitted);
 
     let streams = TaskTracker::new();
     let reason = loop {

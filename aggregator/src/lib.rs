@@ -169,6 +169,7 @@ pub async fn run(
         max_frame_bytes: config.ingest.max_frame_bytes,
         max_batch_samples: config.ingest.max_batch_samples,
         inflight: limits::InflightBudget::new(config.ingest.max_inflight_bytes),
+        handshakes: Arc::new(tokio::sync::Semaphore::new(config.ingest.max_concurrent_handshakes)),
         rates: limits::HostRates::new(
             config.ingest.host_rate_bytes_per_sec,
             config.ingest.host_burst_bytes,

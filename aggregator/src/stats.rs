@@ -41,6 +41,9 @@ pub struct Stats {
     pub connections_accepted: Counter,
     /// Handshakes refused (bad, expired, revoked or foreign certificates, wrong ALPN).
     pub handshakes_refused: Counter,
+    /// Connections refused before their handshake because `ingest.max_concurrent_handshakes`
+    /// were already in progress.
+    pub admissions_refused: Counter,
     /// Hellos refused (version mismatch, no Hello).
     pub hellos_refused: Counter,
     /// Frames refused as malformed.
@@ -115,6 +118,7 @@ impl Stats {
             "flotilla_connections_refused_total",
             "Agent connections refused, by stage.",
             &[
+                ("{stage=\"admission\"}", self.admissions_refused.get()),
                 ("{stage=\"handshake\"}", self.handshakes_refused.get()),
                 ("{stage=\"hello\"}", self.hellos_refused.get()),
             ],

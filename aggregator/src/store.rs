@@ -755,7 +755,10 @@ impl TelemetryStore for SledStore {
         rec.last_seen_ms = rec.last_seen_ms.max(now_ms);
         rec.cert_not_after_secs = cert_not_after_secs;
         self.write_host(host.as_str(), &rec)?;
-        self.db.flush().map_err(io("flush"))?;
+        // No flush here: nothing acknowledged depends on this record. The next commit's flush
+        // makes it durable with that commit's batches (sled flushes every write before it); if
+        // the aggregator dies first, the agent says Hello again on reconnecting. A flush per
+        // Hello made a reconnect storm wait on the disk once per agent.
         Ok(rec)
     }
 

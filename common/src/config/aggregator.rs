@@ -98,6 +98,9 @@ pub struct IngestConfig {
     pub max_inflight_bytes: u64,
     /// Average report bytes per second each host may send.
     pub host_rate_bytes_per_sec: u64,
+    /// Connections taken through the TLS handshake and Hello at once; more are refused at once
+    /// (the agent backs off and retries) instead of timing out half-done.
+    pub max_concurrent_handshakes: usize,
     /// Largest burst of report bytes a host may send at once.
     pub host_burst_bytes: u64,
 }
@@ -181,6 +184,8 @@ struct RawIngest {
     host_rate_bytes_per_sec: u64,
     #[serde(default = "default_host_burst")]
     host_burst_bytes: u64,
+    #[serde(default = "default_max_concurrent_handshakes")]
+    max_concurrent_handshakes: u64,
 }
 
 impl Default for RawIngest {
@@ -192,6 +197,7 @@ impl Default for RawIngest {
             max_inflight_bytes: default_max_inflight(),
             host_rate_bytes_per_sec: default_host_rate(),
             host_burst_bytes: default_host_burst(),
+            max_concurrent_handshakes: default_max_concurrent_handshakes(),
         }
     }
 }
@@ -207,6 +213,9 @@ fn default_host_rate() -> u64 {
 }
 fn default_host_burst() -> u64 {
     32 * 1024 * 1024
+}
+fn default_max_concurrent_handshakes() -> u64 {
+    64
 }
 
 fn default_quic() -> String {
@@ -339,6 +348,14 @@ impl AggregatorConfig {
                 1024 * 1024 * 1024,
             ),
             host_burst_bytes: raw.ingest.host_burst_bytes,
+            // At most 100,000, which fits usize on every target we build for.
+            max_concurrent_handshakes: usize::try_from(c.range(
+                "ingest.max_concurrent_handshakes",
+                raw.ingest.max_concurrent_handshakes,
+                1,
+                100_000,
+            ))
+            .unwrap_or(100_000),
         };
         // Every frame the limit admits must fit both the global budget and a host's burst, or
         // it could never be read or stored.

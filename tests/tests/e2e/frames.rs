@@ -235,3 +235,44 @@ fn a_frame_that_would_decode_huge_is_refused_undecoded() {
     let detail = agg.cli_json(&["host", "inflater"]).unwrap();
     assert_eq!(detail["summary"]["samples_total"], 0);
 }
+
+/// Reconnect storms (issue 8, section 2 "load"): past `ingest.max_concurrent_handshakes`
+/// connections in handshake or Hello, a new one is refused at once (the agent backs off) rather
+/// than left to time out half-done; the slot frees as soon as the connection is welcomed.
+#[test]
+fn connections_past_the_handshake_limit_are_refused_at_once_then_admitted() {
+    let fleet = Fleet::new();
+    let config = fleet.aggregator_config(0);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("max_concurrent_handshakes = 1\n");
+    std::fs::write(&config, text).unwrap();
+    let agg = Aggregator::start(&config);
+    let (ca, cert, key) = identity(&fleet, "queued");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // The first connection completes its handshake and holds the one slot: no Hello yet.
+        let first_endpoint = quic_client(&ca, &cert, &key);
+        let first = first_endpoint.connect(agg.quic, "flotilla-aggregator").unwrap().await.unwrap();
+        // The second is refused before any crypto work.
+        let second_endpoint = quic_client(&ca, &cert, &key);
+        let refused = second_endpoint.connect(agg.quic, "flotilla-aggregator").unwrap().await;
+        assert!(
+            matches!(&refused, Err(quinn::ConnectionError::ConnectionClosed(c))
+                if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED),
+            "{refused:?}"
+        );
+        // Welcomed, the first frees the slot, and a new connection gets through.
+        let (mut send, mut recv) = first.open_bi().await.unwrap();
+        framed::write(&mut send, &hello(1, 1)).await.unwrap();
+        let reply: HelloReply = framed::read(&mut recv, 1 << 16).await.unwrap();
+        assert!(matches!(reply.reply, Some(hello_reply::Reply::Welcome(_))), "{reply:?}");
+        let third = second_endpoint.connect(agg.quic, "flotilla-aggregator").unwrap().await;
+        assert!(third.is_ok(), "admitted once the slot is free: {third:?}");
+        first.close(0u32.into(), b"done");
+    });
+    let metrics = e2e::http_get(&agg.api, "/metrics");
+    assert!(
+        metrics.contains("flotilla_connections_refused_total{stage=\"admission\"} 1"),
+        "{metrics}"
+    );
+}
