@@ -27,29 +27,69 @@ const REMEMBERED: usize = 4096;
 #[derive(Debug, Clone, Default)]
 pub struct DirectiveMemory(Arc<Mutex<Applied>>);
 
-/// Serves directive streams on `conn` until it closes.
+/// How long a directive stream may take to deliver its frame.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serves directive streams on `conn` until it closes. Each stream is handled by its own task
+/// in a `JoinSet` (as many as the connection's stream limit lets the aggregator open): a task
+/// that panics is reported, not lost, and every task ends with the connection.
 pub async fn serve(conn: quinn::Connection, memory: DirectiveMemory) {
     let memory = memory.0;
-    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-        let memory = memory.clone();
-        tokio::spawn(async move {
-            let directive: Directive = match framed::read(&mut recv, MAX_DIRECTIVE_BYTES).await {
-                Ok(d) => d,
-                Err(e) => {
-                    warn!(error = %e, "Refused a malformed directive.");
-                    if let Some(code) = e.code() {
-                        framed::refuse(&mut send, &mut recv, code);
-                    }
-                    return;
-                }
-            };
-            let result = apply_once(&memory, &directive, unix_ms_now());
-            if let Err(e) = framed::write(&mut send, &result).await {
-                warn!(id = %directive.id, error = %e, "Could not answer a directive.");
+    let mut handlers = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = conn.accept_bi() => accepted,
+            Some(done) = handlers.join_next(), if !handlers.is_empty() => {
+                report(done);
+                continue;
             }
-            let _ = send.finish();
-        });
+        };
+        let Ok((send, recv)) = accepted else { break };
+        handlers.spawn(handle(send, recv, memory.clone()));
     }
+    handlers.abort_all();
+    while let Some(done) = handlers.join_next().await {
+        report(done);
+    }
+}
+
+fn report(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done
+        && e.is_panic()
+    {
+        tracing::error!(error = %e, "A directive handler panicked; its directive was not answered.");
+    }
+}
+
+async fn handle(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    memory: Arc<Mutex<Applied>>,
+) {
+    let read = tokio::time::timeout(READ_TIMEOUT, framed::read(&mut recv, MAX_DIRECTIVE_BYTES));
+    let directive: Directive = match read.await {
+        Ok(Ok(d)) => d,
+        Ok(Err(e)) => {
+            warn!(error = %e, "Refused a malformed directive.");
+            if let Some(code) = e.code() {
+                framed::refuse(&mut send, &mut recv, code);
+            }
+            return;
+        }
+        Err(_) => {
+            warn!(
+                secs = READ_TIMEOUT.as_secs(),
+                "A directive stream sent no whole frame in time; closed it."
+            );
+            framed::refuse(&mut send, &mut recv, common::proto::code::UNEXPECTED_MESSAGE);
+            return;
+        }
+    };
+    let result = apply_once(&memory, &directive, unix_ms_now());
+    if let Err(e) = framed::write(&mut send, &result).await {
+        warn!(id = %directive.id, error = %e, "Could not answer a directive.");
+    }
+    let _ = send.finish();
 }
 
 #[derive(Debug, Default)]

@@ -11,9 +11,14 @@
 //! 3. prints for each: offered and answered rates, the refusal rate with the statuses, p50 and
 //!    p99 latency of admitted (200) requests, and the agent process's peak and final RSS.
 //!
+//! With `--compare-queue-wait-ms W`, a second agent whose model has `max_queue_wait_ms = W`
+//! (0 turns the early refusal off) runs beside the first, and every phase drives one, then the
+//! other, at the same rate: the two rows of each phase are measured side by side.
+//!
 //! ```text
 //! cargo build --release -p benches --bin bench-overload
 //! target/release/bench-overload --seconds 10
+//! target/release/bench-overload --seconds 6 --compare-queue-wait-ms 0
 //! ```
 
 use std::collections::BTreeMap;
@@ -51,6 +56,12 @@ struct Args {
     /// The model's max_queue_size.
     #[arg(long, default_value_t = 64)]
     queue: usize,
+    /// The model's max_queue_wait_ms (0: no early refusal by expected wait).
+    #[arg(long, default_value_t = 1000)]
+    max_queue_wait_ms: u64,
+    /// Also run a second agent with this max_queue_wait_ms, phase by phase beside the first.
+    #[arg(long)]
+    compare_queue_wait_ms: Option<u64>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -71,25 +82,44 @@ fn main() -> anyhow::Result<()> {
         bail!("no model at {}; pass --model FILE", model.display());
     }
     if matches!(args.command, Some(Cmd::Serve)) {
-        return serve(&model, args.instances, args.queue);
+        return serve(&model, args.instances, args.queue, args.max_queue_wait_ms);
     }
-    let (mut child, addr) = spawn_agent(&model, &args)?;
-    let result = drive(&args, addr, child.id());
-    let _ = child.kill();
-    let _ = child.wait();
+    let mut waits = vec![args.max_queue_wait_ms];
+    waits.extend(args.compare_queue_wait_ms);
+    let mut agents = Vec::new();
+    for wait in waits {
+        let (child, addr) = spawn_agent(&model, &args, wait)?;
+        agents.push(Target { label: format!("wait {wait}"), addr, pid: child.id(), child });
+    }
+    let result = drive(&args, &agents);
+    for mut agent in agents {
+        let _ = agent.child.kill();
+        let _ = agent.child.wait();
+    }
     result
+}
+
+/// One agent child under load.
+struct Target {
+    label: String,
+    addr: std::net::SocketAddr,
+    pid: u32,
+    child: Child,
 }
 
 // === the agent (child) ===
 
-fn serve(model: &Path, instances: usize, queue: usize) -> anyhow::Result<()> {
+fn serve(model: &Path, instances: usize, queue: usize, wait_ms: u64) -> anyhow::Result<()> {
     let repo = tempfile::tempdir()?;
     let dir = repo.path().join("m");
     std::fs::create_dir_all(dir.join("1"))?;
     std::fs::copy(model, dir.join("1/model.onnx"))?;
     std::fs::write(
         dir.join("config.toml"),
-        format!("max_batch_size = 1\ninstances = {instances}\nmax_queue_size = {queue}\n"),
+        format!(
+            "max_batch_size = 1\ninstances = {instances}\nmax_queue_size = {queue}\n\
+             max_queue_wait_ms = {wait_ms}\n"
+        ),
     )?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -116,7 +146,11 @@ fn serve(model: &Path, instances: usize, queue: usize) -> anyhow::Result<()> {
     })
 }
 
-fn spawn_agent(model: &Path, args: &Args) -> anyhow::Result<(Child, std::net::SocketAddr)> {
+fn spawn_agent(
+    model: &Path,
+    args: &Args,
+    wait_ms: u64,
+) -> anyhow::Result<(Child, std::net::SocketAddr)> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .arg("--model")
@@ -125,6 +159,8 @@ fn spawn_agent(model: &Path, args: &Args) -> anyhow::Result<(Child, std::net::So
         .arg(args.instances.to_string())
         .arg("--queue")
         .arg(args.queue.to_string())
+        .arg("--max-queue-wait-ms")
+        .arg(wait_ms.to_string())
         .arg("serve")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -165,20 +201,29 @@ struct Phase {
     end_rss_mib: f64,
 }
 
-fn drive(args: &Args, addr: std::net::SocketAddr, pid: u32) -> anyhow::Result<()> {
+fn drive(args: &Args, agents: &[Target]) -> anyhow::Result<()> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let request = Arc::new(request_bytes(addr));
-    println!("agent pid {pid} on {addr}; idle RSS {:.1} MiB", rss_kib(pid) as f64 / 1024.0);
-    // Warm the plan.
-    runtime.block_on(async {
-        for _ in 0..20 {
-            let _ = one(addr, &request).await;
-        }
-    });
+    let Some(first) = agents.first() else { bail!("no agent to drive") };
+    let request = Arc::new(request_bytes(first.addr));
+    for agent in agents {
+        println!(
+            "agent ({}) pid {} on {}; idle RSS {:.1} MiB",
+            agent.label,
+            agent.pid,
+            agent.addr,
+            rss_kib(agent.pid) as f64 / 1024.0
+        );
+        // Warm the plan.
+        runtime.block_on(async {
+            for _ in 0..20 {
+                let _ = one(agent.addr, &request).await;
+            }
+        });
+    }
     let mut rate = args.start_rate;
     let onset = loop {
-        let p = runtime.block_on(phase(addr, &request, rate, args.step_seconds, pid));
+        let p = runtime.block_on(phase(first.addr, &request, rate, args.step_seconds, first.pid));
         println!(
             "  step {rate:>7.0}/s: answered {:>7.1}/s, refused {:>5.1} %, admitted p99 {:>7.1} ms",
             p.answered_per_s, p.refused_pct, p.p99_ms
@@ -191,24 +236,43 @@ fn drive(args: &Args, addr: std::net::SocketAddr, pid: u32) -> anyhow::Result<()
             bail!("no refusals up to 100000 requests/s");
         }
     };
-    println!("refusals start at R = {onset:.0} requests/s (>= 1 % refused)\n");
+    println!("refusals start at R = {onset:.0} requests/s (>= 1 % refused, {})\n", first.label);
     println!(
-        "{:>6} {:>9} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9}  statuses",
-        "load", "offered/s", "answered/s", "refused%", "p50 ms", "p99 ms", "peak RSS", "end RSS"
+        "{:>6} {:>10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9}  statuses",
+        "load",
+        "agent",
+        "offered/s",
+        "answered/s",
+        "refused%",
+        "p50 ms",
+        "p99 ms",
+        "peak RSS",
+        "end RSS"
     );
     for (label, factor) in [("R/2", 0.5), ("2R", 2.0), ("5R", 5.0)] {
-        let p = runtime.block_on(phase(addr, &request, onset * factor, args.seconds, pid));
-        println!(
-            "{label:>6} {:>9.0} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>8.1}Mi {:>7.1}Mi  {:?}",
-            p.offered_per_s,
-            p.answered_per_s,
-            p.refused_pct,
-            p.p50_ms,
-            p.p99_ms,
-            p.peak_rss_mib,
-            p.end_rss_mib,
-            p.statuses
-        );
+        for agent in agents {
+            // Let what the previous phase left in flight finish first.
+            std::thread::sleep(Duration::from_secs(2));
+            let p = runtime.block_on(phase(
+                agent.addr,
+                &request,
+                onset * factor,
+                args.seconds,
+                agent.pid,
+            ));
+            println!(
+                "{label:>6} {:>10} {:>9.0} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>8.1}Mi {:>7.1}Mi  {:?}",
+                agent.label,
+                p.offered_per_s,
+                p.answered_per_s,
+                p.refused_pct,
+                p.p50_ms,
+                p.p99_ms,
+                p.peak_rss_mib,
+                p.end_rss_mib,
+                p.statuses
+            );
+        }
     }
     Ok(())
 }
