@@ -59,7 +59,7 @@ pub fn decode_or_skip<T, E: std::fmt::Display>(
         Ok(value) => Some(value),
         Err(error) => {
             let skipped = SKIPPED_RECORDS.fetch_add(1, Ordering::Relaxed) + 1;
-            if skipped == 1 || skipped % 1000 == 0 {
+            if skipped == 1 || skipped.is_multiple_of(1000) {
                 warn!(
                     record = what,
                     key = %String::from_utf8_lossy(key).escape_debug(),

@@ -188,10 +188,10 @@ mod tests {
             let mut outer = vec![0x0a];
             let mut len = bytes.len();
             while len >= 0x80 {
-                outer.push((len as u8 & 0x7f) | 0x80);
+                outer.push(u8::try_from(len & 0x7f).unwrap_or(0) | 0x80);
                 len >>= 7;
             }
-            outer.push(len as u8);
+            outer.push(u8::try_from(len).unwrap_or(0));
             outer.extend_from_slice(&bytes);
             bytes = outer;
         }

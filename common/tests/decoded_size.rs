@@ -48,7 +48,7 @@ enum Field {
     Fixed32(u32),
     Fixed64(u32),
     Bytes(u32, Vec<u8>),
-    Nested(u32, Vec<Field>),
+    Nested(u32, Vec<Self>),
 }
 
 fn arb_fields() -> impl Strategy<Value = Vec<Field>> {
@@ -68,10 +68,10 @@ fn arb_fields() -> impl Strategy<Value = Vec<Field>> {
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
-        out.push((v as u8 & 0x7f) | 0x80);
+        out.push(u8::try_from(v & 0x7f).unwrap_or(0) | 0x80);
         v >>= 7;
     }
-    out.push(v as u8);
+    out.push(u8::try_from(v).unwrap_or(0));
 }
 
 fn encode_fields(fields: &[Field], out: &mut Vec<u8>) {
