@@ -43,7 +43,7 @@ use crate::views::{MetricPoint, Resolution};
 /// than failing every query of that host and time; each skip is counted and logged.
 static SKIPPED_RECORDS: AtomicU64 = AtomicU64::new(0);
 
-/// Records skipped by reads so far (see [`SKIPPED_RECORDS`]).
+/// Records skipped by reads so far, since this process started.
 pub fn skipped_records() -> u64 {
     SKIPPED_RECORDS.load(Ordering::Relaxed)
 }

@@ -25,6 +25,23 @@ fn hello(min: u32, max: u32) -> Hello {
     }
 }
 
+/// Connects as `host` (a fresh certificate from the fleet CA) and says Hello; the endpoint
+/// must outlive the connection.
+async fn welcomed(
+    fleet: &Fleet,
+    agg: &Aggregator,
+    host: &str,
+) -> (quinn::Endpoint, quinn::Connection) {
+    let (ca, cert, key) = identity(fleet, host);
+    let endpoint = quic_client(&ca, &cert, &key);
+    let conn = endpoint.connect(agg.quic, "flotilla-aggregator").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    framed::write(&mut send, &hello(1, 1)).await.unwrap();
+    let reply: HelloReply = framed::read(&mut recv, 1 << 16).await.unwrap();
+    assert!(matches!(reply.reply, Some(hello_reply::Reply::Welcome(_))), "{reply:?}");
+    (endpoint, conn)
+}
+
 /// Reads a stream to its end and returns the reset code, if it was reset.
 async fn reset_code(recv: &mut quinn::RecvStream) -> Option<u64> {
     match recv.read_to_end(1 << 16).await {
@@ -123,14 +140,9 @@ fn an_incompatible_protocol_version_is_refused_with_the_reason() {
 fn an_invalid_batch_is_refused_with_the_reason_and_not_stored() {
     let fleet = Fleet::new();
     let agg = Aggregator::start(&fleet.aggregator_config(0));
-    let (ca, cert, key) = identity(&fleet, "liar");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let endpoint = quic_client(&ca, &cert, &key);
-        let conn = endpoint.connect(agg.quic, "flotilla-aggregator").unwrap().await.unwrap();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        framed::write(&mut send, &hello(1, 1)).await.unwrap();
-        let _: HelloReply = framed::read(&mut recv, 1 << 16).await.unwrap();
+        let (_endpoint, conn) = welcomed(&fleet, &agg, "liar").await;
         let model = ModelSample {
             model: "m".into(),
             version: "1".into(),
@@ -195,15 +207,10 @@ fn peak_rss_kib(pid: u32) -> u64 {
 fn a_frame_that_would_decode_huge_is_refused_undecoded() {
     let fleet = Fleet::new();
     let agg = Aggregator::start(&fleet.aggregator_config(0));
-    let (ca, cert, key) = identity(&fleet, "inflater");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let before = peak_rss_kib(agg.proc.pid());
     rt.block_on(async {
-        let endpoint = quic_client(&ca, &cert, &key);
-        let conn = endpoint.connect(agg.quic, "flotilla-aggregator").unwrap().await.unwrap();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        framed::write(&mut send, &hello(1, 1)).await.unwrap();
-        let _: HelloReply = framed::read(&mut recv, 1 << 16).await.unwrap();
+        let (_endpoint, conn) = welcomed(&fleet, &agg, "inflater").await;
 
         // seq = 7, then field 2 (samples) empty, two million times: just under 4 MiB.
         let mut payload = vec![0x08, 0x07];

@@ -6,19 +6,6 @@ use common::tls::Ca;
 use e2e::{Aggregator, Fleet, WAIT, agent, eventually, quic_client};
 use time::{Duration, OffsetDateTime};
 
-/// An error and every cause under it, so an alert carried in a source is not hidden behind
-/// the outer context ("writing frame" when the handshake's refusal arrives mid-write).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(inner) = cause {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        cause = inner.source();
-    }
-    text
-}
-
 /// Connects with the given identity and tries a Hello; returns the error the client saw.
 async fn try_hello(
     ca_pem: &str,
@@ -39,7 +26,8 @@ async fn try_hello(
             &Hello { min_version: 1, max_version: 1, ..Hello::default() },
         )
         .await
-        .map_err(|e| error_chain(&e))?;
+        // The whole chain: a refusal that lands mid-write hides its alert behind "writing frame".
+        .map_err(|e| common::daemon::error_chain(&e))?;
         let reply: HelloReply =
             common::framed::read(&mut recv, 1 << 20).await.map_err(|e| format!("{e:?}"))?;
         Ok::<_, String>(reply)
