@@ -1561,7 +1561,7 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::test_runner::Config { cases: 192, failure_persistence: None, ..Default::default() })]
+        #![proptest_config(proptest::test_runner::Config { failure_persistence: None, ..Default::default() })]
         /// Whatever the body, the KServe v2 JSON and binary parsers answer: 200 with outputs, or
         /// 4xx / 503 with a JSON error. Never a 500, never a panic.
         #[test]
