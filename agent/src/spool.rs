@@ -108,7 +108,10 @@ impl Spool {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(4 * 1024 * 1024)
-            .flush_every_ms(Some(1000))
+            // No background flusher waking every second: each seal flushes its batch (the
+            // write that matters), and an ack lost in a crash only makes the aggregator see a
+            // duplicate, which it answers as one.
+            .flush_every_ms(None)
             .open()
             .map_err(open_err)?;
         let batches = db.open_tree("batches").map_err(open_err)?;
