@@ -208,6 +208,10 @@ async fn accept_hello(
                 ctx.stats.refuse("decoded_size");
                 return Err(error.to_string());
             }
+            Err(Budgeted::Busy { .. }) => {
+                ctx.stats.refuse("busy");
+                return Err("the aggregator's ingest budget is full; reconnect later".to_owned());
+            }
         };
         let hello: Hello = common::wire::decode_payload(&payload).map_err(|e| e.to_string())?;
         Ok::<_, String>((send, hello))
@@ -297,10 +301,28 @@ async fn handle_batch(
             // Every byte was read, so the agent gets an answer it acts on (drop the batch, not
             // retry it forever); its seq is read without decoding the rest.
             ctx.stats.refuse("decoded_size");
-            let seq = prost::Message::decode(payload.as_slice()).map_or(0, |b: BatchSeq| b.seq);
+            let seq = seq_of(&payload);
             warn!(%host, seq, error = %error, "Refused a batch that could decode into more than the in-flight budget; the agent drops it.");
             let refusal =
                 Ack { seq, duplicate: false, refused: error.to_string(), retry_after_ms: 0 };
+            if framed::write(&mut send, &refusal).await.is_ok() {
+                let _ = send.finish();
+            }
+            return;
+        }
+        Err(Budgeted::Busy { payload }) => {
+            ctx.stats.refuse("busy");
+            let seq = seq_of(&payload);
+            debug!(%host, seq, "Refused a batch for now: the in-flight budget stayed full.");
+            let refusal = Ack {
+                seq,
+                duplicate: false,
+                refused: format!(
+                    "the aggregator's ingest budget (ingest.max_inflight_bytes) is full; \
+                     retry in {BUSY_RETRY_MS} ms"
+                ),
+                retry_after_ms: BUSY_RETRY_MS,
+            };
             if framed::write(&mut send, &refusal).await.is_ok() {
                 let _ = send.finish();
             }
@@ -376,6 +398,11 @@ async fn handle_batch(
     }
 }
 
+/// The seq of an undecoded `TelemetryBatch` payload (0 if it has none).
+fn seq_of(payload: &[u8]) -> u64 {
+    prost::Message::decode(payload).map_or(0, |b: BatchSeq| b.seq)
+}
+
 /// Only the seq of a `TelemetryBatch`: prost skips the other fields without allocating.
 #[derive(Clone, PartialEq, prost::Message)]
 struct BatchSeq {
@@ -389,18 +416,32 @@ enum Budgeted {
     Frame(FrameError),
     /// The payload could decode into more than the whole budget; here it is, undecoded.
     OverBudget { payload: Vec<u8>, error: common::wire::WireError },
+    /// The budget stayed too full for this payload's decoded size for [`BUDGET_WAIT`]; here it
+    /// is, undecoded, to be answered "retry later".
+    Busy { payload: Vec<u8> },
 }
 
+/// How long a read payload waits for the rest of its decoded-size reservation.
+const BUDGET_WAIT: Duration = Duration::from_secs(5);
+
+/// How long an agent told "busy" waits before sending the batch again.
+const BUSY_RETRY_MS: u32 = 1000;
+
 /// Reads a `len`-byte payload under the in-flight budget: the wire bytes are reserved before
-/// they are read, then the reservation is swapped for the most they can decode into
+/// they are read, then the reservation grows to the most they can decode into
 /// ([`common::decoded_size::bound`]) before anyone decodes them. `Ok(None)` if the budget is
-/// closed. The returned permit holds the reservation.
+/// closed. The returned permit holds the whole reservation.
+///
+/// The wire bytes stay reserved while the rest is awaited, so every byte held is counted. The
+/// wait is bounded: reads each holding their wire bytes while waiting for more could otherwise
+/// wait on each other forever. After [`BUDGET_WAIT`] the payload is given back as
+/// [`Budgeted::Busy`] and its reservation released.
 async fn read_budgeted(
     recv: &mut quinn::RecvStream,
     len: usize,
     ctx: &IngestContext,
 ) -> Result<Option<(Vec<u8>, tokio::sync::OwnedSemaphorePermit)>, Budgeted> {
-    let Some(wire_bytes) = ctx.inflight.reserve(len).await else { return Ok(None) };
+    let Some(mut reserved) = ctx.inflight.reserve(len).await else { return Ok(None) };
     let payload = framed::read_payload_bytes(recv, len).await.map_err(Budgeted::Frame)?;
     let bound = common::decoded_size::bound(&payload).max(len);
     let max = ctx.inflight.capacity();
@@ -408,11 +449,15 @@ async fn read_budgeted(
         let error = common::wire::WireError::DecodesTooLarge { len, bound, max };
         return Err(Budgeted::OverBudget { payload, error });
     }
-    // Released before the larger reservation is taken: two streams each holding their wire
-    // bytes while waiting for more could otherwise wait on each other forever.
-    drop(wire_bytes);
-    let Some(decoded) = ctx.inflight.reserve(bound).await else { return Ok(None) };
-    Ok(Some((payload, decoded)))
+    let extra = bound - len;
+    if extra > 0 {
+        match tokio::time::timeout(BUDGET_WAIT, ctx.inflight.reserve(extra)).await {
+            Ok(Some(more)) => reserved.merge(more),
+            Ok(None) => return Ok(None),
+            Err(_) => return Err(Budgeted::Busy { payload }),
+        }
+    }
+    Ok(Some((payload, reserved)))
 }
 
 fn refuse_frame(

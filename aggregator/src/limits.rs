@@ -3,9 +3,12 @@
 //! Invariants:
 //! - A frame's bytes are reserved from one global budget ([`InflightBudget`],
 //!   `ingest.max_inflight_bytes`) after its length prefix is read and before its payload is;
-//!   before the payload is decoded, the reservation becomes the most it can decode into
+//!   before the payload is decoded, the reservation grows to the most it can decode into
 //!   ([`common::decoded_size::bound`]), and it stays reserved until the batch is acked or
-//!   refused. A payload whose bound is over the whole budget is refused undecoded. Frames being read and batches waiting in
+//!   refused. A payload whose bound is over the whole budget is refused undecoded; one that
+//!   waits more than 5 s for the rest of its reservation is refused with `retry_after_ms`
+//!   (reason `busy`), which releases its bytes, so reads holding part of the budget while
+//!   waiting for more can never wait on each other forever. Frames being read and batches waiting in
 //!   the commit queue together never hold more than the budget; a stream that cannot reserve
 //!   waits, and QUIC flow control then holds its sender. The budget is at least one maximum
 //!   frame (checked in the config), so every frame can eventually be read.

@@ -55,10 +55,11 @@ pub struct Stats {
 }
 
 /// Labels of `flotilla_ingest_refused_total`: the validation reasons of
-/// `common::validate::Invalid::reason`, then `rate` (over the host's report rate) and
-/// `decoded_size` (a frame that could decode into more than the in-flight budget).
-pub const REFUSAL_REASONS: [&str; 7] =
-    ["histogram", "string", "list", "number", "samples", "rate", "decoded_size"];
+/// `common::validate::Invalid::reason`, then `rate` (over the host's report rate),
+/// `decoded_size` (a frame that could decode into more than the in-flight budget) and `busy`
+/// (the budget stayed full too long for a frame's decoded size: retried later).
+pub const REFUSAL_REASONS: [&str; 8] =
+    ["histogram", "string", "list", "number", "samples", "rate", "decoded_size", "busy"];
 
 impl Stats {
     /// Counts one refused message under `reason`; an unknown reason counts under `number`.

@@ -283,3 +283,45 @@ fn connections_past_the_handshake_limit_are_refused_at_once_then_admitted() {
         "{metrics}"
     );
 }
+
+/// A read that holds its wire bytes and waits for the rest of its decoded-size reservation
+/// gives up after 5 s with "retry later" (the agent keeps the batch), releasing what it held,
+/// so reads that each hold part of the budget can never wait on each other forever.
+#[test]
+fn a_batch_that_cannot_reserve_its_decoded_size_is_told_to_retry() {
+    let fleet = Fleet::new();
+    let config = fleet.aggregator_config(0);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("max_frame_bytes = 1048576\nmax_inflight_bytes = 1048576\n");
+    std::fs::write(&config, text).unwrap();
+    let agg = Aggregator::start(&config);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (_endpoint, conn) = welcomed(&fleet, &agg, "squeezed").await;
+        // B: seq 9 and 100 empty samples; its decoded-size bound fits the budget.
+        let mut small = vec![0x08, 0x09];
+        for _ in 0..100 {
+            small.extend_from_slice(&[0x12, 0x00]);
+        }
+        let bound = common::decoded_size::bound(&small);
+        assert!(bound > small.len() && bound < 1 << 20, "{bound}");
+        // A: announces exactly what leaves room for B's wire bytes, and stalls mid-payload.
+        let hold = (1 << 20) - small.len();
+        let (mut stalled, _stalled_recv) = conn.open_bi().await.unwrap();
+        stalled.write_all(&u32::try_from(hold).unwrap().to_be_bytes()).await.unwrap();
+        stalled.write_all(&[0u8; 16]).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let mut frame = u32::try_from(small.len()).unwrap().to_be_bytes().to_vec();
+        frame.extend_from_slice(&small);
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&frame).await.unwrap();
+        send.finish().unwrap();
+        let ack = tokio::time::timeout(e2e::WAIT, framed::read::<Ack>(&mut recv, 1 << 16));
+        let ack = ack.await.expect("answered, not left waiting on the stalled read").unwrap();
+        assert_eq!((ack.seq, ack.retry_after_ms), (9, 1000), "{ack:?}");
+        assert!(ack.refused.contains("budget") && ack.refused.contains("retry"), "{}", ack.refused);
+        conn.close(0u32.into(), b"done");
+    });
+    let metrics = e2e::http_get(&agg.api, "/metrics");
+    assert!(metrics.contains("flotilla_ingest_refused_total{reason=\"busy\"} 1"), "{metrics}");
+}
