@@ -25,6 +25,15 @@ fn hello(min: u32, max: u32) -> Hello {
     }
 }
 
+/// Starts an aggregator whose `[ingest]` table also has `lines`.
+fn start_with_ingest(fleet: &Fleet, lines: &str) -> Aggregator {
+    let config = fleet.aggregator_config(0);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(lines);
+    std::fs::write(&config, text).unwrap();
+    Aggregator::start(&config)
+}
+
 /// Connects as `host` (a fresh certificate from the fleet CA) and says Hello; the endpoint
 /// must outlive the connection.
 async fn welcomed(
@@ -68,13 +77,16 @@ fn bad_frames_reset_their_stream_and_the_connection_goes_on() {
         // Malformed: an invalid protobuf wire type.
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         send.write_all(&[0, 0, 0, 3, 0x0f, 0xff, 0xff]).await.unwrap();
-        send.finish().unwrap();
+        // Already refused, perhaps: the whole frame fits in the first packet.
+        let _ = send.finish();
         assert_eq!(reset_code(&mut recv).await, Some(u64::from(code::MALFORMED_FRAME)));
 
         // Oversized: a 100 MiB length prefix, refused before any payload is read.
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         send.write_all(&(100u32 << 20).to_be_bytes()).await.unwrap();
-        send.write_all(&[0u8; 1024]).await.unwrap();
+        // The aggregator may stop this stream as soon as it reads the prefix, so this write
+        // may fail with "stopped by peer"; what matters is the reset code below.
+        let _ = send.write_all(&[0u8; 1024]).await;
         assert_eq!(reset_code(&mut recv).await, Some(u64::from(code::FRAME_TOO_LARGE)));
 
         // Truncated: the stream ends inside a frame.
@@ -249,11 +261,7 @@ fn a_frame_that_would_decode_huge_is_refused_undecoded() {
 #[test]
 fn connections_past_the_handshake_limit_are_refused_at_once_then_admitted() {
     let fleet = Fleet::new();
-    let config = fleet.aggregator_config(0);
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("max_concurrent_handshakes = 1\n");
-    std::fs::write(&config, text).unwrap();
-    let agg = Aggregator::start(&config);
+    let agg = start_with_ingest(&fleet, "max_concurrent_handshakes = 1\n");
     let (ca, cert, key) = identity(&fleet, "queued");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -290,11 +298,8 @@ fn connections_past_the_handshake_limit_are_refused_at_once_then_admitted() {
 #[test]
 fn a_batch_that_cannot_reserve_its_decoded_size_is_told_to_retry() {
     let fleet = Fleet::new();
-    let config = fleet.aggregator_config(0);
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("max_frame_bytes = 1048576\nmax_inflight_bytes = 1048576\n");
-    std::fs::write(&config, text).unwrap();
-    let agg = Aggregator::start(&config);
+    let agg =
+        start_with_ingest(&fleet, "max_frame_bytes = 1048576\nmax_inflight_bytes = 1048576\n");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let (_endpoint, conn) = welcomed(&fleet, &agg, "squeezed").await;
