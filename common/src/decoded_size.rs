@@ -37,7 +37,8 @@ const fn max(a: usize, b: usize) -> usize {
     if a > b { a } else { b }
 }
 
-/// The size of the largest message type in the schema.
+/// The size of the largest message type in the schema. A message added to
+/// `proto/flotilla.proto` must be added here too, or the bound may fall short for it.
 pub const LARGEST_MESSAGE: usize = {
     use std::mem::size_of;
     let mut m = size_of::<proto::Hello>();

@@ -144,6 +144,10 @@ fn run<S: Strategy>(strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseE
 
 #[test]
 fn decoding_never_allocates_more_than_the_bound() {
+    // The counter is live: a known allocation is seen (else every check below would pass).
+    let (seen, kept) = allocated_during(|| vec![1u8; 4096]);
+    assert!(seen >= 4096 && kept.len() == 4096, "the instrumented allocator saw {seen} bytes");
+
     // The attack the bound exists for: field 2 (samples) repeated, each empty, and samples
     // holding empty gpus (field 4) in turn.
     let mut payload = Vec::new();
