@@ -2,30 +2,36 @@
 //! answered on the same stream with a `DirectiveResult`.
 //!
 //! Invariants:
-//! - A directive id is applied at most once; a repeat gets the first result again.
+//! - A directive id is applied at most once, across reconnects and agent restarts (the
+//!   [`Ledger`] persists results); a repeat gets the first result again.
 //! - A directive past its `not_after_unix_ms` is answered `EXPIRED` and not applied.
-//! - Kinds this agent does not know are answered `UNSUPPORTED`, naming the kind.
+//! - Kinds this agent does not know are answered `UNSUPPORTED`, naming the kind; a payload
+//!   that does not parse, or a change that cannot be made, is `REJECTED` with the reason and
+//!   changes nothing ([`Actuator`]).
 //! - A malformed directive frame resets that stream only.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use common::directive::{BodyError, DirectiveBody};
 use common::framed;
 use common::proto::{Directive, DirectiveResult, DirectiveStatus};
 use tracing::{info, warn};
 
+use crate::actuator::Actuator;
+use crate::ledger::Ledger;
+
 /// Largest directive frame accepted.
 const MAX_DIRECTIVE_BYTES: u32 = 1024 * 1024;
 
-/// Results remembered for repeat detection.
-const REMEMBERED: usize = 4096;
-
-/// Results of directives already handled, shared by every connection of this agent process
-/// so a directive re-sent after a reconnect is not applied twice. (Not persisted yet: the
-/// aggregator's durable outbox, which will resend across agent restarts, comes with the
-/// directive-sending work.)
-#[derive(Debug, Clone, Default)]
-pub struct DirectiveMemory(Arc<Mutex<Applied>>);
+/// What directive streams need: the ledger of applied ids and what they act on. Shared by
+/// every connection of this agent process.
+#[derive(Debug)]
+pub struct Directives {
+    /// Applied ids and their results.
+    pub ledger: Ledger,
+    /// What directives change.
+    pub actuator: Actuator,
+}
 
 /// How long a directive stream may take to deliver its frame.
 const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -33,8 +39,7 @@ const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Serves directive streams on `conn` until it closes. Each stream is handled by its own task
 /// in a `JoinSet` (as many as the connection's stream limit lets the aggregator open): a task
 /// that panics is reported, not lost, and every task ends with the connection.
-pub async fn serve(conn: quinn::Connection, memory: DirectiveMemory) {
-    let memory = memory.0;
+pub async fn serve(conn: quinn::Connection, directives: Arc<Directives>) {
     let mut handlers = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -45,7 +50,7 @@ pub async fn serve(conn: quinn::Connection, memory: DirectiveMemory) {
             }
         };
         let Ok((send, recv)) = accepted else { break };
-        handlers.spawn(handle(send, recv, memory.clone()));
+        handlers.spawn(handle(send, recv, directives.clone()));
     }
     handlers.abort_all();
     while let Some(done) = handlers.join_next().await {
@@ -64,7 +69,7 @@ fn report(done: Result<(), tokio::task::JoinError>) {
 async fn handle(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    memory: Arc<Mutex<Applied>>,
+    directives: Arc<Directives>,
 ) {
     let read = tokio::time::timeout(READ_TIMEOUT, framed::read(&mut recv, MAX_DIRECTIVE_BYTES));
     let directive: Directive = match read.await {
@@ -85,49 +90,41 @@ async fn handle(
             return;
         }
     };
-    let result = apply_once(&memory, &directive, unix_ms_now());
+    let result = apply_once(&directives, &directive, unix_ms_now()).await;
     if let Err(e) = framed::write(&mut send, &result).await {
         warn!(id = %directive.id, error = %e, "Could not answer a directive.");
     }
     let _ = send.finish();
 }
 
-#[derive(Debug, Default)]
-pub(crate) struct Applied {
-    results: HashMap<String, DirectiveResult>,
-    order: VecDeque<String>,
-}
-
-fn apply_once(memory: &Mutex<Applied>, d: &Directive, now_ms: i64) -> DirectiveResult {
-    let mut memory = memory.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(previous) = memory.results.get(&d.id) {
-        return previous.clone();
-    }
-    let result = apply(d, now_ms);
-    info!(id = %d.id, kind = %d.kind, status = ?result.status(), "Directive handled.");
-    memory.results.insert(d.id.clone(), result.clone());
-    memory.order.push_back(d.id.clone());
-    if memory.order.len() > REMEMBERED
-        && let Some(old) = memory.order.pop_front()
-    {
-        memory.results.remove(&old);
+/// Answers a repeat from the ledger, or applies the directive and records its result.
+async fn apply_once(directives: &Directives, d: &Directive, now_ms: i64) -> DirectiveResult {
+    let (result, fresh) = directives.ledger.once(&d.id, apply(&directives.actuator, d, now_ms)).await;
+    if fresh {
+        info!(id = %d.id, kind = %d.kind, status = ?result.status(), message = %result.message, "Directive handled.");
+    } else {
+        info!(id = %d.id, kind = %d.kind, "Directive repeated; answered with its first result.");
     }
     result
 }
 
-fn apply(d: &Directive, now_ms: i64) -> DirectiveResult {
+async fn apply(actuator: &Actuator, d: &Directive, now_ms: i64) -> DirectiveResult {
     let (status, message) = if d.not_after_unix_ms > 0 && now_ms > d.not_after_unix_ms {
         (DirectiveStatus::Expired, format!("deadline {} passed", d.not_after_unix_ms))
     } else {
-        match d.kind.as_str() {
-            "ping" => (DirectiveStatus::Applied, "pong".to_owned()),
-            other => (
+        match DirectiveBody::parse(&d.kind, &d.payload) {
+            Err(BodyError::UnknownKind(kind)) => (
                 DirectiveStatus::Unsupported,
                 format!(
-                    "agent {} does not know directive kind {other:?}",
+                    "agent {} does not know directive kind {kind:?}",
                     env!("CARGO_PKG_VERSION")
                 ),
             ),
+            Err(e) => (DirectiveStatus::Rejected, e.to_string()),
+            Ok(body) => match actuator.apply(&body).await {
+                Ok(changed) => (DirectiveStatus::Applied, changed),
+                Err(why) => (DirectiveStatus::Rejected, why),
+            },
         }
     };
     DirectiveResult { id: d.id.clone(), status: status.into(), message, payload: Vec::new() }
@@ -141,29 +138,51 @@ fn unix_ms_now() -> i64 {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn directive(id: &str, kind: &str, not_after: i64) -> Directive {
+    fn directive(id: &str, kind: &str, payload: &str, not_after: i64) -> Directive {
         Directive {
             id: id.into(),
             kind: kind.into(),
-            payload: vec![],
+            payload: payload.as_bytes().to_vec(),
             not_after_unix_ms: not_after,
         }
     }
 
-    #[test]
-    fn kinds_deadlines_and_repeats() {
-        let m = Mutex::new(Applied::default());
-        let r = apply_once(&m, &directive("1", "ping", 0), 100);
-        assert_eq!(r.status(), DirectiveStatus::Applied);
-        let r = apply_once(&m, &directive("2", "reboot-the-moon", 0), 100);
+    #[tokio::test]
+    async fn kinds_deadlines_refusals_and_repeats() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = crate::spool::Spool::open(dir.path(), 1 << 20).unwrap();
+        let interval = crate::sampler::SampleInterval::for_tests(std::time::Duration::from_secs(1));
+        let d = Directives {
+            ledger: Ledger::open(&spool).unwrap(),
+            actuator: Actuator { repository: None, interval: Some(interval.clone()) },
+        };
+        let r = apply_once(&d, &directive("1", "ping", "", 0), 100).await;
+        assert_eq!((r.status(), r.message.as_str()), (DirectiveStatus::Applied, "pong"));
+        let r = apply_once(&d, &directive("2", "reboot-the-moon", "", 0), 100).await;
         assert_eq!(r.status(), DirectiveStatus::Unsupported);
         assert!(r.message.contains("reboot-the-moon"));
-        let r = apply_once(&m, &directive("3", "ping", 50), 100);
+        let r = apply_once(&d, &directive("3", "ping", "", 50), 100).await;
         assert_eq!(r.status(), DirectiveStatus::Expired);
         // A repeat of id 3 with a new deadline still gets the first answer.
-        let r = apply_once(&m, &directive("3", "ping", 0), 100);
+        let r = apply_once(&d, &directive("3", "ping", "", 0), 100).await;
         assert_eq!(r.status(), DirectiveStatus::Expired);
+        // A bad value is refused by name and changes nothing.
+        let r = apply_once(&d, &directive("4", "set_telemetry_interval", r#"{"interval_ms":5}"#, 0), 100).await;
+        assert_eq!(r.status(), DirectiveStatus::Rejected);
+        assert!(r.message.contains("interval_ms = 5 is out of range"), "{}", r.message);
+        assert_eq!(interval.get(), std::time::Duration::from_secs(1));
+        let r = apply_once(&d, &directive("5", "set_telemetry_interval", r#"{"interval_ms":250}"#, 0), 100).await;
+        assert_eq!(r.status(), DirectiveStatus::Applied, "{}", r.message);
+        assert_eq!(interval.get(), std::time::Duration::from_millis(250));
+        // Without [serving], model directives are refused with the reason.
+        let r = apply_once(&d, &directive("6", "set_instances", r#"{"model":"m","instances":2}"#, 0), 100).await;
+        assert_eq!(r.status(), DirectiveStatus::Rejected);
+        assert!(r.message.contains("serves no models"), "{}", r.message);
+        let r = apply_once(&d, &directive("7", "set_instances", r#"{"model":"m"}"#, 0), 100).await;
+        assert_eq!(r.status(), DirectiveStatus::Rejected);
+        assert!(r.message.contains("missing field `instances`"), "{}", r.message);
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! telemetry thread (Collectors) --Sample--> sealer --batch--> spool (sled) --> uplink ==QUIC==> aggregator
-//! aggregator ==QUIC==> downlink --> DirectiveResult
+//! aggregator ==QUIC==> downlink --ledger (applied ids, sled)--> actuator (models, sampler) --> DirectiveResult
 //! ```
 //!
 //! Stop order: queued inference requests are answered 503 and the inference API drains (at most
@@ -13,8 +13,10 @@
 //! flush -> endpoint idle. The seal never waits behind HTTP clients.
 #![forbid(unsafe_code)]
 
+pub mod actuator;
 pub mod downlink;
 pub mod health;
+pub mod ledger;
 pub mod probe;
 pub mod sampler;
 pub mod serving;
@@ -124,6 +126,13 @@ pub async fn run_bound(
         spool_low_seq: 0, // filled in by the uplink at each connection
     };
 
+    let directives = Arc::new(downlink::Directives {
+        ledger: ledger::Ledger::open(&spool)?,
+        actuator: actuator::Actuator {
+            repository: serving.as_ref().map(|s| s.repository.clone()),
+            interval: Some(sampler.interval()),
+        },
+    });
     let sealed = Arc::new(Notify::new());
     let sealer = common::daemon::spawn_watched(
         "sealer",
@@ -145,7 +154,7 @@ pub async fn run_bound(
             hello,
             sealed,
             drain_grace: Duration::from_secs(5),
-            directives: downlink::DirectiveMemory::default(),
+            directives,
             health,
         }
         .run(uplink_stop.clone()),

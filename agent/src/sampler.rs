@@ -53,6 +53,37 @@ pub enum SamplerError {
 #[derive(Debug)]
 pub struct Sampler {
     stop: std_mpsc::Sender<()>,
+    interval: SampleInterval,
+}
+
+/// The sampling interval, changeable while the thread runs (by a `set_telemetry_interval`
+/// directive); the thread starts a fresh schedule from the next sample.
+#[derive(Debug, Clone)]
+pub struct SampleInterval(Arc<std::sync::atomic::AtomicU64>);
+
+impl SampleInterval {
+    fn new(d: Duration) -> Self {
+        Self(Arc::new(std::sync::atomic::AtomicU64::new(millis(d))))
+    }
+
+    /// A handle not tied to a sampling thread (for tests of what sets it).
+    pub fn for_tests(d: Duration) -> Self {
+        Self::new(d)
+    }
+
+    /// The interval now.
+    pub fn get(&self) -> Duration {
+        Duration::from_millis(self.0.load(std::sync::atomic::Ordering::Relaxed).max(1))
+    }
+
+    /// Sets it; returns the previous one.
+    pub fn set(&self, d: Duration) -> Duration {
+        Duration::from_millis(self.0.swap(millis(d), std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 impl Sampler {
@@ -69,6 +100,8 @@ impl Sampler {
         let (stop_tx, stop_rx) = std_mpsc::channel();
         let config = config.clone();
         let labels = labels.clone();
+        let interval = SampleInterval::new(config.sample_interval);
+        let thread_interval = interval.clone();
         let spawned = std::thread::Builder::new().name("telemetry".into()).spawn(move || {
             let mut collectors = match Collectors::new(&config) {
                 Ok(c) => c,
@@ -83,7 +116,7 @@ impl Sampler {
             sample_loop(
                 &mut collectors,
                 models,
-                config.sample_interval,
+                &thread_interval,
                 &sample_tx,
                 &stop_rx,
                 &health,
@@ -93,12 +126,17 @@ impl Sampler {
             return Err(SamplerError::Thread(e));
         }
         match ready_rx.await {
-            Ok(Ok(inventory)) => Ok((Self { stop: stop_tx }, inventory, sample_rx)),
+            Ok(Ok(inventory)) => Ok((Self { stop: stop_tx, interval }, inventory, sample_rx)),
             Ok(Err(e)) => Err(e.into()),
             Err(_) => Err(SamplerError::Thread(std::io::Error::other(
                 "telemetry thread ended before reporting its inventory",
             ))),
         }
+    }
+
+    /// The interval handle (for directives).
+    pub fn interval(&self) -> SampleInterval {
+        self.interval.clone()
     }
 
     /// Asks the thread to stop after its current sample; the sample stream then ends.
@@ -110,15 +148,24 @@ impl Sampler {
 fn sample_loop(
     collectors: &mut Collectors,
     models: Option<ModelTelemetry>,
-    interval: Duration,
+    interval_now: &SampleInterval,
     out: &mpsc::Sender<Sample>,
     stop: &std_mpsc::Receiver<()>,
     health: &TelemetryHealth,
 ) {
-    let start = Instant::now();
+    let mut start = Instant::now();
+    let mut interval = interval_now.get();
     let mut n: u32 = 0;
     let mut last_models = start;
     loop {
+        let wanted = interval_now.get();
+        if wanted != interval {
+            // A new interval starts a fresh schedule from now.
+            info!(from_ms = millis(interval), to_ms = millis(wanted), "Sampling interval changed.");
+            interval = wanted;
+            start = Instant::now();
+            n = 0;
+        }
         let taken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut sample = collectors.sample();
             if let Some(models) = &models {
@@ -155,9 +202,17 @@ fn sample_loop(
                 .unwrap_or(u32::MAX);
             continue;
         }
-        match stop.recv_timeout(next - now) {
-            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
-            Ok(()) | Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+        // Wait for the next sample in steps of at most a second, so a new interval takes
+        // effect within a second rather than after the old (possibly long) one.
+        loop {
+            let now = Instant::now();
+            if now >= next || interval_now.get() != interval {
+                break;
+            }
+            match stop.recv_timeout((next - now).min(Duration::from_secs(1))) {
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Ok(()) | Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            }
         }
     }
 }

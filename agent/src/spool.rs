@@ -378,6 +378,13 @@ impl Spool {
             .map_err(|source| self.io("write meta", source))
     }
 
+    /// Another tree in the spool's database, for state that must survive a restart with the
+    /// spool (the directive ledger). Its bytes are not counted against `max_bytes`; its owner
+    /// bounds it.
+    pub fn open_tree(&self, name: &str) -> Result<sled::Tree, SpoolError> {
+        self.db.open_tree(name).map_err(|source| self.io("open tree", source))
+    }
+
     fn io(&self, op: &'static str, source: sled::Error) -> SpoolError {
         SpoolError::Io { path: self.path.clone(), op, source }
     }

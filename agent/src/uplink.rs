@@ -123,7 +123,7 @@ pub struct Uplink {
     /// How long pending batches may take to drain at stop.
     pub drain_grace: Duration,
     /// Directive results, kept across connections.
-    pub directives: crate::downlink::DirectiveMemory,
+    pub directives: Arc<crate::downlink::Directives>,
     /// Telemetry health and clock offset, stamped on every batch sent.
     pub health: Arc<TelemetryHealth>,
 }

@@ -26,7 +26,7 @@ use tracing::info;
 use crate::connections::Connections;
 use crate::ingest::now_ms;
 use crate::stats::{Gauges, Stats};
-use crate::store::{HostRecord, TelemetryStore, decode_or_skip};
+use crate::store::{HostRecord, Stores, decode_or_skip};
 use crate::views::{
     ApiError, HostDetail, HostState, HostSummary, MetricNames, MetricSeries, Resolution,
     RevokeResult,
@@ -36,7 +36,9 @@ use crate::views::{
 #[derive(Debug, Clone)]
 pub struct ApiState {
     /// Storage.
-    pub store: Arc<dyn TelemetryStore>,
+    pub stores: Stores,
+    /// Decisions and directive delivery.
+    pub delivery: Arc<crate::control::delivery::Delivery>,
     /// Open agent connections.
     pub connections: Connections,
     /// Revoked hosts, shared with the TLS verifier.
@@ -75,6 +77,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/alerts", get(alerts))
         .route("/api/v1/anomalies", get(anomalies))
         .route("/metrics", get(prometheus))
+        .merge(crate::control::routes::routes())
         .fallback(|| async {
             failure(StatusCode::NOT_FOUND, "no such route; see docs/admin-api.md")
         })
@@ -118,7 +121,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> axum::extract::FromR
     }
 }
 
-fn failure(status: StatusCode, msg: impl Into<String>) -> Failure {
+pub(crate) fn failure(status: StatusCode, msg: impl Into<String>) -> Failure {
     Failure(status, msg.into())
 }
 
@@ -148,7 +151,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
 ) -> Result<T, Failure> {
     match tokio::task::spawn_blocking(f).await {
@@ -208,7 +211,7 @@ impl ApiState {
 }
 
 async fn list_hosts(State(state): State<ApiState>) -> Result<Json<Vec<HostSummary>>, Failure> {
-    let store = state.store.clone();
+    let store = state.stores.telemetry.clone();
     let rows = blocking(move || {
         let mut rows = Vec::new();
         for (host, rec) in store.hosts()? {
@@ -227,7 +230,7 @@ async fn load_host(
     state: &ApiState,
     host: &HostId,
 ) -> Result<(HostRecord, Inventory, Option<common::proto::Sample>), Failure> {
-    let store = state.store.clone();
+    let store = state.stores.telemetry.clone();
     let h = host.clone();
     let (rec, inventory, latest) =
         blocking(move || Ok((store.host(&h)?, store.inventory(&h)?, store.latest_sample(&h)?)))
@@ -247,7 +250,7 @@ async fn host_detail(
 ) -> Result<Json<HostDetail>, Failure> {
     let host = parse_host(&host)?;
     let (rec, inventory, latest) = load_host(&state, &host).await?;
-    let store = state.store.clone();
+    let store = state.stores.telemetry.clone();
     let h = host.clone();
     let telemetry = blocking(move || store.host_health(&h)).await?;
     Ok(Json(HostDetail {
@@ -292,7 +295,7 @@ async fn metric_series(
         _ => Resolution::Hour,
     });
     let since_ms = now_ms() - i64::try_from(since_secs).unwrap_or(0) * 1000;
-    let store = state.store.clone();
+    let store = state.stores.telemetry.clone();
     let (h, m) = (host.clone(), metric.clone());
     let points = blocking(move || store.series(&h, &m, since_ms, resolution)).await?;
     Ok(Json(MetricSeries { host: host.to_string(), metric, resolution, points }))
@@ -316,7 +319,7 @@ async fn revoke(
 ) -> Result<Json<RevokeResult>, Failure> {
     let host = parse_host(&host)?;
     let at = now_ms() / 1000;
-    let store = state.store.clone();
+    let store = state.stores.revocations.clone();
     let h = host.clone();
     blocking(move || store.revoke(&h, at)).await?;
     state.revocations.revoke(host.clone(), at);
@@ -331,7 +334,7 @@ async fn unrevoke(
     JsonPath(host): JsonPath<String>,
 ) -> Result<Json<RevokeResult>, Failure> {
     let host = parse_host(&host)?;
-    let store = state.store.clone();
+    let store = state.stores.revocations.clone();
     let h = host.clone();
     let had = blocking(move || store.unrevoke(&h)).await?;
     state.revocations.unrevoke(&host);
@@ -343,7 +346,7 @@ async fn unrevoke(
 }
 
 async fn prometheus(State(state): State<ApiState>) -> Result<Response, Failure> {
-    let store = state.store.clone();
+    let store = state.stores.telemetry.clone();
     let hosts = blocking(move || store.hosts()).await?;
     let now = now_ms();
     let mut counts = [("online", 0), ("offline", 0), ("revoked", 0)];
@@ -359,6 +362,7 @@ async fn prometheus(State(state): State<ApiState>) -> Result<Response, Failure> 
         .stats
         .render(&Gauges { connections_open: state.connections.len() as u64, hosts: counts });
     body.push_str(&health_metrics(&hosts, &state.analytics.health()));
+    body.push_str(&state.delivery.stats.render());
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }
 
@@ -415,7 +419,7 @@ async fn models(
     }
     let now = now_ms();
     let from = now - i64::try_from(since_secs).unwrap_or(300) * 1000;
-    let store = state.store.clone();
+    let store = state.stores.telemetry.clone();
     let per_host = blocking(move || {
         let mut out = Vec::new();
         for (host, _) in store.hosts()? {
@@ -431,7 +435,7 @@ async fn doc<T: serde::de::DeserializeOwned + Send + 'static>(
     state: &ApiState,
     key: String,
 ) -> Result<Option<T>, Failure> {
-    let store = state.store.clone();
+    let store = state.stores.reports.clone();
     let k = key.clone();
     let Some(bytes) = blocking(move || store.doc(&k)).await? else { return Ok(None) };
     serde_json::from_slice(&bytes).map(Some).map_err(|e| {
@@ -537,7 +541,7 @@ async fn add_budget(
             format!("budget {:?} is defined in the policy file; change it there", budget.name),
         ));
     }
-    let store = state.store.clone();
+    let store = state.stores.reports.clone();
     let saved = blocking(move || {
         let mut saved = Vec::new();
         update_api_budgets(store.as_ref(), &mut |all| {
@@ -555,7 +559,7 @@ async fn delete_budget(
     State(state): State<ApiState>,
     JsonPath(name): JsonPath<String>,
 ) -> Result<Json<Vec<crate::analytics::budgets::Budget>>, Failure> {
-    let store = state.store.clone();
+    let store = state.stores.reports.clone();
     let n = name.clone();
     let (had, all) = blocking(move || {
         let (mut had, mut saved) = (false, Vec::new());
@@ -583,7 +587,7 @@ async fn delete_budget(
 /// lose each other's budget, and an undecodable document fails the request instead of being
 /// replaced by an empty list.
 fn update_api_budgets(
-    store: &dyn crate::store::TelemetryStore,
+    store: &dyn crate::store::ReportStore,
     change: &mut dyn FnMut(&mut Vec<crate::analytics::budgets::Budget>),
 ) -> Result<(), crate::store::StoreError> {
     store.update_doc(crate::scheduler::API_BUDGETS_DOC, &mut |current| {
@@ -621,7 +625,7 @@ async fn alerts(
         query.map_err(|e| failure(StatusCode::BAD_REQUEST, format!("{e}; use limit=N")))?;
     let book: crate::analytics::alerts::AlertBook =
         doc(&state, "alerts/book".to_owned()).await?.unwrap_or_default();
-    let store = state.store.clone();
+    let store = state.stores.reports.clone();
     let limit = q.limit.unwrap_or(100).min(10_000);
     let raw = blocking(move || store.history("alert", i64::MIN, limit)).await?;
     Ok(Json(AlertsView {
@@ -639,7 +643,7 @@ async fn anomalies(
 ) -> Result<Json<Vec<crate::scheduler::AnomalyEvent>>, Failure> {
     let Query(q) =
         query.map_err(|e| failure(StatusCode::BAD_REQUEST, format!("{e}; use limit=N")))?;
-    let store = state.store.clone();
+    let store = state.stores.reports.clone();
     let limit = q.limit.unwrap_or(100).min(10_000);
     let raw = blocking(move || store.history("anomaly", i64::MIN, limit)).await?;
     Ok(Json(

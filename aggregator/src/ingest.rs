@@ -39,6 +39,8 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct IngestContext {
     /// Storage.
     pub store: Arc<dyn TelemetryStore>,
+    /// Directive delivery: each welcomed connection gets its outbox delivered.
+    pub delivery: Arc<crate::control::delivery::Delivery>,
     /// Group commit handle.
     pub committer: Committer,
     /// Open connections.
@@ -161,6 +163,7 @@ async fn handle_connection(
     // Welcomed: the next connection may start its handshake.
     drop(admitted);
 
+    let delivery = tokio::spawn(ctx.delivery.clone().serve_host(host.clone(), conn.clone()));
     let streams = TaskTracker::new();
     let reason = loop {
         let accepted = tokio::select! {
@@ -176,6 +179,7 @@ async fn handle_connection(
             Err(e) => break e.to_string(),
         }
     };
+    delivery.abort();
     streams.close();
     streams.wait().await;
     ctx.connections.remove(&host, &conn);

@@ -13,6 +13,7 @@
 //! | [`commit`] | group commit: one durable flush for many batches |
 //! | [`store`] | the storage interface and its sled backend, all key layouts |
 //! | [`connections`] | open connections by host |
+//! | [`control`] | the control loop: desired state, directive outbox and delivery, decisions |
 //! | [`api`] | admin HTTP JSON API and `/metrics` |
 //! | [`views`] | the API's JSON shapes, shared with the CLI |
 //! | [`stats`] | self-monitoring counters |
@@ -28,6 +29,7 @@ pub mod api;
 pub mod cli;
 pub mod commit;
 pub mod connections;
+pub mod control;
 pub mod ingest;
 pub mod limits;
 pub mod scheduler;
@@ -47,7 +49,7 @@ use common::tls::Revocations;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::store::{Retention, SledStore, TelemetryStore};
+use crate::store::{Retention, SledStore, Stores};
 
 /// How often dirty rollups are recomputed.
 const ROLLUP_EVERY: Duration = Duration::from_secs(10);
@@ -91,6 +93,9 @@ pub enum AggregatorError {
     /// The analytics policy or pricing file is bad.
     #[error("analytics configuration")]
     Config(#[source] common::config::ConfigError),
+    /// The scaling policy file is bad.
+    #[error("control configuration")]
+    Policies(#[source] control::policy::PolicyError),
     /// The analytics scheduler could not start.
     #[error(transparent)]
     Analytics(#[from] scheduler::AnalyticsError),
@@ -103,8 +108,8 @@ pub struct Bound {
     pub endpoint: quinn::Endpoint,
     /// Admin API listener.
     pub admin: tokio::net::TcpListener,
-    /// Storage.
-    pub store: Arc<dyn TelemetryStore>,
+    /// Storage, one interface per concern.
+    pub stores: Stores,
     /// Revoked hosts (loaded from the store, shared with TLS).
     pub revocations: Revocations,
 }
@@ -113,11 +118,11 @@ impl Bound {
     /// Opens the store and binds both sockets as the config says.
     pub async fn bind(config: &AggregatorConfig) -> Result<Self, AggregatorError> {
         let path = config.store.path.clone();
-        let store = tokio::task::spawn_blocking(move || SledStore::open(&path))
+        let stores = tokio::task::spawn_blocking(move || Stores::sled(SledStore::open(&path)?))
             .await
             .map_err(|e| AggregatorError::Admin(std::io::Error::other(e)))??;
         let revocations = Revocations::default();
-        for (host, at) in store.revocations()? {
+        for (host, at) in stores.revocations.revocations()? {
             revocations.revoke(host, at);
         }
         let tls = common::tls::server_config(
@@ -130,7 +135,7 @@ impl Bound {
         let admin = tokio::net::TcpListener::bind(config.listen.admin)
             .await
             .map_err(|source| AggregatorError::AdminBind { addr: config.listen.admin, source })?;
-        Ok(Self { endpoint, admin, store: Arc::new(store), revocations })
+        Ok(Self { endpoint, admin, stores, revocations })
     }
 
     /// The bound QUIC address.
@@ -151,7 +156,9 @@ pub async fn run(
     bound: Bound,
     shutdown: CancellationToken,
 ) -> Result<(), AggregatorError> {
-    let Bound { endpoint, admin, store, revocations } = bound;
+    let Bound { endpoint, admin, stores, revocations } = bound;
+    let store = stores.telemetry.clone();
+    let delivery = control::delivery::Delivery::new(stores.control.clone());
     let token = match &config.listen.admin_token_file {
         Some(path) => Some(Arc::<str>::from(
             common::config::aggregator::read_admin_token(path).map_err(AggregatorError::Config)?,
@@ -163,6 +170,7 @@ pub async fn run(
     let (committer, commit_worker) = commit::Committer::start(store.clone(), stats.clone());
     let ctx = Arc::new(ingest::IngestContext {
         store: store.clone(),
+        delivery: delivery.clone(),
         committer,
         connections: connections.clone(),
         stats: stats.clone(),
@@ -184,16 +192,29 @@ pub async fn run(
     );
     // Watched: a panic is logged at ERROR when it happens, not at shutdown.
     let ingest = spawn_watched("ingest", ingest::serve(endpoint, ctx, shutdown.clone()));
-    let upkeep = spawn_watched("upkeep", upkeep(store.clone(), &config, shutdown.clone()));
+    let upkeep = spawn_watched("upkeep", upkeep(stores.clone(), &config, shutdown.clone()));
     let (settings, catalog) =
         scheduler::load_settings(&config.analytics).map_err(AggregatorError::Config)?;
-    let analytics = Arc::new(scheduler::Analytics::new(store.clone(), settings, catalog));
+    let analytics = Arc::new(scheduler::Analytics::new(stores.clone(), settings, catalog));
     let cron = spawn_watched(
         "analytics scheduler",
         scheduler::schedule(analytics.clone(), config.analytics.schedule.clone(), shutdown.clone()),
     );
+    let policies = control::load_policies(&config.control).map_err(AggregatorError::Policies)?;
+    let autoscaler = Arc::new(control::autoscaler::Autoscaler::new(
+        policies,
+        stores.clone(),
+        delivery.clone(),
+        config.control.window,
+        config.control.directive_ttl,
+    ));
+    let scaling = spawn_watched(
+        "autoscaler",
+        autoscaler.run(config.control.interval, shutdown.clone()),
+    );
     let app = api::router(api::ApiState {
-        store: store.clone(),
+        stores: stores.clone(),
+        delivery,
         connections,
         revocations,
         stats,
@@ -209,6 +230,7 @@ pub async fn run(
     shutdown.cancel();
     let _ = ingest.await;
     let _ = upkeep.await;
+    let _ = scaling.await;
     if let Ok(Err(e)) = cron.await {
         warn!(error = %common::daemon::error_chain(&e), "Analytics scheduler failed.");
     }
@@ -224,7 +246,7 @@ pub async fn run(
 }
 
 fn upkeep(
-    store: Arc<dyn TelemetryStore>,
+    stores: Stores,
     config: &AggregatorConfig,
     shutdown: CancellationToken,
 ) -> impl Future<Output = ()> + use<> {
@@ -234,6 +256,9 @@ fn upkeep(
         minute_ms: ms(config.store.minute_retention),
         hour_ms: ms(config.store.hour_retention),
     };
+    let store = stores.telemetry;
+    let control = stores.control;
+    let control_ms = ms(config.store.raw_retention.max(config.store.minute_retention));
     async move {
         let mut rollup = tokio::time::interval(ROLLUP_EVERY);
         let mut retain = tokio::time::interval(RETENTION_EVERY);
@@ -251,7 +276,10 @@ fn upkeep(
                 _ = retain.tick() => {
                     let s = store.clone();
                     let now = ingest::now_ms();
-                    match tokio::task::spawn_blocking(move || s.enforce_retention(now, retention)).await {
+                    let c = control.clone();
+                    match tokio::task::spawn_blocking(move || {
+                        Ok::<_, store::StoreError>(s.enforce_retention(now, retention)? + c.prune(now - control_ms)?)
+                    }).await {
                         Ok(Ok(n)) if n > 0 => info!(deleted = n, "Retention pass deleted expired records."),
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => error!(error = %common::daemon::error_chain(&e), "Retention pass failed; retrying at the next pass."),

@@ -85,6 +85,7 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         Command::CheckConfig => {
             let config = AggregatorConfig::load(&args.config)?;
             aggregator::scheduler::check(&config.analytics)?;
+            aggregator::control::load_policies(&config.control)?;
             println!("{}: ok", args.config.display());
             Ok(())
         }
@@ -111,6 +112,7 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         Command::Run => {
             let config = AggregatorConfig::load(&args.config)?;
             aggregator::scheduler::check(&config.analytics)?;
+            aggregator::control::load_policies(&config.control)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -35,7 +35,7 @@ use crate::analytics::cost::PricingCatalog;
 use crate::analytics::series::{DAY_MS, HOUR_MS};
 use crate::analytics::settings::Settings;
 use crate::analytics::{self, Analysis, HostSnapshot, HourStats, RecentWindow, Snapshot};
-use crate::store::{StoreError, TelemetryStore};
+use crate::store::{ReportStore, StoreError, Stores, TelemetryStore};
 use crate::views::Resolution;
 
 /// Why a pass failed.
@@ -136,7 +136,7 @@ pub struct AnalyticsHealth {
 /// The analytics runner.
 #[derive(Debug)]
 pub struct Analytics {
-    store: Arc<dyn TelemetryStore>,
+    stores: Stores,
     settings: Settings,
     catalog: PricingCatalog,
     pass: Mutex<()>,
@@ -182,14 +182,10 @@ pub fn check(config: &AnalyticsConfig) -> Result<(), ConfigError> {
 // === impl Analytics ===
 
 impl Analytics {
-    /// A runner over `store` with this policy and catalog.
-    pub fn new(
-        store: Arc<dyn TelemetryStore>,
-        settings: Settings,
-        catalog: PricingCatalog,
-    ) -> Self {
+    /// A runner over `stores` with this policy and catalog.
+    pub fn new(stores: Stores, settings: Settings, catalog: PricingCatalog) -> Self {
         Self {
-            store,
+            stores,
             settings,
             catalog,
             pass: Mutex::new(()),
@@ -243,30 +239,31 @@ impl Analytics {
         &self.settings
     }
 
-    /// The store.
-    pub fn store(&self) -> &Arc<dyn TelemetryStore> {
-        &self.store
+    /// The stores.
+    pub fn stores(&self) -> &Stores {
+        &self.stores
     }
 
     /// Budgets from the file and from the API.
     pub fn budgets(&self) -> Result<Vec<Budget>, StoreError> {
         let mut all = self.settings.budgets.clone();
-        all.extend(api_budgets(self.store.as_ref())?);
+        all.extend(api_budgets(self.stores.reports.as_ref())?);
         Ok(all)
     }
 
     /// Runs one pass at `now_ms` (rolling up first, so the latest closed buckets count).
     pub async fn run_once(&self, now_ms: i64) -> Result<RunSummary, AnalyticsError> {
         let _guard = self.pass.lock().await;
-        let store = self.store.clone();
+        let store = self.stores.telemetry.clone();
+        let reports = self.stores.reports.clone();
         let mut settings = self.settings.clone();
         let catalog = self.catalog.clone();
         let (analysis, hosts, transitions, active) = tokio::task::spawn_blocking(move || {
             store.roll_up(now_ms)?;
-            settings.budgets.extend(api_budgets(store.as_ref())?);
+            settings.budgets.extend(api_budgets(reports.as_ref())?);
             let snapshot = snapshot(store.as_ref(), &settings, now_ms)?;
             let analysis = analytics::analyze(&snapshot, &settings, &catalog);
-            let (transitions, active) = persist(store.as_ref(), &analysis)?;
+            let (transitions, active) = persist(reports.as_ref(), &analysis)?;
             Ok::<_, AnalyticsError>((analysis, snapshot.hosts.len(), transitions, active))
         })
         .await
@@ -312,7 +309,7 @@ impl Analytics {
             alert_transitions: transitions,
             active_alerts: active,
         };
-        let store = self.store.clone();
+        let store = self.stores.reports.clone();
         let meta = encode("summary", &summary)?;
         tokio::task::spawn_blocking(move || store.put_doc("report/meta", &meta))
             .await
@@ -404,7 +401,7 @@ pub const API_BUDGETS_DOC: &str = "budgets/api";
 
 /// Budgets added through the API. A document that does not decode is an error naming it, never
 /// an empty list (which the next write would persist, losing every budget).
-pub fn api_budgets(store: &dyn TelemetryStore) -> Result<Vec<Budget>, StoreError> {
+pub fn api_budgets(store: &dyn ReportStore) -> Result<Vec<Budget>, StoreError> {
     decode_api_budgets(store.doc(API_BUDGETS_DOC)?.as_deref())
 }
 
@@ -483,7 +480,7 @@ fn encode<T: Serialize>(what: &str, v: &T) -> Result<Vec<u8>, AnalyticsError> {
 /// Stores an analysis and applies its observations to the alert book; returns the transitions
 /// and the number of active alerts.
 fn persist(
-    store: &dyn TelemetryStore,
+    store: &dyn ReportStore,
     a: &Analysis,
 ) -> Result<(Vec<Alert>, usize), AnalyticsError> {
     store.delete_docs("forecast/")?;
@@ -559,7 +556,7 @@ mod tests {
     }
 
     /// A real store whose one host has an undecodable inventory, so every pass fails.
-    fn failing_store(dir: &std::path::Path) -> Arc<dyn TelemetryStore> {
+    fn failing_store(dir: &std::path::Path) -> Stores {
         use crate::store::SledStore;
         let host = HostId::new("h1").unwrap();
         {
@@ -582,14 +579,14 @@ mod tests {
         }
         for _ in 0..100 {
             if let Ok(s) = SledStore::open(dir) {
-                return Arc::new(s);
+                return Stores::sled(s).unwrap();
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Arc::new(SledStore::open(dir).unwrap())
+        Stores::sled(SledStore::open(dir).unwrap()).unwrap()
     }
 
-    fn analytics(store: Arc<dyn TelemetryStore>) -> Analytics {
+    fn analytics(store: Stores) -> Analytics {
         let mut a = Analytics::new(store, Settings::default(), PricingCatalog::builtin().unwrap());
         a.retry_backoff = Duration::from_millis(5);
         a

@@ -28,6 +28,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tracing::warn;
 
@@ -280,12 +281,6 @@ pub trait TelemetryStore: Send + Sync + std::fmt::Debug + 'static {
     fn roll_up(&self, now_ms: i64) -> Result<RollupReport, StoreError>;
     /// Deletes data older than the retention allows; returns the number of records deleted.
     fn enforce_retention(&self, now_ms: i64, retention: Retention) -> Result<u64, StoreError>;
-    /// Marks a host revoked at `at_secs`.
-    fn revoke(&self, host: &HostId, at_secs: i64) -> Result<(), StoreError>;
-    /// Lifts a revocation; returns whether there was one.
-    fn unrevoke(&self, host: &HostId) -> Result<bool, StoreError>;
-    /// Every revocation.
-    fn revocations(&self) -> Result<Vec<(HostId, i64)>, StoreError>;
     /// Whole rollups (every series) of a host with bucket start in `[since_ms, until_ms)`,
     /// oldest first; `Raw` is treated as `Minute`.
     fn rollups(
@@ -302,6 +297,21 @@ pub trait TelemetryStore: Send + Sync + std::fmt::Debug + 'static {
         since_ms: i64,
         until_ms: i64,
     ) -> Result<Vec<Sample>, StoreError>;
+}
+
+/// Revoked hosts: what outlives a restart so a revoked certificate stays refused.
+pub trait RevocationStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Marks a host revoked at `at_secs`.
+    fn revoke(&self, host: &HostId, at_secs: i64) -> Result<(), StoreError>;
+    /// Lifts a revocation; returns whether there was one.
+    fn unrevoke(&self, host: &HostId) -> Result<bool, StoreError>;
+    /// Every revocation.
+    fn revocations(&self) -> Result<Vec<(HostId, i64)>, StoreError>;
+}
+
+/// Analytics reports and history: documents the scheduler writes after each pass (forecasts,
+/// costs, plans, the alert book, operator budgets) and the alert and anomaly history.
+pub trait ReportStore: Send + Sync + std::fmt::Debug + 'static {
     /// Stores an analytics document (JSON) under `key`, durably.
     fn put_doc(&self, key: &str, json: &[u8]) -> Result<(), StoreError>;
     /// An analytics document.
@@ -324,6 +334,30 @@ pub trait TelemetryStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<(), StoreError>;
     /// History records of `kind` at or after `since_ms`, newest first, at most `limit`.
     fn history(&self, kind: &str, since_ms: i64, limit: usize) -> Result<Vec<Vec<u8>>, StoreError>;
+}
+
+/// The aggregator's storage, one interface per concern, so that a second backend can take over
+/// one concern (say telemetry in PostgreSQL) without its callers changing. [`SledStore`]
+/// implements them all on one sled database; [`Stores::sled`] builds the set from it.
+#[derive(Debug, Clone)]
+pub struct Stores {
+    /// Hosts, batches, samples and rollups.
+    pub telemetry: Arc<dyn TelemetryStore>,
+    /// Revoked hosts.
+    pub revocations: Arc<dyn RevocationStore>,
+    /// Analytics reports and history.
+    pub reports: Arc<dyn ReportStore>,
+    /// Desired state, directive outbox, decisions, scaler state.
+    pub control: Arc<dyn crate::control::store::ControlStore>,
+}
+
+impl Stores {
+    /// Every concern on one sled database.
+    pub fn sled(store: SledStore) -> Result<Self, StoreError> {
+        let control = Arc::new(crate::control::store::SledControlStore::open(&store.db)?);
+        let store = Arc::new(store);
+        Ok(Self { telemetry: store.clone(), revocations: store.clone(), reports: store, control })
+    }
 }
 
 /// Key layouts: the one place that knows how keys are built.
@@ -933,28 +967,6 @@ impl TelemetryStore for SledStore {
         Ok(n)
     }
 
-    fn revoke(&self, host: &HostId, at_secs: i64) -> Result<(), StoreError> {
-        self.revoked.insert(host.as_str(), &at_secs.to_be_bytes()).map_err(io("revoke"))?;
-        self.db.flush().map(drop).map_err(io("flush"))
-    }
-
-    fn unrevoke(&self, host: &HostId) -> Result<bool, StoreError> {
-        let had = self.revoked.remove(host.as_str()).map_err(io("unrevoke"))?.is_some();
-        self.db.flush().map_err(io("flush"))?;
-        Ok(had)
-    }
-
-    fn revocations(&self) -> Result<Vec<(HostId, i64)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.revoked.iter() {
-            let (k, v) = item.map_err(io("scan revocations"))?;
-            let Ok(host) = HostId::new(&String::from_utf8_lossy(&k)) else { continue };
-            let at = v.as_ref().try_into().map_or(0, i64::from_be_bytes);
-            out.push((host, at));
-        }
-        Ok(out)
-    }
-
     fn rollups(
         &self,
         host: &HostId,
@@ -985,7 +997,33 @@ impl TelemetryStore for SledStore {
         }
         Ok(out)
     }
+}
 
+impl RevocationStore for SledStore {
+    fn revoke(&self, host: &HostId, at_secs: i64) -> Result<(), StoreError> {
+        self.revoked.insert(host.as_str(), &at_secs.to_be_bytes()).map_err(io("revoke"))?;
+        self.db.flush().map(drop).map_err(io("flush"))
+    }
+
+    fn unrevoke(&self, host: &HostId) -> Result<bool, StoreError> {
+        let had = self.revoked.remove(host.as_str()).map_err(io("unrevoke"))?.is_some();
+        self.db.flush().map_err(io("flush"))?;
+        Ok(had)
+    }
+
+    fn revocations(&self) -> Result<Vec<(HostId, i64)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.revoked.iter() {
+            let (k, v) = item.map_err(io("scan revocations"))?;
+            let Ok(host) = HostId::new(&String::from_utf8_lossy(&k)) else { continue };
+            let at = v.as_ref().try_into().map_or(0, i64::from_be_bytes);
+            out.push((host, at));
+        }
+        Ok(out)
+    }
+}
+
+impl ReportStore for SledStore {
     fn put_doc(&self, key: &str, json: &[u8]) -> Result<(), StoreError> {
         self.analytics.insert(key, json).map_err(io("write analytics document"))?;
         self.analytics.flush().map(drop).map_err(io("flush"))

@@ -140,3 +140,54 @@ pub struct ApiError {
     /// What went wrong and what to do.
     pub error: String,
 }
+
+/// One directive as the API shows it (`GET /api/v1/directives`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DirectiveView {
+    /// Unique id.
+    pub id: String,
+    /// The host it is for.
+    pub host: String,
+    /// Its kind (`set_instances`, ...).
+    pub kind: String,
+    /// Its payload, as sent.
+    pub payload: serde_json::Value,
+    /// One line: what it asks.
+    pub summary: String,
+    /// The decision that made it.
+    pub decision: String,
+    /// `pending`, `sent`, `applied`, `rejected`, `unsupported` or `expired`.
+    pub state: String,
+    /// Created, Unix ms.
+    pub created_ms: i64,
+    /// Deadline, Unix ms.
+    pub not_after_ms: i64,
+    /// Sends so far.
+    pub attempts: u32,
+    /// First sent, Unix ms.
+    pub first_sent_ms: Option<i64>,
+    /// Answered, Unix ms.
+    pub answered_ms: Option<i64>,
+    /// The agent's message: what changed, or why not.
+    pub message: String,
+}
+
+/// An operator's directive (`POST /api/v1/directives`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectiveRequest {
+    /// Host id.
+    pub host: String,
+    /// Kind (`ping`, `set_instances`, `set_batching`, `load`, `unload`, `drain`,
+    /// `set_telemetry_interval`).
+    pub kind: String,
+    /// The kind's payload (see docs/control.md); omitted for `ping`.
+    #[serde(default)]
+    pub payload: Option<serde_json::Value>,
+    /// Seconds until it expires unapplied (default 600, at most 7 days).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    /// Seconds to wait for the agent's answer before replying (default 0: reply at once).
+    #[serde(default)]
+    pub wait_secs: Option<u64>,
+}

@@ -351,3 +351,40 @@ pub fn http_get(addr: &str, path: &str) -> String {
     assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}\n{body}");
     body.to_owned()
 }
+
+/// Starts an agent for `host` (certificate issued here) uplinking to `quic`, sampling every
+/// `sample_ms`, serving the model repository `repo` on port 0; returns it and its inference
+/// API address (read from its log).
+pub fn serving_agent(
+    fleet: &Fleet,
+    host: &str,
+    quic: std::net::SocketAddr,
+    repo: &Path,
+    sample_ms: u64,
+) -> (Proc, String) {
+    fleet.issue(host);
+    let config = fleet.agent_config(host, quic, sample_ms);
+    let mut text = std::fs::read_to_string(&config).expect("read agent config");
+    text.push_str(&format!(
+        "[serving]\nlisten = \"127.0.0.1:0\"\nmodel_repository = \"{}\"\n",
+        repo.display()
+    ));
+    std::fs::write(&config, text).expect("write agent config");
+    let proc = agent(host, &config);
+    let addr = inference_addr(&proc);
+    (proc, addr)
+}
+
+/// The inference API address a serving agent logged.
+pub fn inference_addr(proc: &Proc) -> String {
+    let line = proc.wait_for_log(&["Inference API listening."]);
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .unwrap_or_else(|| panic!("no addr in {line:?}"))
+        .to_owned()
+}
+
+/// The shared development models, beside the checkout.
+pub fn shared_model(file: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/models").join(file)
+}

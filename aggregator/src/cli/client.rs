@@ -371,7 +371,7 @@ fn error_message(body: &str) -> String {
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters, for one path segment.
-fn encode_segment(segment: &str) -> String {
+pub(crate) fn encode_segment(segment: &str) -> String {
     let mut out = String::with_capacity(segment.len());
     for byte in segment.bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {

@@ -8,8 +8,10 @@
 
 pub mod analytics;
 pub mod client;
+pub mod control;
 pub mod plot;
 pub mod render;
+pub mod simulate;
 
 use std::ffi::OsString;
 use std::io::{self, Write};
@@ -96,6 +98,25 @@ pub enum Command {
         /// run or show
         #[command(subcommand)]
         action: analytics::AnalyticsAction,
+    },
+    /// Directives and their life: created, sent, answered, by which decision
+    Directives(control::DirectivesArgs),
+    /// Send an operator's directive to a host, or show one
+    Directive {
+        /// send or show
+        #[command(subcommand)]
+        action: control::DirectiveAction,
+    },
+    /// Replay a demand trace through the scaling engine and forecaster, locally
+    Simulate(simulate::SimulateArgs),
+    /// Decisions: inputs, the rule that fired, the directives made
+    Decisions {
+        /// Only about this model
+        #[arg(long)]
+        model: Option<String>,
+        /// Most to show, newest first
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
     },
 }
 
@@ -222,6 +243,9 @@ pub fn run(cli: Cli, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()>
             uplink_secs: up.uplink_secs,
         });
     }
+    if let Command::Simulate(args) = &command {
+        return print(&simulate::run(args, json)?);
+    }
     let api = api
         .or_else(|| env("FLOTILLA_API").filter(|v| !v.is_empty()))
         .unwrap_or_else(|| DEFAULT_API.to_owned());
@@ -257,13 +281,22 @@ pub fn run(cli: Cli, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()>
         }
         Command::Alerts { history } => analytics::alerts(&client, history, json)?,
         Command::Analytics { action } => analytics::analytics(&client, &action, json)?,
-        Command::Up(_) => return Ok(()),
+        Command::Directives(args) => control::directives(&client, &args, json)?,
+        Command::Directive { action } => control::directive(&client, &action, json)?,
+        Command::Decisions { model, limit } => {
+            control::decisions(&client, model.as_deref(), limit, json)?
+        }
+        Command::Up(_) | Command::Simulate(_) => return Ok(()),
     };
     print(&output)
 }
 
-/// 69 when anything in the chain says the aggregator was unreachable, else 1.
+/// 69 when anything in the chain says the aggregator was unreachable, 64 for a bad policy
+/// file, else 1.
 fn exit_code_for(err: &anyhow::Error) -> ExitCode {
+    if err.chain().any(|c| c.downcast_ref::<crate::control::policy::PolicyError>().is_some()) {
+        return ExitCode::from(64);
+    }
     let unreachable = err
         .chain()
         .any(|cause| cause.downcast_ref::<ClientError>().is_some_and(ClientError::is_unreachable));
@@ -401,7 +434,7 @@ pub fn parse_since(text: &str) -> Result<u64, String> {
     }
 }
 
-fn to_json<T: Serialize>(value: &T) -> anyhow::Result<String> {
+pub(crate) fn to_json<T: Serialize>(value: &T) -> anyhow::Result<String> {
     let text = serde_json::to_string_pretty(value).context("encoding the answer as JSON")?;
     // serde_json escapes C0 controls but writes DEL and C1 (e.g. U+009B, a CSI) raw; `\u00XX`
     // is the same JSON string and inert on a terminal.

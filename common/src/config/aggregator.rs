@@ -36,6 +36,8 @@ pub struct AggregatorConfig {
     pub ingest: IngestConfig,
     /// Analytics: schedule and the files holding the pricing catalog and the policy.
     pub analytics: AnalyticsConfig,
+    /// Control loop.
+    pub control: ControlConfig,
 }
 
 /// `[analytics]`, validated (paths resolved). The files are parsed by the aggregator's
@@ -48,6 +50,20 @@ pub struct AnalyticsConfig {
     pub pricing_file: Option<PathBuf>,
     /// Budgets, alert rules, plan targets and the webhook; `None` means none of them.
     pub policy_file: Option<PathBuf>,
+}
+
+/// `[control]`, validated (paths resolved). The policy file is parsed by the aggregator's
+/// `control::policy`, which names its keys in its own errors.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Scaling policies (TOML); `None`: no policy, the loop only records operator directives.
+    pub policy_file: Option<PathBuf>,
+    /// How often policies are evaluated.
+    pub interval: Duration,
+    /// Telemetry window each evaluation looks at.
+    pub window: Duration,
+    /// Lifetime of a policy's directives.
+    pub directive_ttl: Duration,
 }
 
 /// `[listen]`, validated.
@@ -115,6 +131,44 @@ struct RawAggregatorConfig {
     ingest: RawIngest,
     #[serde(default)]
     analytics: RawAnalytics,
+    #[serde(default)]
+    control: RawControl,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    #[serde(default)]
+    policy_file: Option<PathBuf>,
+    #[serde(default = "default_control_interval")]
+    interval_secs: u64,
+    #[serde(default = "default_control_window")]
+    window_secs: u64,
+    #[serde(default = "default_directive_ttl")]
+    directive_ttl_secs: u64,
+}
+
+impl Default for RawControl {
+    fn default() -> Self {
+        Self {
+            policy_file: None,
+            interval_secs: default_control_interval(),
+            window_secs: default_control_window(),
+            directive_ttl_secs: default_directive_ttl(),
+        }
+    }
+}
+
+fn default_control_interval() -> u64 {
+    15
+}
+
+fn default_control_window() -> u64 {
+    60
+}
+
+fn default_directive_ttl() -> u64 {
+    600
 }
 
 #[derive(Debug, Deserialize)]
@@ -390,7 +444,19 @@ impl AggregatorConfig {
                 .map(|p| c.path("analytics.pricing_file", p, base)),
             policy_file: a.policy_file.as_ref().map(|p| c.path("analytics.policy_file", p, base)),
         };
-        c.finish(origin, Self { listen, tls, store, ingest, analytics })
+        let k = &raw.control;
+        let control = ControlConfig {
+            policy_file: k.policy_file.as_ref().map(|p| c.path("control.policy_file", p, base)),
+            interval: Duration::from_secs(c.range("control.interval_secs", k.interval_secs, 1, 3600)),
+            window: Duration::from_secs(c.range("control.window_secs", k.window_secs, 2, 3600)),
+            directive_ttl: Duration::from_secs(c.range(
+                "control.directive_ttl_secs",
+                k.directive_ttl_secs,
+                10,
+                7 * 24 * 3600,
+            )),
+        };
+        c.finish(origin, Self { listen, tls, store, ingest, analytics, control })
     }
 
     /// The embedded defaults with paths under `base`.

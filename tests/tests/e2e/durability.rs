@@ -120,7 +120,10 @@ fn spool_drops_leave_no_dedup_gap_behind() {
                 },
                 sealed: sealed.clone(),
                 drain_grace: Duration::from_secs(2),
-                directives: agent::downlink::DirectiveMemory::default(),
+                directives: Arc::new(agent::downlink::Directives {
+                    ledger: agent::ledger::Ledger::open(&spool).unwrap(),
+                    actuator: agent::actuator::Actuator::default(),
+                }),
                 health: Arc::default(),
             }
             .run(stop.clone()),

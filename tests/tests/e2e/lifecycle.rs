@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use e2e::{Aggregator, Fleet, Proc, agent, samples_produced};
+use e2e::{Aggregator, Fleet, Proc, samples_produced};
 
 /// Concurrent requests in each test.
 const CLIENTS: usize = 16;
@@ -47,22 +47,7 @@ fn install_slow_model(repo: &Path) {
 
 /// Starts an agent serving `repo` on port 0 (uplinking to `agg`); returns it and its API address.
 fn serving_agent(fleet: &Fleet, host: &str, agg: &Aggregator, repo: &Path) -> (Proc, String) {
-    fleet.issue(host);
-    let config = fleet.agent_config(host, agg.quic, 200);
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&format!(
-        "[serving]\nlisten = \"127.0.0.1:0\"\nmodel_repository = \"{}\"\n",
-        repo.display()
-    ));
-    std::fs::write(&config, text).unwrap();
-    let proc = agent(host, &config);
-    let line = proc.wait_for_log(&["Inference API listening."]);
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("addr="))
-        .unwrap_or_else(|| panic!("no addr in {line:?}"))
-        .to_owned();
-    (proc, addr)
+    e2e::serving_agent(fleet, host, agg.quic, repo, 200)
 }
 
 /// POSTs `body` and returns the status and body; a reply slower than `limit` fails the test

@@ -3,6 +3,8 @@
 //! - `admin`: the admin API token and its JSON errors.
 //! - `analytics`: backdated seasonal telemetry -> forecast, costs, plans, a budget alert on a
 //!   webhook.
+//! - `control`: directives from the CLI applied once by a real agent serving a real model,
+//!   refused by name, delivered after a disconnect, and not re-applied after an agent restart.
 //! - `fleet`: a real aggregator and agents as separate processes, seen through the CLI.
 //! - `security`: certificates from another CA, expired and revoked, refused at the handshake.
 //! - `durability`: the aggregator SIGKILLed and restarted loses and duplicates nothing.
@@ -22,6 +24,7 @@
 
 mod admin;
 mod analytics;
+mod control;
 mod crashes;
 mod durability;
 mod faults;

@@ -1,0 +1,191 @@
+//! Directives end to end: a real aggregator and a real agent serving a real ONNX model, driven
+//! through the `flotilla` CLI; and a hand-driven aggregator (real QUIC, the fleet's own
+//! certificates) that sends one directive id to an agent before and after the agent restarts.
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::framed;
+use common::proto::{Directive, DirectiveResult, DirectiveStatus, HelloReply, Welcome, hello_reply};
+use e2e::{Aggregator, Fleet, WAIT, agent, eventually, http_get, serving_agent, shared_model};
+use serde_json::Value;
+
+fn install_ocr(repo: &Path) {
+    let dir = repo.join("ocr/1");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(shared_model("ppocr_mobile_v2_cls.onnx"), dir.join("model.onnx")).unwrap();
+    std::fs::write(repo.join("ocr/config.toml"), "max_batch_size = 1\ninstances = 1\n").unwrap();
+}
+
+/// `flotilla directive send HOST KIND FIELDS... --json`, parsed.
+fn send(agg: &Aggregator, host: &str, kind: &str, fields: &[&str], wait_secs: u64) -> Value {
+    let wait = wait_secs.to_string();
+    let mut args = vec!["directive", "send", host, kind];
+    args.extend_from_slice(fields);
+    args.extend_from_slice(&["--wait-secs", &wait]);
+    agg.cli_json(&args).unwrap()
+}
+
+fn instances_gauge(addr: &str) -> Option<u64> {
+    http_get(addr, "/metrics")
+        .lines()
+        .find(|l| l.starts_with("flotilla_model_instances{model=\"ocr\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn online(agg: &Aggregator, host: &str) {
+    eventually(&format!("{host} online"), WAIT, || {
+        let hosts = agg.cli_json(&["hosts"]).ok()?;
+        hosts.as_array()?.iter().find(|h| h["host"] == host && h["state"] == "online").cloned()
+    });
+}
+
+#[test]
+fn directives_apply_once_reject_by_name_and_wait_out_a_disconnect() {
+    let fleet = Fleet::new();
+    let repo = fleet.path().join("models");
+    install_ocr(&repo);
+    let agg = Aggregator::start(&fleet.aggregator_config(0));
+    let (mut node, addr) = serving_agent(&fleet, "node-1", agg.quic, &repo, 500);
+    online(&agg, "node-1");
+    assert_eq!(instances_gauge(&addr), Some(1));
+
+    // Applied, with what changed; the agent serves with 3 instances.
+    let d = send(&agg, "node-1", "set_instances", &["model=ocr", "instances=3"], 30);
+    assert_eq!(d["state"], "applied", "{d}");
+    assert!(d["message"].as_str().unwrap().contains("instances 1 -> 3"), "{d}");
+    assert_eq!(d["attempts"], 1);
+    assert_eq!(instances_gauge(&addr), Some(3));
+
+    // Refused with the reason, and nothing changes.
+    let d = send(&agg, "node-1", "set_instances", &["model=nosuch", "instances=2"], 30);
+    assert_eq!(d["state"], "rejected", "{d}");
+    assert!(d["message"].as_str().unwrap().contains("unknown model \"nosuch\""), "{d}");
+    let d = send(&agg, "node-1", "set_instances", &["model=ocr", "instances=0"], 30);
+    assert_eq!(d["state"], "rejected", "{d}");
+    assert!(d["message"].as_str().unwrap().contains('0'), "{d}");
+    assert_eq!(instances_gauge(&addr), Some(3));
+    // A bad request never reaches an agent: the API names the field.
+    let out = agg.cli(&["directive", "send", "node-1", "set_instances", "model=ocr"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing field `instances`"));
+
+    // Sent while the agent is down: pending, then applied once after it reconnects.
+    node.kill();
+    eventually("node-1 offline", WAIT, || {
+        let hosts = agg.cli_json(&["hosts"]).ok()?;
+        hosts.as_array()?.iter().find(|h| h["host"] == "node-1" && h["state"] != "online").cloned()
+    });
+    let d = send(&agg, "node-1", "set_instances", &["model=ocr", "instances=2"], 0);
+    assert_eq!(d["state"], "pending", "{d}");
+    let id = d["id"].as_str().unwrap().to_owned();
+    let pending = agg.cli_json(&["directives", "--state", "pending"]).unwrap();
+    assert_eq!(pending.as_array().unwrap().len(), 1, "{pending}");
+    let config = fleet.path().join("agent-node-1.toml");
+    let node = agent("node-1", &config);
+    let addr = e2e::inference_addr(&node);
+    let done = eventually("the pending directive applied", WAIT, || {
+        let d = agg.cli_json(&["directive", "show", &id]).ok()?;
+        (d["state"] == "applied").then_some(d)
+    });
+    assert_eq!(done["attempts"], 1, "{done}");
+    // The restarted agent came up with its config's 1 instance; the directive made it 2.
+    assert!(done["message"].as_str().unwrap().contains("instances 1 -> 2"), "{done}");
+    assert_eq!(instances_gauge(&addr), Some(2));
+    let handled = node.logs().iter().filter(|l| l.contains(&id) && l.contains("Directive handled.")).count();
+    assert_eq!(handled, 1);
+
+    // Every directive has a decision, and the operator's decisions are listed by model (the
+    // one about "nosuch" is not about ocr).
+    let decisions = agg.cli_json(&["decisions", "--model", "ocr"]).unwrap();
+    let decisions = decisions.as_array().unwrap();
+    assert_eq!(decisions.len(), 3, "{decisions:?}");
+    assert!(decisions.iter().all(|d| d["source"] == "operator" && d["directives"].as_array().unwrap().len() == 1));
+    let desired = http_get(agg.api.trim_start_matches("http://"), "/api/v1/hosts/node-1/desired");
+    let desired: Value = serde_json::from_str(&desired).unwrap();
+    assert_eq!(desired["models"]["ocr"]["instances"], 2, "{desired}");
+    let metrics = http_get(agg.api.trim_start_matches("http://"), "/metrics");
+    assert!(metrics.contains("flotilla_directives_answered_total{state=\"applied\"} 2"), "{metrics}");
+    assert!(metrics.contains("flotilla_directives_answered_total{state=\"rejected\"} 2"), "{metrics}");
+}
+
+/// Accepts the next agent connection that completes its handshake and says Hello (attempts
+/// queued by an agent process that has since stopped are skipped).
+async fn next_agent(
+    endpoint: &quinn::Endpoint,
+) -> (quinn::Connection, quinn::SendStream) {
+    loop {
+        let incoming = endpoint.accept().await.unwrap();
+        let hello = async {
+            let conn = incoming.await.ok()?;
+            let (send, mut recv) = conn.accept_bi().await.ok()?;
+            let _: common::proto::Hello = framed::read(&mut recv, 1 << 20).await.ok()?;
+            Some((conn, send))
+        };
+        if let Ok(Some(found)) = tokio::time::timeout(Duration::from_secs(5), hello).await {
+            return found;
+        }
+    }
+}
+
+/// A hand-driven aggregator: accepts one agent connection, answers its Hello, sends
+/// `directive`, and returns the agent's result.
+async fn exchange(endpoint: &quinn::Endpoint, directive: &Directive) -> DirectiveResult {
+    let (conn, mut send) = tokio::time::timeout(WAIT, next_agent(endpoint)).await.unwrap();
+    let welcome = HelloReply {
+        reply: Some(hello_reply::Reply::Welcome(Welcome {
+            version: common::proto::MAX_VERSION,
+            host_id: "node-2".into(),
+            max_frame_bytes: 4 << 20,
+            ..Welcome::default()
+        })),
+    };
+    framed::write(&mut send, &welcome).await.unwrap();
+    let _ = send.finish();
+    let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+    framed::write(&mut tx, directive).await.unwrap();
+    let _ = tx.finish();
+    let result = tokio::time::timeout(WAIT, framed::read(&mut rx, 1 << 20)).await.unwrap().unwrap();
+    conn.close(0u32.into(), b"done");
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directive_resent_after_an_agent_restart_is_answered_not_applied_again() {
+    let fleet = Fleet::new();
+    let tls = fleet.path().join("tls");
+    let server = common::tls::server_config(
+        &tls.join("ca.pem"),
+        &tls.join("server.pem"),
+        &tls.join("server.key"),
+        common::tls::Revocations::default(),
+    )
+    .unwrap();
+    let endpoint = common::quic::server_endpoint("127.0.0.1:0".parse().unwrap(), server).unwrap();
+    let quic = endpoint.local_addr().unwrap();
+    let repo = fleet.path().join("models");
+    install_ocr(&repo);
+    let directive = Directive {
+        id: "fixed-id-1".into(),
+        kind: "set_instances".into(),
+        payload: br#"{"model":"ocr","instances":4}"#.to_vec(),
+        not_after_unix_ms: 0,
+    };
+
+    let (mut node, addr) = serving_agent(&fleet, "node-2", quic, &repo, 500);
+    let first = exchange(&endpoint, &directive).await;
+    assert_eq!(first.status(), DirectiveStatus::Applied, "{first:?}");
+    assert!(first.message.contains("instances 1 -> 4"), "{first:?}");
+    assert_eq!(instances_gauge(&addr), Some(4));
+    node.terminate();
+
+    // The restarted agent serves its config's 1 instance; the same id must not change that.
+    let node = agent("node-2", &fleet.path().join("agent-node-2.toml"));
+    let addr = e2e::inference_addr(&node);
+    assert_eq!(instances_gauge(&addr), Some(1));
+    let again = exchange(&endpoint, &directive).await;
+    assert_eq!(again, first, "a repeat gets the first result");
+    assert_eq!(instances_gauge(&addr), Some(1), "the repeat was applied again");
+    assert!(node.logs().iter().any(|l| l.contains("Directive repeated; answered with its first result.")));
+}
