@@ -64,6 +64,9 @@ pub struct Autoscaler {
     directive_ttl: Duration,
     scalers: Mutex<HashMap<(String, String), Scaler>>,
     recorded: Mutex<HashMap<(String, String), String>>,
+    /// Instances each (host, model) last reported: an idle model sends no samples, and its
+    /// evaluation (demand 0) needs them. Bounded by hosts times policy models.
+    last_seen: Mutex<HashMap<(HostId, String), u32>>,
 }
 
 impl Autoscaler {
@@ -83,6 +86,7 @@ impl Autoscaler {
             directive_ttl,
             scalers: Mutex::default(),
             recorded: Mutex::default(),
+            last_seen: Mutex::default(),
         }
     }
 
@@ -127,10 +131,27 @@ impl Autoscaler {
                 .map(demand_rps)
                 .sum();
             for (host, view) in &hosts {
-                let Some(served) = view.models.get(&policy.model) else { continue };
                 if !policy.selects(&view.labels) {
                     continue;
                 }
+                let key = (host.clone(), policy.model.clone());
+                let served = match view.models.get(&policy.model) {
+                    Some(served) => {
+                        self.lock_last_seen().insert(key, served.instances);
+                        served.clone()
+                    }
+                    // Served before and silent in this window: idle (agents send no sample
+                    // for a model with no requests and no change).
+                    None => match self.lock_last_seen().get(&key) {
+                        Some(&instances) => Served {
+                            instances,
+                            covered_ms: u64::try_from(window_ms).unwrap_or(0),
+                            ..Served::default()
+                        },
+                        None => continue,
+                    },
+                };
+                let served = &served;
                 let obs = observe(policy, view, served, now_ms);
                 let forecast = forecast_for(policy, forecasts.get(&policy.model), now_ms, || {
                     if fleet_rps > 0.0 { demand_rps(served) / fleet_rps } else { 1.0 }
@@ -239,6 +260,10 @@ impl Autoscaler {
 
     fn lock_scalers(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Scaler>> {
         self.scalers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_last_seen(&self) -> std::sync::MutexGuard<'_, HashMap<(HostId, String), u32>> {
+        self.last_seen.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn lock_recorded(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), String>> {

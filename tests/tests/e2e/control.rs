@@ -189,3 +189,88 @@ async fn a_directive_resent_after_an_agent_restart_is_answered_not_applied_again
     assert_eq!(instances_gauge(&addr), Some(1), "the repeat was applied again");
     assert!(node.logs().iter().any(|l| l.contains("Directive repeated; answered with its first result.")));
 }
+
+/// One OCR request body (`x`: `[1, 3, 48, 192]`).
+fn ocr_request() -> String {
+    let data: Vec<f32> = (0..3 * 48 * 192).map(|i| (i % 17) as f32 / 17.0).collect();
+    serde_json::json!({"inputs": [{"name": "x", "shape": [1, 3, 48, 192], "datatype": "FP32", "data": data}]})
+        .to_string()
+}
+
+fn applied_set_instances(agg: &Aggregator) -> Vec<Value> {
+    let list = agg.cli_json(&["directives", "--host", "node-3", "--state", "applied"]).unwrap();
+    list.as_array().unwrap().iter().filter(|d| d["kind"] == "set_instances").cloned().collect()
+}
+
+#[test]
+fn load_scales_a_model_up_at_once_and_down_only_after_the_stabilization_window() {
+    let fleet = Fleet::new();
+    let repo = fleet.path().join("models");
+    install_ocr(&repo);
+    std::fs::write(
+        fleet.path().join("policies.toml"),
+        "[[policy]]\nname = \"ocr-load\"\nmodel = \"ocr\"\nmode = \"reactive\"\n\
+         min_instances = 1\nmax_instances = 4\nstabilization_window_secs = 8\n\
+         cooldown_down_secs = 0\nscale_down_limit = { instances = 4, per_secs = 1 }\n\
+         [policy.targets]\nrequests_per_instance = 5.0\n",
+    )
+    .unwrap();
+    let config = fleet.aggregator_config(0);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("[control]\npolicy_file = \"policies.toml\"\ninterval_secs = 1\nwindow_secs = 3\n");
+    std::fs::write(&config, text).unwrap();
+    let agg = Aggregator::start(&config);
+    let (_node, addr) = serving_agent(&fleet, "node-3", agg.quic, &repo, 500);
+    online(&agg, "node-3");
+
+    // Load: 4 clients, each a request every ~50 ms (tens of requests/s against a target of 5
+    // per instance).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let body = std::sync::Arc::new(ocr_request());
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, body, addr) = (stop.clone(), body.clone(), addr.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = e2e::http_post_json(&addr, "/v2/models/ocr/infer", &body);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        })
+        .collect();
+    let up = eventually("a scale-up applied", WAIT, || {
+        applied_set_instances(&agg).into_iter().find(|d| d["payload"]["instances"].as_u64() > Some(1))
+    });
+    assert!(up["message"].as_str().unwrap().contains("instances 1 -> "), "{up}");
+    let decision = &agg.cli_json(&["decisions", "--model", "ocr"]).unwrap()
+        .as_array().unwrap().iter().find(|d| d["id"] == up["decision"]).cloned().unwrap();
+    assert_eq!(decision["source"], "policy:ocr-load", "{decision}");
+    assert_eq!(decision["rule"], "reactive.scale_up", "{decision}");
+    assert!(decision["inputs"]["engine"]["observation"]["demand_rps"].as_f64().unwrap() > 5.0);
+    eventually("the agent serving more than one instance", WAIT, || {
+        instances_gauge(&addr).filter(|n| *n > 1)
+    });
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let stopped_ms = common_now_ms();
+    let down = eventually("the scale-down applied", Duration::from_secs(60), || {
+        applied_set_instances(&agg).into_iter().find(|d| d["payload"]["instances"] == 1)
+    });
+    // Not before the 8 s window of higher recommendations had passed (the last one came while
+    // the 3 s telemetry window still held load).
+    let waited = down["created_ms"].as_i64().unwrap() - stopped_ms;
+    assert!(waited >= 7_500, "scaled down {waited} ms after the load stopped");
+    assert_eq!(instances_gauge(&addr), Some(1));
+    let rules: Vec<String> = agg.cli_json(&["decisions", "--model", "ocr"]).unwrap()
+        .as_array().unwrap().iter().map(|d| d["rule"].as_str().unwrap().to_owned()).collect();
+    assert!(rules.iter().any(|r| r == "stabilization.hold"), "{rules:?}");
+}
+
+fn common_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
