@@ -19,6 +19,7 @@
 //! | [`cli`] | the `flotilla` operator CLI |
 //! | [`up`] | `flotilla up`: a one-host fleet on this machine |
 //! | [`analytics`] | pure analytics: forecasts, costs, plans, budgets, alerts |
+//! | [`control`] | scaling policies, the pure scaling decision engine, replay |
 //! | [`scheduler`] | runs analytics on a schedule, stores results, delivers alerts |
 //! | [`webhook`] | alert webhook delivery with retries |
 #![forbid(unsafe_code)]
@@ -28,6 +29,7 @@ pub mod api;
 pub mod cli;
 pub mod commit;
 pub mod connections;
+pub mod control;
 pub mod ingest;
 pub mod limits;
 pub mod scheduler;

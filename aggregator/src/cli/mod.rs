@@ -10,6 +10,7 @@ pub mod analytics;
 pub mod client;
 pub mod plot;
 pub mod render;
+pub mod simulate;
 
 use std::ffi::OsString;
 use std::io::{self, Write};
@@ -97,6 +98,8 @@ pub enum Command {
         #[command(subcommand)]
         action: analytics::AnalyticsAction,
     },
+    /// Replay a demand trace through the scaling engine and forecaster, locally
+    Simulate(simulate::SimulateArgs),
 }
 
 /// `flotilla hosts revoke|unrevoke HOST`.
@@ -222,6 +225,9 @@ pub fn run(cli: Cli, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()>
             uplink_secs: up.uplink_secs,
         });
     }
+    if let Command::Simulate(args) = &command {
+        return print(&simulate::run(args, json)?);
+    }
     let api = api
         .or_else(|| env("FLOTILLA_API").filter(|v| !v.is_empty()))
         .unwrap_or_else(|| DEFAULT_API.to_owned());
@@ -257,13 +263,17 @@ pub fn run(cli: Cli, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()>
         }
         Command::Alerts { history } => analytics::alerts(&client, history, json)?,
         Command::Analytics { action } => analytics::analytics(&client, &action, json)?,
-        Command::Up(_) => return Ok(()),
+        Command::Up(_) | Command::Simulate(_) => return Ok(()),
     };
     print(&output)
 }
 
-/// 69 when anything in the chain says the aggregator was unreachable, else 1.
+/// 69 when anything in the chain says the aggregator was unreachable, 64 for a bad policy
+/// file, else 1.
 fn exit_code_for(err: &anyhow::Error) -> ExitCode {
+    if err.chain().any(|c| c.downcast_ref::<crate::control::policy::PolicyError>().is_some()) {
+        return ExitCode::from(64);
+    }
     let unreachable = err
         .chain()
         .any(|cause| cause.downcast_ref::<ClientError>().is_some_and(ClientError::is_unreachable));
