@@ -445,7 +445,7 @@ mod tests {
         let p = set.get("ocr-predictive").unwrap();
         assert_eq!(p.mode, Mode::Predictive);
         assert!(p.predictive.forecast_only);
-        assert_eq!(p.scale_up_limit, RateLimit { instances: 4, per_secs: 60 });
+        assert_eq!(p.scale_up_limit, RateLimit { instances: 8, per_secs: 60 });
         assert_eq!(p.hosts.get("pool").map(String::as_str), Some("gpu"));
     }
 

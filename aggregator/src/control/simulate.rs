@@ -506,6 +506,7 @@ pub fn render(report: &ReplayReport, trace_name: &str) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::analytics::series::HOUR_MS;
 
     #[test]
     fn flaps_count_direction_changes() {
