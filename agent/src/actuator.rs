@@ -109,10 +109,7 @@ impl Actuator {
                     ));
                 }
                 let before = interval.set(Duration::from_millis(*interval_ms));
-                Ok(format!(
-                    "telemetry interval {} ms -> {interval_ms} ms",
-                    before.as_millis()
-                ))
+                Ok(format!("telemetry interval {} ms -> {interval_ms} ms", before.as_millis()))
             }
         }
     }

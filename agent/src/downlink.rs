@@ -99,7 +99,8 @@ async fn handle(
 
 /// Answers a repeat from the ledger, or applies the directive and records its result.
 async fn apply_once(directives: &Directives, d: &Directive, now_ms: i64) -> DirectiveResult {
-    let (result, fresh) = directives.ledger.once(&d.id, apply(&directives.actuator, d, now_ms)).await;
+    let (result, fresh) =
+        directives.ledger.once(&d.id, apply(&directives.actuator, d, now_ms)).await;
     if fresh {
         info!(id = %d.id, kind = %d.kind, status = ?result.status(), message = %result.message, "Directive handled.");
     } else {
@@ -170,15 +171,30 @@ mod tests {
         let r = apply_once(&d, &directive("3", "ping", "", 0), 100).await;
         assert_eq!(r.status(), DirectiveStatus::Expired);
         // A bad value is refused by name and changes nothing.
-        let r = apply_once(&d, &directive("4", "set_telemetry_interval", r#"{"interval_ms":5}"#, 0), 100).await;
+        let r = apply_once(
+            &d,
+            &directive("4", "set_telemetry_interval", r#"{"interval_ms":5}"#, 0),
+            100,
+        )
+        .await;
         assert_eq!(r.status(), DirectiveStatus::Rejected);
         assert!(r.message.contains("interval_ms = 5 is out of range"), "{}", r.message);
         assert_eq!(interval.get(), std::time::Duration::from_secs(1));
-        let r = apply_once(&d, &directive("5", "set_telemetry_interval", r#"{"interval_ms":250}"#, 0), 100).await;
+        let r = apply_once(
+            &d,
+            &directive("5", "set_telemetry_interval", r#"{"interval_ms":250}"#, 0),
+            100,
+        )
+        .await;
         assert_eq!(r.status(), DirectiveStatus::Applied, "{}", r.message);
         assert_eq!(interval.get(), std::time::Duration::from_millis(250));
         // Without [serving], model directives are refused with the reason.
-        let r = apply_once(&d, &directive("6", "set_instances", r#"{"model":"m","instances":2}"#, 0), 100).await;
+        let r = apply_once(
+            &d,
+            &directive("6", "set_instances", r#"{"model":"m","instances":2}"#, 0),
+            100,
+        )
+        .await;
         assert_eq!(r.status(), DirectiveStatus::Rejected);
         assert!(r.message.contains("serves no models"), "{}", r.message);
         let r = apply_once(&d, &directive("7", "set_instances", r#"{"model":"m"}"#, 0), 100).await;

@@ -113,14 +113,7 @@ impl Sampler {
             if ready_tx.send(Ok(collectors.inventory(&labels))).is_err() {
                 return;
             }
-            sample_loop(
-                &mut collectors,
-                models,
-                &thread_interval,
-                &sample_tx,
-                &stop_rx,
-                &health,
-            );
+            sample_loop(&mut collectors, models, &thread_interval, &sample_tx, &stop_rx, &health);
         });
         if let Err(e) = spawned {
             return Err(SamplerError::Thread(e));

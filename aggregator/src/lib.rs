@@ -208,10 +208,8 @@ pub async fn run(
         config.control.window,
         config.control.directive_ttl,
     ));
-    let scaling = spawn_watched(
-        "autoscaler",
-        autoscaler.run(config.control.interval, shutdown.clone()),
-    );
+    let scaling =
+        spawn_watched("autoscaler", autoscaler.run(config.control.interval, shutdown.clone()));
     let app = api::router(api::ApiState {
         stores: stores.clone(),
         delivery,

@@ -479,10 +479,7 @@ fn encode<T: Serialize>(what: &str, v: &T) -> Result<Vec<u8>, AnalyticsError> {
 
 /// Stores an analysis and applies its observations to the alert book; returns the transitions
 /// and the number of active alerts.
-fn persist(
-    store: &dyn ReportStore,
-    a: &Analysis,
-) -> Result<(Vec<Alert>, usize), AnalyticsError> {
+fn persist(store: &dyn ReportStore, a: &Analysis) -> Result<(Vec<Alert>, usize), AnalyticsError> {
     store.delete_docs("forecast/")?;
     for f in &a.forecasts {
         store.put_doc(&format!("forecast/{}", f.target), &encode(&f.target, f)?)?;

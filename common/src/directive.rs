@@ -150,9 +150,13 @@ impl DirectiveBody {
         };
         let json = match self {
             Self::Ping => return Vec::new(),
-            Self::SetInstances { model: m, version, instances } => serde_json::to_vec(
-                &ModelPayload { version: version.clone(), instances: Some(*instances), ..model(m) },
-            ),
+            Self::SetInstances { model: m, version, instances } => {
+                serde_json::to_vec(&ModelPayload {
+                    version: version.clone(),
+                    instances: Some(*instances),
+                    ..model(m)
+                })
+            }
             Self::SetBatching { model: m, version, batching } => {
                 serde_json::to_vec(&ModelPayload {
                     version: version.clone(),
@@ -181,7 +185,8 @@ impl DirectiveBody {
             "ping" => Self::Ping,
             "set_instances" => {
                 let p = model_payload()?;
-                let instances = p.instances.ok_or_else(|| bad("missing field `instances`".into()))?;
+                let instances =
+                    p.instances.ok_or_else(|| bad("missing field `instances`".into()))?;
                 Self::SetInstances { model: p.model, version: p.version, instances }
             }
             "set_batching" => {
@@ -285,7 +290,10 @@ mod tests {
     #[test]
     fn bad_payloads_name_the_kind_and_field() {
         let e = DirectiveBody::parse("set_instances", br#"{"model":"m"}"#).unwrap_err();
-        assert_eq!(e.to_string(), "directive set_instances: bad payload: missing field `instances`");
+        assert_eq!(
+            e.to_string(),
+            "directive set_instances: bad payload: missing field `instances`"
+        );
         let e = DirectiveBody::parse("set_instances", br#"{"model":"m","instances":-1}"#)
             .unwrap_err()
             .to_string();

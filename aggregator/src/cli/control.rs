@@ -96,8 +96,7 @@ pub fn payload(kind: &str, fields: &[String]) -> anyhow::Result<Option<serde_jso
 pub fn directives(client: &Client, args: &DirectivesArgs, json: bool) -> anyhow::Result<String> {
     let limit = args.limit.to_string();
     let mut query: Vec<(&str, &str)> = vec![("limit", &limit)];
-    for (key, value) in
-        [("host", &args.host), ("state", &args.state), ("decision", &args.decision)]
+    for (key, value) in [("host", &args.host), ("state", &args.state), ("decision", &args.decision)]
     {
         if let Some(v) = value {
             query.push((key, v));
@@ -140,9 +139,8 @@ pub fn directives_table(list: &[DirectiveView]) -> String {
 /// `flotilla directive send|show`.
 pub fn directive(client: &Client, action: &DirectiveAction, json: bool) -> anyhow::Result<String> {
     let view: DirectiveView = match action {
-        DirectiveAction::Show { id } => {
-            client.get_json(&format!("/api/v1/directives/{}", super::client::encode_segment(id)), &[])?
-        }
+        DirectiveAction::Show { id } => client
+            .get_json(&format!("/api/v1/directives/{}", super::client::encode_segment(id)), &[])?,
         DirectiveAction::Send(a) => {
             let request = DirectiveRequest {
                 host: a.host.clone(),
@@ -181,8 +179,9 @@ pub fn decisions(
     if list.is_empty() {
         return Ok("No decisions recorded yet.\n".to_owned());
     }
-    let mut t = Table::new(["ID", "AT", "SOURCE", "MODEL", "RULE", "ACTED", "DIRECTIVES", "REASON"])
-        .right_align(&[6]);
+    let mut t =
+        Table::new(["ID", "AT", "SOURCE", "MODEL", "RULE", "ACTED", "DIRECTIVES", "REASON"])
+            .right_align(&[6]);
     for d in &list {
         t.push_row(vec![
             escape(&d.id).into_owned(),
@@ -208,9 +207,10 @@ mod tests {
         let words = |w: &[&str]| w.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         let p = payload("set_instances", &words(&["model=ocr", "instances=4"])).unwrap().unwrap();
         assert_eq!(p, serde_json::json!({"model": "ocr", "instances": 4}));
-        let p = payload("set_batching", &words(&["model=vad", "max_batch_size=8", "adaptive=false"]))
-            .unwrap()
-            .unwrap();
+        let p =
+            payload("set_batching", &words(&["model=vad", "max_batch_size=8", "adaptive=false"]))
+                .unwrap()
+                .unwrap();
         assert_eq!(
             p,
             serde_json::json!({"model": "vad", "batching": {"max_batch_size": 8, "adaptive": false}})

@@ -125,11 +125,8 @@ impl Autoscaler {
         .map_err(|e| StoreError::Corrupt { what: "autoscaler".into(), reason: e.to_string() })??;
         let mut acted = Vec::new();
         for policy in self.policies.policies() {
-            let fleet_rps: f64 = hosts
-                .values()
-                .filter_map(|h| h.models.get(&policy.model))
-                .map(demand_rps)
-                .sum();
+            let fleet_rps: f64 =
+                hosts.values().filter_map(|h| h.models.get(&policy.model)).map(demand_rps).sum();
             for (host, view) in &hosts {
                 if !policy.selects(&view.labels) {
                     continue;
@@ -178,9 +175,10 @@ impl Autoscaler {
         if !known {
             let store = self.stores.control.clone();
             let k = state_key.clone();
-            let stored = tokio::task::spawn_blocking(move || store.scaler_state(&k))
-                .await
-                .map_err(|e| StoreError::Corrupt { what: "scaler state".into(), reason: e.to_string() })??;
+            let stored =
+                tokio::task::spawn_blocking(move || store.scaler_state(&k)).await.map_err(
+                    |e| StoreError::Corrupt { what: "scaler state".into(), reason: e.to_string() },
+                )??;
             let state: ScalerState =
                 stored.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
             self.lock_scalers()
@@ -193,16 +191,17 @@ impl Autoscaler {
         };
         let (decision, state) = {
             let mut scalers = self.lock_scalers();
-            let scaler = scalers
-                .entry(key)
-                .or_insert_with(|| Scaler::new(policy.clone()));
+            let scaler = scalers.entry(key).or_insert_with(|| Scaler::new(policy.clone()));
             let decision = scaler.evaluate(obs, forecast, &limits);
             (decision, serde_json::to_vec(scaler.state()).unwrap_or_default())
         };
         let store = self.stores.control.clone();
         tokio::task::spawn_blocking(move || store.put_scaler_state(&state_key, &state))
             .await
-            .map_err(|e| StoreError::Corrupt { what: "scaler state".into(), reason: e.to_string() })??;
+            .map_err(|e| StoreError::Corrupt {
+                what: "scaler state".into(),
+                reason: e.to_string(),
+            })??;
         Ok(decision)
     }
 
@@ -332,9 +331,8 @@ fn in_sample_error(history: &[Option<f64>], fitted: &[f64]) -> Option<f64> {
         .filter_map(|(h, f)| h.map(|h| (h, *f)))
         .collect();
     let mean = pairs.iter().map(|(h, _)| h.abs()).sum::<f64>() / pairs.len().max(1) as f64;
-    (mean > 0.0).then(|| {
-        pairs.iter().map(|(h, f)| (h - f).abs()).sum::<f64>() / pairs.len() as f64 / mean
-    })
+    (mean > 0.0)
+        .then(|| pairs.iter().map(|(h, f)| (h - f).abs()).sum::<f64>() / pairs.len() as f64 / mean)
 }
 
 fn read_hosts(

@@ -181,10 +181,13 @@ impl Delivery {
             let woken = wake.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            let outbox = match self.blocking({
-                let host = host.clone();
-                move |s| s.outbox(&host)
-            }).await {
+            let outbox = match self
+                .blocking({
+                    let host = host.clone();
+                    move |s| s.outbox(&host)
+                })
+                .await
+            {
                 Ok(o) => o,
                 Err(e) => {
                     warn!(%host, error = %common::daemon::error_chain(&e), "Could not read the outbox; retrying.");
@@ -267,7 +270,10 @@ impl Delivery {
     ) -> Result<T, StoreError> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || f(store.as_ref())).await.map_err(|e| {
-            StoreError::Corrupt { what: "control store".into(), reason: format!("task failed: {e}") }
+            StoreError::Corrupt {
+                what: "control store".into(),
+                reason: format!("task failed: {e}"),
+            }
         })?
     }
 

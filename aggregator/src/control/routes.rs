@@ -136,7 +136,11 @@ async fn send_directive(
     if wait > MAX_WAIT {
         return Err(failure(
             StatusCode::BAD_REQUEST,
-            format!("wait_secs = {} is out of range; use 0..={}", wait.as_secs(), MAX_WAIT.as_secs()),
+            format!(
+                "wait_secs = {} is out of range; use 0..={}",
+                wait.as_secs(),
+                MAX_WAIT.as_secs()
+            ),
         ));
     }
     let telemetry = state.stores.telemetry.clone();

@@ -63,16 +63,9 @@ impl DirectiveState {
 
     /// Parses [`Self::name`].
     pub fn parse(text: &str) -> Option<Self> {
-        [
-            Self::Pending,
-            Self::Sent,
-            Self::Applied,
-            Self::Rejected,
-            Self::Unsupported,
-            Self::Expired,
-        ]
-        .into_iter()
-        .find(|s| s.name() == text)
+        [Self::Pending, Self::Sent, Self::Applied, Self::Rejected, Self::Unsupported, Self::Expired]
+            .into_iter()
+            .find(|s| s.name() == text)
     }
 }
 
@@ -527,8 +520,7 @@ impl ControlStore for SledControlStore {
                 d.state = state;
                 d.answered_ms = Some(now_ms);
                 message.clone_into(&mut d.message);
-                let bytes =
-                    encode("directive", &d).map_err(ConflictableTransactionError::Abort)?;
+                let bytes = encode("directive", &d).map_err(ConflictableTransactionError::Abort)?;
                 directives.insert(id.as_bytes(), bytes)?;
                 outbox.remove(outbox_key(&d.host, id))?;
                 Ok(Some(d))
@@ -667,7 +659,11 @@ mod tests {
         let (decision, made) = {
             let db = sled::open(dir.path()).unwrap();
             let store = SledControlStore::open(&db).unwrap();
-            decide(&store, 1000, vec![("a", set("ocr", 3)), ("b", set("ocr", 2)), ("a", set("ocr", 4))])
+            decide(
+                &store,
+                1000,
+                vec![("a", set("ocr", 3)), ("b", set("ocr", 2)), ("a", set("ocr", 4))],
+            )
         };
         let db = sled::open(dir.path()).unwrap();
         let store = SledControlStore::open(&db).unwrap();
@@ -696,13 +692,21 @@ mod tests {
         store.mark_sent(id, 1100).unwrap();
         store.mark_sent(id, 1200).unwrap();
         let sent = store.directive(id).unwrap().unwrap();
-        assert_eq!((sent.state, sent.attempts, sent.first_sent_ms), (DirectiveState::Sent, 2, Some(1100)));
-        let pending = DirectiveFilter { state: Some(DirectiveState::Pending), ..Default::default() };
+        assert_eq!(
+            (sent.state, sent.attempts, sent.first_sent_ms),
+            (DirectiveState::Sent, 2, Some(1100))
+        );
+        let pending =
+            DirectiveFilter { state: Some(DirectiveState::Pending), ..Default::default() };
         assert_eq!(store.directives(&pending, 10).unwrap().len(), 1);
-        let done = store.answer(id, DirectiveState::Applied, "instances 1 -> 3", 1300).unwrap().unwrap();
+        let done =
+            store.answer(id, DirectiveState::Applied, "instances 1 -> 3", 1300).unwrap().unwrap();
         assert_eq!(done.state, DirectiveState::Applied);
         let again = store.answer(id, DirectiveState::Expired, "late", 1400).unwrap().unwrap();
-        assert_eq!((again.state, again.message.as_str()), (DirectiveState::Applied, "instances 1 -> 3"));
+        assert_eq!(
+            (again.state, again.message.as_str()),
+            (DirectiveState::Applied, "instances 1 -> 3")
+        );
         assert!(store.outbox(&host("a")).unwrap().is_empty());
         assert!(store.directives(&pending, 10).unwrap().is_empty());
         let applied = DirectiveFilter {

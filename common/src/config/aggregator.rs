@@ -447,7 +447,12 @@ impl AggregatorConfig {
         let k = &raw.control;
         let control = ControlConfig {
             policy_file: k.policy_file.as_ref().map(|p| c.path("control.policy_file", p, base)),
-            interval: Duration::from_secs(c.range("control.interval_secs", k.interval_secs, 1, 3600)),
+            interval: Duration::from_secs(c.range(
+                "control.interval_secs",
+                k.interval_secs,
+                1,
+                3600,
+            )),
             window: Duration::from_secs(c.range("control.window_secs", k.window_secs, 2, 3600)),
             directive_ttl: Duration::from_secs(c.range(
                 "control.directive_ttl_secs",

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::framed;
-use common::proto::{Directive, DirectiveResult, DirectiveStatus, HelloReply, Welcome, hello_reply};
+use common::proto::{
+    Directive, DirectiveResult, DirectiveStatus, HelloReply, Welcome, hello_reply,
+};
 use e2e::{Aggregator, Fleet, WAIT, agent, eventually, http_get, serving_agent, shared_model};
 use serde_json::Value;
 
@@ -93,7 +95,8 @@ fn directives_apply_once_reject_by_name_and_wait_out_a_disconnect() {
     // The restarted agent came up with its config's 1 instance; the directive made it 2.
     assert!(done["message"].as_str().unwrap().contains("instances 1 -> 2"), "{done}");
     assert_eq!(instances_gauge(&addr), Some(2));
-    let handled = node.logs().iter().filter(|l| l.contains(&id) && l.contains("Directive handled.")).count();
+    let handled =
+        node.logs().iter().filter(|l| l.contains(&id) && l.contains("Directive handled.")).count();
     assert_eq!(handled, 1);
 
     // Every directive has a decision, and the operator's decisions are listed by model (the
@@ -101,20 +104,28 @@ fn directives_apply_once_reject_by_name_and_wait_out_a_disconnect() {
     let decisions = agg.cli_json(&["decisions", "--model", "ocr"]).unwrap();
     let decisions = decisions.as_array().unwrap();
     assert_eq!(decisions.len(), 3, "{decisions:?}");
-    assert!(decisions.iter().all(|d| d["source"] == "operator" && d["directives"].as_array().unwrap().len() == 1));
+    assert!(
+        decisions
+            .iter()
+            .all(|d| d["source"] == "operator" && d["directives"].as_array().unwrap().len() == 1)
+    );
     let desired = http_get(agg.api.trim_start_matches("http://"), "/api/v1/hosts/node-1/desired");
     let desired: Value = serde_json::from_str(&desired).unwrap();
     assert_eq!(desired["models"]["ocr"]["instances"], 2, "{desired}");
     let metrics = http_get(agg.api.trim_start_matches("http://"), "/metrics");
-    assert!(metrics.contains("flotilla_directives_answered_total{state=\"applied\"} 2"), "{metrics}");
-    assert!(metrics.contains("flotilla_directives_answered_total{state=\"rejected\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("flotilla_directives_answered_total{state=\"applied\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("flotilla_directives_answered_total{state=\"rejected\"} 2"),
+        "{metrics}"
+    );
 }
 
 /// Accepts the next agent connection that completes its handshake and says Hello (attempts
 /// queued by an agent process that has since stopped are skipped).
-async fn next_agent(
-    endpoint: &quinn::Endpoint,
-) -> (quinn::Connection, quinn::SendStream) {
+async fn next_agent(endpoint: &quinn::Endpoint) -> (quinn::Connection, quinn::SendStream) {
     loop {
         let incoming = endpoint.accept().await.unwrap();
         let hello = async {
@@ -187,7 +198,11 @@ async fn a_directive_resent_after_an_agent_restart_is_answered_not_applied_again
     let again = exchange(&endpoint, &directive).await;
     assert_eq!(again, first, "a repeat gets the first result");
     assert_eq!(instances_gauge(&addr), Some(1), "the repeat was applied again");
-    assert!(node.logs().iter().any(|l| l.contains("Directive repeated; answered with its first result.")));
+    assert!(
+        node.logs()
+            .iter()
+            .any(|l| l.contains("Directive repeated; answered with its first result."))
+    );
 }
 
 /// One OCR request body (`x`: `[1, 3, 48, 192]`).
@@ -217,7 +232,9 @@ fn load_scales_a_model_up_at_once_and_down_only_after_the_stabilization_window()
     .unwrap();
     let config = fleet.aggregator_config(0);
     let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("[control]\npolicy_file = \"policies.toml\"\ninterval_secs = 1\nwindow_secs = 3\n");
+    text.push_str(
+        "[control]\npolicy_file = \"policies.toml\"\ninterval_secs = 1\nwindow_secs = 3\n",
+    );
     std::fs::write(&config, text).unwrap();
     let agg = Aggregator::start(&config);
     let (_node, addr) = serving_agent(&fleet, "node-3", agg.quic, &repo, 500);
@@ -239,11 +256,20 @@ fn load_scales_a_model_up_at_once_and_down_only_after_the_stabilization_window()
         })
         .collect();
     let up = eventually("a scale-up applied", WAIT, || {
-        applied_set_instances(&agg).into_iter().find(|d| d["payload"]["instances"].as_u64() > Some(1))
+        applied_set_instances(&agg)
+            .into_iter()
+            .find(|d| d["payload"]["instances"].as_u64() > Some(1))
     });
     assert!(up["message"].as_str().unwrap().contains("instances 1 -> "), "{up}");
-    let decision = &agg.cli_json(&["decisions", "--model", "ocr"]).unwrap()
-        .as_array().unwrap().iter().find(|d| d["id"] == up["decision"]).cloned().unwrap();
+    let decision = &agg
+        .cli_json(&["decisions", "--model", "ocr"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == up["decision"])
+        .cloned()
+        .unwrap();
     assert_eq!(decision["source"], "policy:ocr-load", "{decision}");
     assert_eq!(decision["rule"], "reactive.scale_up", "{decision}");
     assert!(decision["inputs"]["engine"]["observation"]["demand_rps"].as_f64().unwrap() > 5.0);
@@ -264,8 +290,14 @@ fn load_scales_a_model_up_at_once_and_down_only_after_the_stabilization_window()
     let waited = down["created_ms"].as_i64().unwrap() - stopped_ms;
     assert!(waited >= 7_500, "scaled down {waited} ms after the load stopped");
     assert_eq!(instances_gauge(&addr), Some(1));
-    let rules: Vec<String> = agg.cli_json(&["decisions", "--model", "ocr"]).unwrap()
-        .as_array().unwrap().iter().map(|d| d["rule"].as_str().unwrap().to_owned()).collect();
+    let rules: Vec<String> = agg
+        .cli_json(&["decisions", "--model", "ocr"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["rule"].as_str().unwrap().to_owned())
+        .collect();
     assert!(rules.iter().any(|r| r == "stabilization.hold"), "{rules:?}");
 }
 
