@@ -22,8 +22,11 @@ use super::model_config::ModelConfig;
 /// The batching knobs of one model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
-    /// Most rows per batch; 0 means every request runs alone.
+    /// Most rows per batch now; 0 means every request runs alone. A single request with more
+    /// rows (up to `max_request_rows`) still runs, alone.
     pub max_batch_size: usize,
+    /// Most rows one request may carry (the model signature's limit); 0 for an unbatched model.
+    pub max_request_rows: usize,
     /// Sizes dispatched as soon as they are formed, ascending.
     pub preferred_batch_sizes: Vec<usize>,
     /// Longest the oldest request waits for company.
@@ -51,6 +54,7 @@ impl Policy {
     pub fn from_config(c: &ModelConfig) -> Self {
         Self {
             max_batch_size: c.max_batch_size,
+            max_request_rows: c.max_batch_size,
             preferred_batch_sizes: c.preferred_batch_sizes.clone(),
             max_queue_delay: c.max_queue_delay,
             min_batch_size: c.min_batch_size,
@@ -194,6 +198,17 @@ impl<T> BatchQueue<T> {
         self.entries.len()
     }
 
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Replaces the policy. Queued requests stay queued: one with more rows than the new
+    /// `max_batch_size` runs alone.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
     /// Whether nothing waits.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
@@ -237,8 +252,8 @@ impl<T> BatchQueue<T> {
             let levels = self.policy.priority_levels;
             return Err((item, Refusal::BadPriority { priority, levels }));
         }
-        if self.policy.max_batch_size > 0 && rows > self.policy.max_batch_size {
-            return Err((item, Refusal::TooManyRows { rows, max: self.policy.max_batch_size }));
+        if self.policy.max_request_rows > 0 && rows > self.policy.max_request_rows {
+            return Err((item, Refusal::TooManyRows { rows, max: self.policy.max_request_rows }));
         }
         if self.entries.len() >= self.policy.max_queue_size {
             let refusal =
@@ -307,7 +322,9 @@ impl<T> BatchQueue<T> {
         let mut rows = 0;
         for i in &order {
             let r = self.entries[*i].rows;
-            if rows + r > cap {
+            // The first request always goes: one larger than the batch size in force (queued
+            // before it shrank, or bigger than it) runs alone.
+            if rows + r > cap && !chosen.is_empty() {
                 break;
             }
             rows += r;
@@ -413,6 +430,28 @@ impl<T> Shared<T> {
         pushed
     }
 
+    /// Changes the policy under the queue's lock and wakes the worker, so a shorter delay or a
+    /// smaller batch size takes effect for the requests already waiting.
+    pub fn update_policy(&self, change: impl FnOnce(&mut Policy)) {
+        let mut q = match self.queue.lock() {
+            Ok(q) => q,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut policy = q.policy().clone();
+        change(&mut policy);
+        q.set_policy(policy);
+        drop(q);
+        self.arrived.notify_one();
+    }
+
+    /// A copy of the policy in force.
+    pub fn policy(&self) -> Policy {
+        match self.queue.lock() {
+            Ok(q) => q.policy().clone(),
+            Err(poisoned) => poisoned.into_inner().policy().clone(),
+        }
+    }
+
     /// Folds one batch's run time into the estimate.
     pub fn observe_compute(&self, took: Duration) {
         use std::sync::atomic::Ordering;
@@ -480,6 +519,7 @@ mod tests {
     fn policy() -> Policy {
         Policy {
             max_batch_size: 8,
+            max_request_rows: 8,
             preferred_batch_sizes: vec![],
             max_queue_delay: Duration::from_millis(5),
             min_batch_size: 1,
@@ -584,7 +624,7 @@ mod tests {
         );
         assert!(refusal.to_string().contains("max_queue_wait_ms"), "{refusal}");
         // Without a limit only the count bounds the queue.
-        let mut q = BatchQueue::new(Policy { max_batch_size: 2, ..policy() });
+        let mut q = BatchQueue::new(Policy { max_batch_size: 2, max_request_rows: 2, ..policy() });
         for i in 0..16 {
             q.push(i, 2, 1, None, t0, compute).expect("no wait limit");
         }
@@ -599,7 +639,36 @@ mod tests {
     }
 
     fn limited_again() -> Policy {
-        Policy { max_batch_size: 2, max_queue_wait: Some(ms(250)), instances: 2, ..policy() }
+        Policy {
+            max_batch_size: 2,
+            max_request_rows: 2,
+            max_queue_wait: Some(ms(250)),
+            instances: 2,
+            ..policy()
+        }
+    }
+
+    #[test]
+    fn a_smaller_batch_size_applies_to_queued_requests_and_big_ones_run_alone() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy());
+        q.push("big", 6, 1, None, t0, Duration::ZERO).expect("room");
+        for i in ["a", "b", "c"] {
+            q.push(i, 1, 1, None, t0, Duration::ZERO).expect("room");
+        }
+        q.set_policy(Policy { max_batch_size: 2, ..policy() });
+        let b = dispatched(q.next(t0, Duration::ZERO));
+        assert_eq!((b.items, b.rows, b.reason), (vec!["big"], 6, Reason::Full));
+        let b = dispatched(q.next(t0, Duration::ZERO));
+        assert_eq!((b.items, b.reason), (vec!["a", "b"], Reason::Full));
+        // A request up to the signature's limit is still admitted at the smaller size.
+        q.push("d", 8, 1, None, t0, Duration::ZERO).expect("within max_request_rows");
+        assert_eq!(q.policy().max_batch_size, 2);
+        assert!(matches!(q.next(t0, Duration::ZERO), Step::WaitUntil(_)), "c waits for company");
+        let b = dispatched(q.next(t0 + ms(5), Duration::ZERO));
+        assert_eq!((b.items, b.reason), (vec!["c"], Reason::Delay), "d does not fit beside c");
+        let b = dispatched(q.next(t0 + ms(5), Duration::ZERO));
+        assert_eq!((b.items, b.rows), (vec!["d"], 8));
     }
 
     #[test]

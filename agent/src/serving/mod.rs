@@ -9,6 +9,7 @@
 //! | [`runner`] | the tract engine: strict-then-lenient loading, signature, plan per shape |
 //! | [`kserve`] | the `kserve` engine that forwards batches to another KServe v2 server |
 //! | [`batcher`] | the pure batch policy and the per-model worker |
+//! | [`adaptive`] | the pure controller that tunes batch size and queue delay from measurements |
 //! | [`model`] | one loaded version: queue, worker, instance threads, replies |
 //! | [`stats`] | per-version counters and histograms, `/metrics`, telemetry deltas |
 //! | [`names`] | the model and version name rule, checked before any file-system access |
@@ -20,9 +21,11 @@
 //!
 //! ```text
 //! HTTP --parse/validate--> LoadedModel::infer --queue--> worker --Batch--> instance thread --Engine--> reply
+//!                                                     policy <--adaptive::Controller <-- measurements
 //!                                                     stats --take_samples--> telemetry Sample.models
 //! ```
 
+pub mod adaptive;
 pub mod batcher;
 pub mod demo;
 pub mod http;

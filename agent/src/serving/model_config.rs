@@ -9,6 +9,9 @@ use serde::Deserialize;
 
 use super::tensor::DataType;
 
+/// Most instances a model may run (the `instances` key's range, and the runtime knob's).
+pub const MAX_INSTANCES: usize = 64;
+
 /// Which engine runs the batches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
@@ -82,6 +85,17 @@ pub struct ModelConfig {
     /// it times the running estimate of one batch's run time, shared by the instances); past it
     /// the request is refused at once. `None`: no limit beyond `max_queue_size`.
     pub max_queue_wait: Option<Duration>,
+    /// Whether the adaptive controller tunes batch size and queue delay at run time (between
+    /// `adaptive_min_batch_size` and `max_batch_size`, delay at most `max_queue_delay`). Default:
+    /// on when the file sets none of `max_batch_size`, `max_queue_delay_us`,
+    /// `preferred_batch_sizes` and `min_batch_size` (a model without a config starts at one row
+    /// and zero delay), off otherwise (the file's batching is used as written).
+    pub adaptive: bool,
+    /// The smallest batch size the adaptive controller uses.
+    pub adaptive_min_batch_size: usize,
+    /// The model's p95 end-to-end latency objective, which the adaptive controller keeps;
+    /// `None` for none.
+    pub latency_slo: Option<Duration>,
     /// Inputs to pin or describe.
     pub inputs: Vec<TensorSpec>,
     /// Outputs to describe.
@@ -131,6 +145,16 @@ struct RawModelConfig {
     #[serde(default)]
     loader: RawLoader,
     kserve: Option<RawKserve>,
+    #[serde(default)]
+    adaptive: RawAdaptive,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdaptive {
+    enabled: Option<bool>,
+    min_batch_size: Option<usize>,
+    latency_slo_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -218,7 +242,8 @@ impl ModelConfig {
             0,
             60_000_000,
         );
-        let instances = range("instances", raw.instances.unwrap_or(1) as u64, 1, 64);
+        let instances =
+            range("instances", raw.instances.unwrap_or(1) as u64, 1, MAX_INSTANCES as u64);
         let levels = range("priority_levels", u64::from(raw.priority_levels.unwrap_or(1)), 1, 16);
         let default_priority = range(
             "default_priority",
@@ -239,6 +264,23 @@ impl ModelConfig {
             range("max_queue_size", raw.max_queue_size.unwrap_or(256) as u64, 1, 1_000_000);
         let max_queue_wait =
             range("max_queue_wait_ms", raw.max_queue_wait_ms.unwrap_or(1000), 0, 3_600_000);
+        let adaptive_min = range(
+            "adaptive.min_batch_size",
+            raw.adaptive.min_batch_size.unwrap_or(1) as u64,
+            1,
+            max_batch_size.max(1),
+        );
+        let slo = range(
+            "adaptive.latency_slo_ms",
+            raw.adaptive.latency_slo_ms.unwrap_or(0),
+            0,
+            3_600_000,
+        );
+        let batching_written = raw.max_batch_size.is_some()
+            || raw.max_queue_delay_us.is_some()
+            || !raw.preferred_batch_sizes.is_empty()
+            || raw.min_batch_size.is_some();
+        let adaptive = raw.adaptive.enabled.unwrap_or(!batching_written);
         let mut preferred = raw.preferred_batch_sizes.clone();
         preferred.sort_unstable();
         preferred.dedup();
@@ -333,6 +375,9 @@ impl ModelConfig {
             default_timeout: (timeout > 0).then(|| Duration::from_millis(timeout)),
             max_queue_size: narrow(max_queue_size),
             max_queue_wait: (max_queue_wait > 0).then(|| Duration::from_millis(max_queue_wait)),
+            adaptive,
+            adaptive_min_batch_size: narrow(adaptive_min),
+            latency_slo: (slo > 0).then(|| Duration::from_millis(slo)),
             inputs,
             outputs,
             loader: LoaderOptions {
@@ -354,7 +399,35 @@ mod tests {
         assert_eq!(c.max_batch_size, 8);
         assert_eq!(c.instances, 1);
         assert_eq!(c.default_timeout, None);
+        assert!(c.adaptive, "a model without a config is tuned, starting at one row");
+        assert_eq!((c.adaptive_min_batch_size, c.latency_slo), (1, None));
         assert_eq!(c, ModelConfig::default());
+    }
+
+    #[test]
+    fn adaptive_keys_parse_and_written_batching_turns_it_off_by_default() {
+        let c = ModelConfig::parse("max_batch_size = 4", "t", "m").expect("valid");
+        assert!(!c.adaptive, "batching written in the file is used as written");
+        let c = ModelConfig::parse(
+            "max_batch_size = 16\n[adaptive]\nenabled = true\nmin_batch_size = 2\nlatency_slo_ms = 20\n",
+            "t",
+            "m",
+        )
+        .expect("valid");
+        assert!(c.adaptive);
+        assert_eq!(c.adaptive_min_batch_size, 2);
+        assert_eq!(c.latency_slo, Some(Duration::from_millis(20)));
+        let e = ModelConfig::parse(
+            "max_batch_size = 4\n[adaptive]\nmin_batch_size = 5\nlatency_slo_ms = 4000000\n",
+            "t",
+            "m",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("adaptive.min_batch_size: must be 1..=4, got 5"), "{e}");
+        assert!(e.contains("adaptive.latency_slo_ms: must be 0..=3600000, got 4000000"), "{e}");
+        let e = ModelConfig::parse("[adaptive]\nenable = true\n", "t", "m").unwrap_err();
+        assert!(e.to_string().contains("enable"), "{e}");
     }
 
     #[test]

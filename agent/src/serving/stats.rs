@@ -39,11 +39,38 @@ struct Counters {
     reasons: [u64; Reason::ALL.len()],
 }
 
+/// The runtime settings of a version, shown beside its counters: `/metrics` gauges, the stats
+/// JSON and telemetry samples.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Instances running batches in parallel.
+    pub instances: usize,
+    /// Rows per batch the batcher forms now; 0 when the model cannot batch.
+    pub max_batch_size: usize,
+    /// Queue delay in force, microseconds.
+    pub max_queue_delay_us: u64,
+    /// Whether the adaptive controller tunes the two above.
+    pub adaptive: bool,
+    /// The controller's lower bound.
+    pub adaptive_min_batch_size: usize,
+    /// The controller's upper bound.
+    pub adaptive_max_batch_size: usize,
+    /// The controller's delay bound, microseconds.
+    pub adaptive_max_queue_delay_us: u64,
+    /// p95 latency objective, milliseconds; 0 for none.
+    pub latency_slo_ms: u64,
+    /// Whether the version is draining.
+    pub draining: bool,
+}
+
 #[derive(Debug, Default)]
 struct Both {
     total: Counters,
     delta: Counters,
     last_inference_unix_ms: u64,
+    settings: Settings,
+    /// The settings changed since the last telemetry sample.
+    settings_changed: bool,
 }
 
 /// The statistics of one model version.
@@ -56,6 +83,10 @@ pub struct ModelStats {
 
 fn us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn narrow32(v: u64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
 }
 
 fn now_unix_ms() -> u64 {
@@ -78,6 +109,30 @@ impl ModelStats {
         };
         f(&mut guard.total);
         f(&mut guard.delta);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Both> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Replaces the settings shown.
+    pub fn set_settings(&self, settings: Settings) {
+        self.update_settings(|s| *s = settings);
+    }
+
+    /// Changes the settings shown.
+    pub fn update_settings(&self, change: impl FnOnce(&mut Settings)) {
+        let mut g = self.lock();
+        let before = g.settings;
+        change(&mut g.settings);
+        if g.settings != before {
+            g.settings_changed = true;
+        }
+    }
+
+    /// The settings shown.
+    pub fn settings(&self) -> Settings {
+        self.lock().settings
     }
 
     /// Counts a request that ended without an answer (successes go through
@@ -128,8 +183,10 @@ impl ModelStats {
             Err(poisoned) => poisoned.into_inner(),
         };
         let d = std::mem::take(&mut guard.delta);
+        let changed = std::mem::take(&mut guard.settings_changed);
+        let settings = guard.settings;
         drop(guard);
-        if d.requests == 0 && d.batches == 0 {
+        if d.requests == 0 && d.batches == 0 && !changed {
             return None;
         }
         Some(ModelSample {
@@ -148,6 +205,11 @@ impl ModelStats {
             queue_us: Some(d.queue_us.to_proto()),
             compute_us: Some(d.compute_us.to_proto()),
             batch_size: Some(d.batch_size.to_proto()),
+            instances: narrow32(settings.instances as u64),
+            max_batch_size: narrow32(settings.max_batch_size as u64),
+            max_queue_delay_us: settings.max_queue_delay_us,
+            adaptive: settings.adaptive,
+            draining: settings.draining,
         })
     }
 
@@ -182,6 +244,17 @@ impl ModelStats {
                 "rejected": t.rejected,
                 "expired": t.expired,
                 "batch_slots": t.batch_slots,
+                "instances": g.settings.instances,
+                "draining": g.settings.draining,
+                "batching": {
+                    "max_batch_size": g.settings.max_batch_size,
+                    "max_queue_delay_us": g.settings.max_queue_delay_us,
+                    "adaptive": g.settings.adaptive,
+                    "adaptive_min_batch_size": g.settings.adaptive_min_batch_size,
+                    "adaptive_max_batch_size": g.settings.adaptive_max_batch_size,
+                    "adaptive_max_queue_delay_us": g.settings.adaptive_max_queue_delay_us,
+                    "latency_slo_ms": g.settings.latency_slo_ms,
+                },
                 "dispatch_reasons": Reason::ALL.iter().zip(t.reasons).map(|(r, n)| (r.label().to_owned(), serde_json::Value::from(n))).collect::<serde_json::Map<_, _>>(),
             },
         })
@@ -210,20 +283,61 @@ fn escape(v: &str) -> String {
 
 /// Renders every model's totals in the Prometheus text format.
 pub fn render_prometheus(all: &[std::sync::Arc<ModelStats>]) -> String {
-    let snapshots: Vec<(String, Counters)> = all
+    let snapshots: Vec<(String, Counters, Settings)> = all
         .iter()
         .map(|s| {
-            let g = match s.inner.lock() {
-                Ok(g) => g,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let g = s.lock();
             (
                 format!("model=\"{}\",version=\"{}\"", escape(&s.model), escape(&s.version)),
                 g.total.clone(),
+                g.settings,
             )
         })
         .collect();
     let mut out = String::new();
+    type Gauge = fn(&Settings) -> u64;
+    let gauges: [(&str, &str, Gauge); 8] = [
+        ("flotilla_model_instances", "Instances running batches in parallel.", |s| {
+            s.instances as u64
+        }),
+        (
+            "flotilla_model_max_batch_size",
+            "Rows per batch the batcher forms now (0: the model cannot batch).",
+            |s| s.max_batch_size as u64,
+        ),
+        (
+            "flotilla_model_max_queue_delay_us",
+            "Longest the oldest request waits for company now, microseconds.",
+            |s| s.max_queue_delay_us,
+        ),
+        ("flotilla_model_adaptive", "1 when adaptive batching tunes the two above.", |s| {
+            u64::from(s.adaptive)
+        }),
+        (
+            "flotilla_model_adaptive_min_batch_size",
+            "Smallest batch size adaptive batching uses.",
+            |s| s.adaptive_min_batch_size as u64,
+        ),
+        (
+            "flotilla_model_adaptive_max_batch_size",
+            "Largest batch size adaptive batching uses.",
+            |s| s.adaptive_max_batch_size as u64,
+        ),
+        (
+            "flotilla_model_latency_slo_ms",
+            "The p95 latency objective adaptive batching keeps, milliseconds (0: none).",
+            |s| s.latency_slo_ms,
+        ),
+        ("flotilla_model_draining", "1 while the version takes no new requests.", |s| {
+            u64::from(s.draining)
+        }),
+    ];
+    for (name, help, get) in gauges {
+        header(&mut out, name, "gauge", help);
+        for (labels, _, s) in &snapshots {
+            let _ = writeln!(out, "{name}{{{labels}}} {}", get(s));
+        }
+    }
     type Get = fn(&Counters) -> u64;
     let counters: [(&str, &str, Get); 8] = [
         ("flotilla_model_requests_total", "Requests received, admitted or not.", |c| c.requests),
@@ -243,13 +357,13 @@ pub fn render_prometheus(all: &[std::sync::Arc<ModelStats>]) -> String {
     ];
     for (name, help, get) in counters {
         header(&mut out, name, "counter", help);
-        for (labels, c) in &snapshots {
+        for (labels, c, _) in &snapshots {
             let _ = writeln!(out, "{name}{{{labels}}} {}", get(c));
         }
     }
     let name = "flotilla_model_dispatches_total";
     header(&mut out, name, "counter", "Batches dispatched, by the reason they went.");
-    for (labels, c) in &snapshots {
+    for (labels, c, _) in &snapshots {
         for (reason, n) in Reason::ALL.iter().zip(c.reasons) {
             let _ = writeln!(out, "{name}{{{labels},reason=\"{}\"}} {n}", reason.label());
         }
@@ -267,14 +381,14 @@ pub fn render_prometheus(all: &[std::sync::Arc<ModelStats>]) -> String {
     ];
     for (name, help, get) in seconds {
         header(&mut out, name, "histogram", help);
-        for (labels, c) in &snapshots {
+        for (labels, c, _) in &snapshots {
             histogram(&mut out, name, labels, get(c), &latency, 1e-6);
         }
     }
     let sizes: Vec<u64> = (0..13).map(|k| 1u64 << k).collect();
     let name = "flotilla_model_batch_size";
     header(&mut out, name, "histogram", "Rows per dispatched batch.");
-    for (labels, c) in &snapshots {
+    for (labels, c, _) in &snapshots {
         histogram(&mut out, name, labels, &c.batch_size, &sizes, 1.0);
     }
     out
