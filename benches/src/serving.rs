@@ -363,8 +363,11 @@ fn batcher_overhead(runtime: &tokio::runtime::Runtime) {
             max_batch_size: 8,
             batching_off_reason: None,
         };
-        let config =
-            ModelConfig { max_queue_delay: Duration::from_micros(100), ..ModelConfig::default() };
+        let config = ModelConfig {
+            max_queue_delay: Duration::from_micros(100),
+            adaptive: false,
+            ..ModelConfig::default()
+        };
         let Ok(model) = LoadedModel::start("echo", "1", config, signature, Arc::new(Echo)) else {
             return f64::NAN;
         };

@@ -15,7 +15,8 @@
 //!    missed the SLO is chosen; if its double (within bounds) has no fresh measurement, that
 //!    double is tried for one window instead.
 //!
-//! Measurements older than [`STALE_WINDOWS`] windows are tried again, so a model whose costs
+//! The first batch of each size is not counted: on tract it includes building that size's
+//! plan. Measurements older than [`STALE_WINDOWS`] windows are tried again, so a model whose costs
 //! change (or a size rejected under light load) is re-examined. The queue delay is 0 at size 1
 //! and otherwise about one row's compute time, capped by the bound.
 //!
@@ -69,6 +70,8 @@ struct SizeCost {
     missed_slo_in: Option<u64>,
     /// Window in which it was last tried (measured enough or not).
     tried_in: Option<u64>,
+    /// A first batch of this size ran (and was not counted).
+    warmed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -177,10 +180,16 @@ impl Controller {
             let per_row = compute.as_secs_f64() * 1e6 / rows as f64;
             let window = self.windows;
             let c = self.costs.entry(rows).or_default();
-            c.per_row_us =
-                if c.samples == 0 { per_row } else { c.per_row_us * 0.75 + per_row * 0.25 };
-            c.samples = c.samples.saturating_add(1);
-            c.measured_in = window;
+            if c.warmed {
+                c.per_row_us =
+                    if c.samples == 0 { per_row } else { c.per_row_us * 0.75 + per_row * 0.25 };
+                c.samples = c.samples.saturating_add(1);
+                c.measured_in = window;
+            } else {
+                // The first batch of a size builds its plan (tract compiles one per shape):
+                // not a measure of running it.
+                c.warmed = true;
+            }
         }
         self.window.batches += 1;
         if waiting > 1 {
@@ -388,6 +397,23 @@ mod tests {
         assert_eq!(c.setting().batch_size, 2, "adaptive starts at its lower bound");
         let odd = Controller::new(true, Bounds { min_batch_size: 9, ..bounds(0, None) });
         assert_eq!(odd.setting().batch_size, 1, "nonsense bounds are made sane");
+    }
+
+    #[test]
+    fn the_first_batch_of_a_size_is_not_counted() {
+        let mut c = Controller::new(true, bounds(8, None));
+        // Size 2's first batch builds a plan (50 ms); its later batches are cheap per row.
+        let mut first_two = true;
+        for _ in 0..20 * WINDOW_BATCHES {
+            let rows = c.setting().batch_size;
+            let mut compute = Duration::from_micros(rows as u64 * (100 + 900 / rows as u64));
+            if rows == 2 && first_two {
+                compute = Duration::from_millis(50);
+                first_two = false;
+            }
+            c.observe_batch(rows, compute, 8);
+        }
+        assert_eq!(c.setting().batch_size, 8, "the plan build did not count against 2");
     }
 
     #[test]

@@ -1145,7 +1145,7 @@ mod tests {
         assert_eq!(model.instances(), 3);
         all_ok(spawn_calls(&model, 12)).await;
         assert_eq!(engine.peak.load(Ordering::SeqCst), 3, "three batches ran at once");
-        let text = crate::serving::stats::render_prometheus(&[model.stats.clone()]);
+        let text = crate::serving::stats::render_prometheus(std::slice::from_ref(&model.stats));
         assert!(text.contains("flotilla_model_instances{model=\"rec\",version=\"1\"} 3"), "{text}");
         // Shrink while three batches run and nine wait.
         let calls = spawn_calls(&model, 12);
@@ -1219,7 +1219,7 @@ mod tests {
         let rows = engine.rows.lock().expect("rows").clone();
         assert_eq!(rows.iter().sum::<usize>(), 8, "{rows:?}");
         assert!(rows[1..].iter().all(|r| *r <= 2), "batches after the change: {rows:?}");
-        let text = crate::serving::stats::render_prometheus(&[model.stats.clone()]);
+        let text = crate::serving::stats::render_prometheus(std::slice::from_ref(&model.stats));
         assert!(
             text.contains("flotilla_model_max_batch_size{model=\"rec\",version=\"1\"} 2"),
             "{text}"
@@ -1347,7 +1347,9 @@ mod tests {
 
     fn real_model(file: &std::path::Path) -> Arc<LoadedModel> {
         use crate::serving::runner::TractEngine;
-        let config = ModelConfig::default();
+        // No admission by expected wait: the first batch of each size builds a plan, which
+        // a debug build takes long enough over to refuse clients.
+        let config = ModelConfig { max_queue_wait: None, ..ModelConfig::default() };
         let (engine, signature) = TractEngine::load(file, &config).expect("loads");
         LoadedModel::start("real", "1", config, signature, Arc::new(engine)).expect("starts")
     }
