@@ -195,7 +195,10 @@ pub async fn run(
     let upkeep = spawn_watched("upkeep", upkeep(stores.clone(), &config, shutdown.clone()));
     let (settings, catalog) =
         scheduler::load_settings(&config.analytics).map_err(AggregatorError::Config)?;
-    let analytics = Arc::new(scheduler::Analytics::new(stores.clone(), settings, catalog));
+    let analytics = Arc::new(
+        scheduler::Analytics::new(stores.clone(), settings, catalog)
+            .with_delivery(delivery.clone(), config.control.directive_ttl),
+    );
     let cron = spawn_watched(
         "analytics scheduler",
         scheduler::schedule(analytics.clone(), config.analytics.schedule.clone(), shutdown.clone()),

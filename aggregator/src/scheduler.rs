@@ -83,6 +83,9 @@ pub struct RunSummary {
     pub alert_transitions: Vec<Alert>,
     /// Alerts active after it.
     pub active_alerts: usize,
+    /// Directives budget auto-optimize made in this pass.
+    #[serde(default)]
+    pub auto_optimized: usize,
 }
 
 /// One forecast target in a summary.
@@ -143,6 +146,8 @@ pub struct Analytics {
     webhook_backoff: Duration,
     health: Arc<std::sync::Mutex<AnalyticsHealth>>,
     retry_backoff: Duration,
+    /// Where budget auto-optimize sends its directives, and their lifetime.
+    delivery: Option<(Arc<crate::control::delivery::Delivery>, Duration)>,
 }
 
 /// Loads the policy and pricing files the config names (the built-in catalog and an empty
@@ -182,6 +187,44 @@ pub fn check(config: &AnalyticsConfig) -> Result<(), ConfigError> {
 // === impl Analytics ===
 
 impl Analytics {
+    /// Records each safe action as a decision of its budget with its directive.
+    async fn auto_optimize(
+        &self,
+        actions: Vec<crate::control::optimize::SafeAction>,
+        now_ms: i64,
+    ) -> Result<usize, AnalyticsError> {
+        let Some((delivery, ttl)) = &self.delivery else { return Ok(0) };
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let mut made = 0;
+        for a in actions {
+            let Ok(host) = HostId::new(&a.host) else { continue };
+            let decision = crate::control::store::NewDecision {
+                at_ms: now_ms,
+                source: format!("budget:{}", a.budget),
+                model: Some(a.model.clone()),
+                rule: a.rule.to_owned(),
+                reason: a.reason.clone(),
+                inputs: serde_json::json!({
+                    "budget": a.budget,
+                    "host": a.host,
+                    "idle_hours": a.idle_hours,
+                }),
+                acted: true,
+            };
+            let directive = crate::control::store::NewDirective {
+                host,
+                body: a.body.clone(),
+                not_after_ms: now_ms.saturating_add(ttl_ms),
+            };
+            delivery.submit(decision, vec![directive]).await?;
+            info!(budget = %a.budget, host = %a.host, model = %a.model, rule = a.rule, "Budget auto-optimize: {}", a.reason);
+            made += 1;
+        }
+        Ok(made)
+    }
+}
+
+impl Analytics {
     /// A runner over `stores` with this policy and catalog.
     pub fn new(stores: Stores, settings: Settings, catalog: PricingCatalog) -> Self {
         Self {
@@ -192,7 +235,20 @@ impl Analytics {
             webhook_backoff: crate::webhook::FIRST_BACKOFF,
             health: Arc::default(),
             retry_backoff: FIRST_RETRY_BACKOFF,
+            delivery: None,
         }
+    }
+
+    /// Lets budgets with `auto_optimize` act: their safe plans become directives through
+    /// `delivery`, each deliverable for `ttl` ([`crate::control::optimize`]).
+    #[must_use]
+    pub fn with_delivery(
+        mut self,
+        delivery: Arc<crate::control::delivery::Delivery>,
+        ttl: Duration,
+    ) -> Self {
+        self.delivery = Some((delivery, ttl));
+        self
     }
 
     /// Failures since start.
@@ -258,16 +314,41 @@ impl Analytics {
         let reports = self.stores.reports.clone();
         let mut settings = self.settings.clone();
         let catalog = self.catalog.clone();
-        let (analysis, hosts, transitions, active) = tokio::task::spawn_blocking(move || {
-            store.roll_up(now_ms)?;
-            settings.budgets.extend(api_budgets(reports.as_ref())?);
-            let snapshot = snapshot(store.as_ref(), &settings, now_ms)?;
-            let analysis = analytics::analyze(&snapshot, &settings, &catalog);
-            let (transitions, active) = persist(reports.as_ref(), &analysis)?;
-            Ok::<_, AnalyticsError>((analysis, snapshot.hosts.len(), transitions, active))
-        })
-        .await
-        .map_err(|e| AnalyticsError::Task(e.to_string()))??;
+        let control = self.stores.control.clone();
+        let acts = self.delivery.is_some();
+        let (analysis, hosts, transitions, active, actions) =
+            tokio::task::spawn_blocking(move || {
+                store.roll_up(now_ms)?;
+                settings.budgets.extend(api_budgets(reports.as_ref())?);
+                let snapshot = snapshot(store.as_ref(), &settings, now_ms)?;
+                let analysis = analytics::analyze(&snapshot, &settings, &catalog);
+                let (transitions, active) = persist(reports.as_ref(), &analysis)?;
+                let mut actions = Vec::new();
+                if acts {
+                    let mut desired = BTreeMap::new();
+                    for h in &snapshot.hosts {
+                        if let Ok(id) = HostId::new(&h.host)
+                            && let Some(d) = control.desired(&id)?
+                        {
+                            desired.insert(h.host.clone(), d);
+                        }
+                    }
+                    actions = crate::control::optimize::safe_actions(
+                        &analysis.budgets,
+                        &snapshot,
+                        &desired,
+                    );
+                }
+                Ok::<_, AnalyticsError>((
+                    analysis,
+                    snapshot.hosts.len(),
+                    transitions,
+                    active,
+                    actions,
+                ))
+            })
+            .await
+            .map_err(|e| AnalyticsError::Task(e.to_string()))??;
         for a in &transitions {
             match (a.state, a.severity) {
                 (AlertState::Firing, Severity::Critical) => {
@@ -291,7 +372,9 @@ impl Analytics {
                 }
             });
         }
+        let auto_optimized = self.auto_optimize(actions, now_ms).await?;
         let summary = RunSummary {
+            auto_optimized,
             generated_ms: now_ms,
             hosts,
             forecasts: analysis

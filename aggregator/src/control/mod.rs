@@ -6,6 +6,7 @@
 //! | [`engine`] | the pure scaling decision engine: [`engine::Scaler`] -> [`engine::Decision`] |
 //! | [`simulate`] | replay of a demand trace through the engine and the forecaster (`flotilla simulate`) |
 //! | [`autoscaler`] | evaluating the policies on live telemetry and turning decisions into directives |
+//! | [`optimize`] | budget auto-optimize: the plans safe to automate, as directives |
 //! | [`store`] | desired state, directive outbox, decisions, scaler state: typed, transactional |
 //! | [`delivery`] | sending each connected host its unanswered directives, in order, and recording answers |
 //! | [`routes`] | the admin API's directive, decision and desired-state routes |
@@ -19,6 +20,7 @@
 pub mod autoscaler;
 pub mod delivery;
 pub mod engine;
+pub mod optimize;
 pub mod policy;
 pub mod routes;
 pub mod simulate;

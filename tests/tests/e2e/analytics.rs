@@ -75,14 +75,16 @@ fn sample(unix_ms: i64, index: u64, busy_host: bool, rps: u64) -> Sample {
 }
 
 /// Connects as `host` (labels from the pricing catalog), then sends one sample per hour for
-/// `days` days back from the current hour plus two recent samples, in batches.
-async fn simulate(
+/// `days` days back from the current hour plus two recent samples, in batches. On the busy
+/// host (`gpu-a`) resnet serves no request in the last `idle_hours` hours and recent samples.
+pub(crate) async fn simulate(
     fleet: &Fleet,
     agg: &Aggregator,
     host: &str,
     labels: &[(&str, &str)],
     now_ms: i64,
     days: i64,
+    idle_hours: i64,
 ) {
     let ca = std::fs::read_to_string(fleet.path().join("tls/ca.pem")).unwrap();
     let pair = fleet.ca().issue_host(&HostId::new(host).unwrap(), 1).unwrap();
@@ -114,7 +116,8 @@ async fn simulate(
     let mut samples: Vec<Sample> = Vec::new();
     for k in (1..=days * 24).rev() {
         let hour = current_hour - k * HOUR_MS;
-        let mut s = sample(hour + HOUR_MS / 2, samples.len() as u64 + 1, busy, load(hour));
+        let rps = if k <= idle_hours { 0 } else { load(hour) };
+        let mut s = sample(hour + HOUR_MS / 2, samples.len() as u64 + 1, busy, rps);
         if k == SPIKE_HOURS_AGO && !busy {
             // One CPU spike on the idle host, for the anomaly detector to find.
             s.host =
@@ -123,7 +126,8 @@ async fn simulate(
         samples.push(s);
     }
     for back in [40_000, 20_000] {
-        samples.push(sample(now_ms - back, samples.len() as u64 + 1, busy, 50));
+        let rps = if idle_hours > 0 { 0 } else { 50 };
+        samples.push(sample(now_ms - back, samples.len() as u64 + 1, busy, rps));
     }
     for (i, chunk) in samples.chunks(48).enumerate() {
         let batch = TelemetryBatch {
@@ -220,8 +224,8 @@ fn seasonal_fleet_yields_forecast_costs_plan_and_a_delivered_budget_alert() {
         let b = [("instance_type", "g5.xlarge"), ("lifecycle", "on-demand")];
         tokio::time::timeout(WAIT, async {
             tokio::join!(
-                simulate(&fleet, &agg, "gpu-a", &a, now_ms, 14),
-                simulate(&fleet, &agg, "gpu-b", &b, now_ms, 14)
+                simulate(&fleet, &agg, "gpu-a", &a, now_ms, 14, 0),
+                simulate(&fleet, &agg, "gpu-b", &b, now_ms, 14, 0)
             );
         })
         .await

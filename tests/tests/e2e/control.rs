@@ -306,3 +306,54 @@ fn common_now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
 }
+
+#[test]
+fn a_crossed_auto_optimize_budget_records_directives_for_idle_models() {
+    let fleet = Fleet::new();
+    std::fs::write(
+        fleet.path().join("analytics.toml"),
+        "cost_window_hours = 24\n\
+         [[budgets]]\nname = \"tight\"\namount = 1.0\nperiod = \"day\"\nscope = \"fleet\"\n\
+         auto_optimize = true\nthresholds = [{ pct = 50.0, on = \"actual\", severity = \"critical\" }]\n\
+         [[budgets]]\nname = \"flag-only\"\namount = 1.0\nperiod = \"day\"\nscope = \"fleet\"\n\
+         thresholds = [{ pct = 50.0, on = \"actual\", severity = \"warning\" }]\n",
+    )
+    .unwrap();
+    let config = fleet.aggregator_config(0);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("[analytics]\npolicy_file = \"analytics.toml\"\nschedule = \"0 0 0 1 1 *\"\n");
+    std::fs::write(&config, text).unwrap();
+    let agg = Aggregator::start(&config);
+    let now_ms = common_now_ms();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let labels = [("instance_type", "g5.12xlarge"), ("lifecycle", "on-demand")];
+        // Three days of resnet traffic on gpu-a, then 30 idle hours.
+        tokio::time::timeout(
+            WAIT,
+            crate::analytics::simulate(&fleet, &agg, "gpu-a", &labels, now_ms, 3, 30),
+        )
+        .await
+        .expect("sending three days of telemetry");
+    });
+
+    let run = agg.cli_json(&["analytics", "run"]).unwrap();
+    assert_eq!(run["auto_optimized"], 1, "{run}");
+    let decisions = agg.cli_json(&["decisions", "--model", "resnet"]).unwrap();
+    let decisions = decisions.as_array().unwrap();
+    assert_eq!(decisions.len(), 1, "only the auto_optimize budget acts: {decisions:?}");
+    let d = &decisions[0];
+    assert_eq!(d["source"], "budget:tight", "{d}");
+    assert_eq!(d["rule"], "auto_optimize.unload_idle", "{d}");
+    assert!(d["inputs"]["idle_hours"].as_i64().unwrap() >= 24, "{d}");
+    let directives =
+        agg.cli_json(&["directives", "--decision", d["id"].as_str().unwrap()]).unwrap();
+    let directives = directives.as_array().unwrap();
+    assert_eq!(directives.len(), 1, "{directives:?}");
+    assert_eq!(directives[0]["host"], "gpu-a");
+    assert_eq!(directives[0]["kind"], "unload");
+    assert_eq!(directives[0]["payload"]["model"], "resnet");
+    // The desired state says it now, so the next pass does not decide it again.
+    let again = agg.cli_json(&["analytics", "run"]).unwrap();
+    assert_eq!(again["auto_optimized"], 0, "{again}");
+}

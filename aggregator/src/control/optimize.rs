@@ -1,0 +1,267 @@
+//! Budget auto-optimize: when a budget with `auto_optimize = true` has a threshold crossed, the
+//! cost plans that are safe to automate become directives, recorded as decisions of that
+//! budget (`budget:NAME`); every other plan stays a proposal (`flotilla plan`).
+//!
+//! Safe to automate, per model on a host in the budget's scope, from the hourly telemetry:
+//! - idle for at least [`FEWER_AFTER_HOURS`] (no requests in the hours it reported): one
+//!   instance (`set_instances 1`, rule `auto_optimize.fewer_instances`);
+//! - idle for at least [`UNLOAD_AFTER_HOURS`]: unloaded (`unload`, rule
+//!   `auto_optimize.unload_idle`).
+//!
+//! Not automated: stopping or resizing hosts, spot capacity and moving deferrable work, which
+//! need an operator or the fleet-size actuator.
+//!
+//! Invariant: an action is proposed only when the host's desired state does not already say it
+//! (instances 1, or unloaded), so each is decided once, not at every analytics pass.
+
+use std::collections::BTreeMap;
+
+use common::directive::DirectiveBody;
+
+use super::store::DesiredState;
+use crate::analytics::Snapshot;
+use crate::analytics::budgets::{BudgetScope, BudgetStatus};
+
+/// Idle hours after which an idle model runs one instance.
+pub const FEWER_AFTER_HOURS: i64 = 1;
+
+/// Idle hours after which an idle model is unloaded.
+pub const UNLOAD_AFTER_HOURS: i64 = 24;
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// One action safe to automate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SafeAction {
+    /// The budget whose breach asks for it.
+    pub budget: String,
+    /// The host.
+    pub host: String,
+    /// The model.
+    pub model: String,
+    /// The directive.
+    pub body: DirectiveBody,
+    /// `auto_optimize.fewer_instances` or `auto_optimize.unload_idle`.
+    pub rule: &'static str,
+    /// A sentence with the numbers.
+    pub reason: String,
+    /// Idle hours seen.
+    pub idle_hours: i64,
+}
+
+/// The safe actions for every breaching `auto_optimize` budget in `budgets`.
+pub fn safe_actions(
+    budgets: &[BudgetStatus],
+    snapshot: &Snapshot,
+    desired: &BTreeMap<String, DesiredState>,
+) -> Vec<SafeAction> {
+    let mut out: Vec<SafeAction> = Vec::new();
+    for status in budgets {
+        let b = &status.budget;
+        if !b.auto_optimize || status.breaches.is_empty() {
+            continue;
+        }
+        for h in &snapshot.hosts {
+            let host_in_scope = match &b.scope {
+                BudgetScope::Fleet | BudgetScope::Model(_) => true,
+                BudgetScope::Label { key, value } => h.labels.get(key) == Some(value),
+            };
+            if !host_in_scope {
+                continue;
+            }
+            for (model, idle_hours) in idle_models(h, snapshot.now_ms) {
+                if matches!(&b.scope, BudgetScope::Model(m) if *m != model) {
+                    continue;
+                }
+                let wanted = desired.get(&h.host).and_then(|d| d.models.get(&model));
+                let unloaded = wanted.is_some_and(|m| m.loaded == Some(false));
+                let one = wanted.is_some_and(|m| m.instances == Some(1));
+                let (body, rule) = if idle_hours >= UNLOAD_AFTER_HOURS && !unloaded {
+                    (DirectiveBody::Unload { model: model.clone() }, "auto_optimize.unload_idle")
+                } else if idle_hours >= FEWER_AFTER_HOURS && !one && !unloaded {
+                    (
+                        DirectiveBody::SetInstances {
+                            model: model.clone(),
+                            version: None,
+                            instances: 1,
+                        },
+                        "auto_optimize.fewer_instances",
+                    )
+                } else {
+                    continue;
+                };
+                // One budget's action is enough: two budgets over one host do not repeat it.
+                if out.iter().any(|a| a.host == h.host && a.model == model) {
+                    continue;
+                }
+                let breach = status
+                    .breaches
+                    .iter()
+                    .map(|x| format!("{} % {:?}", x.pct, x.on).to_lowercase())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                out.push(SafeAction {
+                    budget: b.name.clone(),
+                    host: h.host.clone(),
+                    model: model.clone(),
+                    reason: format!(
+                        "budget {} crossed {breach} (spent {:.1} %, forecast {:.1} %); {model} on {} served no request for {idle_hours} h: {}",
+                        b.name,
+                        status.spent_pct,
+                        status.forecast_pct,
+                        h.host,
+                        body.summary()
+                    ),
+                    body,
+                    rule,
+                    idle_hours,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Models the host reported in its hourly history with their idle hours: full hours since the
+/// last hour with requests (or since the first hour reported, when none had any).
+fn idle_models(h: &crate::analytics::HostSnapshot, now_ms: i64) -> Vec<(String, i64)> {
+    let mut first: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut last_busy: BTreeMap<&str, i64> = BTreeMap::new();
+    for (&t, stats) in &h.hours {
+        for (model, hour) in &stats.models {
+            first.entry(model).or_insert(t);
+            if hour.requests_per_s > 0.0 {
+                last_busy.insert(model, t + HOUR_MS);
+            }
+        }
+    }
+    // Requests in the recent raw window mean busy now, whatever the hours say.
+    first
+        .into_iter()
+        .filter(|(model, _)| h.recent.models.get(*model).is_none_or(|m| m.requests == 0))
+        .map(|(model, since)| {
+            let idle_since = last_busy.get(model).copied().unwrap_or(since);
+            (model.to_owned(), (now_ms - idle_since).div_euclid(HOUR_MS))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::analytics::alerts::Severity;
+    use crate::analytics::budgets::{Basis, Breach, Budget, Period};
+    use crate::analytics::{HostSnapshot, HourStats, ModelHour};
+
+    const NOW: i64 = 1_000 * HOUR_MS;
+
+    fn host(name: &str, pool: &str, models: &[(&str, i64)]) -> HostSnapshot {
+        // Each model reported the last 48 hours, with requests until `busy_until_hours_ago`.
+        let mut hours = BTreeMap::new();
+        for k in 1..=48 {
+            let t = NOW - k * HOUR_MS;
+            let mut stats = HourStats::default();
+            for (m, quiet) in models {
+                let rps = if k > *quiet { 5.0 } else { 0.0 };
+                stats.models.insert(
+                    (*m).to_owned(),
+                    ModelHour { requests_per_s: rps, ..ModelHour::default() },
+                );
+            }
+            hours.insert(t, stats);
+        }
+        HostSnapshot {
+            host: name.into(),
+            labels: [("pool".to_owned(), pool.to_owned())].into(),
+            hours,
+            ..HostSnapshot::default()
+        }
+    }
+
+    fn status(scope: BudgetScope, auto: bool, breached: bool) -> BudgetStatus {
+        BudgetStatus {
+            budget: Budget {
+                name: "b".into(),
+                amount: 10.0,
+                period: Period::Day,
+                scope,
+                thresholds: vec![],
+                auto_optimize: auto,
+            },
+            period_start_ms: 0,
+            period_end_ms: 0,
+            spent: 12.0,
+            run_rate_hourly: 1.0,
+            forecast: 20.0,
+            spent_pct: 120.0,
+            forecast_pct: 200.0,
+            burn_down: vec![],
+            breaches: if breached {
+                vec![Breach { pct: 100.0, on: Basis::Actual, severity: Severity::Critical }]
+            } else {
+                vec![]
+            },
+            suggested_plans: vec![],
+        }
+    }
+
+    #[test]
+    fn idle_models_get_fewer_instances_then_unloaded_busy_ones_are_left_alone() {
+        let snapshot = Snapshot {
+            now_ms: NOW,
+            hosts: vec![
+                host("a", "gpu", &[("busy", 0), ("quiet", 3), ("dead", 30)]),
+                host("b", "cpu", &[("quiet", 3)]),
+            ],
+        };
+        let fleet = [status(BudgetScope::Fleet, true, true)];
+        let mut actions = safe_actions(&fleet, &snapshot, &BTreeMap::new());
+        actions.sort_by(|x, y| (&x.host, &x.model).cmp(&(&y.host, &y.model)));
+        let got: Vec<(&str, &str, &str, i64)> = actions
+            .iter()
+            .map(|a| (a.host.as_str(), a.model.as_str(), a.rule, a.idle_hours))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a", "dead", "auto_optimize.unload_idle", 30),
+                ("a", "quiet", "auto_optimize.fewer_instances", 3),
+                ("b", "quiet", "auto_optimize.fewer_instances", 3),
+            ]
+        );
+        assert!(
+            actions[0].reason.contains("budget b crossed 100 % actual"),
+            "{}",
+            actions[0].reason
+        );
+
+        // Scoped by label or model; nothing without auto_optimize or a breach.
+        let label =
+            [status(BudgetScope::Label { key: "pool".into(), value: "cpu".into() }, true, true)];
+        assert_eq!(safe_actions(&label, &snapshot, &BTreeMap::new()).len(), 1);
+        let model = [status(BudgetScope::Model("dead".into()), true, true)];
+        assert_eq!(safe_actions(&model, &snapshot, &BTreeMap::new()).len(), 1);
+        assert!(
+            safe_actions(&[status(BudgetScope::Fleet, false, true)], &snapshot, &BTreeMap::new())
+                .is_empty()
+        );
+        assert!(
+            safe_actions(&[status(BudgetScope::Fleet, true, false)], &snapshot, &BTreeMap::new())
+                .is_empty()
+        );
+
+        // What the desired state already says is not decided again.
+        let mut desired = BTreeMap::new();
+        let mut a = DesiredState::default();
+        a.apply(&DirectiveBody::Unload { model: "dead".into() }, NOW);
+        a.apply(
+            &DirectiveBody::SetInstances { model: "quiet".into(), version: None, instances: 1 },
+            NOW,
+        );
+        desired.insert("a".to_owned(), a);
+        let left = safe_actions(&fleet, &snapshot, &desired);
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].host, "b");
+    }
+}
