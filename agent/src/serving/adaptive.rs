@@ -160,6 +160,11 @@ impl Controller {
         self.window = Window::default();
     }
 
+    /// Whether a batch of `rows` has run before (the first one of each size builds a plan).
+    pub fn warmed(&self, rows: usize) -> bool {
+        self.costs.get(&rows).is_some_and(|c| c.warmed)
+    }
+
     /// Records one request's end-to-end latency.
     pub fn observe_latency(&mut self, latency: Duration) {
         if self.window.latencies_us.len() < MAX_LATENCIES {
