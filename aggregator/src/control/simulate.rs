@@ -307,11 +307,11 @@ fn window(trace: &HourlySeries, cfg: &ReplayConfig, lead_secs: u64) -> Result<Wi
         };
         match forecast(&history, &settings) {
             Ok(f) => {
-                if let (Some(p), Some(actual)) = (f.point.first(), scaled[h]) {
-                    if actual > 0.0 {
-                        err_sum += (p - actual).abs() / actual;
-                        err_n += 1;
-                    }
+                if let (Some(p), Some(actual)) = (f.point.first(), scaled[h])
+                    && actual > 0.0
+                {
+                    err_sum += (p - actual).abs() / actual;
+                    err_n += 1;
                 }
                 forecasts.push(Some(f.point));
             }
