@@ -9,7 +9,8 @@
 //!    From 0 instances with demand, enough for the demand (or 1). The highest one wins
 //!    (`reactive.*`).
 //! 2. Predictive: `max(reactive, ceil(rps_ahead * (1 + buffer) / requests_per_instance))`, so a
-//!    forecast only ever raises (`predictive.ahead`). Forecast-only policies record it in
+//!    forecast only ever raises (`predictive.ahead`); a forecast within `tolerance` of the
+//!    current capacity recommends `current`. Forecast-only policies record it in
 //!    `would_have` and go on with the reactive value.
 //! 3. Scale-down is stabilized: never below the highest recommendation of the last
 //!    `stabilization_window_secs` (`stabilization.hold`).
@@ -235,7 +236,15 @@ impl Scaler {
         // 2. Predictive: only raises.
         let predictive = match (p.mode, forecast, p.targets.requests_per_instance) {
             (Mode::Predictive, Some(f), Some(rpi)) => {
-                Some(instances_for(f.rps_ahead * (1.0 + p.predictive.buffer_pct / 100.0), rpi))
+                // The forecast is one more metric, with the same tolerance band: a forecast
+                // close to what runs keeps it, so the forecast's small moves cause no churn.
+                let need = f.rps_ahead * (1.0 + p.predictive.buffer_pct / 100.0);
+                let ratio = need / (f64::from(current) * rpi);
+                if current > 0 && (ratio - 1.0).abs() <= p.tolerance {
+                    Some(current)
+                } else {
+                    Some(instances_for(need, rpi))
+                }
             }
             _ => None,
         };

@@ -31,9 +31,10 @@ pub enum PolicyError {
         #[source]
         source: std::io::Error,
     },
-    /// The text is not TOML of the expected shape (an unknown key, a wrong type).
+    /// The text is not TOML of the expected shape (an unknown key, a wrong type). The parser's
+    /// message is shown inline (not as a source), so an error chain prints it once.
     #[error("policy file: {0}")]
-    Toml(#[source] toml::de::Error),
+    Toml(toml::de::Error),
     /// One or more values are out of range; one line per problem.
     #[error("{}", problems.join("\n"))]
     Invalid {
