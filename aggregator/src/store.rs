@@ -238,7 +238,7 @@ pub struct Retention {
     pub hour_ms: i64,
 }
 
-/// A read-modify-write step for [`TelemetryStore::update_doc`]: given the document's current
+/// A read-modify-write step for [`ReportStore::update_doc`]: given the document's current
 /// bytes (`None` when absent), returns the bytes to store, or an error that leaves it unchanged.
 pub type DocUpdate<'a> = dyn FnMut(Option<&[u8]>) -> Result<Vec<u8>, StoreError> + 'a;
 

@@ -295,41 +295,42 @@ pub fn render_prometheus(all: &[std::sync::Arc<ModelStats>]) -> String {
         })
         .collect();
     let mut out = String::new();
-    type Gauge = fn(&Settings) -> u64;
+    // Values are f64 so durations can be in seconds (Prometheus base units).
+    type Gauge = fn(&Settings) -> f64;
     let gauges: [(&str, &str, Gauge); 8] = [
         ("flotilla_model_instances", "Instances running batches in parallel.", |s| {
-            s.instances as u64
+            s.instances as f64
         }),
         (
             "flotilla_model_max_batch_size",
             "Rows per batch the batcher forms now (0: the model cannot batch).",
-            |s| s.max_batch_size as u64,
+            |s| s.max_batch_size as f64,
         ),
         (
-            "flotilla_model_max_queue_delay_us",
-            "Longest the oldest request waits for company now, microseconds.",
-            |s| s.max_queue_delay_us,
+            "flotilla_model_max_queue_delay_seconds",
+            "Longest the oldest request waits for company now, seconds.",
+            |s| s.max_queue_delay_us as f64 / 1e6,
         ),
         ("flotilla_model_adaptive", "1 when adaptive batching tunes the two above.", |s| {
-            u64::from(s.adaptive)
+            f64::from(u8::from(s.adaptive))
         }),
         (
             "flotilla_model_adaptive_min_batch_size",
             "Smallest batch size adaptive batching uses.",
-            |s| s.adaptive_min_batch_size as u64,
+            |s| s.adaptive_min_batch_size as f64,
         ),
         (
             "flotilla_model_adaptive_max_batch_size",
             "Largest batch size adaptive batching uses.",
-            |s| s.adaptive_max_batch_size as u64,
+            |s| s.adaptive_max_batch_size as f64,
         ),
         (
-            "flotilla_model_latency_slo_ms",
-            "The p95 latency objective adaptive batching keeps, milliseconds (0: none).",
-            |s| s.latency_slo_ms,
+            "flotilla_model_latency_slo_seconds",
+            "The p95 latency objective adaptive batching keeps, seconds (0: none).",
+            |s| s.latency_slo_ms as f64 / 1e3,
         ),
         ("flotilla_model_draining", "1 while the version takes no new requests.", |s| {
-            u64::from(s.draining)
+            f64::from(u8::from(s.draining))
         }),
     ];
     for (name, help, get) in gauges {
