@@ -4,7 +4,9 @@
 //! - `analytics`: backdated seasonal telemetry -> forecast, costs, plans, a budget alert on a
 //!   webhook.
 //! - `control`: directives from the CLI applied once by a real agent serving a real model,
-//!   refused by name, delivered after a disconnect, and not re-applied after an agent restart.
+//!   refused by name, delivered after a disconnect, and not re-applied after an agent restart;
+//!   load scaling a model up at once and down after the stabilization window; a crossed
+//!   `auto_optimize` budget recording directives.
 //! - `fleet`: a real aggregator and agents as separate processes, seen through the CLI.
 //! - `security`: certificates from another CA, expired and revoked, refused at the handshake.
 //! - `durability`: the aggregator SIGKILLed and restarted loses and duplicates nothing.
