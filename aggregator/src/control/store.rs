@@ -294,7 +294,10 @@ pub trait ControlStore: Send + Sync + std::fmt::Debug + 'static {
     fn put_scaler_state(&self, key: &str, json: &[u8]) -> Result<(), StoreError>;
     /// A scaler's stored state.
     fn scaler_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Deletes answered directives and decisions older than `before_ms`; returns how many.
+    /// Answers `expired` every unanswered directive whose deadline is before `before_ms` (its
+    /// host never came back for it, so nothing else would take it out of the outbox), then
+    /// deletes answered directives and decisions older than `before_ms`; returns how many
+    /// records it expired or deleted.
     fn prune(&self, before_ms: i64) -> Result<u64, StoreError>;
 }
 
@@ -596,6 +599,22 @@ impl ControlStore for SledControlStore {
 
     fn prune(&self, before_ms: i64) -> Result<u64, StoreError> {
         let mut removed = 0;
+        for key in self.outbox.iter().keys() {
+            let key = key.map_err(io("scan outbox"))?;
+            let Some(end) = key.iter().position(|b| *b == 0) else { continue };
+            let id = String::from_utf8_lossy(&key[end + 1..]).into_owned();
+            let Some(d) =
+                self.read::<DirectiveRecord>(&self.directives, id.as_bytes(), "directive")?
+            else {
+                self.outbox.remove(&key).map_err(io("remove outbox entry"))?;
+                continue;
+            };
+            if d.not_after_ms < before_ms {
+                let why = "deadline passed while its host was not connected";
+                self.answer(&id, DirectiveState::Expired, why, before_ms)?;
+                removed += 1;
+            }
+        }
         for item in self.directives.iter() {
             let (k, v) = item.map_err(io("scan directives"))?;
             let Ok(d) = serde_json::from_slice::<DirectiveRecord>(&v) else { continue };
@@ -719,6 +738,24 @@ mod tests {
         // Answered and old: pruned; the decision too.
         assert_eq!(store.prune(2000).unwrap(), 2);
         assert!(store.directive(id).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_host_that_never_returns_does_not_keep_its_outbox_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let store = SledControlStore::open(&db).unwrap();
+        // Deadlines at 61,000 ms.
+        let (_, made) = decide(&store, 1000, vec![("gone", set("ocr", 3))]);
+        // The old decision goes; its directive is not past its deadline yet.
+        assert_eq!(store.prune(50_000).unwrap(), 1);
+        assert_eq!(store.outbox(&host("gone")).unwrap().len(), 1);
+        assert_eq!(store.prune(70_000).unwrap(), 1, "expired, kept until the next pass");
+        assert!(store.outbox(&host("gone")).unwrap().is_empty());
+        let d = store.directive(&made[0].id).unwrap().unwrap();
+        assert_eq!(d.state, DirectiveState::Expired);
+        assert!(d.message.contains("host was not connected"), "{}", d.message);
+        assert!(store.outbox_hosts().unwrap().is_empty());
     }
 
     #[test]
