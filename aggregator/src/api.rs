@@ -51,6 +51,8 @@ pub struct ApiState {
     pub offline_after: Duration,
     /// The analytics runner (results, budgets, manual runs).
     pub analytics: Arc<crate::scheduler::Analytics>,
+    /// The autoscaler (policies and where they stand), and how often it evaluates.
+    pub autoscaler: (Arc<crate::control::autoscaler::Autoscaler>, Duration),
 }
 
 /// The router.

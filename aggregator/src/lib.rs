@@ -195,24 +195,31 @@ pub async fn run(
     let upkeep = spawn_watched("upkeep", upkeep(stores.clone(), &config, shutdown.clone()));
     let (settings, catalog) =
         scheduler::load_settings(&config.analytics).map_err(AggregatorError::Config)?;
+    let scaling_alerts = Arc::new(control::budget_cap::ScalingAlerts::default());
     let analytics = Arc::new(
         scheduler::Analytics::new(stores.clone(), settings, catalog)
-            .with_delivery(delivery.clone(), config.control.directive_ttl),
+            .with_delivery(delivery.clone(), config.control.directive_ttl)
+            .with_scaling_alerts(scaling_alerts.clone()),
     );
     let cron = spawn_watched(
         "analytics scheduler",
         scheduler::schedule(analytics.clone(), config.analytics.schedule.clone(), shutdown.clone()),
     );
     let policies = control::load_policies(&config.control).map_err(AggregatorError::Policies)?;
-    let autoscaler = Arc::new(control::autoscaler::Autoscaler::new(
-        policies,
-        stores.clone(),
-        delivery.clone(),
-        config.control.window,
-        config.control.directive_ttl,
-    ));
-    let scaling =
-        spawn_watched("autoscaler", autoscaler.run(config.control.interval, shutdown.clone()));
+    let autoscaler = Arc::new(
+        control::autoscaler::Autoscaler::new(
+            policies,
+            stores.clone(),
+            delivery.clone(),
+            config.control.window,
+            config.control.directive_ttl,
+        )
+        .with_alerts(scaling_alerts),
+    );
+    let scaling = spawn_watched(
+        "autoscaler",
+        autoscaler.clone().run(config.control.interval, shutdown.clone()),
+    );
     let app = api::router(api::ApiState {
         stores: stores.clone(),
         delivery,
@@ -222,6 +229,7 @@ pub async fn run(
         token,
         offline_after: config.ingest.offline_after,
         analytics,
+        autoscaler: (autoscaler.clone(), config.control.interval),
     });
     let admin_shutdown = shutdown.clone();
     let served = axum::serve(admin, app)

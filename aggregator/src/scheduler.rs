@@ -148,6 +148,8 @@ pub struct Analytics {
     retry_backoff: Duration,
     /// Where budget auto-optimize sends its directives, and their lifetime.
     delivery: Option<(Arc<crate::control::delivery::Delivery>, Duration)>,
+    /// The autoscaler's `budget_cap` alerts, added to each pass's observations.
+    scaling_alerts: Option<Arc<crate::control::budget_cap::ScalingAlerts>>,
 }
 
 /// Loads the policy and pricing files the config names (the built-in catalog and an empty
@@ -236,7 +238,18 @@ impl Analytics {
             health: Arc::default(),
             retry_backoff: FIRST_RETRY_BACKOFF,
             delivery: None,
+            scaling_alerts: None,
         }
+    }
+
+    /// Includes the autoscaler's `budget_cap` alerts in every pass.
+    #[must_use]
+    pub fn with_scaling_alerts(
+        mut self,
+        alerts: Arc<crate::control::budget_cap::ScalingAlerts>,
+    ) -> Self {
+        self.scaling_alerts = Some(alerts);
+        self
     }
 
     /// Lets budgets with `auto_optimize` act: their safe plans become directives through
@@ -316,12 +329,15 @@ impl Analytics {
         let catalog = self.catalog.clone();
         let control = self.stores.control.clone();
         let acts = self.delivery.is_some();
+        let scaling_alerts =
+            self.scaling_alerts.as_ref().map(|a| a.observations()).unwrap_or_default();
         let (analysis, hosts, transitions, active, actions) =
             tokio::task::spawn_blocking(move || {
                 store.roll_up(now_ms)?;
                 settings.budgets.extend(api_budgets(reports.as_ref())?);
                 let snapshot = snapshot(store.as_ref(), &settings, now_ms)?;
-                let analysis = analytics::analyze(&snapshot, &settings, &catalog);
+                let mut analysis = analytics::analyze(&snapshot, &settings, &catalog);
+                analysis.observations.extend(scaling_alerts);
                 let (transitions, active) = persist(reports.as_ref(), &analysis)?;
                 let mut actions = Vec::new();
                 if acts {

@@ -1,11 +1,13 @@
-//! The control commands of the `flotilla` CLI: `directives`, `directive send|show` and
-//! `decisions`.
+//! The control commands of the `flotilla` CLI: `directives`, `directive send|show`,
+//! `decisions` and `policies`.
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 
 use super::client::Client;
 use super::render::{Table, escape, format_utc};
+use crate::control::autoscaler::PoliciesView;
+use crate::control::policy::{Mode, PolicySet, ScalingPolicy};
 use crate::control::store::DecisionRecord;
 use crate::views::{DirectiveRequest, DirectiveView};
 
@@ -191,10 +193,138 @@ pub fn decisions(
             escape(&d.rule).into_owned(),
             if d.acted { "yes" } else { "no" }.to_owned(),
             d.directives.len().to_string(),
-            escape(&d.reason).into_owned(),
+            escape(&with_outcome(d)).into_owned(),
         ]);
     }
     Ok(t.render())
+}
+
+/// The reason, with the fleet actuator's outcome when it was asked.
+fn with_outcome(d: &DecisionRecord) -> String {
+    let Some(o) = &d.outcome else {
+        return if d.rule.starts_with("fleet.") && d.acted {
+            format!("{} [actuator: no answer yet]", d.reason)
+        } else {
+            d.reason.clone()
+        };
+    };
+    let ok = o["ok"].as_bool().unwrap_or(false);
+    let detail = o["detail"].as_str().unwrap_or_default();
+    format!("{} [actuator: {}{detail}]", d.reason, if ok { "" } else { "FAILED: " })
+}
+
+/// One line per policy.
+fn policy_line(p: &ScalingPolicy) -> String {
+    let t = &p.targets;
+    let targets: Vec<String> = [
+        ("queue_p95_ms", t.queue_p95_ms),
+        ("latency_p95_ms", t.latency_p95_ms),
+        ("rps/instance", t.requests_per_instance),
+        ("gpu%", t.gpu_util_pct),
+        ("cpu%", t.cpu_util_pct),
+        ("batch%", t.batch_util_pct),
+    ]
+    .iter()
+    .filter_map(|(k, v)| v.map(|v| format!("{k} {v}")))
+    .collect();
+    let mode = match (p.mode, p.predictive.forecast_only) {
+        (Mode::Reactive, _) => "reactive".to_owned(),
+        (Mode::Predictive, true) => format!(
+            "predictive (forecast-only), lead {} s, buffer {}%",
+            p.predictive.lead_secs, p.predictive.buffer_pct
+        ),
+        (Mode::Predictive, false) => {
+            format!(
+                "predictive, lead {} s, buffer {}%",
+                p.predictive.lead_secs, p.predictive.buffer_pct
+            )
+        }
+    };
+    let hosts = if p.hosts.is_empty() {
+        "all hosts".to_owned()
+    } else {
+        p.hosts.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    };
+    format!(
+        "{} -> model {} on {hosts}: {mode}; {}..={} instances, priority {}; targets {}\n",
+        escape(&p.name),
+        escape(&p.model),
+        p.min_instances,
+        p.max_instances,
+        p.priority,
+        targets.join(", ")
+    )
+}
+
+/// `flotilla policies --check FILE`.
+pub fn check_policies(file: &std::path::Path, json: bool) -> anyhow::Result<String> {
+    let set = PolicySet::load(file)?;
+    if json {
+        return super::to_json(&set);
+    }
+    let mut out = format!("{}: {} policies, all valid.\n", file.display(), set.policies().len());
+    for p in set.policies() {
+        out.push_str(&policy_line(p));
+    }
+    if let Some(f) = set.fleet() {
+        out.push_str(&format!(
+            "fleet actuator: {}\n",
+            f.command.as_ref().map_or_else(
+                || format!("webhook {}", f.webhook_url.as_deref().unwrap_or_default()),
+                |c| format!("command {c:?}")
+            )
+        ));
+    }
+    Ok(out)
+}
+
+/// `flotilla policies`.
+pub fn policies(client: &Client, json: bool) -> anyhow::Result<String> {
+    let view: PoliciesView = client.get_json("/api/v1/policies", &[])?;
+    if json {
+        return super::to_json(&view);
+    }
+    if view.policies.is_empty() {
+        return Ok("No scaling policy is loaded (set control.policy_file in the aggregator's \
+                   config).\n"
+            .to_owned());
+    }
+    let mut out = String::new();
+    for s in &view.policies {
+        out.push_str(&policy_line(&s.policy));
+        if s.hosts.is_empty() {
+            out.push_str("  (no host it selects serves the model yet)\n\n");
+            continue;
+        }
+        let mut t = Table::new([
+            "HOST",
+            "AT",
+            "REQ/S",
+            "NOW",
+            "DECIDED",
+            "RULE",
+            "WOULD_HAVE",
+            "FORECAST",
+            "FC_ERR",
+        ])
+        .right_align(&[2, 3, 4, 6, 7, 8]);
+        for h in &s.hosts {
+            t.push_row(vec![
+                escape(&h.host).into_owned(),
+                format_utc(h.at_ms),
+                format!("{:.1}", h.demand_rps),
+                h.current.to_string(),
+                h.desired.to_string(),
+                format!("{}{}", escape(&h.rule), if h.budget_capped { " (budget)" } else { "" }),
+                h.would_have.map_or_else(|| "-".to_owned(), |w| w.to_string()),
+                h.forecast_rps.map_or_else(|| "-".to_owned(), |f| format!("{f:.1}")),
+                h.forecast_error.map_or_else(|| "-".to_owned(), |e| format!("{:.0}%", e * 100.0)),
+            ]);
+        }
+        out.push_str(&t.render());
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

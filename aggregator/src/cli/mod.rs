@@ -109,6 +109,12 @@ pub enum Command {
     },
     /// Replay a demand trace through the scaling engine and forecaster, locally
     Simulate(simulate::SimulateArgs),
+    /// Scaling policies and where each stands per host; or check a policy file locally
+    Policies {
+        /// Check this policy file (every problem, by policy and key) without an aggregator
+        #[arg(long, value_name = "FILE")]
+        check: Option<std::path::PathBuf>,
+    },
     /// Decisions: inputs, the rule that fired, the directives made
     Decisions {
         /// Only about this model
@@ -246,6 +252,9 @@ pub fn run(cli: Cli, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()>
     if let Command::Simulate(args) = &command {
         return print(&simulate::run(args, json)?);
     }
+    if let Command::Policies { check: Some(file) } = &command {
+        return print(&control::check_policies(file, json)?);
+    }
     let api = api
         .or_else(|| env("FLOTILLA_API").filter(|v| !v.is_empty()))
         .unwrap_or_else(|| DEFAULT_API.to_owned());
@@ -286,6 +295,7 @@ pub fn run(cli: Cli, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()>
         Command::Decisions { model, limit } => {
             control::decisions(&client, model.as_deref(), limit, json)?
         }
+        Command::Policies { .. } => control::policies(&client, json)?,
         Command::Up(_) | Command::Simulate(_) => return Ok(()),
     };
     print(&output)

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::Args;
 
 use crate::analytics::series::{self, HourlySeries};
-use crate::control::policy::PolicySet;
+use crate::control::policy::{PolicySet, Predictive};
 use crate::control::simulate::{self, ReplayConfig};
 
 /// `flotilla simulate --trace FILE.csv [--policy FILE --policy-name N] [...]`.
@@ -50,12 +50,17 @@ pub struct SimulateArgs {
     /// Seed of the noise
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Override the predictive buffer, % (default: the policy's)
-    #[arg(long)]
-    pub buffer_pct: Option<f64>,
-    /// Override the predictive lead, seconds (default: the policy's)
-    #[arg(long)]
-    pub lead_secs: Option<u64>,
+    /// Override the predictive buffer, % (default: the policy's); a comma list replays one
+    /// predictive row per value (with every --lead-secs and --forecast-scale-in value)
+    #[arg(long, value_delimiter = ',')]
+    pub buffer_pct: Vec<f64>,
+    /// Override the predictive lead, seconds (default: the policy's); a comma list as above
+    #[arg(long, value_delimiter = ',')]
+    pub lead_secs: Vec<u64>,
+    /// Override whether the forecast is corrected by measured demand over forecast, smoothed
+    /// (true), or used as it is (false) (default: the policy's); `true,false` replays both
+    #[arg(long, value_delimiter = ',')]
+    pub correct_bias: Vec<bool>,
 }
 
 /// Runs `flotilla simulate` and returns its output.
@@ -92,14 +97,33 @@ pub fn run(args: &SimulateArgs, as_json: bool) -> anyhow::Result<String> {
         }
         _ => simulate::default_policy(&cfg),
     };
-    if let Some(b) = args.buffer_pct {
-        policy.predictive.buffer_pct = b;
+    let own = policy.predictive.clone();
+    let or_own = |list: &[f64], v: f64| if list.is_empty() { vec![v] } else { list.to_vec() };
+    let leads =
+        if args.lead_secs.is_empty() { vec![own.lead_secs] } else { args.lead_secs.clone() };
+    let biases = if args.correct_bias.is_empty() {
+        vec![own.correct_bias]
+    } else {
+        args.correct_bias.clone()
+    };
+    let mut variants = Vec::new();
+    for buffer_pct in or_own(&args.buffer_pct, own.buffer_pct) {
+        for &lead_secs in &leads {
+            for &correct_bias in &biases {
+                let v = Predictive { buffer_pct, lead_secs, correct_bias, ..own.clone() };
+                // Each variant is checked as the policy it would be.
+                let mut check = policy.clone();
+                check.predictive = v.clone();
+                check.validated()?;
+                variants.push(v);
+            }
+        }
     }
-    if let Some(l) = args.lead_secs {
-        policy.predictive.lead_secs = l;
+    if let [only] = &variants[..] {
+        policy.predictive = only.clone();
     }
     let policy = policy.validated()?;
-    let report = simulate::replay(&trace, &policy, &cfg)?;
+    let report = simulate::replay_variants(&trace, &policy, &cfg, &variants)?;
     if as_json {
         super::to_json(&report)
     } else {

@@ -8,8 +8,10 @@
 //!    it keeps `current`, else `ceil(current * ratio)` (requests/s: `ceil(demand / target)`).
 //!    From 0 instances with demand, enough for the demand (or 1). The highest one wins
 //!    (`reactive.*`).
-//! 2. Predictive: `max(reactive, ceil(rps_ahead * (1 + buffer) / requests_per_instance))`, so a
-//!    forecast only ever raises (`predictive.ahead`); a forecast within `tolerance` of the
+//! 2. Predictive: `max(reactive, ceil(ahead * (1 + buffer) / requests_per_instance))`, so a
+//!    forecast only ever raises (`predictive.ahead`); `ahead` is the forecast at the lead times
+//!    how far measured demand has lately run above or below the forecast (both smoothed over
+//!    [`BIAS_TIME_CONSTANT_MS`]; `correct_bias`, the default), or the forecast itself; a forecast within `tolerance` of the
 //!    current capacity recommends `current`. Forecast-only policies record it in
 //!    `would_have` and go on with the reactive value.
 //! 3. Scale-down is stabilized: never below the highest recommendation of the last
@@ -63,6 +65,9 @@ pub struct ForecastInput {
     /// Forecast demand (requests/s) for the coming interval, already looked `lead_secs` ahead
     /// by the caller.
     pub rps_ahead: f64,
+    /// The forecast for now, requests/s (for `correct_bias`); `None`: not known.
+    #[serde(default)]
+    pub rps_now: Option<f64>,
     /// The forecaster's recent backtest error (e.g. MASE or MAPE), shown beside the decision.
     pub backtest_error: Option<f64>,
 }
@@ -152,6 +157,53 @@ pub struct ScalerState {
     pub last_up_ms: Option<i64>,
     /// Last scaling in either direction, ms.
     pub last_change_ms: Option<i64>,
+    /// Smoothed measured demand and forecast-for-now, for `correct_bias`.
+    #[serde(default)]
+    pub bias: Option<BiasTrack>,
+}
+
+/// Exponentially smoothed measured demand and the forecast for the same moments: their ratio
+/// is how far the forecast runs high or low lately.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct BiasTrack {
+    /// Last update, ms.
+    pub at_ms: i64,
+    /// Smoothed demand, requests/s.
+    pub demand_rps: f64,
+    /// Smoothed forecast for now, requests/s.
+    pub forecast_rps: f64,
+}
+
+/// Time constant of the bias smoothing: long enough to average out minute noise, short enough
+/// to follow a forecast that is off today.
+pub const BIAS_TIME_CONSTANT_MS: f64 = 30.0 * 60_000.0;
+
+/// The correction never scales the forecast by more than this factor, or less than its inverse.
+pub const MAX_BIAS_RATIO: f64 = 2.0;
+
+impl BiasTrack {
+    fn update(slot: &mut Option<Self>, at_ms: i64, demand: f64, forecast: f64) {
+        if !(demand.is_finite() && forecast.is_finite()) {
+            return;
+        }
+        let Some(b) = slot else {
+            *slot = Some(Self { at_ms, demand_rps: demand, forecast_rps: forecast });
+            return;
+        };
+        let dt = (at_ms - b.at_ms).max(0) as f64;
+        let alpha = 1.0 - (-dt / BIAS_TIME_CONSTANT_MS).exp();
+        b.demand_rps += alpha * (demand - b.demand_rps);
+        b.forecast_rps += alpha * (forecast - b.forecast_rps);
+        b.at_ms = at_ms;
+    }
+
+    /// Measured over forecast, within `[1 / MAX_BIAS_RATIO, MAX_BIAS_RATIO]`; `None` while the
+    /// forecast is 0.
+    fn ratio(&self) -> Option<f64> {
+        (self.forecast_rps > 1e-9).then(|| {
+            (self.demand_rps / self.forecast_rps).clamp(1.0 / MAX_BIAS_RATIO, MAX_BIAS_RATIO)
+        })
+    }
 }
 
 /// A policy and its state.
@@ -234,11 +286,16 @@ impl Scaler {
         };
 
         // 2. Predictive: only raises.
+        if let Some(at_now) = forecast.and_then(|f| f.rps_now) {
+            BiasTrack::update(&mut self.state.bias, now, obs.demand_rps, at_now);
+        }
+        let bias = self.state.bias.filter(|_| p.predictive.correct_bias).and_then(|b| b.ratio());
         let predictive = match (p.mode, forecast, p.targets.requests_per_instance) {
             (Mode::Predictive, Some(f), Some(rpi)) => {
                 // The forecast is one more metric, with the same tolerance band: a forecast
                 // close to what runs keeps it, so the forecast's small moves cause no churn.
-                let need = f.rps_ahead * (1.0 + p.predictive.buffer_pct / 100.0);
+                let ahead = f.rps_ahead * bias.unwrap_or(1.0);
+                let need = ahead * (1.0 + p.predictive.buffer_pct / 100.0);
                 let ratio = need / (f64::from(current) * rpi);
                 if current > 0 && (ratio - 1.0).abs() <= p.tolerance {
                     Some(current)
@@ -261,7 +318,7 @@ impl Scaler {
                     reason: format!(
                         "forecast {:.1} req/s in {} s (+{}% buffer) needs {pred}; reactive asks \
                          for {reactive} (now {current})",
-                        forecast.map_or(0.0, |f| f.rps_ahead),
+                        forecast.map_or(0.0, |f| f.rps_ahead * bias.unwrap_or(1.0)),
                         p.predictive.lead_secs,
                         p.predictive.buffer_pct
                     ),
@@ -801,13 +858,13 @@ mod tests {
     async fn predictive_raises_ahead_but_never_lowers() {
         let c = Clock::new();
         let mut s = Scaler::new(predictive(false));
-        let f = ForecastInput { rps_ahead: 200.0, backtest_error: Some(0.6) };
+        let f = ForecastInput { rps_ahead: 200.0, rps_now: None, backtest_error: Some(0.6) };
         let d = s.evaluate(&obs(&c, 10, 100.0), Some(&f), &Limits::default());
         assert_eq!(run_rule(&d), ("predictive.ahead", 22));
         assert_eq!(d.inputs.predictive, Some(22));
         assert_eq!(d.inputs.forecast.as_ref().and_then(|f| f.backtest_error), Some(0.6));
         c.secs(600).await;
-        let low = ForecastInput { rps_ahead: 10.0, backtest_error: None };
+        let low = ForecastInput { rps_ahead: 10.0, rps_now: None, backtest_error: None };
         let d = s.evaluate(&obs(&c, 22, 215.0), Some(&low), &Limits::default());
         assert_eq!(
             run_rule(&d),
@@ -817,10 +874,35 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_biased_forecast_contributes_only_its_rise() {
+        let c = Clock::new();
+        let mut s = Scaler::new(predictive(false));
+        // The forecaster runs 50 % high: 150 now (100 measured), 200 at the lead: 200 * 2/3
+        // plus 10 % is 146.7 req/s, 15 instances (not 22).
+        let f = ForecastInput { rps_ahead: 200.0, rps_now: Some(150.0), backtest_error: None };
+        let d = s.evaluate(&obs(&c, 10, 100.0), Some(&f), &Limits::default());
+        assert_eq!(run_rule(&d), ("predictive.ahead", 15));
+        // The ratio is smoothed: one minute of demand at the forecast barely moves it.
+        c.secs(60).await;
+        let d = s.evaluate(&obs(&c, 15, 150.0), Some(&f), &Limits::default());
+        assert_eq!(d.inputs.predictive, Some(15), "{}", d.reason);
+        // It stays within 2x either way.
+        let mut s = Scaler::new(predictive(false));
+        let far = ForecastInput { rps_ahead: 1000.0, rps_now: Some(1000.0), backtest_error: None };
+        let d = s.evaluate(&obs(&c, 10, 1.0), Some(&far), &Limits::default());
+        assert_eq!(d.inputs.predictive, Some(55), "1000 / 2 * 1.1 / 10");
+        // With correct_bias off, the forecast's level counts.
+        let mut level = predictive(false);
+        level.predictive.correct_bias = false;
+        let d = Scaler::new(level).evaluate(&obs(&c, 10, 100.0), Some(&f), &Limits::default());
+        assert_eq!(run_rule(&d), ("predictive.ahead", 22));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn forecast_only_records_but_does_not_act() {
         let c = Clock::new();
         let mut s = Scaler::new(predictive(true));
-        let f = ForecastInput { rps_ahead: 200.0, backtest_error: None };
+        let f = ForecastInput { rps_ahead: 200.0, rps_now: None, backtest_error: None };
         let d = s.evaluate(&obs(&c, 10, 100.0), Some(&f), &Limits::default());
         assert_eq!((d.desired, d.act, d.would_have), (10, false, Some(22)));
         assert!(d.reason.contains("would have set 22"), "{}", d.reason);

@@ -6,6 +6,9 @@
 //! | [`engine`] | the pure scaling decision engine: [`engine::Scaler`] -> [`engine::Decision`] |
 //! | [`simulate`] | replay of a demand trace through the engine and the forecaster (`flotilla simulate`) |
 //! | [`autoscaler`] | evaluating the policies on live telemetry and turning decisions into directives |
+//! | [`budget_cap`] | how far budgets let a policy grow, and the alerts when they hold it back |
+//! | [`placement`] | sharing a host's capacity by priority, and placing what it cannot hold elsewhere |
+//! | [`fleet`] | the fleet-size actuator (a command or webhook) for adding and removing hosts |
 //! | [`optimize`] | budget auto-optimize: the plans safe to automate, as directives |
 //! | [`store`] | desired state, directive outbox, decisions, scaler state: typed, transactional |
 //! | [`delivery`] | sending each connected host its unanswered directives, in order, and recording answers |
@@ -18,9 +21,12 @@
 //! ```
 
 pub mod autoscaler;
+pub mod budget_cap;
 pub mod delivery;
 pub mod engine;
+pub mod fleet;
 pub mod optimize;
+pub mod placement;
 pub mod policy;
 pub mod routes;
 pub mod simulate;

@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::fleet::FleetActuator;
+
 /// The most instances a policy may allow.
 pub const MAX_INSTANCES: u32 = 1024;
 
@@ -94,6 +96,11 @@ pub struct Predictive {
     /// Model load and warm-up time: how far ahead of demand to act, seconds.
     #[serde(default = "default_lead_secs")]
     pub lead_secs: u64,
+    /// Scale the forecast by how far measured demand has lately run above or below it (both
+    /// smoothed over 30 minutes, the factor within 1/2..2): a forecast that runs high or low
+    /// today then costs nothing and misses nothing; its shape still leads.
+    #[serde(default = "default_true")]
+    pub correct_bias: bool,
 }
 
 impl Default for Predictive {
@@ -102,9 +109,24 @@ impl Default for Predictive {
             forecast_only: default_true(),
             buffer_pct: default_buffer_pct(),
             lead_secs: default_lead_secs(),
+            correct_bias: default_true(),
         }
     }
 }
+
+/// What one instance of the model takes from its host, for allocation and placement
+/// ([`super::placement`]). A resource left out is not limited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// GPU memory per instance, MiB (from NVML's totals on the host's side).
+    pub gpu_memory_mb: Option<f64>,
+    /// CPU cores per instance (fractions allowed).
+    pub cpu_cores: Option<f64>,
+}
+
+/// The most a policy's `priority` may be.
+pub const MAX_PRIORITY: u32 = 1000;
 
 /// Cost-aware settings.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -164,6 +186,16 @@ pub struct ScalingPolicy {
     /// Cost-aware settings.
     #[serde(default)]
     pub cost: CostSettings,
+    /// Where models share a host, a higher priority gets its instances first.
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+    /// What one instance takes from its host; absent: not limited by host capacity.
+    #[serde(default)]
+    pub resources: Resources,
+}
+
+fn default_priority() -> u32 {
+    100
 }
 
 fn default_true() -> bool {
@@ -217,6 +249,8 @@ impl ScalingPolicy {
             burst_window_secs: default_burst_window(),
             predictive: Predictive::default(),
             cost: CostSettings::default(),
+            priority: default_priority(),
+            resources: Resources::default(),
         }
     }
 
@@ -334,6 +368,21 @@ impl ScalingPolicy {
                  use mode = \"reactive\"",
             );
         }
+        if self.priority > MAX_PRIORITY {
+            bad(
+                "priority",
+                self.priority.to_string(),
+                &format!("is out of range; allowed 0..={MAX_PRIORITY}"),
+            );
+        }
+        let r = &self.resources;
+        for (key, value) in
+            [("resources.gpu_memory_mb", r.gpu_memory_mb), ("resources.cpu_cores", r.cpu_cores)]
+        {
+            if let Some(v) = value.filter(|v| !(v.is_finite() && *v > 0.0)) {
+                bad(key, v.to_string(), "is out of range; allowed a finite number above 0");
+            }
+        }
         let c = &self.cost;
         if let Some(price) = c.price_per_instance_hour.filter(|p| !(p.is_finite() && *p >= 0.0)) {
             bad(
@@ -359,12 +408,15 @@ impl ScalingPolicy {
 struct RawFile {
     #[serde(default)]
     policy: Vec<ScalingPolicy>,
+    #[serde(default)]
+    fleet: Option<FleetActuator>,
 }
 
-/// Every scaling policy of a file, validated.
+/// Every scaling policy of a file, validated, and the fleet-size actuator, if configured.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PolicySet {
     policies: Vec<ScalingPolicy>,
+    fleet: Option<FleetActuator>,
 }
 
 // === impl PolicySet ===
@@ -384,8 +436,11 @@ impl PolicySet {
             }
             problems.extend(p.problems());
         }
+        if let Some(fleet) = &raw.fleet {
+            problems.extend(fleet.problems());
+        }
         if problems.is_empty() {
-            Ok(Self { policies: raw.policy })
+            Ok(Self { policies: raw.policy, fleet: raw.fleet })
         } else {
             Err(PolicyError::Invalid { problems })
         }
@@ -401,6 +456,11 @@ impl PolicySet {
     /// All policies, in file order.
     pub fn policies(&self) -> &[ScalingPolicy] {
         &self.policies
+    }
+
+    /// The fleet-size actuator (`[fleet]`), if configured.
+    pub fn fleet(&self) -> Option<&FleetActuator> {
+        self.fleet.as_ref()
     }
 
     /// The policy named `name`.
@@ -448,6 +508,20 @@ mod tests {
         assert!(p.predictive.forecast_only);
         assert_eq!(p.scale_up_limit, RateLimit { instances: 8, per_secs: 60 });
         assert_eq!(p.hosts.get("pool").map(String::as_str), Some("gpu"));
+        assert_eq!(p.resources.gpu_memory_mb, Some(1024.0));
+        assert!(set.fleet().is_none());
+        // The commented [fleet] table, with the command chosen, parses with every key.
+        let fleet = text
+            .replace("# [fleet]", "[fleet]")
+            .replace("# command =", "command =")
+            .replace("# timeout_secs", "timeout_secs")
+            .replace("# cooldown_secs", "cooldown_secs")
+            .replace("# idle_host_secs", "idle_host_secs");
+        let set = PolicySet::parse(&fleet).unwrap();
+        let f = set.fleet().unwrap();
+        assert_eq!((f.timeout_secs, f.cooldown_secs, f.idle_host_secs), (30, 600, 3600));
+        let both = fleet.replace("# webhook_url", "webhook_url");
+        assert!(err(&both).contains("set exactly one of command"), "{}", err(&both));
     }
 
     #[test]
@@ -461,6 +535,7 @@ mod tests {
         assert!(p.predictive.forecast_only);
         assert_eq!((p.predictive.buffer_pct, p.predictive.lead_secs), (10.0, 120));
         assert_eq!(p.cost.min_savings_per_hour, 0.0);
+        assert_eq!((p.priority, p.resources), (100, Resources::default()));
     }
 
     #[test]
@@ -500,8 +575,11 @@ mod tests {
             mode = "predictive"
             max_instances = 4
             tolerance = 1.5
+            priority = 5000
             [policy.targets]
             gpu_util_pct = 150
+            [policy.resources]
+            gpu_memory_mb = -1
             [policy.scale_up_limit]
             instances = 0
             per_secs = 60
@@ -513,6 +591,8 @@ mod tests {
             "targets.gpu_util_pct = 150",
             "scale_up_limit.instances = 0",
             "needs targets.requests_per_instance",
+            "priority = 5000 is out of range; allowed 0..=1000",
+            "resources.gpu_memory_mb = -1",
         ] {
             assert!(e.contains(needle), "missing {needle}: {e}");
         }

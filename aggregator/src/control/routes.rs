@@ -39,6 +39,13 @@ pub fn routes() -> Router<ApiState> {
         .route("/api/v1/directives/{id}", get(show_directive))
         .route("/api/v1/decisions", get(list_decisions))
         .route("/api/v1/hosts/{host}/desired", get(desired))
+        .route("/api/v1/policies", get(policies))
+}
+
+/// `GET /api/v1/policies`: every scaling policy and where it stands on each host.
+async fn policies(State(state): State<ApiState>) -> Json<super::autoscaler::PoliciesView> {
+    let (autoscaler, interval) = &state.autoscaler;
+    Json(autoscaler.status(*interval))
 }
 
 /// The API's view of a stored directive.

@@ -24,7 +24,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::engine::{ForecastInput, Limits, Observation, Scaler};
-use super::policy::{Mode, RateLimit, ScalingPolicy, Targets};
+use super::policy::{Mode, Predictive, RateLimit, ScalingPolicy, Targets};
 use crate::analytics::forecast::{ForecastSettings, forecast};
 use crate::analytics::series::HourlySeries;
 
@@ -160,7 +160,7 @@ pub fn default_policy(cfg: &ReplayConfig) -> ScalingPolicy {
     p.scale_down_limit = RateLimit { instances: (peak_instances / 20).max(1), per_secs: 60 };
     p.burst_window_secs = 120;
     p.predictive.forecast_only = false;
-    p.predictive.buffer_pct = 5.0;
+    p.predictive.buffer_pct = 0.0;
     p.predictive.lead_secs = cfg.load_secs + 60;
     p
 }
@@ -196,21 +196,46 @@ pub fn replay(
     policy: &ScalingPolicy,
     cfg: &ReplayConfig,
 ) -> Result<ReplayReport, ReplayError> {
+    replay_variants(trace, policy, cfg, &[])
+}
+
+/// As [`replay`], with one predictive + reactive row per entry of `variants` (the policy's own
+/// predictive settings when empty), all on one window and one set of forecasts: for tuning the
+/// buffer and lead on an earlier part of a trace before trusting them on a later one.
+pub fn replay_variants(
+    trace: &HourlySeries,
+    policy: &ScalingPolicy,
+    cfg: &ReplayConfig,
+    variants: &[Predictive],
+) -> Result<ReplayReport, ReplayError> {
     check(cfg)?;
     if policy.targets.requests_per_instance.is_none() {
         return Err(ReplayError::NoRpsTarget(policy.name.clone()));
     }
-    let w = window(trace, cfg, policy.predictive.lead_secs)?;
+    let own = [policy.predictive.clone()];
+    let variants = if variants.is_empty() { &own[..] } else { variants };
+    let longest = variants.iter().map(|v| v.lead_secs).max().unwrap_or(0);
+    let w = window(trace, cfg, longest)?;
     let mut reactive = policy.clone();
     reactive.mode = Mode::Reactive;
-    let mut predictive = policy.clone();
-    predictive.mode = Mode::Predictive;
-    predictive.predictive.forecast_only = false;
-    let strategies = vec![
-        run_dynamic("reactive", reactive, &w, cfg, false),
-        run_dynamic("predictive+reactive", predictive, &w, cfg, true),
-        run_fixed(&w, cfg),
-    ];
+    let mut strategies = vec![run_dynamic("reactive", reactive, &w, cfg, false)];
+    for v in variants {
+        let mut predictive = policy.clone();
+        predictive.mode = Mode::Predictive;
+        predictive.predictive = Predictive { forecast_only: false, ..v.clone() };
+        let name = if variants.len() == 1 {
+            "predictive+reactive".to_owned()
+        } else {
+            format!(
+                "predictive b{}% l{}s{}",
+                v.buffer_pct,
+                v.lead_secs,
+                if v.correct_bias { "" } else { " level" }
+            )
+        };
+        strategies.push(run_dynamic(&name, predictive, &w, cfg, true));
+    }
+    strategies.push(run_fixed(&w, cfg));
     Ok(ReplayReport {
         start_ms: w.start_ms,
         end_ms: w.start_ms + i64::try_from(w.demand.len()).unwrap_or(0) * MINUTE_MS,
@@ -394,8 +419,11 @@ fn run_dynamic(
             ..Observation::default()
         };
         let fc = if use_forecast {
-            rps_ahead(w, k, lead)
-                .map(|rps| ForecastInput { rps_ahead: rps, backtest_error: w.mape })
+            rps_ahead(w, k, lead).map(|rps| ForecastInput {
+                rps_ahead: rps,
+                rps_now: rps_ahead(w, k, 0),
+                backtest_error: w.mape,
+            })
         } else {
             None
         };
@@ -478,12 +506,12 @@ pub fn render(report: &ReplayReport, trace_name: &str) -> String {
         report.forecast_mape.map_or_else(|| "-".to_owned(), |m| format!("{m:.1}%")),
     );
     out.push_str(&format!(
-        "{:<20} {:>14} {:>14} {:>12} {:>8} {:>6} {:>6}\n",
+        "{:<28} {:>12} {:>12} {:>12} {:>8} {:>6} {:>6}\n",
         "strategy", "slo_viol_min", "instance_h", "cost", "actions", "flaps", "peak"
     ));
     for s in &report.strategies {
         out.push_str(&format!(
-            "{:<20} {:>14} {:>14.1} {:>12.2} {:>8} {:>6} {:>6}\n",
+            "{:<28} {:>12} {:>12.1} {:>12.2} {:>8} {:>6} {:>6}\n",
             s.strategy,
             s.slo_violation_minutes,
             s.instance_hours,

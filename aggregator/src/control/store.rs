@@ -128,6 +128,10 @@ pub struct DecisionRecord {
     pub acted: bool,
     /// Ids of the directives it made.
     pub directives: Vec<String>,
+    /// What an actuator outside the fleet answered (the fleet-size actuator), when it was
+    /// asked: absent until it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<serde_json::Value>,
 }
 
 /// A decision to record (ids are assigned by the store).
@@ -288,6 +292,9 @@ pub trait ControlStore: Send + Sync + std::fmt::Debug + 'static {
         model: Option<&str>,
         limit: usize,
     ) -> Result<Vec<DecisionRecord>, StoreError>;
+    /// Records what an outside actuator answered for decision `id`, durably; the first
+    /// outcome stands. Returns false when there is no such decision (pruned meanwhile).
+    fn record_outcome(&self, id: &str, outcome: serde_json::Value) -> Result<bool, StoreError>;
     /// A host's desired state.
     fn desired(&self, host: &HostId) -> Result<Option<DesiredState>, StoreError>;
     /// Stores a scaler's own state (opaque JSON) under `key`.
@@ -417,6 +424,7 @@ impl ControlStore for SledControlStore {
             inputs: decision.inputs,
             acted: decision.acted,
             directives: records.iter().map(|d| d.id.clone()).collect(),
+            outcome: None,
         };
         let decision_bytes = encode("decision", &record)?;
         let encoded: Vec<(Vec<u8>, Vec<u8>)> = records
@@ -584,6 +592,30 @@ impl ControlStore for SledControlStore {
         Ok(out)
     }
 
+    fn record_outcome(&self, id: &str, outcome: serde_json::Value) -> Result<bool, StoreError> {
+        let found = self
+            .decisions
+            .transaction(|tx| {
+                let Some(bytes) = tx.get(id.as_bytes())? else { return Ok(false) };
+                let mut record: DecisionRecord = serde_json::from_slice(&bytes).map_err(|e| {
+                    ConflictableTransactionError::Abort(StoreError::Corrupt {
+                        what: format!("decision {id}"),
+                        reason: e.to_string(),
+                    })
+                })?;
+                if record.outcome.is_none() {
+                    record.outcome = Some(outcome.clone());
+                    let bytes =
+                        encode("decision", &record).map_err(ConflictableTransactionError::Abort)?;
+                    tx.insert(id.as_bytes(), bytes)?;
+                }
+                Ok(true)
+            })
+            .map_err(tx_error)?;
+        self.flush()?;
+        Ok(found)
+    }
+
     fn desired(&self, host: &HostId) -> Result<Option<DesiredState>, StoreError> {
         self.read(&self.desired, host.as_str().as_bytes(), "desired state")
     }
@@ -668,6 +700,17 @@ mod tests {
         store.record_decision(decision, directives).unwrap()
     }
 
+    /// Opens the database again once the previous handle's background thread let go of it.
+    fn reopen(path: &std::path::Path) -> sled::Db {
+        for _ in 0..250 {
+            if let Ok(db) = sled::open(path) {
+                return db;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        sled::open(path).unwrap()
+    }
+
     fn set(model: &str, n: u32) -> DirectiveBody {
         DirectiveBody::SetInstances { model: model.into(), version: None, instances: n }
     }
@@ -684,7 +727,7 @@ mod tests {
                 vec![("a", set("ocr", 3)), ("b", set("ocr", 2)), ("a", set("ocr", 4))],
             )
         };
-        let db = sled::open(dir.path()).unwrap();
+        let db = reopen(dir.path());
         let store = SledControlStore::open(&db).unwrap();
         assert_eq!(decision.directives.len(), 3);
         // Oldest first, per host.
@@ -699,6 +742,25 @@ mod tests {
         assert!(more[0].id > made[2].id);
         assert_eq!(store.decisions(Some("ocr"), 10).unwrap().len(), 2);
         assert!(store.decisions(Some("other"), 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_outcome_is_recorded_once_on_its_decision_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let db = sled::open(dir.path()).unwrap();
+            let store = SledControlStore::open(&db).unwrap();
+            let (decision, _) = decide(&store, 1000, Vec::new());
+            assert_eq!(decision.outcome, None);
+            assert!(store.record_outcome(&decision.id, serde_json::json!({"ok": true})).unwrap());
+            assert!(store.record_outcome(&decision.id, serde_json::json!({"ok": false})).unwrap());
+            assert!(!store.record_outcome("0-0", serde_json::json!({})).unwrap());
+            decision.id
+        };
+        let db = reopen(dir.path());
+        let store = SledControlStore::open(&db).unwrap();
+        let d = store.decisions(None, 10).unwrap().into_iter().find(|d| d.id == id).unwrap();
+        assert_eq!(d.outcome, Some(serde_json::json!({"ok": true})), "the first outcome stands");
     }
 
     #[test]

@@ -333,9 +333,9 @@ fn a_crossed_auto_optimize_budget_records_directives_for_idle_models() {
         fleet.path().join("analytics.toml"),
         "cost_window_hours = 24\n\
          [[budgets]]\nname = \"tight\"\namount = 1.0\nperiod = \"day\"\nscope = \"fleet\"\n\
-         auto_optimize = true\nthresholds = [{ pct = 50.0, on = \"actual\", severity = \"critical\" }]\n\
+         auto_optimize = true\nthresholds = [{ pct = 50.0, on = \"forecast\", severity = \"critical\" }]\n\
          [[budgets]]\nname = \"flag-only\"\namount = 1.0\nperiod = \"day\"\nscope = \"fleet\"\n\
-         thresholds = [{ pct = 50.0, on = \"actual\", severity = \"warning\" }]\n",
+         thresholds = [{ pct = 50.0, on = \"forecast\", severity = \"warning\" }]\n",
     )
     .unwrap();
     let config = fleet.aggregator_config(0);
@@ -375,4 +375,118 @@ fn a_crossed_auto_optimize_budget_records_directives_for_idle_models() {
     // The desired state says it now, so the next pass does not decide it again.
     let again = agg.cli_json(&["analytics", "run"]).unwrap();
     assert_eq!(again["auto_optimized"], 0, "{again}");
+}
+
+/// Logical CPUs as the agent counts them (the `cpuN` lines of /proc/stat).
+fn cpus_listed() -> u32 {
+    std::fs::read_to_string("/proc/stat")
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count() as u32
+}
+
+#[test]
+fn a_model_its_host_cannot_hold_is_loaded_on_another_host_and_the_rest_goes_to_the_fleet_actuator()
+{
+    let fleet = Fleet::new();
+    let repo_a = fleet.path().join("models-a");
+    install_ocr(&repo_a);
+    let repo_b = fleet.path().join("models-b");
+    std::fs::create_dir_all(&repo_b).unwrap();
+    // One instance takes every core a host has: each host holds one.
+    let cores = cpus_listed();
+    let requests = fleet.path().join("fleet-requests.jsonl");
+    std::fs::write(
+        fleet.path().join("policies.toml"),
+        format!(
+            "[[policy]]\nname = \"ocr-place\"\nmodel = \"ocr\"\nmode = \"reactive\"\n\
+             min_instances = 1\nmax_instances = 8\n\
+             scale_up_limit = {{ instances = 8, per_secs = 1 }}\n\
+             [policy.targets]\nrequests_per_instance = 2.0\n\
+             [policy.resources]\ncpu_cores = {cores}.0\n\
+             [fleet]\ncommand = [\"sh\", \"-c\", \"cat >> {}; echo >> {}; echo queued\"]\n",
+            requests.display(),
+            requests.display()
+        ),
+    )
+    .unwrap();
+    let config = fleet.aggregator_config(0);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "[control]\npolicy_file = \"policies.toml\"\ninterval_secs = 1\nwindow_secs = 3\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let agg = Aggregator::start(&config);
+    let (_a, addr_a) = serving_agent(&fleet, "node-a", agg.quic, &repo_a, 500);
+    let (_b, addr_b) = serving_agent(&fleet, "node-b", agg.quic, &repo_b, 500);
+    online(&agg, "node-a");
+    online(&agg, "node-b");
+    let inventory = agg.cli_json(&["host", "node-a"]).unwrap();
+    assert_eq!(inventory["inventory"]["cpu_cores"], cores, "{inventory}");
+    // The model is staged on node-b's disk but not loaded there.
+    install_ocr(&repo_b);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let body = std::sync::Arc::new(ocr_request());
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, body, addr) = (stop.clone(), body.clone(), addr_a.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    post_quietly(&addr, "/v2/models/ocr/infer", &body);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        })
+        .collect();
+    let placed = eventually("a placement decision", WAIT, || {
+        let list = agg.cli_json(&["decisions", "--model", "ocr"]).ok()?;
+        list.as_array()?.iter().find(|d| d["rule"] == "allocation.place").cloned()
+    });
+    assert_eq!(placed["inputs"]["host"], "node-b", "{placed}");
+    // node-b loads the model and serves one instance.
+    let directives = eventually("node-b applied load and set_instances", WAIT, || {
+        let list =
+            agg.cli_json(&["directives", "--decision", placed["id"].as_str().unwrap()]).ok()?;
+        let list = list.as_array()?.clone();
+        list.iter().all(|d| d["state"] == "applied").then_some(list)
+    });
+    let kinds: Vec<&str> = directives.iter().rev().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["load", "set_instances"], "{directives:?}");
+    eventually("node-b serving ocr", WAIT, || instances_gauge(&addr_b).filter(|n| *n == 1));
+    // What neither host holds goes to the fleet actuator, and its answer is recorded.
+    let asked = eventually("the fleet actuator's recorded outcome", WAIT, || {
+        let list = agg.cli_json(&["decisions", "--model", "ocr"]).ok()?;
+        list.as_array()?
+            .iter()
+            .find(|d| d["rule"] == "fleet.add_hosts" && d["outcome"].is_object())
+            .cloned()
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert_eq!(asked["outcome"]["ok"], true, "{asked}");
+    assert_eq!(asked["outcome"]["output"], "queued\n", "{asked}");
+    let line = std::fs::read_to_string(&requests).unwrap();
+    let request: Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    assert_eq!(request["action"], "add_hosts");
+    assert_eq!(request["model"], "ocr");
+    assert_eq!(request["decision"], asked["id"]);
+    assert!(request["instances"].as_u64().unwrap() >= 1, "{request}");
+    // node-a was never asked for more than its capacity holds.
+    let on_a = agg.cli_json(&["directives", "--host", "node-a"]).unwrap();
+    assert!(
+        on_a.as_array().unwrap().iter().all(|d| d["payload"]["instances"].as_u64() <= Some(1)),
+        "{on_a}"
+    );
+    let text = String::from_utf8(agg.cli(&["policies"]).stdout).unwrap();
+    assert!(text.contains("ocr-place -> model ocr"), "{text}");
+    // Once node-b reports the model, its own evaluation shows beside node-a's.
+    eventually("node-b evaluated by the policy", WAIT, || {
+        let view = agg.cli_json(&["policies"]).ok()?;
+        let hosts = view["policies"][0]["hosts"].as_array()?.clone();
+        (hosts.len() == 2).then_some(hosts)
+    });
 }
