@@ -176,6 +176,9 @@ pub struct Autoscaler {
     recorded: Mutex<HashMap<(String, String), String>>,
     memory: Mutex<Memory>,
     alerts: Arc<ScalingAlerts>,
+    /// Fleet actuations still running (by policy, or `remove:HOST`): one at a time each, so a
+    /// slow actuator with a short cooldown cannot pile up blocking threads.
+    actuating: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl Autoscaler {
@@ -197,6 +200,7 @@ impl Autoscaler {
             recorded: Mutex::default(),
             memory: Mutex::default(),
             alerts: Arc::default(),
+            actuating: Arc::default(),
         }
     }
 
@@ -693,6 +697,18 @@ impl Autoscaler {
     /// outcome on the decision when it answers.
     async fn actuate(&self, mut request: FleetRequest) -> Result<(), StoreError> {
         let Some(actuator) = self.policies.fleet().cloned() else { return Ok(()) };
+        let slot = match (&request.policy, &request.host) {
+            (Some(p), _) => p.clone(),
+            (None, h) => format!("remove:{}", h.as_deref().unwrap_or_default()),
+        };
+        if !self.actuating.lock().unwrap_or_else(PoisonError::into_inner).insert(slot.clone()) {
+            info!(actuation = %slot, "The fleet actuator is still busy with the previous request; asking again later.");
+            return Ok(());
+        }
+        let actuating = self.actuating.clone();
+        let release = move || {
+            actuating.lock().unwrap_or_else(PoisonError::into_inner).remove(&slot);
+        };
         let decision = NewDecision {
             at_ms: request.at_ms,
             source: request
@@ -705,12 +721,19 @@ impl Autoscaler {
             inputs: serde_json::to_value(&request).unwrap_or(serde_json::Value::Null),
             acted: true,
         };
-        let (record, _) = self.delivery.submit(decision, Vec::new()).await?;
+        let record = match self.delivery.submit(decision, Vec::new()).await {
+            Ok((record, _)) => record,
+            Err(e) => {
+                release();
+                return Err(e);
+            }
+        };
         request.decision.clone_from(&record.id);
         info!(decision = %record.id, action = request.action.rule(), "Fleet: {}", request.reason);
         let store = self.stores.control.clone();
         tokio::task::spawn_blocking(move || {
             let outcome = fleet::actuate(&actuator, &request);
+            release();
             if outcome.ok {
                 info!(decision = %request.decision, elapsed_ms = outcome.elapsed_ms, "Fleet actuator done.");
             } else {
@@ -1218,6 +1241,35 @@ mod tests {
         let status = scaler.status(Duration::from_secs(15));
         assert_eq!(status.policies[0].hosts.len(), 1, "only host a serves the model");
         assert!(status.fleet.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_busy_actuator_is_not_asked_again_until_it_answers() {
+        let mut rig = Rig::new();
+        rig.host("a", 2, 0, &[]);
+        rig.serve("a", &[("ocr", 1, 100)]);
+        // No cooldown, and an actuator slower than the evaluations.
+        let text = format!(
+            "{}\n[policy.resources]\ncpu_cores = 2.0\n\n[fleet]\ncommand = [\"sleep\", \"1\"]\ncooldown_secs = 0\n",
+            policy("ocr", "ocr", "")
+        );
+        let scaler = rig.autoscaler(&text);
+        let asked =
+            |rig: &Rig| rig.decisions().iter().filter(|d| d.rule == "fleet.add_hosts").count();
+        for i in 0..3 {
+            rig.serve("a", &[("ocr", 1, 100)]);
+            scaler.evaluate(NOW + i * 100).await.unwrap();
+        }
+        assert_eq!(asked(&rig), 1, "asked again while the first request ran");
+        // Once it has answered, the next evaluation asks again (no cooldown).
+        loop {
+            if rig.decisions().iter().any(|d| d.outcome.is_some()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        scaler.evaluate(NOW + 1000).await.unwrap();
+        assert_eq!(asked(&rig), 2);
     }
 
     #[tokio::test]

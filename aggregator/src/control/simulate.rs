@@ -19,7 +19,8 @@
 //! - Flaps: scale direction changes, an up followed by a down or a down by an up.
 //! - Forecast: refitted at the start of each simulated hour on the hourly history before it
 //!   (the forecaster uses the last `train_weeks`), read `lead_secs` ahead; the predictive
-//!   strategy's `rps_ahead` is the highest forecast value from now to `lead_secs` ahead.
+//!   strategy's `rps_ahead` is the highest forecast value from now to `lead_secs` ahead, and
+//!   `rps_now` the forecast for the current minute (for the engine's bias correction).
 
 use serde::{Deserialize, Serialize};
 
