@@ -77,8 +77,10 @@ struct HostView {
     cpu_util_pct: Option<f64>,
     gpu_util_pct: Option<f64>,
     desired: Option<DesiredState>,
-    /// GPU memory and CPU cores from the inventory.
-    capacity: Capacity,
+    /// GPU memory and CPU cores from the inventory; `None` when the host sent none (or no CPU
+    /// count): then it is neither allocated (its models keep what their decisions say) nor a
+    /// placement target.
+    capacity: Option<Capacity>,
 }
 
 /// What one evaluation reads besides telemetry: the analytics pass's budgets and host prices.
@@ -412,6 +414,7 @@ impl Autoscaler {
         let mut free = BTreeMap::new();
         let mut shortfalls = Vec::new();
         for (host, view) in hosts {
+            let Some(capacity) = view.capacity else { continue };
             let on_host: Vec<usize> = (0..planned.len())
                 .filter(|&i| {
                     planned[i].host == *host
@@ -432,7 +435,7 @@ impl Autoscaler {
                     }
                 })
                 .collect();
-            let (granted, left) = placement::allocate(view.capacity, &claims);
+            let (granted, left) = placement::allocate(capacity, &claims);
             free.insert(host.clone(), left);
             for (&i, (claim, got)) in on_host.iter().zip(claims.iter().zip(granted)) {
                 if got >= claim.wanted {
@@ -442,7 +445,7 @@ impl Autoscaler {
                 d.reason = format!(
                     "{}; the host's capacity (GPU {:.0} MiB, {:.1} cores) holds {got} of {} \
                      for it after higher-priority and busier models",
-                    d.reason, view.capacity.gpu_memory_mb, view.capacity.cpu_cores, claim.wanted
+                    d.reason, capacity.gpu_memory_mb, capacity.cpu_cores, claim.wanted
                 );
                 d.desired = got;
                 d.act = got != d.current;
@@ -493,10 +496,12 @@ impl Autoscaler {
                         && !from.contains(h)
                         && !self.serves_or_asked(h, view, &policy.model)
                 })
-                .map(|(h, view)| Candidate {
-                    host: h.to_string(),
-                    free: free.get(h).copied().unwrap_or(view.capacity),
-                    price_per_hour: costs.host_prices.get(h.as_str()).copied(),
+                .filter_map(|(h, view)| {
+                    Some(Candidate {
+                        host: h.to_string(),
+                        free: free.get(h).copied().or(view.capacity)?,
+                        price_per_hour: costs.host_prices.get(h.as_str()).copied(),
+                    })
                 })
                 .collect();
             let (placed, unmet) = placement::place(shortfall, &policy.resources, &mut candidates);
@@ -860,7 +865,7 @@ fn instance_price(
     host_price: Option<&f64>,
 ) -> Option<f64> {
     policy.cost.price_per_instance_hour.or_else(|| {
-        let fits = view.capacity.fits(&policy.resources);
+        let fits = view.capacity?.fits(&policy.resources);
         (fits > 0 && fits < u32::MAX).then_some(())?;
         host_price.map(|p| p / f64::from(fits))
     })
@@ -950,18 +955,15 @@ fn read_hosts(
         if samples.is_empty() {
             continue;
         }
-        let inventory = stores.telemetry.inventory(&host)?.unwrap_or_default();
+        let inventory = stores.telemetry.inventory(&host)?;
+        let capacity = inventory.as_ref().filter(|i| i.cpu_cores > 0).map(|i| Capacity {
+            gpu_memory_mb: i.gpus.iter().map(|g| g.memory_total_bytes as f64).sum::<f64>()
+                / (1024.0 * 1024.0),
+            cpu_cores: f64::from(i.cpu_cores),
+        });
         let mut view = HostView {
-            capacity: Capacity {
-                gpu_memory_mb: inventory
-                    .gpus
-                    .iter()
-                    .map(|g| g.memory_total_bytes as f64)
-                    .sum::<f64>()
-                    / (1024.0 * 1024.0),
-                cpu_cores: f64::from(inventory.cpu_cores),
-            },
-            labels: inventory.labels.into_iter().collect(),
+            capacity,
+            labels: inventory.map(|i| i.labels.into_iter().collect()).unwrap_or_default(),
             desired: stores.control.desired(&host)?,
             ..HostView::default()
         };
@@ -1241,6 +1243,17 @@ mod tests {
         let status = scaler.status(Duration::from_secs(15));
         assert_eq!(status.policies[0].hosts.len(), 1, "only host a serves the model");
         assert!(status.fleet.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_host_that_reported_no_capacity_is_not_cut_to_zero() {
+        let mut rig = Rig::new();
+        // No CPU count in its inventory (unknown, not zero capacity).
+        rig.host("x", 0, 0, &[]);
+        rig.serve("x", &[("ocr", 1, 100)]);
+        let text = format!("{}\n[policy.resources]\ncpu_cores = 2.0\n", policy("ocr", "ocr", ""));
+        rig.autoscaler(&text).evaluate(NOW).await.unwrap();
+        assert_eq!(rig.directives("x"), ["set_instances ocr=10"]);
     }
 
     #[tokio::test]

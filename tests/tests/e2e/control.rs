@@ -242,19 +242,7 @@ fn load_scales_a_model_up_at_once_and_down_only_after_the_stabilization_window()
 
     // Load: 4 clients, each a request every ~50 ms (tens of requests/s against a target of 5
     // per instance).
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let body = std::sync::Arc::new(ocr_request());
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let (stop, body, addr) = (stop.clone(), body.clone(), addr.clone());
-            std::thread::spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    post_quietly(&addr, "/v2/models/ocr/infer", &body);
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(&addr, 4);
     let up = eventually("a scale-up applied", WAIT, || {
         applied_set_instances(&agg)
             .into_iter()
@@ -282,10 +270,7 @@ fn load_scales_a_model_up_at_once_and_down_only_after_the_stabilization_window()
         instances_gauge(&addr).filter(|n| *n > 1)
     });
 
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for c in clients {
-        c.join().unwrap();
-    }
+    load.stop();
     let stopped_ms = common_now_ms();
     let down = eventually("the scale-down applied", Duration::from_secs(60), || {
         applied_set_instances(&agg).into_iter().find(|d| d["payload"]["instances"] == 1)
@@ -304,6 +289,39 @@ fn load_scales_a_model_up_at_once_and_down_only_after_the_stabilization_window()
         .map(|d| d["rule"].as_str().unwrap().to_owned())
         .collect();
     assert!(rules.iter().any(|r| r == "stabilization.hold"), "{rules:?}");
+}
+
+/// Closed-loop OCR clients against one agent, each sending a request every ~50 ms.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: &str, clients: usize) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let body = std::sync::Arc::new(ocr_request());
+        let clients = (0..clients)
+            .map(|_| {
+                let (stop, body, addr) = (stop.clone(), body.clone(), addr.to_owned());
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        post_quietly(&addr, "/v2/models/ocr/infer", &body);
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                })
+            })
+            .collect();
+        Self { stop, clients }
+    }
+
+    /// Stops the clients and waits for them.
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for c in self.clients {
+            c.join().unwrap();
+        }
+    }
 }
 
 /// POSTs `body` and reads the reply, whatever it is (load, not a check).
@@ -427,19 +445,7 @@ fn a_model_its_host_cannot_hold_is_loaded_on_another_host_and_the_rest_goes_to_t
     // The model is staged on node-b's disk but not loaded there.
     install_ocr(&repo_b);
 
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let body = std::sync::Arc::new(ocr_request());
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let (stop, body, addr) = (stop.clone(), body.clone(), addr_a.clone());
-            std::thread::spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    post_quietly(&addr, "/v2/models/ocr/infer", &body);
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(&addr_a, 4);
     let placed = eventually("a placement decision", WAIT, || {
         let list = agg.cli_json(&["decisions", "--model", "ocr"]).ok()?;
         list.as_array()?.iter().find(|d| d["rule"] == "allocation.place").cloned()
@@ -463,10 +469,7 @@ fn a_model_its_host_cannot_hold_is_loaded_on_another_host_and_the_rest_goes_to_t
             .find(|d| d["rule"] == "fleet.add_hosts" && d["outcome"].is_object())
             .cloned()
     });
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for c in clients {
-        c.join().unwrap();
-    }
+    load.stop();
     assert_eq!(asked["outcome"]["ok"], true, "{asked}");
     assert_eq!(asked["outcome"]["output"], "queued\n", "{asked}");
     let line = std::fs::read_to_string(&requests).unwrap();
