@@ -874,7 +874,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_biased_forecast_contributes_only_its_rise() {
+    async fn a_biased_forecast_is_corrected_by_measured_demand() {
         let c = Clock::new();
         let mut s = Scaler::new(predictive(false));
         // The forecaster runs 50 % high: 150 now (100 measured), 200 at the lead: 200 * 2/3
