@@ -714,3 +714,60 @@ mod tests {
         assert!(task.await.unwrap().is_err(), "the error is still returned at stop");
     }
 }
+
+#[cfg(test)]
+mod scaling_alert_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::control::budget_cap::ScalingAlerts;
+    use crate::control::engine::{Decision, DecisionInputs};
+    use crate::control::policy::{ScalingPolicy, Targets};
+
+    #[tokio::test]
+    async fn a_budget_capped_decision_fires_an_alert_at_the_next_pass_and_resolves_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = Stores::sled(crate::store::SledStore::open(dir.path()).unwrap()).unwrap();
+        let alerts = Arc::new(ScalingAlerts::default());
+        let analytics =
+            Analytics::new(stores, Settings::default(), PricingCatalog::builtin().unwrap())
+                .with_scaling_alerts(alerts.clone());
+        let policy = ScalingPolicy::new("ocr", "ocr", 1, 8, Targets::default());
+        let host = HostId::new("gpu-1").unwrap();
+        let mut decision = Decision {
+            at_ms: 0,
+            policy: "ocr".into(),
+            model: "ocr".into(),
+            current: 2,
+            desired: 2,
+            act: false,
+            would_have: None,
+            rule: "budget.cap".into(),
+            reason: String::new(),
+            inputs: DecisionInputs {
+                observation: Default::default(),
+                metrics: Vec::new(),
+                reactive: 6,
+                predictive: None,
+                forecast: None,
+                limits: Default::default(),
+                stabilized: None,
+                burst: false,
+            },
+            budget_capped: true,
+        };
+        let cap = crate::control::budget_cap::BudgetCap { budget: "day".into(), max_instances: 2 };
+        alerts.observe(&policy, &host, &decision, Some(&cap));
+        let run = analytics.run_once(1_800_000_000_000).await.unwrap();
+        let fired: Vec<&str> = run.alert_transitions.iter().map(|a| a.key.as_str()).collect();
+        assert_eq!(fired, ["budget_cap:ocr:gpu-1"]);
+        assert!(
+            run.alert_transitions[0].message.contains("budget day pays for 2"),
+            "{:?}",
+            run.alert_transitions
+        );
+        decision.budget_capped = false;
+        alerts.observe(&policy, &host, &decision, Some(&cap));
+        let run = analytics.run_once(1_800_000_060_000).await.unwrap();
+        assert_eq!(run.alert_transitions[0].state, AlertState::Resolved);
+    }
+}
