@@ -222,21 +222,13 @@ fn load_scales_a_model_up_at_once_and_down_only_after_the_stabilization_window()
     let fleet = Fleet::new();
     let repo = fleet.path().join("models");
     install_ocr(&repo);
-    std::fs::write(
-        fleet.path().join("policies.toml"),
+    let agg = aggregator_with_policies(
+        &fleet,
         "[[policy]]\nname = \"ocr-load\"\nmodel = \"ocr\"\nmode = \"reactive\"\n\
          min_instances = 1\nmax_instances = 4\nstabilization_window_secs = 8\n\
          cooldown_down_secs = 0\nscale_down_limit = { instances = 4, per_secs = 1 }\n\
          [policy.targets]\nrequests_per_instance = 5.0\n",
-    )
-    .unwrap();
-    let config = fleet.aggregator_config(0);
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(
-        "[control]\npolicy_file = \"policies.toml\"\ninterval_secs = 1\nwindow_secs = 3\n",
     );
-    std::fs::write(&config, text).unwrap();
-    let agg = Aggregator::start(&config);
     let (_node, addr) = serving_agent(&fleet, "node-3", agg.quic, &repo, 500);
     online(&agg, "node-3");
 
@@ -289,6 +281,19 @@ fn load_scales_a_model_up_at_once_and_down_only_after_the_stabilization_window()
         .map(|d| d["rule"].as_str().unwrap().to_owned())
         .collect();
     assert!(rules.iter().any(|r| r == "stabilization.hold"), "{rules:?}");
+}
+
+/// An aggregator evaluating `policies` (written to `policies.toml`) every second over a 3 s
+/// window.
+fn aggregator_with_policies(fleet: &Fleet, policies: &str) -> Aggregator {
+    std::fs::write(fleet.path().join("policies.toml"), policies).unwrap();
+    let config = fleet.aggregator_config(0);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "[control]\npolicy_file = \"policies.toml\"\ninterval_secs = 1\nwindow_secs = 3\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    Aggregator::start(&config)
 }
 
 /// Closed-loop OCR clients against one agent, each sending a request every ~50 ms.
@@ -415,9 +420,9 @@ fn a_model_its_host_cannot_hold_is_loaded_on_another_host_and_the_rest_goes_to_t
     // One instance takes every core a host has: each host holds one.
     let cores = cpus_listed();
     let requests = fleet.path().join("fleet-requests.jsonl");
-    std::fs::write(
-        fleet.path().join("policies.toml"),
-        format!(
+    let agg = aggregator_with_policies(
+        &fleet,
+        &format!(
             "[[policy]]\nname = \"ocr-place\"\nmodel = \"ocr\"\nmode = \"reactive\"\n\
              min_instances = 1\nmax_instances = 8\n\
              scale_up_limit = {{ instances = 8, per_secs = 1 }}\n\
@@ -427,15 +432,7 @@ fn a_model_its_host_cannot_hold_is_loaded_on_another_host_and_the_rest_goes_to_t
             requests.display(),
             requests.display()
         ),
-    )
-    .unwrap();
-    let config = fleet.aggregator_config(0);
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(
-        "[control]\npolicy_file = \"policies.toml\"\ninterval_secs = 1\nwindow_secs = 3\n",
     );
-    std::fs::write(&config, text).unwrap();
-    let agg = Aggregator::start(&config);
     let (_a, addr_a) = serving_agent(&fleet, "node-a", agg.quic, &repo_a, 500);
     let (_b, addr_b) = serving_agent(&fleet, "node-b", agg.quic, &repo_b, 500);
     online(&agg, "node-a");
