@@ -124,6 +124,7 @@ pub async fn run_bound(
         config_version: config.version(),
         spool_epoch: spool.epoch(),
         spool_low_seq: 0, // filled in by the uplink at each connection
+        agent_run_id: rand::random::<u64>().max(1),
     };
 
     let directives = Arc::new(downlink::Directives {

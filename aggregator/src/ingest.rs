@@ -120,6 +120,7 @@ async fn handle_connection(
     let Some(hello) = accept_hello(&conn, &ctx, &host, peer).await else {
         return;
     };
+    let run_id = hello.0.agent_run_id;
     let record = {
         let store = ctx.store.clone();
         let host = host.clone();
@@ -164,6 +165,14 @@ async fn handle_connection(
     drop(admitted);
 
     let delivery = tokio::spawn(ctx.delivery.clone().serve_host(host.clone(), conn.clone()));
+    {
+        let (delivery, host) = (ctx.delivery.clone(), host.clone());
+        tokio::spawn(async move {
+            if let Err(e) = delivery.resync_if_restarted(&host, run_id, now_ms()).await {
+                warn!(%host, error = %error_chain(&e), "Could not resync the restarted agent's desired state; its policies will decide again.");
+            }
+        });
+    }
     let streams = TaskTracker::new();
     let reason = loop {
         let accepted = tokio::select! {

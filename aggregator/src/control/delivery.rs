@@ -17,11 +17,15 @@
 //! - A directive past its deadline is answered `expired` here, unsent.
 //! - The wake-up map holds one entry per host with a live delivery task, removed when the task
 //!   ends (its connection closed), so it is bounded by the open connections.
+//! - An agent that says Hello with a new run id restarted and came back with its own
+//!   configuration: [`Delivery::resync_if_restarted`] records a `desired.resync` decision whose
+//!   directives bring it back to its desired state. A reconnect of the same run sends nothing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use common::directive::DirectiveBody;
 use common::framed;
 use common::ids::HostId;
 use common::proto::{Directive, DirectiveResult, DirectiveStatus};
@@ -29,7 +33,8 @@ use tokio::sync::{Notify, broadcast};
 use tracing::{debug, info, warn};
 
 use super::store::{
-    ControlStore, DecisionRecord, DirectiveRecord, DirectiveState, NewDecision, NewDirective,
+    ControlStore, DecisionRecord, DirectiveFilter, DirectiveRecord, DirectiveState, NewDecision,
+    NewDirective,
 };
 use crate::stats::Counter;
 use crate::store::StoreError;
@@ -39,6 +44,12 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Pause before trying a host's outbox again after a stream failed on a live connection.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Lifetime of the directives that resync a restarted agent.
+pub const RESYNC_TTL: Duration = Duration::from_secs(600);
+
+/// How many of a host's latest directives a resync looks through for refusals.
+const RESYNC_LOOKBACK: usize = 1000;
 
 /// Largest `DirectiveResult` frame read.
 const MAX_RESULT_BYTES: u32 = 1024 * 1024;
@@ -264,6 +275,89 @@ impl Delivery {
         }
     }
 
+    /// When `host`'s agent says Hello with a run id other than the one recorded (it restarted),
+    /// records a decision (source `resync`, rule `desired.resync`) with the directives that bring
+    /// it back to its desired state ([`super::store::DesiredState::resync`]), each deliverable
+    /// for [`RESYNC_TTL`], leaving out those whose kind and model the agent refused last time.
+    /// Nothing for the first Hello ever recorded, an unchanged run id, a run id of 0 (an older
+    /// agent), or an empty desired state.
+    pub async fn resync_if_restarted(
+        &self,
+        host: &HostId,
+        run_id: u64,
+        now_ms: i64,
+    ) -> Result<Option<DecisionRecord>, StoreError> {
+        if run_id == 0 {
+            return Ok(None);
+        }
+        let (before, desired, recent) = self
+            .blocking({
+                let host = host.clone();
+                move |s| {
+                    let filter = DirectiveFilter { host: Some(host.clone()), ..Default::default() };
+                    Ok((
+                        s.swap_agent_run(&host, run_id)?,
+                        s.desired(&host)?,
+                        s.directives(&filter, RESYNC_LOOKBACK)?,
+                    ))
+                }
+            })
+            .await?;
+        let (Some(before), Some(desired)) = (before, desired) else { return Ok(None) };
+        if before == run_id {
+            return Ok(None);
+        }
+        // What the agent refused last time (an unknown model, a bad value) is not sent again:
+        // the desired state records intents, refused ones included.
+        let mut last: HashMap<(&str, Option<&str>), DirectiveState> = HashMap::new();
+        for d in &recent {
+            last.entry((d.body.kind(), d.body.model())).or_insert(d.state);
+        }
+        let refused = |b: &DirectiveBody| {
+            matches!(
+                last.get(&(b.kind(), b.model())),
+                Some(DirectiveState::Rejected | DirectiveState::Unsupported)
+            )
+        };
+        let bodies: Vec<DirectiveBody> =
+            desired.resync().into_iter().filter(|b| !refused(b)).collect();
+        if bodies.is_empty() {
+            return Ok(None);
+        }
+        let summary: Vec<String> = bodies.iter().map(DirectiveBody::summary).collect();
+        let ttl_ms = i64::try_from(RESYNC_TTL.as_millis()).unwrap_or(i64::MAX);
+        let decision = NewDecision {
+            at_ms: now_ms,
+            source: "resync".to_owned(),
+            model: None,
+            rule: "desired.resync".to_owned(),
+            reason: format!(
+                "{host}'s agent restarted (run {before:016x} -> {run_id:016x}) with its own \
+                 configuration; sending its desired state (revision {}) again: {}",
+                desired.revision,
+                summary.join(", ")
+            ),
+            inputs: serde_json::json!({
+                "host": host.as_str(),
+                "previous_run": format!("{before:016x}"),
+                "run": format!("{run_id:016x}"),
+                "revision": desired.revision,
+            }),
+            acted: true,
+        };
+        let directives = bodies
+            .into_iter()
+            .map(|body| NewDirective {
+                host: host.clone(),
+                body,
+                not_after_ms: now_ms.saturating_add(ttl_ms),
+            })
+            .collect();
+        let (record, _) = self.submit(decision, directives).await?;
+        info!(%host, decision = %record.id, "Agent restarted: sending its desired state again.");
+        Ok(Some(record))
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&dyn ControlStore) -> Result<T, StoreError> + Send + 'static,
@@ -314,4 +408,53 @@ async fn send(
         )));
     }
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::control::store::SledControlStore;
+
+    #[tokio::test]
+    async fn only_a_new_run_of_a_known_agent_is_resynced() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let delivery = Delivery::new(Arc::new(SledControlStore::open(&db).unwrap()));
+        let host = HostId::new("gpu-1").unwrap();
+        let set = DirectiveBody::SetInstances { model: "ocr".into(), version: None, instances: 3 };
+        let operator = NewDecision {
+            at_ms: 1,
+            source: "operator".into(),
+            model: Some("ocr".into()),
+            rule: "operator".into(),
+            reason: String::new(),
+            inputs: serde_json::Value::Null,
+            acted: true,
+        };
+        // First Hello ever: recorded, nothing sent.
+        assert!(delivery.resync_if_restarted(&host, 11, 10).await.unwrap().is_none());
+        let new = NewDirective { host: host.clone(), body: set.clone(), not_after_ms: i64::MAX };
+        delivery.submit(operator.clone(), vec![new]).await.unwrap();
+        // One the agent refused: in the desired state, but not sent again.
+        let bad =
+            DirectiveBody::SetInstances { model: "nosuch".into(), version: None, instances: 2 };
+        let new = NewDirective { host: host.clone(), body: bad, not_after_ms: i64::MAX };
+        let (_, made) = delivery.submit(operator, vec![new]).await.unwrap();
+        delivery
+            .store()
+            .answer(&made[0].id, DirectiveState::Rejected, "unknown model", 15)
+            .unwrap();
+        // The same run reconnecting, or an older agent (0): nothing.
+        assert!(delivery.resync_if_restarted(&host, 11, 20).await.unwrap().is_none());
+        assert!(delivery.resync_if_restarted(&host, 0, 30).await.unwrap().is_none());
+        // A new run: the desired state again, after what was already in the outbox.
+        let d = delivery.resync_if_restarted(&host, 12, 40).await.unwrap().unwrap();
+        assert_eq!((d.source.as_str(), d.rule.as_str()), ("resync", "desired.resync"));
+        let outbox = delivery.store().outbox(&host).unwrap();
+        assert_eq!(outbox.len(), 2);
+        assert_eq!(outbox[1].body, set);
+        assert_eq!(outbox[1].decision, d.id);
+        assert!(delivery.resync_if_restarted(&host, 12, 50).await.unwrap().is_none());
+    }
 }

@@ -180,6 +180,38 @@ pub struct DesiredModel {
 }
 
 impl DesiredState {
+    /// The directives that bring an agent that restarted with its own configuration back to
+    /// this state: per model, `unload` when it is to be unloaded, else its instance count and
+    /// batching settings; and the telemetry interval. Not `drain` (an agent restarted after a
+    /// drain is meant to serve again) nor `load` (a restarted agent loads what is on its disk).
+    pub fn resync(&self) -> Vec<DirectiveBody> {
+        let mut out = Vec::new();
+        for (model, m) in &self.models {
+            if m.loaded == Some(false) {
+                out.push(DirectiveBody::Unload { model: model.clone() });
+                continue;
+            }
+            if let Some(instances) = m.instances {
+                out.push(DirectiveBody::SetInstances {
+                    model: model.clone(),
+                    version: None,
+                    instances,
+                });
+            }
+            if m.batching != BatchingChange::default() {
+                out.push(DirectiveBody::SetBatching {
+                    model: model.clone(),
+                    version: None,
+                    batching: m.batching.clone(),
+                });
+            }
+        }
+        if let Some(interval_ms) = self.telemetry_interval_ms {
+            out.push(DirectiveBody::SetTelemetryInterval { interval_ms });
+        }
+        out
+    }
+
     /// Folds a directive's intent in; returns whether anything changed.
     pub fn apply(&mut self, body: &DirectiveBody, now_ms: i64) -> bool {
         let before = self.clone();
@@ -297,6 +329,9 @@ pub trait ControlStore: Send + Sync + std::fmt::Debug + 'static {
     fn record_outcome(&self, id: &str, outcome: serde_json::Value) -> Result<bool, StoreError>;
     /// A host's desired state.
     fn desired(&self, host: &HostId) -> Result<Option<DesiredState>, StoreError>;
+    /// Records the run id `host`'s agent said Hello with; returns the one recorded before
+    /// (`None` the first time). Not flushed: a lost record only means one resync more or less.
+    fn swap_agent_run(&self, host: &HostId, run_id: u64) -> Result<Option<u64>, StoreError>;
     /// Stores a scaler's own state (opaque JSON) under `key`.
     fn put_scaler_state(&self, key: &str, json: &[u8]) -> Result<(), StoreError>;
     /// A scaler's stored state.
@@ -317,6 +352,8 @@ pub struct SledControlStore {
     decisions: sled::Tree,
     desired: sled::Tree,
     scalers: sled::Tree,
+    /// Host -> the agent run id it last said Hello with (8 bytes, big-endian).
+    agent_runs: sled::Tree,
     epoch: u32,
 }
 
@@ -342,6 +379,7 @@ impl SledControlStore {
             decisions: tree("control_decisions")?,
             desired: tree("control_desired")?,
             scalers: tree("control_scalers")?,
+            agent_runs: tree("control_agent_runs")?,
             db: db.clone(),
             epoch,
         })
@@ -616,6 +654,14 @@ impl ControlStore for SledControlStore {
         Ok(found)
     }
 
+    fn swap_agent_run(&self, host: &HostId, run_id: u64) -> Result<Option<u64>, StoreError> {
+        let before = self
+            .agent_runs
+            .insert(host.as_str().as_bytes(), &run_id.to_be_bytes())
+            .map_err(io("write agent run"))?;
+        Ok(before.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(u64::from_be_bytes))
+    }
+
     fn desired(&self, host: &HostId) -> Result<Option<DesiredState>, StoreError> {
         self.read(&self.desired, host.as_str().as_bytes(), "desired state")
     }
@@ -742,6 +788,42 @@ mod tests {
         assert!(more[0].id > made[2].id);
         assert_eq!(store.decisions(Some("ocr"), 10).unwrap().len(), 2);
         assert!(store.decisions(Some("other"), 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_restarted_agent_gets_its_desired_state_back_but_no_drain_or_load() {
+        let mut d = DesiredState::default();
+        d.apply(&set("ocr", 3), 1);
+        let batching = BatchingChange { max_batch_size: Some(4), ..BatchingChange::default() };
+        d.apply(
+            &DirectiveBody::SetBatching {
+                model: "ocr".into(),
+                version: None,
+                batching: batching.clone(),
+            },
+            2,
+        );
+        d.apply(&DirectiveBody::Drain { model: "ocr".into() }, 3);
+        d.apply(&DirectiveBody::Load { model: "vad".into() }, 4);
+        d.apply(&set("old", 2), 5);
+        d.apply(&DirectiveBody::Unload { model: "old".into() }, 6);
+        d.apply(&DirectiveBody::SetTelemetryInterval { interval_ms: 5000 }, 7);
+        assert_eq!(
+            d.resync(),
+            vec![
+                set("ocr", 3),
+                DirectiveBody::SetBatching { model: "ocr".into(), version: None, batching },
+                DirectiveBody::Unload { model: "old".into() },
+                DirectiveBody::SetTelemetryInterval { interval_ms: 5000 },
+            ]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let store = SledControlStore::open(&db).unwrap();
+        assert_eq!(store.swap_agent_run(&host("a"), 7).unwrap(), None);
+        assert_eq!(store.swap_agent_run(&host("a"), 7).unwrap(), Some(7));
+        assert_eq!(store.swap_agent_run(&host("a"), 9).unwrap(), Some(7));
+        assert_eq!(store.swap_agent_run(&host("b"), 1).unwrap(), None);
     }
 
     #[test]

@@ -113,14 +113,32 @@ fn directives_apply_once_reject_by_name_and_wait_out_a_disconnect() {
     let desired: Value = serde_json::from_str(&desired).unwrap();
     assert_eq!(desired["models"]["ocr"]["instances"], 2, "{desired}");
     let metrics = http_get(agg.api.trim_start_matches("http://"), "/metrics");
+    // The restart was noticed (a new run id): the desired state was sent again after the
+    // pending directive, and changed nothing more.
+    let resync = agg.cli_json(&["decisions"]).unwrap();
+    let resync: Vec<&Value> =
+        resync.as_array().unwrap().iter().filter(|d| d["rule"] == "desired.resync").collect();
+    assert_eq!(resync.len(), 1, "{resync:?}");
     assert!(
-        metrics.contains("flotilla_directives_answered_total{state=\"applied\"} 2"),
+        metrics.contains("flotilla_directives_answered_total{state=\"applied\"} 3"),
         "{metrics}"
     );
     assert!(
         metrics.contains("flotilla_directives_answered_total{state=\"rejected\"} 2"),
         "{metrics}"
     );
+
+    // Restarted again with nothing pending: it comes back with its config's 1 instance, and
+    // the aggregator sends its desired state (2) again.
+    drop(node);
+    let node = agent("node-1", &config);
+    let addr = e2e::inference_addr(&node);
+    eventually("the desired 2 instances again", WAIT, || {
+        instances_gauge(&addr).filter(|n| *n == 2)
+    });
+    let list = agg.cli_json(&["decisions"]).unwrap();
+    let resyncs = list.as_array().unwrap().iter().filter(|d| d["rule"] == "desired.resync").count();
+    assert_eq!(resyncs, 2);
 }
 
 /// Accepts the next agent connection that completes its handshake and says Hello (attempts
