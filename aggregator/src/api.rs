@@ -382,6 +382,9 @@ fn health_metrics(
          flotilla_analytics_failures_total{{kind=\"pass\"}} {}\n\
          flotilla_analytics_failures_total{{kind=\"webhook\"}} {}\n\
          flotilla_analytics_failures_total{{kind=\"scheduler\"}} {}\n\
+         # HELP flotilla_analytics_passes_skipped_total Scheduled analytics passes skipped because \
+         the previous pass was still running.\n# TYPE flotilla_analytics_passes_skipped_total \
+         counter\nflotilla_analytics_passes_skipped_total {}\n\
          # HELP flotilla_store_skipped_records_total Stored records that reads skipped because \
          they do not decode (each is counted, the first and every thousandth logged at WARN).\n\
          # TYPE flotilla_store_skipped_records_total counter\n\
@@ -389,6 +392,7 @@ fn health_metrics(
         analytics.pass_failures,
         analytics.webhook_failures,
         analytics.scheduler_failures,
+        analytics.passes_skipped,
         crate::store::skipped_records()
     )
 }

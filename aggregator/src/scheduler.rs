@@ -130,6 +130,10 @@ pub struct AnalyticsHealth {
     pub webhook_failures: u64,
     /// Times the cron scheduler failed and was restarted.
     pub scheduler_failures: u64,
+    /// Scheduled passes skipped because the previous pass was still running (they are not
+    /// queued: the next one on the schedule covers the same data).
+    #[serde(default)]
+    pub passes_skipped: u64,
     /// The latest failure, in words (empty when none).
     pub last_failure: String,
     /// When, Unix ms (0 when none).
@@ -278,12 +282,20 @@ impl Analytics {
 
     /// Runs a scheduled pass; a failure is logged at ERROR, counted, and retried with backoff
     /// up to [`PASS_RETRIES`] times.
+    ///
+    /// A pass that would overlap the one still running (a slow pass, a manual run) is skipped
+    /// and counted (`passes_skipped`), not queued behind it.
     pub async fn run_scheduled(&self) {
         for attempt in 0..=PASS_RETRIES {
             if attempt > 0 {
                 tokio::time::sleep(self.retry_delay(attempt)).await;
             }
-            let Err(e) = self.run_once(crate::ingest::now_ms()).await else { return };
+            let Ok(guard) = self.pass.try_lock() else {
+                lock_health(&self.health).passes_skipped += 1;
+                warn!("Analytics pass skipped: the previous pass is still running.");
+                return;
+            };
+            let Err(e) = self.run_locked(guard, crate::ingest::now_ms()).await else { return };
             let chain = common::daemon::error_chain(&e);
             record_failure(&self.health, |h| h.pass_failures += 1, &chain);
             if attempt < PASS_RETRIES {
@@ -320,9 +332,19 @@ impl Analytics {
         Ok(all)
     }
 
-    /// Runs one pass at `now_ms` (rolling up first, so the latest closed buckets count).
+    /// Runs one pass at `now_ms` (rolling up first, so the latest closed buckets count), after
+    /// the one running, if any.
     pub async fn run_once(&self, now_ms: i64) -> Result<RunSummary, AnalyticsError> {
-        let _guard = self.pass.lock().await;
+        let guard = self.pass.lock().await;
+        self.run_locked(guard, now_ms).await
+    }
+
+    /// One pass, while holding the pass lock.
+    async fn run_locked(
+        &self,
+        _guard: tokio::sync::MutexGuard<'_, ()>,
+        now_ms: i64,
+    ) -> Result<RunSummary, AnalyticsError> {
         let store = self.stores.telemetry.clone();
         let reports = self.stores.reports.clone();
         let mut settings = self.settings.clone();
@@ -686,6 +708,22 @@ mod tests {
         let mut a = Analytics::new(store, Settings::default(), PricingCatalog::builtin().unwrap());
         a.retry_backoff = Duration::from_millis(5);
         a
+    }
+
+    #[tokio::test]
+    async fn a_scheduled_pass_that_would_overlap_is_skipped_and_counted_not_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = Stores::sled(crate::store::SledStore::open(dir.path()).unwrap()).unwrap();
+        let a = analytics(stores);
+        let running = a.pass.lock().await;
+        tokio::time::timeout(Duration::from_secs(5), a.run_scheduled())
+            .await
+            .expect("a scheduled pass waited behind the running one");
+        assert_eq!(a.health().passes_skipped, 1);
+        drop(running);
+        a.run_scheduled().await;
+        assert_eq!(a.health().passes_skipped, 1);
+        assert_eq!(a.health().pass_failures, 0);
     }
 
     #[tokio::test]
