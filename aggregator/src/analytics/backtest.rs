@@ -8,7 +8,10 @@
 //!   training data is shorter than two weeks, lag 1 shorter than two days);
 //! - seasonal naive with period m forecasts hour `origin + k` with the value m hours before
 //!   (for k >= m, the one repeated from the last cycle); a missing value is taken from one more
-//!   cycle back, and so on.
+//!   cycle back, and so on;
+//! - interval coverage: the share of horizon hours with an actual whose actual lies within the
+//!   forecaster's 80 % (and 95 %) interval, each level from a fit of its own; a calibrated
+//!   forecaster covers about 80 % (95 %) of them.
 
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +33,12 @@ pub struct OriginScore {
     pub naive_daily: Option<f64>,
     /// Why the forecaster failed here, if it did.
     pub error: Option<String>,
+    /// Share of the horizon's actuals inside the 80 % interval.
+    #[serde(default)]
+    pub coverage_80: Option<f64>,
+    /// Share of the horizon's actuals inside the 95 % interval.
+    #[serde(default)]
+    pub coverage_95: Option<f64>,
 }
 
 /// A whole backtest.
@@ -45,6 +54,26 @@ pub struct BacktestReport {
     pub mean_naive_weekly: Option<f64>,
     /// Mean of seasonal naive m = 24.
     pub mean_naive_daily: Option<f64>,
+    /// Mean 80 % interval coverage over the origins.
+    #[serde(default)]
+    pub mean_coverage_80: Option<f64>,
+    /// Mean 95 % interval coverage over the origins.
+    #[serde(default)]
+    pub mean_coverage_95: Option<f64>,
+}
+
+/// The share of `actual` values (those present) inside `[lower, upper]`.
+pub fn coverage(lower: &[f64], upper: &[f64], actual: &[Option<f64>]) -> Option<f64> {
+    let (mut inside, mut n) = (0usize, 0usize);
+    for ((lo, hi), a) in lower.iter().zip(upper).zip(actual) {
+        if let Some(a) = a {
+            n += 1;
+            if (*lo..=*hi).contains(a) {
+                inside += 1;
+            }
+        }
+    }
+    (n > 0).then(|| inside as f64 / n as f64)
 }
 
 /// The MASE scale: mean `|y[t] - y[t-m]|` over pairs where both exist.
@@ -124,9 +153,19 @@ pub fn backtest(
         };
         let scale = mase_scale(train, lag);
         let score = |pred: &[Option<f64>]| scale.and_then(|s| mase(pred, &actual, s));
-        let (model, error) = match forecast(&series.before(origin), settings) {
-            Ok(f) => (score(&f.point.iter().map(|v| Some(*v)).collect::<Vec<_>>()), None),
-            Err(e) => (None, Some(e.to_string())),
+        let history = series.before(origin);
+        let (model, error, main) = match forecast(&history, settings) {
+            Ok(f) => (score(&f.point.iter().map(|v| Some(*v)).collect::<Vec<_>>()), None, Some(f)),
+            Err(e) => (None, Some(e.to_string()), None),
+        };
+        // Each level's interval from its own fit (the main one when its level matches).
+        let covered = |level: f64| {
+            let main = main.as_ref()?;
+            if (main.level - level).abs() < 1e-9 {
+                return coverage(&main.lower, &main.upper, &actual);
+            }
+            let f = forecast(&history, &ForecastSettings { level, ..settings.clone() }).ok()?;
+            coverage(&f.lower, &f.upper, &actual)
         };
         rows.push(OriginScore {
             origin_ms: origin,
@@ -135,6 +174,8 @@ pub fn backtest(
             naive_weekly: score(&seasonal_naive(train, 168, h)),
             naive_daily: score(&seasonal_naive(train, 24, h)),
             error,
+            coverage_80: covered(0.80),
+            coverage_95: covered(0.95),
         });
     }
     let mean = |f: fn(&OriginScore) -> Option<f64>| {
@@ -146,6 +187,8 @@ pub fn backtest(
         mean_model: mean(|r| r.model),
         mean_naive_weekly: mean(|r| r.naive_weekly),
         mean_naive_daily: mean(|r| r.naive_daily),
+        mean_coverage_80: mean(|r| r.coverage_80),
+        mean_coverage_95: mean(|r| r.coverage_95),
         origins: rows,
     }
 }
@@ -182,5 +225,21 @@ mod tests {
         assert!((r.origins[0].scale.unwrap() - 1.68).abs() < 1e-9);
         assert!((r.mean_naive_weekly.unwrap() - 1.0).abs() < 1e-9);
         assert!(r.mean_model.unwrap() < 1.0, "{r:?}");
+        // Both levels are scored at every origin, and the wider interval covers at least as
+        // much as the narrower one.
+        for o in &r.origins {
+            let (c80, c95) = (o.coverage_80.unwrap(), o.coverage_95.unwrap());
+            assert!((0.0..=1.0).contains(&c80) && c80 <= c95, "{o:?}");
+        }
+        assert!(r.mean_coverage_95.is_some());
+    }
+
+    #[test]
+    fn coverage_counts_the_actuals_inside_their_interval() {
+        let lower = [0.0, 0.0, 0.0, 0.0];
+        let upper = [10.0, 10.0, 10.0, 10.0];
+        let actual = [Some(5.0), Some(10.0), Some(11.0), None];
+        assert_eq!(coverage(&lower, &upper, &actual), Some(2.0 / 3.0));
+        assert_eq!(coverage(&lower, &upper, &[None, None, None, None]), None);
     }
 }

@@ -345,15 +345,27 @@ pub fn backtest(client: &Client, args: &BacktestArgs, as_json: bool) -> anyhow::
 
 /// The backtest table.
 pub fn backtest_text(name: &str, r: &BacktestReport) -> String {
-    let mut t = Table::new(["ORIGIN (UTC)", "FORECASTER", "NAIVE M=168", "NAIVE M=24", "NOTE"])
-        .right_align(&[1, 2, 3]);
+    let mut t = Table::new([
+        "ORIGIN (UTC)",
+        "FORECASTER",
+        "NAIVE M=168",
+        "NAIVE M=24",
+        "COVER 80%",
+        "COVER 95%",
+        "NOTE",
+    ])
+    .right_align(&[1, 2, 3, 4, 5]);
     let f = |v: Option<f64>| v.map_or_else(|| ABSENT.to_owned(), |v| format!("{v:.3}"));
+    let pct =
+        |v: Option<f64>| v.map_or_else(|| ABSENT.to_owned(), |v| format!("{:.0}%", v * 100.0));
     for o in &r.origins {
         t.push_row(vec![
             format_utc(o.origin_ms),
             f(o.model),
             f(o.naive_weekly),
             f(o.naive_daily),
+            pct(o.coverage_80),
+            pct(o.coverage_95),
             o.error.clone().unwrap_or_default(),
         ]);
     }
@@ -362,10 +374,13 @@ pub fn backtest_text(name: &str, r: &BacktestReport) -> String {
         f(r.mean_model),
         f(r.mean_naive_weekly),
         f(r.mean_naive_daily),
+        pct(r.mean_coverage_80),
+        pct(r.mean_coverage_95),
         String::new(),
     ]);
     format!(
-        "Backtest of {name}: MASE, horizon {} h (lower is better):\n{}",
+        "Backtest of {name}: MASE, horizon {} h (lower is better); interval coverage (calibrated: \
+         about 80 % and 95 %):\n{}",
         r.horizon_hours,
         t.render()
     )
