@@ -1158,6 +1158,18 @@ mod tests {
         }
     }
 
+    /// The first fleet actuator outcome recorded; fails after 30 s without one.
+    async fn answered(rig: &Rig) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(o) = rig.decisions().into_iter().find_map(|d| d.outcome) {
+                return o;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no actuator outcome within 30 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn policy(name: &str, model: &str, extra: &str) -> String {
         format!(
             "[[policy]]\nname = \"{name}\"\nmodel = \"{model}\"\nmode = \"reactive\"\n\
@@ -1216,13 +1228,7 @@ mod tests {
         assert!(rig.directives("gpu").is_empty());
         assert_eq!(d[3].inputs["instances"], 2, "{}", d[3].inputs);
         // The actuator's answer is recorded on its decision.
-        let outcome = loop {
-            let d = rig.decisions().pop().unwrap();
-            if let Some(o) = d.outcome {
-                break o;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let outcome = answered(&rig).await;
         assert_eq!(outcome["ok"], true, "{outcome}");
         let request: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&got).unwrap()).unwrap();
@@ -1275,12 +1281,7 @@ mod tests {
         }
         assert_eq!(asked(&rig), 1, "asked again while the first request ran");
         // Once it has answered, the next evaluation asks again (no cooldown).
-        loop {
-            if rig.decisions().iter().any(|d| d.outcome.is_some()) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        answered(&rig).await;
         scaler.evaluate(NOW + 1000).await.unwrap();
         assert_eq!(asked(&rig), 2);
     }
