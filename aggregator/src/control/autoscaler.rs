@@ -158,6 +158,9 @@ struct Memory {
     placed: HashMap<String, Vec<(i64, u32)>>,
     /// Per policy: when the fleet actuator was last asked to add hosts.
     fleet_asked: HashMap<String, i64>,
+    /// Per policy: the unmet count last recorded as `fleet.no_actuator` (recorded once per
+    /// change).
+    no_actuator_noted: HashMap<String, u32>,
     /// Per host: since when it has served no instance.
     idle_since: HashMap<HostId, i64>,
     /// Hosts the fleet actuator was asked to remove (until they serve again).
@@ -394,10 +397,8 @@ impl Autoscaler {
         drop(memory);
         self.lock_scalers()
             .retain(|(_, h), _| HostId::new(h).is_ok_and(|h| hosts.contains_key(&h)));
-        // Keys with no host (per-policy fleet records) stay.
-        self.lock_recorded().retain(|(_, h), _| {
-            h.is_empty() || HostId::new(h).is_ok_and(|h| hosts.contains_key(&h))
-        });
+        self.lock_recorded()
+            .retain(|(_, h), _| HostId::new(h).is_ok_and(|h| hosts.contains_key(&h)));
         self.alerts.retain_hosts(|h| HostId::new(h).is_ok_and(|h| hosts.contains_key(&h)));
     }
 
@@ -606,9 +607,7 @@ impl Autoscaler {
             }
         );
         let Some(actuator) = self.policies.fleet() else {
-            let signature = format!("fleet.no_actuator|{unmet}");
-            let key = (format!("{}#fleet", policy.name), String::new());
-            if self.lock_recorded().get(&key) == Some(&signature) {
+            if self.lock_memory().no_actuator_noted.get(&policy.name) == Some(&unmet) {
                 return Ok(());
             }
             let decision = NewDecision {
@@ -621,7 +620,7 @@ impl Autoscaler {
                 acted: false,
             };
             self.delivery.submit(decision, Vec::new()).await?;
-            self.lock_recorded().insert(key, signature);
+            self.lock_memory().no_actuator_noted.insert(policy.name.clone(), unmet);
             warn!(policy = %policy.name, model = %policy.model, "{reason}; configure [fleet] in the policy file to add hosts.");
             return Ok(());
         };
@@ -633,7 +632,6 @@ impl Autoscaler {
                 return Ok(());
             }
         }
-        self.lock_memory().fleet_asked.insert(policy.name.clone(), now_ms);
         let from_list: Vec<&str> = from.iter().map(HostId::as_str).collect();
         let request = FleetRequest {
             source: "flotilla".into(),
@@ -648,7 +646,11 @@ impl Autoscaler {
             reason: format!("{reason} (short on {})", from_list.join(", ")),
             at_ms: now_ms,
         };
-        self.actuate(request).await
+        // The cooldown runs from a request the actuator took, not one skipped while it was busy.
+        if self.actuate(request).await? {
+            self.lock_memory().fleet_asked.insert(policy.name.clone(), now_ms);
+        }
+        Ok(())
     }
 
     /// Asks the fleet actuator to remove hosts a policy selects that served no instance for
@@ -693,22 +695,26 @@ impl Autoscaler {
                 reason: format!("{host} has served no model instance for {idle_secs} s"),
                 at_ms: now_ms,
             };
-            self.actuate(request).await?;
+            if !self.actuate(request).await? {
+                // Not taken (the actuator is busy with this host): ask at a later evaluation.
+                self.lock_memory().removal_asked.remove(host);
+            }
         }
         Ok(())
     }
 
     /// Records the fleet decision, then runs the actuator on a blocking thread and records its
-    /// outcome on the decision when it answers.
-    async fn actuate(&self, mut request: FleetRequest) -> Result<(), StoreError> {
-        let Some(actuator) = self.policies.fleet().cloned() else { return Ok(()) };
+    /// outcome on the decision when it answers. Returns false, recording nothing, when there is
+    /// no actuator or it is still busy with the previous request of the same policy or host.
+    async fn actuate(&self, mut request: FleetRequest) -> Result<bool, StoreError> {
+        let Some(actuator) = self.policies.fleet().cloned() else { return Ok(false) };
         let slot = match (&request.policy, &request.host) {
             (Some(p), _) => p.clone(),
             (None, h) => format!("remove:{}", h.as_deref().unwrap_or_default()),
         };
         if !self.actuating.lock().unwrap_or_else(PoisonError::into_inner).insert(slot.clone()) {
             info!(actuation = %slot, "The fleet actuator is still busy with the previous request; asking again later.");
-            return Ok(());
+            return Ok(false);
         }
         let actuating = self.actuating.clone();
         let release = move || {
@@ -749,7 +755,7 @@ impl Autoscaler {
                 warn!(decision = %request.decision, error = %common::daemon::error_chain(&e), "Recording the fleet actuator's outcome failed.");
             }
         });
-        Ok(())
+        Ok(true)
     }
 
     async fn decide(
@@ -1014,7 +1020,10 @@ fn read_costs(stores: &Stores) -> Result<CostView, StoreError> {
             bytes.hash(&mut h);
             h.finish()
         };
-        view.budgets = serde_json::from_slice(&bytes).unwrap_or_default();
+        view.budgets = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            warn!(error = %e, "report/budgets does not decode; scaling runs without budget caps until the next analytics pass writes it.");
+            Vec::new()
+        });
     }
     if let Some(bytes) = stores.reports.doc("report/costs")?
         && let Ok(report) = serde_json::from_slice::<CostReport>(&bytes)

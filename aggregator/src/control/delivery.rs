@@ -290,23 +290,34 @@ impl Delivery {
         if run_id == 0 {
             return Ok(None);
         }
-        let (before, desired, recent) = self
+        let (before, desired) = self
+            .blocking({
+                let host = host.clone();
+                move |s| Ok((s.agent_run(&host)?, s.desired(&host)?))
+            })
+            .await?;
+        if before == Some(run_id) {
+            return Ok(None);
+        }
+        // The new run id is written only after its resync is recorded: a crash in between
+        // resyncs again at the next Hello, never skips it.
+        let remember = || {
+            let host = host.clone();
+            self.blocking(move |s| s.set_agent_run(&host, run_id))
+        };
+        let (Some(before), Some(desired)) = (before, desired) else {
+            remember().await?;
+            return Ok(None);
+        };
+        let recent = self
             .blocking({
                 let host = host.clone();
                 move |s| {
-                    let filter = DirectiveFilter { host: Some(host.clone()), ..Default::default() };
-                    Ok((
-                        s.swap_agent_run(&host, run_id)?,
-                        s.desired(&host)?,
-                        s.directives(&filter, RESYNC_LOOKBACK)?,
-                    ))
+                    let filter = DirectiveFilter { host: Some(host), ..Default::default() };
+                    s.directives(&filter, RESYNC_LOOKBACK)
                 }
             })
             .await?;
-        let (Some(before), Some(desired)) = (before, desired) else { return Ok(None) };
-        if before == run_id {
-            return Ok(None);
-        }
         // What the agent refused last time (an unknown model, a bad value) is not sent again:
         // the desired state records intents, refused ones included.
         let mut last: HashMap<(&str, Option<&str>), DirectiveState> = HashMap::new();
@@ -322,6 +333,7 @@ impl Delivery {
         let bodies: Vec<DirectiveBody> =
             desired.resync().into_iter().filter(|b| !refused(b)).collect();
         if bodies.is_empty() {
+            remember().await?;
             return Ok(None);
         }
         let summary: Vec<String> = bodies.iter().map(DirectiveBody::summary).collect();
@@ -354,6 +366,7 @@ impl Delivery {
             })
             .collect();
         let (record, _) = self.submit(decision, directives).await?;
+        remember().await?;
         info!(%host, decision = %record.id, "Agent restarted: sending its desired state again.");
         Ok(Some(record))
     }

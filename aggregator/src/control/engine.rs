@@ -11,8 +11,8 @@
 //! 2. Predictive: `max(reactive, ceil(ahead * (1 + buffer) / requests_per_instance))`, so a
 //!    forecast only ever raises (`predictive.ahead`); `ahead` is the forecast at the lead times
 //!    how far measured demand has lately run above or below the forecast (both smoothed over
-//!    [`BIAS_TIME_CONSTANT_MS`]; `correct_bias`, the default), or the forecast itself; a forecast within `tolerance` of the
-//!    current capacity recommends `current`. Forecast-only policies record it in
+//!    [`BIAS_TIME_CONSTANT_MS`]; `correct_bias`, the default), or the forecast itself; a
+//!    forecast within `tolerance` of the current capacity recommends `current`. Forecast-only policies record it in
 //!    `would_have` and go on with the reactive value.
 //! 3. Scale-down is stabilized: never below the highest recommendation of the last
 //!    `stabilization_window_secs` (`stabilization.hold`).

@@ -329,9 +329,11 @@ pub trait ControlStore: Send + Sync + std::fmt::Debug + 'static {
     fn record_outcome(&self, id: &str, outcome: serde_json::Value) -> Result<bool, StoreError>;
     /// A host's desired state.
     fn desired(&self, host: &HostId) -> Result<Option<DesiredState>, StoreError>;
-    /// Records the run id `host`'s agent said Hello with; returns the one recorded before
-    /// (`None` the first time). Not flushed: a lost record only means one resync more or less.
-    fn swap_agent_run(&self, host: &HostId, run_id: u64) -> Result<Option<u64>, StoreError>;
+    /// The run id `host`'s agent last said Hello with (`None` before the first).
+    fn agent_run(&self, host: &HostId) -> Result<Option<u64>, StoreError>;
+    /// Records the run id `host`'s agent said Hello with. Not flushed: a record lost in a crash
+    /// only means one more resync of that agent.
+    fn set_agent_run(&self, host: &HostId, run_id: u64) -> Result<(), StoreError>;
     /// Stores a scaler's own state (opaque JSON) under `key`.
     fn put_scaler_state(&self, key: &str, json: &[u8]) -> Result<(), StoreError>;
     /// A scaler's stored state.
@@ -654,12 +656,16 @@ impl ControlStore for SledControlStore {
         Ok(found)
     }
 
-    fn swap_agent_run(&self, host: &HostId, run_id: u64) -> Result<Option<u64>, StoreError> {
-        let before = self
-            .agent_runs
+    fn agent_run(&self, host: &HostId) -> Result<Option<u64>, StoreError> {
+        let v = self.agent_runs.get(host.as_str().as_bytes()).map_err(io("read agent run"))?;
+        Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(u64::from_be_bytes))
+    }
+
+    fn set_agent_run(&self, host: &HostId, run_id: u64) -> Result<(), StoreError> {
+        self.agent_runs
             .insert(host.as_str().as_bytes(), &run_id.to_be_bytes())
             .map_err(io("write agent run"))?;
-        Ok(before.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(u64::from_be_bytes))
+        Ok(())
     }
 
     fn desired(&self, host: &HostId) -> Result<Option<DesiredState>, StoreError> {
@@ -820,10 +826,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
         let store = SledControlStore::open(&db).unwrap();
-        assert_eq!(store.swap_agent_run(&host("a"), 7).unwrap(), None);
-        assert_eq!(store.swap_agent_run(&host("a"), 7).unwrap(), Some(7));
-        assert_eq!(store.swap_agent_run(&host("a"), 9).unwrap(), Some(7));
-        assert_eq!(store.swap_agent_run(&host("b"), 1).unwrap(), None);
+        assert_eq!(store.agent_run(&host("a")).unwrap(), None);
+        store.set_agent_run(&host("a"), 7).unwrap();
+        assert_eq!(store.agent_run(&host("a")).unwrap(), Some(7));
+        store.set_agent_run(&host("a"), 9).unwrap();
+        assert_eq!(store.agent_run(&host("a")).unwrap(), Some(9));
+        assert_eq!(store.agent_run(&host("b")).unwrap(), None);
     }
 
     #[test]
