@@ -10,12 +10,12 @@
 //!   (for k >= m, the one repeated from the last cycle); a missing value is taken from one more
 //!   cycle back, and so on;
 //! - interval coverage: the share of horizon hours with an actual whose actual lies within the
-//!   forecaster's 80 % (and 95 %) interval, each level from a fit of its own; a calibrated
+//!   forecaster's 80 % (and 95 %) interval, both from the same fit; a calibrated
 //!   forecaster covers about 80 % (95 %) of them.
 
 use serde::{Deserialize, Serialize};
 
-use super::forecast::{ForecastSettings, forecast};
+use super::forecast::{ForecastSettings, fit};
 use super::series::{DAY_MS, HOUR_MS, HourlySeries, day_start};
 
 /// Scores at one origin (`None`: could not be scored or the method failed).
@@ -39,6 +39,9 @@ pub struct OriginScore {
     /// Share of the horizon's actuals inside the 95 % interval.
     #[serde(default)]
     pub coverage_95: Option<f64>,
+    /// The method the forecaster chose at this origin.
+    #[serde(default)]
+    pub method: Option<String>,
 }
 
 /// A whole backtest.
@@ -154,17 +157,17 @@ pub fn backtest(
         let scale = mase_scale(train, lag);
         let score = |pred: &[Option<f64>]| scale.and_then(|s| mase(pred, &actual, s));
         let history = series.before(origin);
-        let (model, error, main) = match forecast(&history, settings) {
-            Ok(f) => (score(&f.point.iter().map(|v| Some(*v)).collect::<Vec<_>>()), None, Some(f)),
-            Err(e) => (None, Some(e.to_string()), None),
-        };
-        // Each level's interval from its own fit (the main one when its level matches).
-        let covered = |level: f64| {
-            let main = main.as_ref()?;
-            if (main.level - level).abs() < 1e-9 {
-                return coverage(&main.lower, &main.upper, &actual);
+        let (model, error, fitted, method) = match fit(&history, settings) {
+            Ok(f) => {
+                let main = f.forecast_at(settings.level);
+                let point: Vec<Option<f64>> = main.point.into_iter().map(Some).collect();
+                (score(&point), None, Some(f), Some(main.method))
             }
-            let f = forecast(&history, &ForecastSettings { level, ..settings.clone() }).ok()?;
+            Err(e) => (None, Some(e.to_string()), None, None),
+        };
+        // Both levels' intervals from the one fit.
+        let covered = |level: f64| {
+            let f = fitted.as_ref()?.forecast_at(level);
             coverage(&f.lower, &f.upper, &actual)
         };
         rows.push(OriginScore {
@@ -176,6 +179,7 @@ pub fn backtest(
             error,
             coverage_80: covered(0.80),
             coverage_95: covered(0.95),
+            method,
         });
     }
     let mean = |f: fn(&OriginScore) -> Option<f64>| {

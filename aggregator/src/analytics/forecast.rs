@@ -1,33 +1,33 @@
-//! The demand forecaster: MSTL decomposition with an AutoETS trend (the `augurs` crates),
-//! combined with a seasonal-naive forecast, with prediction intervals and in-sample residuals.
+//! The demand forecaster: for each series, the method that forecast its own recent past best.
 //!
 //! Steps, all pure (no clock, no I/O):
-//! 1. Take the last `train_weeks` weeks of the hourly series, drop leading/trailing gaps and
-//!    fill inner gaps by linear interpolation (MSTL needs a gap-free series).
-//! 2. Detect daily and weekly cycles ([`super::seasonality`]); a period is used only with at
-//!    least two full cycles of data.
-//! 3. With cycles: robust MSTL on those periods (STL with robustness weights, and values whose
-//!    remainder in a first decomposition has robust |z| > [`OUTLIER_Z`] replaced by that
-//!    decomposition's fit, so holidays, outages and spikes bend neither the seasonal shape nor
-//!    the trend), trend forecast by AutoETS (`ZZN`: error, trend and damping chosen by AICc, no
-//!    seasonality). Without cycles: AutoETS alone.
-//! 4. The point forecast is `(1 - w) * mstl + w * seasonal_naive(longest period)`, with
-//!    `w = naive_weight`; the interval is the model's, shifted by the same amount.
-//! 5. Series that never go negative (rates, utilization) get forecasts clamped at 0.
+//! 1. Take the last `train_weeks + validation_weeks` weeks of the hourly series (at least
+//!    five weeks plus validation, what the longest candidate profile reads), drop leading gaps.
+//! 2. Score every candidate of [`super::candidates`] (seasonal naive daily and weekly,
+//!    seasonal mean, median and trimmed mean of the last k weeks, the same rescaled to the last
+//!    week's level, robust MSTL) and the means of the best two and three, on weekly origins
+//!    inside that window ([`super::selection`]); forecast with the winner.
+//! 3. The interval is the winner's empirical error quantiles on those validation weeks; with
+//!    too little history for a validation week, weekly (or daily) seasonal naive with its
+//!    in-sample errors widened.
+//! 4. Series that never go negative (rates, utilization) get forecasts clamped at 0.
 //!
-//! The defaults (4 weeks, robust, w = 0.5) were chosen on the three weeks *before* the
-//! benchmark's test origins; see `benches/src/forecast.rs` and `docs/analytics.md`.
+//! Cycles found in the window ([`super::seasonality`]) are reported beside the forecast.
+//! The candidate set was chosen on the series of `benches/data/series` and the traffic series
+//! of `shared/data`; `bench-forecast` scores it on each (see `docs/analytics.md`).
 
-use augurs_core::{Fit, Predict};
-use augurs_ets::AutoETS;
-use augurs_mstl::MSTLModel;
 use serde::{Deserialize, Serialize};
 
+use super::candidates;
 use super::seasonality::{self, Seasonality};
-use super::series::HourlySeries;
+use super::selection::{self, Chosen, Selection};
+use super::series::{HOUR_MS, HourlySeries};
 
 /// Fewest present values a forecast is attempted with.
 pub const MIN_POINTS: usize = 48;
+
+/// Weeks the longest candidate profile reads before an origin.
+const LONGEST_PROFILE_WEEKS: usize = 5;
 
 /// Why no forecast could be made.
 #[derive(Debug, thiserror::Error)]
@@ -38,13 +38,11 @@ pub enum ForecastError {
         /// Values present.
         have: usize,
     },
-    /// The model failed to fit or predict.
-    #[error("{method} failed: {reason}")]
-    Model {
-        /// Which model.
-        method: &'static str,
-        /// Its message.
-        reason: String,
+    /// No candidate could forecast.
+    #[error("no method could forecast from the training window ({have} values)")]
+    NoMethod {
+        /// Values present.
+        have: usize,
     },
 }
 
@@ -55,17 +53,26 @@ pub struct ForecastSettings {
     pub horizon_hours: usize,
     /// Prediction interval level, e.g. 0.95.
     pub level: f64,
-    /// Training window, weeks back from the end of the series.
+    /// Weeks a model candidate (MSTL) is fitted on.
     pub train_weeks: usize,
-    /// Weight of the seasonal-naive forecast in the combination, 0..=1.
-    pub naive_weight: f64,
-    /// Robust STL fitting.
-    pub robust: bool,
+    /// Weekly validation origins the candidates are scored on (0: no selection, the
+    /// short-history fallback).
+    #[serde(default = "default_validation_weeks")]
+    pub validation_weeks: usize,
+}
+
+fn default_validation_weeks() -> usize {
+    3
 }
 
 impl Default for ForecastSettings {
     fn default() -> Self {
-        Self { horizon_hours: 168, level: 0.95, train_weeks: 4, naive_weight: 0.5, robust: true }
+        Self {
+            horizon_hours: 168,
+            level: 0.95,
+            train_weeks: 4,
+            validation_weeks: default_validation_weeks(),
+        }
     }
 }
 
@@ -84,12 +91,55 @@ pub struct Forecast {
     pub level: f64,
     /// Cycles found in the training window.
     pub seasonality: Seasonality,
-    /// What produced it, e.g. `mstl[24,168]+ets, 0.5 seasonal-naive`.
+    /// The method chosen, e.g. `median[168x5]` or `mean of naive[168], mstl4w+level`.
     pub method: String,
-    /// Start of the training window, Unix ms.
+    /// Start of the hours `fitted` covers, Unix ms.
     pub train_start_ms: i64,
-    /// In-sample fit per training hour (trend + seasonal), same grid as the window.
+    /// The chosen method's out-of-sample forecast of each validation hour, from
+    /// `train_start_ms` on (without validation, the value a cycle before each hour).
     pub fitted: Vec<f64>,
+    /// Which method was chosen, its validation score and every candidate's.
+    #[serde(default)]
+    pub selection: Option<Selection>,
+}
+
+/// A selection and its points before any interval is drawn: the same fit gives an interval
+/// at any level ([`Fitted::forecast_at`]).
+#[derive(Debug, Clone)]
+pub struct Fitted {
+    chosen: Chosen,
+    start_ms: i64,
+    train_start_ms: i64,
+    seasonality: Seasonality,
+    non_negative: bool,
+}
+
+// === impl Fitted ===
+
+impl Fitted {
+    /// The forecast with its interval at `level`.
+    pub fn forecast_at(&self, level: f64) -> Forecast {
+        let level = level.clamp(0.5, 0.999);
+        let (mut lower, mut upper) = self.chosen.interval(level);
+        let mut point = self.chosen.point.clone();
+        if self.non_negative {
+            for v in point.iter_mut().chain(lower.iter_mut()).chain(upper.iter_mut()) {
+                *v = v.max(0.0);
+            }
+        }
+        Forecast {
+            start_ms: self.start_ms,
+            point,
+            lower,
+            upper,
+            level,
+            seasonality: self.seasonality,
+            method: self.chosen.selection.chosen.clone(),
+            train_start_ms: self.train_start_ms,
+            fitted: self.chosen.fitted.clone(),
+            selection: Some(self.chosen.selection.clone()),
+        }
+    }
 }
 
 /// Forecasts `settings.horizon_hours` hours past the end of `series`.
@@ -97,123 +147,38 @@ pub fn forecast(
     series: &HourlySeries,
     settings: &ForecastSettings,
 ) -> Result<Forecast, ForecastError> {
-    let window = series.last(settings.train_weeks.max(1) * 168).trimmed();
-    let have = window.present();
+    Ok(fit(series, settings)?.forecast_at(settings.level))
+}
+
+/// Selects and fits the method for `series` (see the module doc).
+pub fn fit(series: &HourlySeries, settings: &ForecastSettings) -> Result<Fitted, ForecastError> {
+    let weeks = settings.train_weeks.max(LONGEST_PROFILE_WEEKS) + settings.validation_weeks;
+    let window = series.last(weeks * 168);
+    let first = window.values.iter().position(Option::is_some).unwrap_or(window.len());
+    let values = &window.values[first..];
+    let have = values.iter().flatten().count();
     if have < MIN_POINTS {
         return Err(ForecastError::NotEnoughData { have });
     }
-    let y = window.filled();
-    let h = settings.horizon_hours;
-    let level = settings.level.clamp(0.5, 0.999);
-    let season = seasonality::detect(&y);
-    let periods: Vec<usize> = season.periods().into_iter().filter(|p| y.len() >= 2 * p).collect();
-    let model_err = |method: &'static str| {
-        move |e: &dyn std::fmt::Display| ForecastError::Model { method, reason: e.to_string() }
-    };
-    let (mut fc, fitted, mut method) = if periods.is_empty() {
-        let fit = AutoETS::non_seasonal().fit(&y).map_err(|e| model_err("ets")(&e))?;
-        let fc = fit.predict(h, level).map_err(|e| model_err("ets")(&e))?;
-        let fitted = fit.predict_in_sample(None).map(|f| f.point).unwrap_or_else(|_| y.clone());
-        (fc, fitted, "ets".to_owned())
-    } else {
-        let mut params = stlrs::MstlParams::new();
-        let mut stl = stlrs::StlParams::new();
-        stl.robust(settings.robust);
-        params.stl_params(stl);
-        let trend = AutoETS::new(1, "ZZN").map_err(|e| model_err("ets")(&e))?.into_trend_model();
-        // Robust: outliers (|z| > OUTLIER_Z in a first decomposition's remainder) are replaced
-        // by that decomposition's fit before the model is fitted, so a spike bends neither the
-        // seasonal shape nor the trend model.
-        let cleaned =
-            if settings.robust { replace_outliers(&y, &periods, &params) } else { y.clone() };
-        let fit = MSTLModel::new(periods.clone(), trend)
-            .mstl_params(params)
-            .fit(&cleaned)
-            .map_err(|e| model_err("mstl")(&e))?;
-        let fc = fit.predict(h, level).map_err(|e| model_err("mstl")(&e))?;
-        let remainder = fit.fit().remainder();
-        let fitted: Vec<f64> =
-            cleaned.iter().zip(remainder).map(|(v, r)| v - f64::from(*r)).collect();
-        (fc, fitted, format!("mstl{periods:?}+ets"))
-    };
-    let point = std::mem::take(&mut fc.point);
-    let (mut lower, mut upper) = match fc.intervals.take() {
-        Some(i) if i.lower.len() == h && i.upper.len() == h => (i.lower, i.upper),
-        _ => residual_interval(&y, &fitted, &point, level),
-    };
-    let mut point = point;
-    if let (Some(&m), true) = (periods.last(), settings.naive_weight > 0.0) {
-        let w = settings.naive_weight.clamp(0.0, 1.0);
-        let naive = seasonal_naive(&y, m, h);
-        for k in 0..h {
-            let combined = (1.0 - w) * point[k] + w * naive[k];
-            let shift = combined - point[k];
-            point[k] = combined;
-            lower[k] += shift;
-            upper[k] += shift;
-        }
-        method = format!("{method}, {w} seasonal-naive[{m}]");
-    }
-    if y.iter().all(|v| *v >= 0.0) {
-        for v in point.iter_mut().chain(lower.iter_mut()).chain(upper.iter_mut()) {
-            *v = v.max(0.0);
-        }
-    }
-    Ok(Forecast {
-        start_ms: window.end_ms().max(series.end_ms()),
-        point,
-        lower,
-        upper,
-        level,
-        seasonality: season,
-        method,
-        train_start_ms: window.start_ms,
-        fitted,
-    })
-}
-
-/// Robust |z| of a remainder above which a training value is replaced before fitting.
-pub const OUTLIER_Z: f64 = 4.0;
-
-/// `y` with the values whose MSTL remainder is an outlier replaced by the decomposition's fit
-/// (`y` unchanged if the decomposition fails).
-fn replace_outliers(y: &[f64], periods: &[usize], params: &stlrs::MstlParams) -> Vec<f64> {
-    #[allow(clippy::cast_possible_truncation)] // f32 is what stlrs decomposes; values are rates
-    let y32: Vec<f32> = y.iter().map(|v| *v as f32).collect();
-    let Ok(fit) = params.fit(&y32, periods) else { return y.to_vec() };
-    let r: Vec<f64> = fit.remainder().iter().map(|v| f64::from(*v)).collect();
-    let Some((med, sigma)) = super::anomaly::robust_sigma(&r) else { return y.to_vec() };
-    if sigma <= 0.0 {
-        return y.to_vec();
-    }
-    y.iter()
-        .zip(&r)
-        .map(|(v, rv)| if ((rv - med) / sigma).abs() > OUTLIER_Z { v - rv + med } else { *v })
-        .collect()
-}
-
-/// The last cycle of `y` (period `m`) repeated over `horizon` hours.
-pub fn seasonal_naive(y: &[f64], m: usize, horizon: usize) -> Vec<f64> {
-    let n = y.len();
-    if n == 0 || m == 0 {
-        return vec![0.0; horizon];
-    }
-    let m = m.min(n);
-    (0..horizon).map(|k| y[n - m + k % m]).collect()
-}
-
-/// A normal interval from the in-sample residuals' standard deviation.
-fn residual_interval(y: &[f64], fitted: &[f64], point: &[f64], level: f64) -> (Vec<f64>, Vec<f64>) {
-    let r: Vec<f64> = y.iter().zip(fitted).map(|(a, b)| a - b).collect();
-    let sd = (r.iter().map(|v| v * v).sum::<f64>() / r.len().max(1) as f64).sqrt();
-    let z = if level >= 0.99 {
-        2.576
-    } else if level >= 0.95 {
-        1.96
-    } else {
-        1.645
-    };
-    (point.iter().map(|p| p - z * sd).collect(), point.iter().map(|p| p + z * sd).collect())
+    let methods: Vec<candidates::Method> = candidates::defaults()
+        .into_iter()
+        .map(|m| match m {
+            candidates::Method::Decomposition { .. } => {
+                candidates::Method::Decomposition { weeks: settings.train_weeks.max(1) }
+            }
+            other => other,
+        })
+        .collect();
+    let chosen =
+        selection::select(values, settings.horizon_hours, &methods, settings.validation_weeks)
+            .ok_or(ForecastError::NoMethod { have })?;
+    let start_ms = series.end_ms();
+    let train_start_ms =
+        window.time_of(first) + i64::try_from(chosen.fitted_from).unwrap_or(0) * HOUR_MS;
+    let seasonality =
+        seasonality::detect(&HourlySeries { start_ms: 0, values: values.to_vec() }.filled());
+    let non_negative = values.iter().flatten().all(|v| *v >= 0.0);
+    Ok(Fitted { chosen, start_ms, train_start_ms, seasonality, non_negative })
 }
 
 #[cfg(test)]
@@ -261,7 +226,37 @@ mod tests {
     }
 
     #[test]
-    fn seasonal_naive_repeats_the_last_cycle() {
-        assert_eq!(seasonal_naive(&[1.0, 2.0, 3.0, 4.0], 2, 5), vec![3.0, 4.0, 3.0, 4.0, 3.0]);
+    fn nothing_after_the_origin_changes_the_forecast() {
+        // No peeking: the same history followed by two different futures gives the same
+        // choice and the same points at the origin.
+        let n = 168 * 7;
+        let origin = 168 * 6;
+        let mut a = HourlySeries { start_ms: 0, values: (0..n).map(|t| Some(load(t))).collect() };
+        let mut b = a.clone();
+        b.values[origin..].iter_mut().for_each(|v| *v = v.map(|x| x * 3.0 + 100.0));
+        let (fa, fb) = (
+            forecast(&a.before(origin as i64 * HOUR_MS), &ForecastSettings::default()).unwrap(),
+            forecast(&b.before(origin as i64 * HOUR_MS), &ForecastSettings::default()).unwrap(),
+        );
+        assert_eq!(fa, fb);
+        // Whereas a change before the origin does reach it.
+        a.values[origin - 1] = Some(1e6);
+        let fc =
+            forecast(&a.before(origin as i64 * HOUR_MS), &ForecastSettings::default()).unwrap();
+        assert_ne!(fa.selection, fc.selection);
+    }
+
+    #[test]
+    fn the_choice_and_its_scores_are_reported() {
+        let n = 168 * 8;
+        let series = HourlySeries { start_ms: 0, values: (0..n).map(|t| Some(load(t))).collect() };
+        let f = forecast(&series, &ForecastSettings::default()).unwrap();
+        let s = f.selection.as_ref().unwrap();
+        assert_eq!(s.chosen, f.method);
+        assert_eq!(s.validation_weeks, 3);
+        assert!(s.candidates.len() >= candidates::defaults().len(), "{s:?}");
+        assert!(s.reason.contains("3 weeks"), "{}", s.reason);
+        // The fit covers the validation weeks and ends at the origin.
+        assert_eq!(f.train_start_ms + f.fitted.len() as i64 * HOUR_MS, f.start_ms);
     }
 }

@@ -24,11 +24,13 @@ pub mod alerts;
 pub mod anomaly;
 pub mod backtest;
 pub mod budgets;
+pub mod candidates;
 pub mod cost;
 pub mod forecast;
 pub mod models;
 pub mod plans;
 pub mod seasonality;
+pub mod selection;
 pub mod series;
 pub mod settings;
 

@@ -529,6 +529,7 @@ mod tests {
                 method: "t".into(),
                 train_start_ms: 0,
                 fitted: vec![],
+                selection: None,
             }),
             error: None,
             anomalies: vec![],

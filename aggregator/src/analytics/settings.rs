@@ -85,8 +85,7 @@ struct RawForecast {
     horizon_hours: Option<usize>,
     level: Option<f64>,
     train_weeks: Option<usize>,
-    naive_weight: Option<f64>,
-    robust: Option<bool>,
+    validation_weeks: Option<usize>,
     anomaly_z: Option<f64>,
     history_hours: Option<usize>,
 }
@@ -148,8 +147,12 @@ impl Settings {
             ),
             level: range("forecast.level", f.level.unwrap_or(0.95), 0.5, 0.999),
             train_weeks: range_u("forecast.train_weeks", f.train_weeks.unwrap_or(4), 1, 52),
-            naive_weight: range("forecast.naive_weight", f.naive_weight.unwrap_or(0.5), 0.0, 1.0),
-            robust: f.robust.unwrap_or(true),
+            validation_weeks: range_u(
+                "forecast.validation_weeks",
+                f.validation_weeks.unwrap_or(3),
+                0,
+                12,
+            ),
         };
         let forecast = ForecastPolicy {
             model,

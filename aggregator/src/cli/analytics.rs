@@ -17,6 +17,7 @@ use crate::analytics::cost::CostReport;
 use crate::analytics::forecast::ForecastSettings;
 use crate::analytics::models::ModelView;
 use crate::analytics::plans::Plan;
+use crate::analytics::selection::Selection;
 use crate::analytics::series::{self, HOUR_MS, HourlySeries};
 use crate::api::AlertsView;
 use crate::scheduler::RunSummary;
@@ -271,6 +272,9 @@ pub fn forecast_text(view: &ForecastView, hours: usize) -> String {
         s.acf_168,
         f.level * 100.0
     ));
+    if let Some(sel) = &f.selection {
+        out.push_str(&selection_text(sel));
+    }
     let mut t = Table::new(["HOUR (UTC)", "FORECAST", "LOWER", "UPPER"]).right_align(&[1, 2, 3]);
     for k in 0..hours.min(f.point.len()) {
         let at = f.start_ms + i64::try_from(k).unwrap_or(0) * HOUR_MS;
@@ -343,6 +347,44 @@ pub fn backtest(client: &Client, args: &BacktestArgs, as_json: bool) -> anyhow::
     Ok(backtest_text(&name, &report))
 }
 
+/// Why the forecast's method was chosen: the reason, and the best candidates' validation
+/// scores.
+pub fn selection_text(sel: &Selection) -> String {
+    let mut out = format!(
+        "Chosen: {}{}: {}.\n",
+        sel.chosen,
+        sel.validation_mase.map(|m| format!(" (validation MASE {m:.3})")).unwrap_or_default(),
+        sel.reason
+    );
+    let shown: Vec<String> = sel
+        .candidates
+        .iter()
+        .take(SHOWN_CANDIDATES)
+        .map(|c| {
+            format!(
+                "{} {}",
+                c.method,
+                c.mase.map_or_else(|| ABSENT.to_owned(), |m| format!("{m:.3}"))
+            )
+        })
+        .collect();
+    if sel.candidates.len() > 1 {
+        out.push_str(&format!(
+            "Candidates (validation MASE, best first): {}{}\n",
+            shown.join("; "),
+            if sel.candidates.len() > SHOWN_CANDIDATES {
+                format!("; ... {} more (--json)", sel.candidates.len() - SHOWN_CANDIDATES)
+            } else {
+                String::new()
+            }
+        ));
+    }
+    out
+}
+
+/// Candidates listed under a forecast.
+const SHOWN_CANDIDATES: usize = 5;
+
 /// The backtest table.
 pub fn backtest_text(name: &str, r: &BacktestReport) -> String {
     let mut t = Table::new([
@@ -352,7 +394,7 @@ pub fn backtest_text(name: &str, r: &BacktestReport) -> String {
         "NAIVE M=24",
         "COVER 80%",
         "COVER 95%",
-        "NOTE",
+        "METHOD",
     ])
     .right_align(&[1, 2, 3, 4, 5]);
     let f = |v: Option<f64>| v.map_or_else(|| ABSENT.to_owned(), |v| format!("{v:.3}"));
@@ -366,7 +408,7 @@ pub fn backtest_text(name: &str, r: &BacktestReport) -> String {
             f(o.naive_daily),
             pct(o.coverage_80),
             pct(o.coverage_95),
-            o.error.clone().unwrap_or_default(),
+            o.error.clone().or_else(|| o.method.clone()).unwrap_or_default(),
         ]);
     }
     t.push_row(vec![
