@@ -399,6 +399,9 @@ fn health_metrics(
 
 // === analytics routes ===
 
+/// The longest window `/api/v1/models` answers for.
+const MAX_MODELS_WINDOW_SECS: u64 = 366 * 86_400;
+
 /// Query of `/api/v1/models`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -412,24 +415,30 @@ async fn models(
     query: Result<Query<ModelsQuery>, QueryRejection>,
 ) -> Result<Json<Vec<crate::analytics::models::ModelView>>, Failure> {
     let Query(q) = query.map_err(|e| {
-        failure(StatusCode::BAD_REQUEST, format!("{e}; use since_secs=N (seconds, 1..=86400)"))
+        failure(
+            StatusCode::BAD_REQUEST,
+            format!("{e}; use since_secs=N (seconds, 1..={MAX_MODELS_WINDOW_SECS})"),
+        )
     })?;
     let since_secs = q.since_secs.unwrap_or(300);
-    if !(1..=86_400).contains(&since_secs) {
+    if !(1..=MAX_MODELS_WINDOW_SECS).contains(&since_secs) {
         return Err(failure(
             StatusCode::BAD_REQUEST,
             format!(
-                "since_secs must be 1..=86400 (raw samples are kept for hours), got {since_secs}"
+                "since_secs must be 1..={MAX_MODELS_WINDOW_SECS} (a year; data older than the \
+                 store's hour retention is gone), got {since_secs}"
             ),
         ));
     }
     let now = now_ms();
     let from = now - i64::try_from(since_secs).unwrap_or(300) * 1000;
     let store = state.stores.telemetry.clone();
+    // Per host, whole hours and minutes come from model rollups (histograms merged), only the
+    // edges from raw samples: exact percentiles over any window the data is kept for.
     let per_host = blocking(move || {
         let mut out = Vec::new();
         for (host, _) in store.hosts()? {
-            out.push((host.to_string(), store.samples(&host, from, now + 1)?));
+            out.push((host.to_string(), store.model_totals(&host, from, now + 1)?));
         }
         Ok(out)
     })

@@ -21,6 +21,7 @@
 //! | [`up`] | `flotilla up`: a one-host fleet on this machine |
 //! | [`analytics`] | pure analytics: forecasts, costs, plans, budgets, alerts |
 //! | [`scheduler`] | runs analytics on a schedule, stores results, delivers alerts |
+//! | [`hour_cache`] | decoded hour rollups kept between analytics passes |
 //! | [`webhook`] | alert webhook delivery with retries |
 #![forbid(unsafe_code)]
 
@@ -30,6 +31,7 @@ pub mod cli;
 pub mod commit;
 pub mod connections;
 pub mod control;
+pub mod hour_cache;
 pub mod ingest;
 pub mod limits;
 pub mod scheduler;

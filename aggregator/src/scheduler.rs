@@ -34,9 +34,9 @@ use crate::analytics::budgets::Budget;
 use crate::analytics::cost::PricingCatalog;
 use crate::analytics::series::{DAY_MS, HOUR_MS};
 use crate::analytics::settings::Settings;
-use crate::analytics::{self, Analysis, HostSnapshot, HourStats, RecentWindow, Snapshot};
+use crate::analytics::{self, Analysis, HostSnapshot, RecentWindow, Snapshot};
+use crate::hour_cache::HourCache;
 use crate::store::{ReportStore, StoreError, Stores, TelemetryStore};
-use crate::views::Resolution;
 
 /// Why a pass failed.
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +154,17 @@ pub struct Analytics {
     delivery: Option<(Arc<crate::control::delivery::Delivery>, Duration)>,
     /// The autoscaler's `budget_cap` alerts, added to each pass's observations.
     scaling_alerts: Option<Arc<crate::control::budget_cap::ScalingAlerts>>,
+    /// Decoded hours and fitted forecasts kept between passes (used under the pass lock).
+    memory: Arc<std::sync::Mutex<PassMemory>>,
+}
+
+/// What a pass keeps for the next one, so it reads and fits only what changed.
+#[derive(Debug, Default)]
+pub struct PassMemory {
+    /// Decoded hour rollups per host.
+    pub hours: HourCache,
+    /// Forecasts by target, with their inputs' fingerprints.
+    pub forecasts: analytics::ForecastMemo,
 }
 
 /// Loads the policy and pricing files the config names (the built-in catalog and an empty
@@ -243,6 +254,7 @@ impl Analytics {
             retry_backoff: FIRST_RETRY_BACKOFF,
             delivery: None,
             scaling_alerts: None,
+            memory: Arc::default(),
         }
     }
 
@@ -353,12 +365,16 @@ impl Analytics {
         let acts = self.delivery.is_some();
         let scaling_alerts =
             self.scaling_alerts.as_ref().map(|a| a.observations()).unwrap_or_default();
+        let memory = self.memory.clone();
         let (analysis, hosts, transitions, active, actions) =
             tokio::task::spawn_blocking(move || {
                 store.roll_up(now_ms)?;
                 settings.budgets.extend(api_budgets(reports.as_ref())?);
-                let snapshot = snapshot(store.as_ref(), &settings, now_ms)?;
-                let mut analysis = analytics::analyze(&snapshot, &settings, &catalog);
+                let mut memory = memory.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let memory = &mut *memory;
+                let snapshot = snapshot(store.as_ref(), &settings, now_ms, &mut memory.hours)?;
+                let mut analysis =
+                    analytics::analyze_with(&snapshot, &settings, &catalog, &mut memory.forecasts);
                 analysis.observations.extend(scaling_alerts);
                 let (transitions, active) = persist(reports.as_ref(), &analysis)?;
                 let mut actions = Vec::new();
@@ -542,6 +558,7 @@ pub fn snapshot(
     store: &dyn TelemetryStore,
     settings: &Settings,
     now_ms: i64,
+    cache: &mut HourCache,
 ) -> Result<Snapshot, StoreError> {
     let weeks = i64::try_from(settings.forecast.model.train_weeks).unwrap_or(6);
     let lookback_ms = (weeks * 7 * DAY_MS)
@@ -549,21 +566,20 @@ pub fn snapshot(
         .max(i64::try_from(settings.plans.lookback_hours).unwrap_or(0) * HOUR_MS)
         .max(i64::try_from(settings.forecast.history_hours).unwrap_or(0) * HOUR_MS);
     let window_ms = i64::try_from(settings.alert_window_secs).unwrap_or(300) * 1000;
+    let ids: Vec<HostId> = store.hosts()?.into_iter().map(|(id, _)| id).collect();
+    // Hour starts in the lookback, the same buckets a whole read would take.
+    let from_ms = now_ms - lookback_ms;
+    cache.refresh(store, &ids, from_ms, now_ms)?;
     let mut hosts = Vec::new();
-    for (id, _) in store.hosts()? {
+    for id in ids {
         let inventory = store.inventory(&id)?.unwrap_or_default();
-        let hours: BTreeMap<i64, HourStats> = store
-            .rollups(&id, now_ms - lookback_ms, now_ms, Resolution::Hour)?
-            .iter()
-            .map(|(t, r)| (*t, HourStats::from_rollup(r)))
-            .collect();
         hosts.push(HostSnapshot {
             host: id.to_string(),
             labels: inventory.labels.into_iter().collect(),
             gpus: u32::try_from(inventory.gpus.len()).unwrap_or(u32::MAX),
             cpu_cores: inventory.cpu_cores,
             memory_bytes: inventory.memory_total_bytes,
-            hours,
+            hours: cache.hours(id.as_str()),
             recent: recent(store, &id, now_ms - window_ms, now_ms, settings.alert_window_secs)?,
         });
     }
@@ -585,10 +601,11 @@ fn recent(
             gpu_sum += utils.iter().sum::<f64>() / utils.len() as f64;
             gpu_n += 1;
         }
-        for m in &s.models {
-            // A malformed model sample is skipped whole (ModelTotals refuses it).
-            let _ = w.models.entry(m.model.clone()).or_default().add(m);
-        }
+    }
+    // Models from the store's model totals: rollups for whole minutes, raw samples for the
+    // rest, so an alert window longer than raw retention is still exact.
+    for (model, m) in store.model_totals(host, from, to)? {
+        w.models.insert(model, m.totals);
     }
     w.gpu_util_pct = (gpu_n > 0).then(|| gpu_sum / f64::from(gpu_n));
     Ok(w)

@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tracing::warn;
 
 use common::ids::HostId;
+use common::model_stats::ModelTotals;
 use common::proto::{Hello, Inventory, Sample, TelemetryBatch};
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -218,6 +219,77 @@ impl Stats {
 /// One bucket's aggregates for every series of a host.
 pub type Rollup = BTreeMap<String, Stats>;
 
+/// One model's requests in a bucket or window, merged with their histograms, and the samples
+/// skipped because their histograms were malformed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelWindow {
+    /// Everything the model did, merged.
+    pub totals: ModelTotals,
+    /// Samples skipped as malformed.
+    pub malformed: u64,
+}
+
+/// Per model, its totals: what a model rollup holds and what [`TelemetryStore::model_totals`]
+/// answers.
+pub type ModelRollup = BTreeMap<String, ModelWindow>;
+
+/// Adds a sample's model samples to `into` (a malformed one is counted, not added).
+pub fn add_models(into: &mut ModelRollup, sample: &Sample) {
+    for m in &sample.models {
+        let w = into.entry(m.model.clone()).or_default();
+        if w.totals.add(m).is_err() {
+            w.malformed += 1;
+        }
+    }
+}
+
+/// Merges `from` into `into`.
+pub fn merge_models(into: &mut ModelRollup, from: &ModelRollup) {
+    for (model, w) in from {
+        let e = into.entry(model.clone()).or_default();
+        e.totals.merge(&w.totals);
+        e.malformed += w.malformed;
+    }
+}
+
+/// A stored model rollup: per model, its totals as a protobuf `ModelSample` (read back through
+/// the same validation as the wire) and its malformed count.
+#[derive(Serialize, Deserialize)]
+struct StoredModel {
+    sample: Vec<u8>,
+    malformed: u64,
+}
+
+fn encode_models(rollup: &ModelRollup) -> Result<Vec<u8>, postcard::Error> {
+    let stored: BTreeMap<&str, StoredModel> = rollup
+        .iter()
+        .map(|(m, w)| {
+            (
+                m.as_str(),
+                StoredModel {
+                    sample: w.totals.to_sample(m).encode_to_vec(),
+                    malformed: w.malformed,
+                },
+            )
+        })
+        .collect();
+    postcard::to_allocvec(&stored)
+}
+
+fn decode_models(bytes: &[u8]) -> Result<ModelRollup, String> {
+    let stored: BTreeMap<String, StoredModel> =
+        postcard::from_bytes(bytes).map_err(|e| e.to_string())?;
+    let mut out = ModelRollup::new();
+    for (model, s) in stored {
+        let sample =
+            common::proto::ModelSample::decode(s.sample.as_slice()).map_err(|e| e.to_string())?;
+        let mut w = ModelWindow { malformed: s.malformed, ..ModelWindow::default() };
+        w.totals.add(&sample).map_err(|e| e.to_string())?;
+        out.insert(model, w);
+    }
+    Ok(out)
+}
+
 /// What one rollup pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RollupReport {
@@ -226,6 +298,31 @@ pub struct RollupReport {
     /// Hour buckets recomputed.
     pub hours: u64,
 }
+
+/// Where a reader of hour rollups stands: which store process wrote them, and how many hour
+/// rollups it had written when the reader last asked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RollupCursor {
+    /// The store instance (a fresh number each time a store is opened).
+    pub instance: u64,
+    /// Hour rollups written by that instance so far.
+    pub writes: u64,
+}
+
+/// Hour rollups written since a cursor ([`TelemetryStore::hour_changes`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HourChanges {
+    /// The cursor to ask from next time.
+    pub cursor: RollupCursor,
+    /// `(host, hour start)` of each hour rollup written since the cursor asked from, oldest
+    /// first (repeats possible); `None` when the store cannot tell (a cursor of another
+    /// instance, or older than the writes it remembers): read every hour again.
+    pub changed: Option<Vec<(String, i64)>>,
+}
+
+/// Hour rollup writes a [`SledStore`] remembers for [`TelemetryStore::hour_changes`]: far
+/// more than one rollup pass writes for a large fleet (1,000 hosts, an hour each).
+pub const HOUR_LOG_CAPACITY: usize = 1 << 20;
 
 /// How long each kind of data is kept.
 #[derive(Debug, Clone, Copy)]
@@ -279,6 +376,13 @@ pub trait TelemetryStore: Send + Sync + std::fmt::Debug + 'static {
     /// Recomputes dirty rollups of buckets that closed at least [`ROLLUP_GRACE_MS`] before
     /// `now_ms` (so a minute is normally computed once, after its last samples arrived).
     fn roll_up(&self, now_ms: i64) -> Result<RollupReport, StoreError>;
+    /// The hour rollups written since `since` (see [`HourChanges`]), so a reader can keep the
+    /// decoded hours it has and re-read only those. A backend that cannot tell answers
+    /// `changed: None` (this default), and readers read everything.
+    fn hour_changes(&self, since: Option<RollupCursor>) -> Result<HourChanges, StoreError> {
+        let _ = since;
+        Ok(HourChanges::default())
+    }
     /// Deletes data older than the retention allows; returns the number of records deleted.
     fn enforce_retention(&self, now_ms: i64, retention: Retention) -> Result<u64, StoreError>;
     /// Whole rollups (every series) of a host with bucket start in `[since_ms, until_ms)`,
@@ -290,6 +394,22 @@ pub trait TelemetryStore: Send + Sync + std::fmt::Debug + 'static {
         until_ms: i64,
         resolution: Resolution,
     ) -> Result<Vec<(i64, Rollup)>, StoreError>;
+    /// Per model, everything a host's models did in `[since_ms, until_ms)`, merged with their
+    /// latency histograms: exact percentiles over any window the data is kept for. This
+    /// default merges the raw samples; a backend with model rollups reads whole hours and
+    /// minutes from them and only the rest from raw samples, with the same result.
+    fn model_totals(
+        &self,
+        host: &HostId,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<ModelRollup, StoreError> {
+        let mut out = ModelRollup::new();
+        for s in self.samples(host, since_ms, until_ms)? {
+            add_models(&mut out, &s);
+        }
+        Ok(out)
+    }
     /// Raw samples of a host in `[since_ms, until_ms)`, oldest first (undecodable ones skipped).
     fn samples(
         &self,
@@ -431,6 +551,8 @@ pub struct SledStore {
     samples: sled::Tree,
     minutes: sled::Tree,
     hours: sled::Tree,
+    model_minutes: sled::Tree,
+    model_hours: sled::Tree,
     dirty_minutes: sled::Tree,
     dirty_hours: sled::Tree,
     revoked: sled::Tree,
@@ -443,6 +565,48 @@ pub struct SledStore {
     marked_minutes: std::sync::Mutex<std::collections::HashSet<(String, i64)>>,
     // Dirty marks carry a fresh number so a rollup pass can clear only what it saw.
     mark: AtomicU64,
+    // The last HOUR_LOG_CAPACITY hour rollups written, for `hour_changes`.
+    hour_log: std::sync::Mutex<HourLog>,
+}
+
+/// The hour rollups a store instance wrote, newest last, bounded.
+#[derive(Debug)]
+struct HourLog {
+    instance: u64,
+    writes: u64,
+    recent: std::collections::VecDeque<(String, i64)>,
+}
+
+// === impl HourLog ===
+
+impl HourLog {
+    fn new() -> Self {
+        use std::hash::{BuildHasher as _, Hasher as _};
+        // A number that differs between openings of a store and between processes (hash map
+        // seeds are random per process and advance per call).
+        let instance = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        Self { instance, writes: 0, recent: std::collections::VecDeque::new() }
+    }
+
+    fn record(&mut self, written: &[(String, i64)]) {
+        for w in written {
+            if self.recent.len() == HOUR_LOG_CAPACITY {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(w.clone());
+        }
+        self.writes += written.len() as u64;
+    }
+
+    fn since(&self, since: Option<RollupCursor>) -> HourChanges {
+        let cursor = RollupCursor { instance: self.instance, writes: self.writes };
+        let changed = since.filter(|c| c.instance == self.instance).and_then(|c| {
+            let missed = usize::try_from(self.writes.checked_sub(c.writes)?).ok()?;
+            let skip = self.recent.len().checked_sub(missed)?;
+            Some(self.recent.iter().skip(skip).cloned().collect())
+        });
+        HourChanges { cursor, changed }
+    }
 }
 
 // === impl SledStore ===
@@ -465,12 +629,15 @@ impl SledStore {
             samples: tree("samples")?,
             minutes: tree("rollup_minute")?,
             hours: tree("rollup_hour")?,
+            model_minutes: tree("model_rollup_minute")?,
+            model_hours: tree("model_rollup_hour")?,
             dirty_minutes: tree("dirty_minute")?,
             dirty_hours: tree("dirty_hour")?,
             revoked: tree("revoked")?,
             analytics: tree("analytics")?,
             history: tree("history")?,
             mark: AtomicU64::new(1),
+            hour_log: std::sync::Mutex::new(HourLog::new()),
             host_records: std::sync::Mutex::new(()),
             marked_minutes: std::sync::Mutex::default(),
             db,
@@ -604,7 +771,8 @@ impl SledStore {
             }
             return Ok(CommitOutcome::Duplicate);
         }
-        let mut minutes = Vec::new();
+        // A set: a spooled batch may span many minutes (a per-sample list search was quadratic).
+        let mut minutes = std::collections::BTreeSet::new();
         let mut writes = sled::Batch::default();
         let newest_allowed = b.received_ms.saturating_add(MAX_FUTURE_MS);
         let mut future = 0u64;
@@ -616,10 +784,7 @@ impl SledStore {
                 continue;
             }
             writes.insert(keys::sample(host, s.unix_ms, s.sample_index), s.encode_to_vec());
-            let minute = s.unix_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
-            if !minutes.contains(&minute) {
-                minutes.push(minute);
-            }
+            minutes.insert(s.unix_ms.div_euclid(MINUTE_MS) * MINUTE_MS);
         }
         self.samples.apply_batch(writes).map_err(io("write samples"))?;
         for m in minutes {
@@ -669,14 +834,15 @@ impl SledStore {
     }
 
     /// Recomputes every bucket marked in `dirty` that closed at least [`ROLLUP_GRACE_MS`] before
-    /// `now_ms`, with `fold(host, start, end)`, into `target`; returns the buckets recomputed.
+    /// `now_ms`, with `fold(host, start, end)`, into `target` (series) and `models` (model
+    /// totals); returns the buckets recomputed.
     fn roll_level(
         &self,
         dirty: &sled::Tree,
-        target: &sled::Tree,
+        (target, models): (&sled::Tree, &sled::Tree),
         width_ms: i64,
         now_ms: i64,
-        fold: impl Fn(&str, i64, i64) -> Result<Rollup, StoreError>,
+        fold: impl Fn(&str, i64, i64) -> Result<(Rollup, ModelRollup), StoreError>,
     ) -> Result<Vec<(String, i64)>, StoreError> {
         let mut done = Vec::new();
         for item in dirty.iter() {
@@ -685,8 +851,9 @@ impl SledStore {
             if start.saturating_add(width_ms + ROLLUP_GRACE_MS) > now_ms {
                 continue;
             }
-            let rollup = fold(host, start, start + width_ms)?;
+            let (rollup, model_rollup) = fold(host, start, start + width_ms)?;
             self.put_rollup(target, host, start, &rollup)?;
+            self.put_models(models, host, start, &model_rollup)?;
             // Clear the mark only if no batch re-marked it meanwhile.
             let _ = dirty
                 .compare_and_swap(&key, Some(mark), None::<&[u8]>)
@@ -697,8 +864,14 @@ impl SledStore {
     }
 
     /// Aggregates the raw samples of `host` in `[start, end)`.
-    fn fold_samples(&self, host: &str, start: i64, end: i64) -> Result<Rollup, StoreError> {
+    fn fold_samples(
+        &self,
+        host: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<(Rollup, ModelRollup), StoreError> {
         let mut rollup = Rollup::new();
+        let mut models = ModelRollup::new();
         for s in self.samples.range(keys::bucket(host, start)..keys::bucket(host, end)) {
             let (k, v) = s.map_err(io("scan samples"))?;
             let Some(sample) = decode_or_skip("sample", &k, Sample::decode(v.as_ref())) else {
@@ -707,12 +880,18 @@ impl SledStore {
             for (name, value) in common::metrics::flatten(&sample) {
                 merge_into(&mut rollup, name, Stats::of(value));
             }
+            add_models(&mut models, &sample);
         }
-        Ok(rollup)
+        Ok((rollup, models))
     }
 
     /// Merges the minute rollups of `host` in `[start, end)`.
-    fn fold_minutes(&self, host: &str, start: i64, end: i64) -> Result<Rollup, StoreError> {
+    fn fold_minutes(
+        &self,
+        host: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<(Rollup, ModelRollup), StoreError> {
         let mut rollup = Rollup::new();
         for m in self.minutes.range(keys::bucket(host, start)..keys::bucket(host, end)) {
             let (k, v) = m.map_err(io("scan minutes"))?;
@@ -724,7 +903,62 @@ impl SledStore {
                 merge_into(&mut rollup, name, st);
             }
         }
-        Ok(rollup)
+        let mut models = ModelRollup::new();
+        for m in self.model_minutes.range(keys::bucket(host, start)..keys::bucket(host, end)) {
+            let (k, v) = m.map_err(io("scan model minutes"))?;
+            if let Some(minute) = decode_or_skip("model rollup", &k, decode_models(&v)) {
+                merge_models(&mut models, &minute);
+            }
+        }
+        Ok((rollup, models))
+    }
+
+    fn put_models(
+        &self,
+        tree: &sled::Tree,
+        host: &str,
+        start: i64,
+        rollup: &ModelRollup,
+    ) -> Result<(), StoreError> {
+        let key = keys::bucket(host, start);
+        if rollup.is_empty() {
+            return tree.remove(key).map(drop).map_err(io("write model rollup"));
+        }
+        let bytes = encode_models(rollup).map_err(|e| StoreError::Corrupt {
+            what: format!("model rollup {host}"),
+            reason: e.to_string(),
+        })?;
+        tree.insert(key, bytes).map(drop).map_err(io("write model rollup"))
+    }
+
+    /// Whether any key of `host` lies in `[start, end)` of `tree`.
+    fn any_in(
+        &self,
+        tree: &sled::Tree,
+        host: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<bool, StoreError> {
+        Ok(tree
+            .range(keys::bucket(host, start)..keys::bucket(host, end))
+            .next()
+            .transpose()
+            .map_err(io("scan range"))?
+            .is_some())
+    }
+
+    /// The model rollup of `host` at `start` in `tree`, if one is stored and decodes.
+    fn model_bucket(
+        &self,
+        tree: &sled::Tree,
+        host: &str,
+        start: i64,
+    ) -> Result<Option<ModelRollup>, StoreError> {
+        let key = keys::bucket(host, start);
+        Ok(tree
+            .get(&key)
+            .map_err(io("read model rollup"))?
+            .and_then(|v| decode_or_skip("model rollup", &key, decode_models(&v))))
     }
 
     fn put_rollup(
@@ -917,23 +1151,37 @@ impl TelemetryStore for SledStore {
         // Batches from here on mark their minutes again, so a minute recomputed below before
         // they arrived stays dirty for the next pass.
         self.lock_marked().clear();
-        let minutes =
-            self.roll_level(&self.dirty_minutes, &self.minutes, MINUTE_MS, now_ms, |h, a, b| {
+        // Each minute's hour is marked dirty before the minute's own mark is cleared, so a
+        // reader never sees a settled minute under an hour rollup that lacks it. A set: after
+        // a backlog (an agent's spool replaying hours) there are many minutes, and a list
+        // searched per minute made this pass quadratic.
+        let hours_marked = std::cell::RefCell::new(std::collections::HashSet::new());
+        let minutes = self.roll_level(
+            &self.dirty_minutes,
+            (&self.minutes, &self.model_minutes),
+            MINUTE_MS,
+            now_ms,
+            |h, a, b| {
+                let hour = a.div_euclid(HOUR_MS) * HOUR_MS;
+                if hours_marked.borrow_mut().insert((h.to_owned(), hour)) {
+                    self.mark_dirty(&self.dirty_hours, h, hour)?;
+                }
                 self.fold_samples(h, a, b)
-            })?;
-        let mut hours_marked = Vec::new();
-        for (host, start) in &minutes {
-            let hour = start.div_euclid(HOUR_MS) * HOUR_MS;
-            if !hours_marked.contains(&(host, hour)) {
-                self.mark_dirty(&self.dirty_hours, host, hour)?;
-                hours_marked.push((host, hour));
-            }
-        }
-        let hours =
-            self.roll_level(&self.dirty_hours, &self.hours, HOUR_MS, now_ms, |h, a, b| {
-                self.fold_minutes(h, a, b)
-            })?;
+            },
+        )?;
+        let hours = self.roll_level(
+            &self.dirty_hours,
+            (&self.hours, &self.model_hours),
+            HOUR_MS,
+            now_ms,
+            |h, a, b| self.fold_minutes(h, a, b),
+        )?;
+        self.hour_log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record(&hours);
         Ok(RollupReport { minutes: minutes.len() as u64, hours: hours.len() as u64 })
+    }
+
+    fn hour_changes(&self, since: Option<RollupCursor>) -> Result<HourChanges, StoreError> {
+        Ok(self.hour_log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).since(since))
     }
 
     fn enforce_retention(&self, now_ms: i64, r: Retention) -> Result<u64, StoreError> {
@@ -943,6 +1191,8 @@ impl TelemetryStore for SledStore {
             n += self.delete_before(&self.samples, h, now_ms - r.raw_ms)?;
             n += self.delete_before(&self.minutes, h, now_ms - r.minute_ms)?;
             n += self.delete_before(&self.hours, h, now_ms - r.hour_ms)?;
+            n += self.delete_before(&self.model_minutes, h, now_ms - r.minute_ms)?;
+            n += self.delete_before(&self.model_hours, h, now_ms - r.hour_ms)?;
             // Samples dated past the future bound (stored before ingest refused them) would
             // pin "latest" and never expire.
             let future = keys::bucket(h, now_ms.saturating_add(MAX_FUTURE_MS + 1))
@@ -976,6 +1226,58 @@ impl TelemetryStore for SledStore {
     ) -> Result<Vec<(i64, Rollup)>, StoreError> {
         let tree = if resolution == Resolution::Hour { &self.hours } else { &self.minutes };
         self.scan_rollups(tree, host.as_str(), since_ms, until_ms)
+    }
+
+    fn model_totals(
+        &self,
+        host: &HostId,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<ModelRollup, StoreError> {
+        // Whole hours from hour rollups, whole minutes from minute rollups, the rest from raw
+        // samples. A bucket is read from its rollup only when nothing in it is waiting to be
+        // rolled up (its own dirty mark, or for an hour a dirty minute in it), so late data is
+        // never missed: the finer level holds it.
+        let h = host.as_str();
+        let mut out = ModelRollup::new();
+        let mut t = since_ms;
+        while t < until_ms {
+            let hour = t.div_euclid(HOUR_MS) * HOUR_MS;
+            let hour_end = hour + HOUR_MS;
+            if t == hour && hour_end <= until_ms {
+                if !self.any_in(&self.samples, h, hour, hour_end)?
+                    && !self.any_in(&self.model_minutes, h, hour, hour_end)?
+                    && !self.any_in(&self.model_hours, h, hour, hour_end)?
+                {
+                    t = hour_end;
+                    continue;
+                }
+                let settled = !self.any_in(&self.dirty_hours, h, hour, hour + 1)?
+                    && !self.any_in(&self.dirty_minutes, h, hour, hour_end)?;
+                if settled && let Some(b) = self.model_bucket(&self.model_hours, h, hour)? {
+                    merge_models(&mut out, &b);
+                    t = hour_end;
+                    continue;
+                }
+            }
+            let minute = t.div_euclid(MINUTE_MS) * MINUTE_MS;
+            let minute_end = (minute + MINUTE_MS).min(hour_end);
+            if t == minute
+                && minute_end <= until_ms
+                && !self.any_in(&self.dirty_minutes, h, minute, minute + 1)?
+                && let Some(b) = self.model_bucket(&self.model_minutes, h, minute)?
+            {
+                merge_models(&mut out, &b);
+                t = minute_end;
+                continue;
+            }
+            let end = minute_end.min(until_ms);
+            for s in self.samples(host, t, end)? {
+                add_models(&mut out, &s);
+            }
+            t = end;
+        }
+        Ok(out)
     }
 
     fn samples(
@@ -1427,6 +1729,121 @@ mod tests {
         let raw = store.series(&host("a"), "cpu_util_pct", 2000, Resolution::Raw).unwrap();
         assert_eq!(raw.iter().map(|p| p.unix_ms).collect::<Vec<_>>(), [2000, 3000, 61_000]);
         assert_eq!(store.roll_up(i64::MAX).unwrap(), RollupReport::default(), "nothing left dirty");
+    }
+
+    /// Samples of model `m` at `times`, each with one request of latency `t % 997` ms.
+    fn model_batch(h: &str, seq: u64, times: &[i64]) -> IncomingBatch {
+        let samples = times
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let mut latency = common::histogram::LogHistogram::new();
+                latency.record(u64::try_from(t.rem_euclid(997) * 1000 + 1).unwrap());
+                Sample {
+                    unix_ms: *t,
+                    sample_index: i as u64,
+                    models: vec![common::proto::ModelSample {
+                        model: "m".into(),
+                        interval_ms: 1000,
+                        requests: 1,
+                        successes: 1,
+                        latency_us: Some(latency.to_proto()),
+                        ..common::proto::ModelSample::default()
+                    }],
+                    ..Sample::default()
+                }
+            })
+            .collect();
+        IncomingBatch {
+            host: host(h),
+            batch: TelemetryBatch { seq, samples, ..TelemetryBatch::default() },
+            received_ms: times.iter().copied().max().unwrap_or(0),
+        }
+    }
+
+    /// The model totals of the raw samples alone: what every window must equal.
+    fn raw_totals(store: &SledStore, from: i64, to: i64) -> ModelRollup {
+        let mut out = ModelRollup::new();
+        for s in store.samples(&host("a"), from, to).unwrap() {
+            add_models(&mut out, &s);
+        }
+        out
+    }
+
+    #[test]
+    fn model_totals_from_rollups_equal_the_raw_samples_and_outlive_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        // Three hours, a sample every 7 minutes and a few seconds.
+        let times: Vec<i64> = (0..26).map(|i| i * 7 * MINUTE_MS + 1_000 * i).collect();
+        store.commit(&[model_batch("a", 1, &times)]).unwrap();
+        // Hours 0 and 1 rolled up; hour 2 only in minutes and raw samples.
+        store.roll_up(2 * HOUR_MS + 30 * MINUTE_MS).unwrap();
+        let windows = [
+            (0, 3 * HOUR_MS),
+            (0, HOUR_MS),
+            (5 * MINUTE_MS + 500, 2 * HOUR_MS + 17 * MINUTE_MS),
+            (HOUR_MS, 2 * HOUR_MS + 45 * MINUTE_MS),
+            (59 * MINUTE_MS, 61 * MINUTE_MS),
+        ];
+        for (from, to) in windows {
+            assert_eq!(
+                store.model_totals(&host("a"), from, to).unwrap(),
+                raw_totals(&store, from, to),
+                "{from}..{to}"
+            );
+        }
+        // Late data in hour 0, not rolled up yet: read from the finer levels, still exact.
+        store.commit(&[model_batch("a", 2, &[30 * MINUTE_MS + 5])]).unwrap();
+        let all = store.model_totals(&host("a"), 0, 3 * HOUR_MS).unwrap();
+        assert_eq!(all, raw_totals(&store, 0, 3 * HOUR_MS));
+        assert_eq!(all["m"].totals.requests, 27);
+        store.roll_up(4 * HOUR_MS).unwrap();
+        assert_eq!(store.model_totals(&host("a"), 0, 3 * HOUR_MS).unwrap(), all);
+        // Raw samples and minutes expire; whole hours stay exact from the hour rollups.
+        let r = Retention { raw_ms: HOUR_MS, minute_ms: HOUR_MS, hour_ms: 100 * HOUR_MS };
+        store.enforce_retention(10 * HOUR_MS, r).unwrap();
+        assert!(store.samples(&host("a"), 0, 3 * HOUR_MS).unwrap().is_empty());
+        let kept = store.model_totals(&host("a"), 0, 3 * HOUR_MS).unwrap();
+        assert_eq!(kept, all);
+        assert_eq!(kept["m"].totals.latency_us.count(), 27);
+    }
+
+    #[test]
+    fn hour_changes_name_the_hours_rewritten_since_a_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let start = store.hour_changes(None).unwrap();
+        assert_eq!(start.changed, None, "no cursor: read everything");
+        store.commit(&[batch("a", 1, 1, &[1000]), batch("b", 1, 1, &[HOUR_MS + 1000])]).unwrap();
+        store.roll_up(i64::MAX).unwrap();
+        let first = store.hour_changes(Some(start.cursor)).unwrap();
+        let mut changed = first.changed.clone().unwrap();
+        changed.sort();
+        assert_eq!(changed, [("a".to_owned(), 0), ("b".to_owned(), HOUR_MS)]);
+        // Nothing new: nothing changed. Late data for an old hour: that hour again.
+        assert_eq!(store.hour_changes(Some(first.cursor)).unwrap().changed, Some(vec![]));
+        store.commit(&[batch("a", 2, 2, &[2000])]).unwrap();
+        store.roll_up(i64::MAX).unwrap();
+        let late = store.hour_changes(Some(first.cursor)).unwrap();
+        assert_eq!(late.changed, Some(vec![("a".to_owned(), 0)]));
+        // A cursor of another opening of the store is not trusted.
+        drop(store);
+        let reopened = SledStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.hour_changes(Some(late.cursor)).unwrap().changed, None);
+    }
+
+    #[test]
+    fn the_hour_log_forgets_past_its_capacity_and_then_says_so() {
+        let mut log = HourLog::new();
+        let cursor = log.since(None).cursor;
+        let writes: Vec<(String, i64)> =
+            (0..HOUR_LOG_CAPACITY as i64 + 1).map(|i| ("h".to_owned(), i)).collect();
+        log.record(&writes);
+        assert_eq!(log.since(Some(cursor)).changed, None);
+        let now = log.since(None).cursor;
+        log.record(&writes[..2]);
+        assert_eq!(log.since(Some(now)).changed.map(|c| c.len()), Some(2));
     }
 
     #[test]

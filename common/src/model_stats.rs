@@ -80,6 +80,27 @@ impl ModelTotals {
         self.batch_size.merge(&other.batch_size);
     }
 
+    /// These totals as one `ModelSample` (histograms in their wire form), for storing a rollup;
+    /// [`ModelTotals::add`] reads it back exactly.
+    pub fn to_sample(&self, model: &str) -> ModelSample {
+        ModelSample {
+            model: model.to_owned(),
+            requests: self.requests,
+            successes: self.successes,
+            failures: self.failures,
+            rejected: self.rejected,
+            expired: self.expired,
+            inferences: self.inferences,
+            batches: self.batches,
+            batch_slots: self.batch_slots,
+            latency_us: Some(self.latency_us.to_proto()),
+            queue_us: Some(self.queue_us.to_proto()),
+            compute_us: Some(self.compute_us.to_proto()),
+            batch_size: Some(self.batch_size.to_proto()),
+            ..ModelSample::default()
+        }
+    }
+
     /// Rows computed per dispatched slot, 0..=1; `None` before the first batch.
     pub fn batch_utilization(&self) -> Option<f64> {
         (self.batch_slots > 0).then(|| self.inferences as f64 / self.batch_slots as f64)
@@ -94,6 +115,16 @@ impl ModelTotals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn totals_survive_the_round_trip_through_a_sample() {
+        let mut t = ModelTotals::default();
+        t.add(&sample(5, &[1_000, 2_000, 90_000])).unwrap();
+        t.add(&sample(2, &[3_000])).unwrap();
+        let mut back = ModelTotals::default();
+        back.add(&t.to_sample("m")).unwrap();
+        assert_eq!(back, t);
+    }
 
     fn sample(requests: u64, latencies_us: &[u64]) -> ModelSample {
         let mut h = LogHistogram::new();

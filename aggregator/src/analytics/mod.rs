@@ -34,7 +34,7 @@ pub mod selection;
 pub mod series;
 pub mod settings;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use common::model_stats::ModelTotals;
 use serde::{Deserialize, Serialize};
@@ -280,11 +280,106 @@ pub fn forecast_target(
 
 /// Runs every analytic over `snapshot`.
 pub fn analyze(snapshot: &Snapshot, settings: &Settings, catalog: &PricingCatalog) -> Analysis {
+    analyze_with(snapshot, settings, catalog, &mut ForecastMemo::default())
+}
+
+/// The forecasts of the previous pass by target, each with the fingerprint of its inputs (the
+/// closed hours it was fitted on, the hour it was made in, the forecast settings): a target
+/// whose inputs did not change is not fitted again. Holds only the targets of the last pass.
+#[derive(Debug, Default)]
+pub struct ForecastMemo {
+    views: HashMap<String, (u64, ForecastView)>,
+    /// Forecasts fitted by the last pass (the rest were reused).
+    pub fitted_last_pass: usize,
+}
+
+/// The fingerprint of one forecast's inputs.
+fn fingerprint(target: &str, series: &HourlySeries, now_ms: i64, settings: &Settings) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::hash::DefaultHasher::new();
+    target.hash(&mut h);
+    series::floor_hour(now_ms).hash(&mut h);
+    series.start_ms.hash(&mut h);
+    for v in &series.values {
+        v.map(f64::to_bits).hash(&mut h);
+    }
+    format!("{:?}", settings.forecast).hash(&mut h);
+    h.finish()
+}
+
+/// [`analyze`], reusing the forecasts in `memo` whose inputs did not change and fitting the
+/// rest on every core.
+pub fn analyze_with(
+    snapshot: &Snapshot,
+    settings: &Settings,
+    catalog: &PricingCatalog,
+    memo: &mut ForecastMemo,
+) -> Analysis {
     let now = snapshot.now_ms;
-    let forecasts: Vec<ForecastView> = targets(snapshot)
-        .into_iter()
-        .map(|(t, s, m, series)| forecast_target(t, s, m, &series, now, settings))
+    let targets = targets(snapshot);
+    let prints: Vec<u64> =
+        targets.iter().map(|(t, _, _, series)| fingerprint(t, series, now, settings)).collect();
+    let mut forecasts: Vec<Option<ForecastView>> = targets
+        .iter()
+        .zip(&prints)
+        .map(|((t, ..), p)| memo.views.get(t).filter(|(q, _)| q == p).map(|(_, v)| v.clone()))
         .collect();
+    let todo: Vec<usize> = (0..targets.len()).filter(|i| forecasts[*i].is_none()).collect();
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let chunk = todo.len().div_ceil(threads).max(1);
+    let fitted: Vec<(usize, ForecastView)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = todo
+            .chunks(chunk)
+            .map(|part| {
+                let targets = &targets;
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|&i| {
+                            let (t, s, m, series) = &targets[i];
+                            let view = forecast_target(
+                                t.clone(),
+                                s.clone(),
+                                m.clone(),
+                                series,
+                                now,
+                                settings,
+                            );
+                            (i, view)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+    });
+    memo.fitted_last_pass = fitted.len();
+    for (i, view) in fitted {
+        forecasts[i] = Some(view);
+    }
+    let mut views = HashMap::with_capacity(targets.len());
+    let forecasts: Vec<ForecastView> = forecasts
+        .into_iter()
+        .zip(&targets)
+        .zip(prints)
+        .map(|((view, (t, s, m, _)), p)| match view {
+            Some(view) => {
+                views.insert(t.clone(), (p, view.clone()));
+                view
+            }
+            // A fit that panicked left no view: a failed forecast, tried again next pass.
+            None => ForecastView {
+                target: t.clone(),
+                subject: s.clone(),
+                metric: m.clone(),
+                history_start_ms: now,
+                history: Vec::new(),
+                forecast: None,
+                error: Some("the forecast failed unexpectedly (see the aggregator log)".into()),
+                anomalies: Vec::new(),
+            },
+        })
+        .collect();
+    memo.views = views;
     let to = series::floor_hour(now);
     let from = to - i64::try_from(settings.cost_window_hours).unwrap_or(24) * HOUR_MS;
     let costs = cost::attribute(snapshot, catalog, from, to);

@@ -1,6 +1,7 @@
 //! The fleet-wide model view (`flotilla models`, `GET /api/v1/models`): per model, the hosts
 //! serving it, rates, outcomes, latency percentiles, queue wait and batch utilization over a
-//! window, from the window's raw samples merged with [`ModelTotals::add`].
+//! window, from each host's model totals ([`crate::store::TelemetryStore::model_totals`]: model
+//! rollups for whole hours and minutes, raw samples for the rest) merged across hosts.
 //!
 //! Percentiles come from the merged histograms of every request on every host, never from an
 //! average of per-host percentiles (a host serving 1 % of traffic cannot drag the fleet's p99
@@ -9,7 +10,8 @@
 use std::collections::BTreeMap;
 
 use common::model_stats::ModelTotals;
-use common::proto::Sample;
+
+use crate::store::ModelRollup;
 use serde::{Deserialize, Serialize};
 
 /// One model over a window.
@@ -49,20 +51,16 @@ pub struct ModelView {
     pub malformed_samples: u64,
 }
 
-/// Summarizes each model over `(host, samples)` of a `window_secs` window.
-pub fn summarize(per_host: &[(String, Vec<Sample>)], window_secs: u64) -> Vec<ModelView> {
+/// Summarizes each model over `(host, per-model totals)` of a `window_secs` window.
+pub fn summarize(per_host: &[(String, ModelRollup)], window_secs: u64) -> Vec<ModelView> {
     let mut totals: BTreeMap<&str, (ModelTotals, Vec<String>, u64)> = BTreeMap::new();
-    for (host, samples) in per_host {
-        for s in samples {
-            for m in &s.models {
-                let e = totals.entry(m.model.as_str()).or_default();
-                if e.0.add(m).is_err() {
-                    e.2 += 1;
-                }
-                if !e.1.contains(host) {
-                    e.1.push(host.clone());
-                }
-            }
+    for (host, models) in per_host {
+        for (model, w) in models {
+            let e = totals.entry(model.as_str()).or_default();
+            e.0.merge(&w.totals);
+            e.2 += w.malformed;
+            // Each host once per model: the totals are per host already.
+            e.1.push(host.clone());
         }
     }
     totals
@@ -92,7 +90,15 @@ pub fn summarize(per_host: &[(String, Vec<Sample>)], window_secs: u64) -> Vec<Mo
 mod tests {
     use super::*;
     use common::histogram::LogHistogram;
-    use common::proto::ModelSample;
+    use common::proto::{ModelSample, Sample};
+
+    fn totals(samples: &[Sample]) -> ModelRollup {
+        let mut out = ModelRollup::new();
+        for s in samples {
+            crate::store::add_models(&mut out, s);
+        }
+        out
+    }
 
     fn sample(requests: u64, latency: &[(u64, u64)]) -> Sample {
         let mut h = LogHistogram::new();
@@ -125,8 +131,8 @@ mod tests {
         // Host b: 10 requests at 50 ms (its p99 is 50 ms). Averaging p99s says 26 ms; over all
         // 1010 requests sorted, the 1000th (ceil(0.99 * 1010)) is the last of b's: 50 ms.
         let per_host = vec![
-            ("a".to_owned(), vec![sample(1000, &[(2_000, 990), (100_000, 10)])]),
-            ("b".to_owned(), vec![sample(10, &[(50_000, 10)])]),
+            ("a".to_owned(), totals(&[sample(1000, &[(2_000, 990), (100_000, 10)])])),
+            ("b".to_owned(), totals(&[sample(10, &[(50_000, 10)])])),
         ];
         let v = &summarize(&per_host, 10)[0];
         assert_eq!(v.model, "resnet");
