@@ -14,6 +14,7 @@
 //!   is read whole.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use common::ids::HostId;
 
@@ -27,7 +28,7 @@ use crate::views::Resolution;
 pub struct HourCache {
     cursor: Option<RollupCursor>,
     from_ms: i64,
-    hosts: HashMap<String, BTreeMap<i64, HourStats>>,
+    hosts: HashMap<String, Arc<BTreeMap<i64, HourStats>>>,
     last: Refresh,
 }
 
@@ -62,6 +63,8 @@ impl HourCache {
                 for (host, hour) in changed {
                     // Hosts not cached yet are read whole below.
                     let Some(hours) = self.hosts.get_mut(&host) else { continue };
+                    // Copied only if a snapshot still holds them (none does between passes).
+                    let hours = Arc::make_mut(hours);
                     let Ok(id) = HostId::new(&host) else { continue };
                     let read = store.rollups(&id, hour, hour + HOUR_MS, Resolution::Hour)?;
                     match read.first() {
@@ -88,9 +91,13 @@ impl HourCache {
                 .collect();
             done.hours_read += hours.len();
             done.hosts_read_whole += 1;
-            self.hosts.insert(id.to_string(), hours);
+            self.hosts.insert(id.to_string(), Arc::new(hours));
         }
         for hours in self.hosts.values_mut() {
+            if hours.first_key_value().is_none_or(|(t, _)| *t >= from_ms) {
+                continue;
+            }
+            let hours = Arc::make_mut(hours);
             while let Some(first) = hours.first_entry() {
                 if *first.key() >= from_ms {
                     break;
@@ -109,8 +116,8 @@ impl HourCache {
         self.last
     }
 
-    /// A host's hours (empty for a host not refreshed).
-    pub fn hours(&self, host: &str) -> BTreeMap<i64, HourStats> {
+    /// A host's hours (empty for a host not refreshed), shared, not copied.
+    pub fn hours(&self, host: &str) -> Arc<BTreeMap<i64, HourStats>> {
         self.hosts.get(host).cloned().unwrap_or_default()
     }
 }
@@ -173,7 +180,7 @@ mod tests {
         let mut fresh = HourCache::default();
         fresh.refresh(&store, &hosts, 0, 10 * HOUR_MS).unwrap();
         for h in ["a", "b"] {
-            assert_eq!(cache.hours(h), fresh.hours(h), "{h}");
+            assert_eq!(*cache.hours(h), *fresh.hours(h), "{h}");
         }
         // The window moves on: old hours leave; a host that left the fleet leaves.
         cache.refresh(&store, &[a], HOUR_MS, 10 * HOUR_MS).unwrap();

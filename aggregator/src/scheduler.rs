@@ -595,13 +595,19 @@ fn recent(
 ) -> Result<RecentWindow, StoreError> {
     let mut w = RecentWindow { window_secs, ..RecentWindow::default() };
     let (mut gpu_sum, mut gpu_n) = (0.0, 0u32);
+    let (mut cpu_sum, mut cpu_n) = (0.0, 0u32);
     for s in store.samples(host, from, to)? {
         let utils: Vec<f64> = s.gpus.iter().filter_map(|g| g.util_gpu_pct).map(f64::from).collect();
         if !utils.is_empty() {
             gpu_sum += utils.iter().sum::<f64>() / utils.len() as f64;
             gpu_n += 1;
         }
+        if let Some(h) = &s.host {
+            cpu_sum += f64::from(h.cpu_util_pct);
+            cpu_n += 1;
+        }
     }
+    w.cpu_util_pct = (cpu_n > 0).then(|| cpu_sum / f64::from(cpu_n));
     // Models from the store's model totals: rollups for whole minutes, raw samples for the
     // rest, so an alert window longer than raw retention is still exact.
     for (model, m) in store.model_totals(host, from, to)? {

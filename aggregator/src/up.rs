@@ -29,7 +29,18 @@ pub struct UpOptions {
     pub sample_ms: u64,
     /// Agent uplink interval, s.
     pub uplink_secs: u64,
+    /// This machine's cost per hour as an owned host, USD (its `hourly_cost_usd` label).
+    pub hourly_cost: f64,
 }
+
+/// The default hourly cost of the machine `flotilla up` runs on, as an owned host: a 5,000 USD
+/// server amortized over 36 months (26,298 h: 0.19/h) plus 400 W at 0.15 USD/kWh (0.06/h). An
+/// assumption, not a quote; `--hourly-cost` sets the real figure.
+pub const OWNED_HOURLY_COST_USD: f64 = 0.25;
+
+/// How often `flotilla up` runs analytics: every 30 s, so costs, a plan and a forecast show
+/// within a minute of starting (a production aggregator's default is every 5 minutes).
+const UP_ANALYTICS_SCHEDULE: &str = "*/30 * * * * *";
 
 /// Runs the one-host fleet until Ctrl-C or SIGTERM.
 pub fn run(opts: UpOptions) -> anyhow::Result<()> {
@@ -73,7 +84,14 @@ pub fn run(opts: UpOptions) -> anyhow::Result<()> {
         let endpoint = agent::client_endpoint(&agent_config).context("starting the agent")?;
         let agent =
             tokio::spawn(agent::run_bound(agent_config, endpoint, listener, shutdown.clone()));
-        print_welcome(&opts.data_dir, &host, quic, admin, connect_addr(inference));
+        print_welcome(
+            &opts.data_dir,
+            &host,
+            quic,
+            admin,
+            connect_addr(inference),
+            opts.hourly_cost,
+        );
         // First Ctrl-C/SIGTERM: clean stop; a second one exits at once.
         tokio::spawn(common::daemon::stop_on_signal(shutdown.clone()));
         shutdown.cancelled().await;
@@ -139,7 +157,7 @@ fn aggregator_config(opts: &UpOptions) -> String {
         "# Written by `flotilla up`; see config/aggregator.toml for every key.\n\
          [listen]\nquic = \"{}\"\nadmin = \"{}\"\n\n\
          [tls]\nca_cert = \"tls/ca.pem\"\ncert = \"tls/server.pem\"\nkey = \"tls/server.key\"\n\n\
-         [store]\npath = \"store\"\n",
+         [store]\npath = \"store\"\n\n         [analytics]\nschedule = \"{UP_ANALYTICS_SCHEDULE}\"\n",
         opts.quic, opts.admin
     )
 }
@@ -151,11 +169,12 @@ fn agent_config(opts: &UpOptions, quic: SocketAddr) -> String {
          [tls]\nca_cert = \"tls/ca.pem\"\ncert = \"tls/host.pem\"\nkey = \"tls/host.key\"\n\n\
          [telemetry]\nsample_interval_ms = {}\n\n\
          [spool]\npath = \"spool\"\n\n\
-         [serving]\nlisten = \"{}\"\nmodel_repository = \"models\"\n",
+         [serving]\nlisten = \"{}\"\nmodel_repository = \"models\"\n\n         # Priced as an owned machine (flotilla up --hourly-cost USD).\n         [labels]\nlifecycle = \"owned\"\nhourly_cost_usd = \"{}\"\n",
         connect_addr(quic),
         opts.uplink_secs,
         opts.sample_ms,
-        opts.inference
+        opts.inference,
+        opts.hourly_cost
     )
 }
 
@@ -174,6 +193,7 @@ fn print_welcome(
     quic: SocketAddr,
     admin: SocketAddr,
     inference: SocketAddr,
+    cost: f64,
 ) {
     let api = if admin.port() == 7070 && admin.ip().is_loopback() {
         String::new()
@@ -190,6 +210,9 @@ fn print_welcome(
          \x20 flotilla{api} hosts\n\
          \x20 flotilla{api} host {host}\n\
          \x20 flotilla{api} metrics {host} cpu_util_pct --since 10m --plot\n\
+         \x20 flotilla{api} costs      (this machine at {cost} USD/h as owned; --hourly-cost)\n\
+         \x20 flotilla{api} plan\n\
+         \x20 flotilla{api} forecast demo   (analytics run every 30 s)\n\
          \x20 curl -s http://{admin}/metrics\n\
          \x20 curl -s http://{inference}/v2/models/demo/infer -d '{{\"inputs\":[{{\"name\":\"features\",\"shape\":[1,4],\"datatype\":\"FP32\",\"data\":[5.1,3.5,1.4,0.2]}}]}}'\n\
          \n\
@@ -212,6 +235,7 @@ mod tests {
             inference: "127.0.0.1:8000".parse().unwrap(),
             sample_ms: 500,
             uplink_secs: 2,
+            hourly_cost: 0.4,
         };
         let a = aggregator_config(&opts);
         let b = agent_config(&opts, opts.quic);
@@ -220,6 +244,10 @@ mod tests {
         let agent = AgentConfig::parse(&b, "b", &opts.data_dir).unwrap();
         assert_eq!(agent.uplink.aggregator.to_string(), "127.0.0.1:7443");
         assert_eq!(agent.telemetry.sample_interval, Duration::from_millis(500));
+        // Priced as an owned machine at the given rate; analytics every 30 s.
+        assert_eq!(agent.labels.get("lifecycle").map(String::as_str), Some("owned"));
+        assert_eq!(agent.labels.get("hourly_cost_usd").map(String::as_str), Some("0.4"));
+        assert_eq!(agg.analytics.schedule, UP_ANALYTICS_SCHEDULE);
     }
 
     #[test]

@@ -51,12 +51,15 @@ struct Measured {
     days: i64,
     build_s: f64,
     first_pass_s: f64,
+    first_snapshot_s: f64,
     first_hours_read: usize,
     first_fitted: usize,
     same_hour_pass_s: f64,
+    same_hour_snapshot_s: f64,
     same_hour_hours_read: usize,
     same_hour_fitted: usize,
     next_hour_pass_s: f64,
+    next_hour_snapshot_s: f64,
     next_hour_hours_read: usize,
     next_hour_fitted: usize,
     rss_after_first_mib: f64,
@@ -118,8 +121,14 @@ fn main() -> anyhow::Result<()> {
     }
     for m in &rows {
         println!(
-            "  {} days: forecasts fitted: first pass {}, same hour {}, next hour {}",
-            m.days, m.first_fitted, m.same_hour_fitted, m.next_hour_fitted
+            "  {} days: store reads (snapshot) s: first {:.3}, same hour {:.3}, next hour {:.3}; forecasts fitted: first {}, same hour {}, next hour {}",
+            m.days,
+            m.first_snapshot_s,
+            m.same_hour_snapshot_s,
+            m.next_hour_snapshot_s,
+            m.first_fitted,
+            m.same_hour_fitted,
+            m.next_hour_fitted
         );
     }
     if let [half, full] = rows.as_slice() {
@@ -196,20 +205,23 @@ fn measure(hosts: usize, days: i64) -> anyhow::Result<Measured> {
     let settings = Settings::default();
     let catalog = PricingCatalog::builtin()?;
     let (mut cache, mut memo) = (HourCache::default(), ForecastMemo::default());
-    let mut pass = |at: i64| -> anyhow::Result<(f64, usize, usize)> {
+    let mut pass = |at: i64| -> anyhow::Result<(f64, f64, usize, usize)> {
         let started = Instant::now();
         let snap = snapshot(&store, &settings, at, &mut cache)?;
+        let snapshot_s = started.elapsed().as_secs_f64();
         let analysis = analyze_with(&snap, &settings, &catalog, &mut memo);
         anyhow::ensure!(!analysis.forecasts.is_empty(), "no forecast made");
         Ok((
             started.elapsed().as_secs_f64(),
+            snapshot_s,
             cache.last_refresh().hours_read,
             memo.fitted_last_pass,
         ))
     };
-    let (first_pass_s, first_hours_read, first_fitted) = pass(now)?;
+    let (first_pass_s, first_snapshot_s, first_hours_read, first_fitted) = pass(now)?;
     let rss_after_first_mib = proc_status_mib("VmRSS:");
-    let (same_hour_pass_s, same_hour_hours_read, same_hour_fitted) = pass(now + 5 * 60_000)?;
+    let (same_hour_pass_s, same_hour_snapshot_s, same_hour_hours_read, same_hour_fitted) =
+        pass(now + 5 * 60_000)?;
     // One more hour for every host: a sample in the hour of `now`, rolled up once it closed.
     let next = now + HOUR_MS;
     for (k, id) in ids.iter().enumerate() {
@@ -225,17 +237,21 @@ fn measure(hosts: usize, days: i64) -> anyhow::Result<Measured> {
         }])?;
     }
     store.roll_up(next + 2 * 60_000)?;
-    let (next_hour_pass_s, next_hour_hours_read, next_hour_fitted) = pass(next + 2 * 60_000)?;
+    let (next_hour_pass_s, next_hour_snapshot_s, next_hour_hours_read, next_hour_fitted) =
+        pass(next + 2 * 60_000)?;
     Ok(Measured {
         days,
         build_s,
         first_pass_s,
+        first_snapshot_s,
         first_hours_read,
         first_fitted,
         same_hour_pass_s,
+        same_hour_snapshot_s,
         same_hour_hours_read,
         same_hour_fitted,
         next_hour_pass_s,
+        next_hour_snapshot_s,
         next_hour_hours_read,
         next_hour_fitted,
         rss_after_first_mib,

@@ -321,7 +321,7 @@ pub fn attribute(
         };
         fleet_hourly_rate += rate;
         let host_ledger = ledger.hosts.entry(h.host.clone()).or_default();
-        for (&hour, stats) in &h.hours {
+        for (&hour, stats) in h.hours.iter() {
             host_ledger.insert(hour, rate);
             let mut shares: Vec<(&String, f64, f64)> = stats
                 .models
@@ -339,8 +339,11 @@ pub fn attribute(
             let used: f64 = shares.iter().map(|s| s.1).sum();
             let in_window = (from_ms..to_ms).contains(&hour);
             for (m, share, inferences) in shares {
-                *ledger.models.entry(m.clone()).or_default().entry(hour).or_default() +=
-                    share * rate;
+                let model_ledger = match ledger.models.get_mut(m) {
+                    Some(l) => l,
+                    None => ledger.models.entry(m.clone()).or_default(),
+                };
+                *model_ledger.entry(hour).or_default() += share * rate;
                 if in_window {
                     let mc = models.entry(m.clone()).or_insert_with(|| ModelCost {
                         model: m.clone(),
@@ -458,8 +461,8 @@ on_demand_hourly = 0.8
         let mut a = host("a", "g.big", "on-demand", 4);
         let mut b = host("b", "g.small", "spot", 1);
         for t in [0, 1] {
-            a.hours.insert(t * 3_600_000, hour(&[("m", 200.0, 10.0)], 50.0));
-            b.hours.insert(t * 3_600_000, hour(&[("m", 50.0, 5.0)], 50.0));
+            a.hours_mut().insert(t * 3_600_000, hour(&[("m", 200.0, 10.0)], 50.0));
+            b.hours_mut().insert(t * 3_600_000, hour(&[("m", 50.0, 5.0)], 50.0));
         }
         Snapshot { now_ms: 2 * 3_600_000, hosts: vec![a, b] }
     }
@@ -487,12 +490,12 @@ on_demand_hourly = 0.8
     fn unpriced_hosts_are_named_and_overbooked_shares_scaled() {
         let catalog = PricingCatalog::parse(CATALOG, "t").unwrap();
         let mut x = host("x", "nope.big", "on-demand", 1);
-        x.hours.insert(0, hour(&[], 0.0));
+        x.hours_mut().insert(0, hour(&[], 0.0));
         let mut y = host("y", "g.small", "on-demand", 1);
-        y.hours.insert(0, hour(&[("p", 150.0, 1.0), ("q", 50.0, 1.0)], 90.0));
+        y.hours_mut().insert(0, hour(&[("p", 150.0, 1.0), ("q", 50.0, 1.0)], 90.0));
         let mut z = host("z", "g.small", "owned", 1);
         z.labels.insert("hourly_cost_usd".into(), "1.25".into());
-        z.hours.insert(0, hour(&[], 0.0));
+        z.hours_mut().insert(0, hour(&[], 0.0));
         let r = attribute(&Snapshot { now_ms: 0, hosts: vec![x, y, z] }, &catalog, 0, 3_600_000);
         let x = r.hosts.iter().find(|h| h.host == "x").unwrap();
         assert!(x.note.as_deref().unwrap().contains("not in the pricing catalog"));

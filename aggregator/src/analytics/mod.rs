@@ -35,6 +35,7 @@ pub mod series;
 pub mod settings;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use common::model_stats::ModelTotals;
 use serde::{Deserialize, Serialize};
@@ -42,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use self::anomaly::Anomaly;
 use self::cost::{CostReport, PricingCatalog};
 use self::forecast::Forecast;
+use self::seasonality::Seasonality;
 use self::series::{HOUR_MS, HourlySeries};
 use self::settings::Settings;
 use crate::store::Rollup;
@@ -68,10 +70,20 @@ pub struct HostSnapshot {
     pub cpu_cores: u32,
     /// Memory, bytes.
     pub memory_bytes: u64,
-    /// Hourly aggregates by hour start (an entry means the host reported in that hour).
-    pub hours: BTreeMap<i64, HourStats>,
+    /// Hourly aggregates by hour start (an entry means the host reported in that hour); shared
+    /// with the pass-to-pass cache, so a snapshot costs no copy of the history.
+    pub hours: Arc<BTreeMap<i64, HourStats>>,
     /// The recent window, from raw samples.
     pub recent: RecentWindow,
+}
+
+// === impl HostSnapshot ===
+
+impl HostSnapshot {
+    /// The hours, to change (copied first only if a cache still shares them).
+    pub fn hours_mut(&mut self) -> &mut BTreeMap<i64, HourStats> {
+        Arc::make_mut(&mut self.hours)
+    }
 }
 
 /// One host-hour, from an hourly rollup.
@@ -109,7 +121,9 @@ pub struct RecentWindow {
     pub window_secs: u64,
     /// Mean GPU utilization over the window, %.
     pub gpu_util_pct: Option<f64>,
-    /// Model totals merged over the window's raw samples.
+    /// Mean CPU utilization over the window, %.
+    pub cpu_util_pct: Option<f64>,
+    /// Model totals merged over the window.
     pub models: BTreeMap<String, ModelTotals>,
 }
 
@@ -203,9 +217,13 @@ pub fn targets(snapshot: &Snapshot) -> Vec<(String, String, String, HourlySeries
     let mut out = Vec::new();
     let mut models: BTreeMap<String, BTreeMap<i64, f64>> = BTreeMap::new();
     for h in &snapshot.hosts {
-        for (&t, st) in &h.hours {
+        for (&t, st) in h.hours.iter() {
             for (m, mh) in &st.models {
-                *models.entry(m.clone()).or_default().entry(t).or_default() += mh.requests_per_s;
+                let series = match models.get_mut(m) {
+                    Some(series) => series,
+                    None => models.entry(m.clone()).or_default(),
+                };
+                *series.entry(t).or_default() += mh.requests_per_s;
             }
         }
     }
@@ -293,6 +311,78 @@ pub struct ForecastMemo {
     pub fitted_last_pass: usize,
 }
 
+/// Forecasts of targets too young for a model (fewer than [`forecast::MIN_POINTS`] closed
+/// hours; a fresh fleet has none): the rate of the recent window, held flat, with a band from 0
+/// to twice it, and said so in the method. Replaced by the model's forecast once enough hours
+/// have closed.
+fn young_forecasts(
+    snapshot: &Snapshot,
+    targets: &[(String, String, String, HourlySeries)],
+    settings: &Settings,
+) -> Vec<ForecastView> {
+    let grown = |target: &str| {
+        targets.iter().any(|(t, _, _, s)| t == target && s.present() >= forecast::MIN_POINTS)
+    };
+    let mut levels: BTreeMap<(String, String, String), (f64, u64)> = BTreeMap::new();
+    for h in &snapshot.hosts {
+        let secs = h.recent.window_secs.max(1);
+        for (m, t) in &h.recent.models {
+            let e = levels
+                .entry((format!("model:{m}"), m.clone(), "requests_per_s".to_owned()))
+                .or_insert((0.0, secs));
+            e.0 += t.requests as f64 / secs as f64;
+        }
+        for (metric, v) in
+            [("gpu_util_pct", h.recent.gpu_util_pct), ("cpu_util_pct", h.recent.cpu_util_pct)]
+        {
+            if let Some(v) = v {
+                levels.insert(
+                    (format!("host:{}:{metric}", h.host), h.host.clone(), metric.to_owned()),
+                    (v, secs),
+                );
+            }
+        }
+    }
+    let start = series::floor_hour(snapshot.now_ms);
+    let h = settings.forecast.model.horizon_hours;
+    levels
+        .into_iter()
+        .filter(|((target, ..), _)| !grown(target))
+        .map(|((target, subject, metric), (level, secs))| {
+            // Utilization cannot pass 100 %.
+            let high =
+                if metric.ends_with("_pct") { (2.0 * level).min(100.0) } else { 2.0 * level };
+            let closed =
+                targets.iter().find(|(t, ..)| *t == target).map_or(0, |(_, _, _, s)| s.present());
+            ForecastView {
+                target,
+                subject,
+                metric,
+                history_start_ms: start,
+                history: Vec::new(),
+                forecast: Some(Forecast {
+                    start_ms: start,
+                    point: vec![level; h],
+                    lower: vec![0.0; h],
+                    upper: vec![high; h],
+                    level: settings.forecast.model.level,
+                    seasonality: Seasonality::default(),
+                    method: format!(
+                        "recent level: the mean of the last {secs} s held flat, band 0 to 2x \
+                         ({closed} closed hours; a model needs {})",
+                        forecast::MIN_POINTS
+                    ),
+                    train_start_ms: start,
+                    fitted: Vec::new(),
+                    selection: None,
+                }),
+                error: None,
+                anomalies: Vec::new(),
+            }
+        })
+        .collect()
+}
+
 /// The fingerprint of one forecast's inputs.
 fn fingerprint(target: &str, series: &HourlySeries, now_ms: i64, settings: &Settings) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
@@ -317,6 +407,7 @@ pub fn analyze_with(
 ) -> Analysis {
     let now = snapshot.now_ms;
     let targets = targets(snapshot);
+    let young = young_forecasts(snapshot, &targets, settings);
     let prints: Vec<u64> =
         targets.iter().map(|(t, _, _, series)| fingerprint(t, series, now, settings)).collect();
     let mut forecasts: Vec<Option<ForecastView>> = targets
@@ -380,6 +471,10 @@ pub fn analyze_with(
         })
         .collect();
     memo.views = views;
+    // A young target's recent-level forecast stands in for its model's "not enough data".
+    let mut forecasts = forecasts;
+    forecasts.retain(|v| v.forecast.is_some() || !young.iter().any(|y| y.target == v.target));
+    forecasts.extend(young);
     let to = series::floor_hour(now);
     let from = to - i64::try_from(settings.cost_window_hours).unwrap_or(24) * HOUR_MS;
     let costs = cost::attribute(snapshot, catalog, from, to);
@@ -398,6 +493,43 @@ pub fn analyze_with(
 mod tests {
     use super::*;
     use crate::store::Stats;
+
+    #[test]
+    fn a_fresh_fleet_gets_a_recent_level_forecast_a_price_and_a_plan() {
+        // One owned host, a minute old: no closed hour, a recent window with 600 requests in
+        // 300 s and an idle CPU.
+        let mut recent =
+            RecentWindow { window_secs: 300, cpu_util_pct: Some(2.0), ..RecentWindow::default() };
+        recent.models.insert("m".into(), ModelTotals { requests: 600, ..ModelTotals::default() });
+        let host = HostSnapshot {
+            host: "box".into(),
+            labels: [("lifecycle", "owned"), ("hourly_cost_usd", "0.25")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            cpu_cores: 8,
+            recent,
+            ..HostSnapshot::default()
+        };
+        let snapshot = Snapshot { now_ms: 100 * HOUR_MS + 60_000, hosts: vec![host] };
+        let a = analyze(&snapshot, &Settings::default(), &PricingCatalog::builtin().unwrap());
+        let model = a.forecasts.iter().find(|f| f.target == "model:m").unwrap();
+        let f = model.forecast.as_ref().unwrap();
+        assert!(f.method.starts_with("recent level"), "{}", f.method);
+        assert_eq!((f.point[0], f.upper[0], f.start_ms), (2.0, 4.0, 100 * HOUR_MS));
+        let cpu = a.forecasts.iter().find(|f| f.target == "host:box:cpu_util_pct").unwrap();
+        assert_eq!(cpu.forecast.as_ref().unwrap().point[0], 2.0);
+        // Each target once: no "not enough data" view beside the recent level.
+        assert_eq!(
+            a.forecasts.len(),
+            2,
+            "{:?}",
+            a.forecasts.iter().map(|f| &f.target).collect::<Vec<_>>()
+        );
+        assert_eq!(a.costs.fleet_hourly_rate, 0.25);
+        let plan = a.plans.iter().find(|p| p.target == "box").expect("a scale-in plan");
+        assert!(plan.rationale.contains("no closed hour yet"), "{}", plan.rationale);
+    }
 
     #[test]
     fn hour_stats_read_gpus_and_models_from_a_rollup() {

@@ -189,10 +189,19 @@ pub fn plans(
         let hours: Vec<&HourStats> =
             h.hours.range(since..snapshot.now_ms).map(|(_, v)| v).collect();
         let gpu = h.gpus > 0 || hours.iter().any(|st| st.gpu_util_pct.is_some());
-        let util: Vec<f64> = hours
+        let mut util: Vec<f64> = hours
             .iter()
             .filter_map(|st| if gpu { st.gpu_util_pct } else { st.cpu_util_pct })
             .collect();
+        // A host without a closed hour yet (a fresh fleet) is judged on its recent window,
+        // and the rationale says so.
+        let over = if util.is_empty() {
+            let recent = if gpu { h.recent.gpu_util_pct } else { h.recent.cpu_util_pct };
+            util.extend(recent);
+            format!("the last {} s (no closed hour yet)", h.recent.window_secs)
+        } else {
+            format!("{} h", s.lookback_hours)
+        };
         let Some(p) = percentile(&util, s.percentile) else { continue };
         let monthly = rate * HOURS_PER_MONTH;
         let name = h.host.as_str();
@@ -202,8 +211,8 @@ pub fn plans(
                 name,
                 format!("Drain and stop {name}."),
                 format!(
-                    "p{} utilization over {} h is {p:.1} % (idle under {} %).",
-                    s.percentile, s.lookback_hours, s.idle_util_pct
+                    "p{} utilization over {over} is {p:.1} % (idle under {} %).",
+                    s.percentile, s.idle_util_pct
                 ),
                 monthly,
                 monthly,
@@ -416,9 +425,9 @@ mod tests {
         for t in 0..10 {
             let mut ha = hour(&[("m", 80.0, 10.0)], 20.0);
             ha.gpu_util_max_pct = Some(40.0);
-            a.hours.insert(t * HOUR_MS, ha);
-            b.hours.insert(t * HOUR_MS, hour(&[], 2.0));
-            c.hours.insert(t * HOUR_MS, hour(&[("m", 50.0, 1.0)], 50.0));
+            a.hours_mut().insert(t * HOUR_MS, ha);
+            b.hours_mut().insert(t * HOUR_MS, hour(&[], 2.0));
+            c.hours_mut().insert(t * HOUR_MS, hour(&[("m", 50.0, 1.0)], 50.0));
         }
         Snapshot { now_ms: 10 * HOUR_MS, hosts: vec![a, b, c] }
     }
@@ -489,7 +498,7 @@ mod tests {
             st.gpu_util_max_pct = None;
             st.cpu_util_pct = Some(60.0);
             st.cpu_util_max_pct = Some(70.0);
-            h.hours.insert(t * HOUR_MS, st);
+            h.hours_mut().insert(t * HOUR_MS, st);
         }
         let snap = Snapshot { now_ms: 5 * HOUR_MS, hosts: vec![h] };
         let costs = attribute(&snap, &cat, 0, 5 * HOUR_MS);

@@ -28,7 +28,7 @@ pub const WEEKLY_SHARE: f64 = 0.25;
 pub const WEEKLY_MIN_GAIN: f64 = 0.02;
 
 /// The cycles found, with the correlations that decided.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Seasonality {
     /// A daily cycle is present.
     pub daily: bool,

@@ -204,6 +204,19 @@ pub struct UpArgs {
     #[arg(long, value_name = "N", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub uplink_secs: u64,
+    /// What this machine costs per hour, in USD, as an owned host (the default assumes a
+    /// 5,000 USD server over 36 months plus 400 W at 0.15 USD/kWh: 0.25)
+    #[arg(long, value_name = "USD", default_value_t = crate::up::OWNED_HOURLY_COST_USD,
+          value_parser = parse_hourly_cost)]
+    pub hourly_cost: f64,
+}
+
+/// A price per hour: a finite number, 0 or more.
+fn parse_hourly_cost(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("invalid --hourly-cost {text:?}: use a price per hour such as 0.25")),
+    }
 }
 
 /// Runs the CLI with the process's arguments and environment.
@@ -247,6 +260,7 @@ pub fn run(cli: Cli, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()>
             inference: up.inference,
             sample_ms: up.sample_ms,
             uplink_secs: up.uplink_secs,
+            hourly_cost: up.hourly_cost,
         });
     }
     if let Command::Simulate(args) = &command {

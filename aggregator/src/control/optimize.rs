@@ -127,7 +127,7 @@ pub fn safe_actions(
 fn idle_models(h: &crate::analytics::HostSnapshot, now_ms: i64) -> Vec<(String, i64)> {
     let mut first: BTreeMap<&str, i64> = BTreeMap::new();
     let mut last_busy: BTreeMap<&str, i64> = BTreeMap::new();
-    for (&t, stats) in &h.hours {
+    for (&t, stats) in h.hours.iter() {
         for (model, hour) in &stats.models {
             first.entry(model).or_insert(t);
             if hour.requests_per_s > 0.0 {
@@ -174,7 +174,7 @@ mod tests {
         HostSnapshot {
             host: name.into(),
             labels: [("pool".to_owned(), pool.to_owned())].into(),
-            hours,
+            hours: hours.into(),
             ..HostSnapshot::default()
         }
     }
