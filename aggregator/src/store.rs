@@ -320,9 +320,11 @@ pub struct HourChanges {
     pub changed: Option<Vec<(String, i64)>>,
 }
 
-/// Hour rollup writes a [`SledStore`] remembers for [`TelemetryStore::hour_changes`]: far
-/// more than one rollup pass writes for a large fleet (1,000 hosts, an hour each).
-pub const HOUR_LOG_CAPACITY: usize = 1 << 20;
+/// Hour rollup writes a [`SledStore`] remembers for [`TelemetryStore::hour_changes`] (about
+/// 4 MiB): many times what a large fleet writes between two analytics passes (10,000 hosts
+/// write 10,000 an hour). After a bigger backlog a reader is told it cannot know and reads
+/// everything once.
+pub const HOUR_LOG_CAPACITY: usize = 1 << 16;
 
 /// How long each kind of data is kept.
 #[derive(Debug, Clone, Copy)]
