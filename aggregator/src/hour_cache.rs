@@ -126,6 +126,7 @@ impl HourCache {
 mod tests {
     use super::*;
     use crate::store::SledStore;
+    use crate::store::tests::reopen;
     use common::proto::{HostSample, Sample, TelemetryBatch};
 
     fn batch(host: &str, seq: u64, at_ms: &[(i64, f32)]) -> crate::store::IncomingBatch {
@@ -202,11 +203,11 @@ mod tests {
             store.roll_up(i64::MAX).unwrap();
         }
         let mut cache = HourCache::default();
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         cache.refresh(&store, &hosts, 0, 10 * HOUR_MS).unwrap();
         // Another opening of the store: the cursor is foreign, everything is read again.
         drop(store);
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         let again = cache.refresh(&store, &hosts, 0, 10 * HOUR_MS).unwrap();
         assert_eq!(again, Refresh { hosts_read_whole: 1, hours_read: 1 });
     }

@@ -1463,12 +1463,12 @@ fn io(op: &'static str) -> impl Fn(sled::Error) -> StoreError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use common::proto::HostSample;
 
     /// sled releases its file lock from a background thread shortly after the handle drops.
-    fn reopen(path: &Path) -> SledStore {
+    pub(crate) fn reopen(path: &Path) -> SledStore {
         for _ in 0..100 {
             if let Ok(s) = SledStore::open(path) {
                 return s;
@@ -1831,7 +1831,7 @@ mod tests {
         assert_eq!(late.changed, Some(vec![("a".to_owned(), 0)]));
         // A cursor of another opening of the store is not trusted.
         drop(store);
-        let reopened = SledStore::open(dir.path()).unwrap();
+        let reopened = reopen(dir.path());
         assert_eq!(reopened.hour_changes(Some(late.cursor)).unwrap().changed, None);
     }
 
