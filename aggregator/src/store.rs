@@ -1247,19 +1247,22 @@ impl TelemetryStore for SledStore {
             let hour = t.div_euclid(HOUR_MS) * HOUR_MS;
             let hour_end = hour + HOUR_MS;
             if t == hour && hour_end <= until_ms {
-                if !self.any_in(&self.samples, h, hour, hour_end)?
-                    && !self.any_in(&self.model_minutes, h, hour, hour_end)?
-                    && !self.any_in(&self.model_hours, h, hour, hour_end)?
-                {
-                    t = hour_end;
-                    continue;
-                }
                 let settled = !self.any_in(&self.dirty_hours, h, hour, hour + 1)?
                     && !self.any_in(&self.dirty_minutes, h, hour, hour_end)?;
-                if settled && let Some(b) = self.model_bucket(&self.model_hours, h, hour)? {
-                    merge_models(&mut out, &b);
-                    t = hour_end;
-                    continue;
+                if settled {
+                    if let Some(b) = self.model_bucket(&self.model_hours, h, hour)? {
+                        merge_models(&mut out, &b);
+                        t = hour_end;
+                        continue;
+                    }
+                    // Settled without an hour rollup: an hour without data (skipped whole)
+                    // or one from before model rollups existed (read below, finer).
+                    if !self.any_in(&self.samples, h, hour, hour_end)?
+                        && !self.any_in(&self.model_minutes, h, hour, hour_end)?
+                    {
+                        t = hour_end;
+                        continue;
+                    }
                 }
             }
             let minute = t.div_euclid(MINUTE_MS) * MINUTE_MS;

@@ -107,11 +107,6 @@ impl Method {
             }
         }
     }
-
-    /// Whether this method costs a model fit (the rest are sums over a few past cycles).
-    pub fn is_model(&self) -> bool {
-        matches!(self, Self::Decomposition { .. })
-    }
 }
 
 /// The default candidates, cheap ones first.

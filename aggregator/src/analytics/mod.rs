@@ -320,9 +320,10 @@ fn young_forecasts(
     targets: &[(String, String, String, HourlySeries)],
     settings: &Settings,
 ) -> Vec<ForecastView> {
-    let grown = |target: &str| {
-        targets.iter().any(|(t, _, _, s)| t == target && s.present() >= forecast::MIN_POINTS)
-    };
+    // Closed hours per target, looked up once per candidate.
+    let closed: HashMap<&str, usize> =
+        targets.iter().map(|(t, _, _, s)| (t.as_str(), s.present())).collect();
+    let closed_of = |target: &str| closed.get(target).copied().unwrap_or(0);
     let mut levels: BTreeMap<(String, String, String), (f64, u64)> = BTreeMap::new();
     for h in &snapshot.hosts {
         let secs = h.recent.window_secs.max(1);
@@ -347,13 +348,12 @@ fn young_forecasts(
     let h = settings.forecast.model.horizon_hours;
     levels
         .into_iter()
-        .filter(|((target, ..), _)| !grown(target))
+        .filter(|((target, ..), _)| closed_of(target) < forecast::MIN_POINTS)
         .map(|((target, subject, metric), (level, secs))| {
             // Utilization cannot pass 100 %.
             let high =
                 if metric.ends_with("_pct") { (2.0 * level).min(100.0) } else { 2.0 * level };
-            let closed =
-                targets.iter().find(|(t, ..)| *t == target).map_or(0, |(_, _, _, s)| s.present());
+            let closed = closed_of(&target);
             ForecastView {
                 target,
                 subject,
@@ -384,7 +384,7 @@ fn young_forecasts(
 }
 
 /// The fingerprint of one forecast's inputs.
-fn fingerprint(target: &str, series: &HourlySeries, now_ms: i64, settings: &Settings) -> u64 {
+fn fingerprint(target: &str, series: &HourlySeries, now_ms: i64, settings: &str) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
     let mut h = std::hash::DefaultHasher::new();
     target.hash(&mut h);
@@ -393,7 +393,7 @@ fn fingerprint(target: &str, series: &HourlySeries, now_ms: i64, settings: &Sett
     for v in &series.values {
         v.map(f64::to_bits).hash(&mut h);
     }
-    format!("{:?}", settings.forecast).hash(&mut h);
+    settings.hash(&mut h);
     h.finish()
 }
 
@@ -408,8 +408,11 @@ pub fn analyze_with(
     let now = snapshot.now_ms;
     let targets = targets(snapshot);
     let young = young_forecasts(snapshot, &targets, settings);
-    let prints: Vec<u64> =
-        targets.iter().map(|(t, _, _, series)| fingerprint(t, series, now, settings)).collect();
+    let forecast_settings = format!("{:?}", settings.forecast);
+    let prints: Vec<u64> = targets
+        .iter()
+        .map(|(t, _, _, series)| fingerprint(t, series, now, &forecast_settings))
+        .collect();
     let mut forecasts: Vec<Option<ForecastView>> = targets
         .iter()
         .zip(&prints)
@@ -473,7 +476,9 @@ pub fn analyze_with(
     memo.views = views;
     // A young target's recent-level forecast stands in for its model's "not enough data".
     let mut forecasts = forecasts;
-    forecasts.retain(|v| v.forecast.is_some() || !young.iter().any(|y| y.target == v.target));
+    let young_targets: std::collections::HashSet<&str> =
+        young.iter().map(|y| y.target.as_str()).collect();
+    forecasts.retain(|v| v.forecast.is_some() || !young_targets.contains(v.target.as_str()));
     forecasts.extend(young);
     let to = series::floor_hour(now);
     let from = to - i64::try_from(settings.cost_window_hours).unwrap_or(24) * HOUR_MS;
@@ -493,6 +498,38 @@ pub fn analyze_with(
 mod tests {
     use super::*;
     use crate::store::Stats;
+
+    #[test]
+    fn forecasts_are_refitted_only_when_their_inputs_change() {
+        // Three weeks of one model's hourly demand on one host.
+        let mut host = HostSnapshot { host: "a".into(), ..HostSnapshot::default() };
+        for t in 0..504i64 {
+            let mut st = HourStats::default();
+            let rps = 10.0 + (t % 24) as f64;
+            st.models.insert("m".into(), ModelHour { requests_per_s: rps, ..ModelHour::default() });
+            st.cpu_util_pct = Some(rps);
+            host.hours_mut().insert(t * HOUR_MS, st);
+        }
+        let mut snapshot = Snapshot { now_ms: 504 * HOUR_MS + 60_000, hosts: vec![host] };
+        let (settings, catalog) = (Settings::default(), PricingCatalog::builtin().unwrap());
+        let mut memo = ForecastMemo::default();
+        let first = analyze_with(&snapshot, &settings, &catalog, &mut memo);
+        assert_eq!(memo.fitted_last_pass, 2, "model and host CPU");
+        // Five minutes later, nothing new: nothing refitted, the same forecasts.
+        snapshot.now_ms += 5 * 60_000;
+        let again = analyze_with(&snapshot, &settings, &catalog, &mut memo);
+        assert_eq!(memo.fitted_last_pass, 0);
+        assert_eq!(again.forecasts, first.forecasts);
+        // Late data changes one hour of the model (not the CPU): only the model is refitted.
+        let hours = snapshot.hosts[0].hours_mut();
+        hours.get_mut(&(100 * HOUR_MS)).unwrap().models.get_mut("m").unwrap().requests_per_s = 99.0;
+        analyze_with(&snapshot, &settings, &catalog, &mut memo);
+        assert_eq!(memo.fitted_last_pass, 1);
+        // A new hour: everything is refitted.
+        snapshot.now_ms += HOUR_MS;
+        analyze_with(&snapshot, &settings, &catalog, &mut memo);
+        assert_eq!(memo.fitted_last_pass, 2);
+    }
 
     #[test]
     fn a_fresh_fleet_gets_a_recent_level_forecast_a_price_and_a_plan() {
