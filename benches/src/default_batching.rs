@@ -23,7 +23,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agent::serving::runner::Signature;
-use agent::serving::tensor::{DataType, Tensor};
 use anyhow::{Context as _, bail};
 use benches::quantile;
 use clap::Parser;
@@ -160,47 +159,8 @@ async fn served(file: &Path, config: Option<&str>, seconds: f64) -> anyhow::Resu
     Ok((quantile(&lat, 0.5), quantile(&lat, 0.99)))
 }
 
-/// A one-row binary-extension request for `signature`: the JSON header's length and the body.
-/// Open sizes follow the shared data README: 48x192 images, 512-sample audio, one row.
+/// A one-row binary-extension request for `signature` (inputs as `benches::inputs` makes them).
 fn request(signature: &Signature) -> anyhow::Result<(usize, Vec<u8>)> {
-    let mut inputs = Vec::new();
-    let mut binary = Vec::new();
-    for io in &signature.inputs {
-        let rank = io.dims.len();
-        let shape: Vec<usize> = io
-            .dims
-            .iter()
-            .enumerate()
-            .map(|(axis, d)| match usize::try_from(*d) {
-                Ok(d) => d,
-                Err(_) if rank == 4 && axis == 2 => 48,
-                Err(_) if rank == 4 && axis == 3 => 192,
-                Err(_) if rank == 2 && axis == 1 => 512,
-                Err(_) => 1,
-            })
-            .collect();
-        let n: usize = shape.iter().product();
-        let bytes: Vec<u8> = match io.datatype {
-            DataType::F32 => (0..n).flat_map(|i| ((i % 17) as f32 / 17.0).to_le_bytes()).collect(),
-            DataType::I64 => (0..n).flat_map(|_| 16_000i64.to_le_bytes()).collect(),
-            other => bail!("input {} of type {other} is not generated", io.name),
-        };
-        let tensor = Tensor::from_bytes(io.datatype, shape, bytes)?;
-        let data = tensor.to_binary();
-        inputs.push(serde_json::json!({
-            "name": io.name, "shape": tensor.shape(), "datatype": tensor.dtype().name(),
-            "parameters": {"binary_data_size": data.len()},
-        }));
-        binary.extend(data);
-    }
-    let outputs: Vec<_> = signature
-        .outputs
-        .iter()
-        .map(|o| serde_json::json!({"name": o.name, "parameters": {"binary_data": true}}))
-        .collect();
-    let head = serde_json::json!({"inputs": inputs, "outputs": outputs}).to_string();
-    let header_len = head.len();
-    let mut body = head.into_bytes();
-    body.extend(binary);
-    Ok((header_len, body))
+    let inputs = benches::inputs::bench_inputs(signature, 1)?;
+    Ok(benches::inputs::binary_request(signature, &inputs))
 }

@@ -1,5 +1,7 @@
 //! Shared pieces of the Flotilla benchmarks: an in-process aggregator on loopback with a
-//! throwaway fleet CA, realistic samples, and small statistics helpers.
+//! throwaway fleet CA, realistic samples, small statistics helpers, and inputs for any model.
+
+pub mod inputs;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,23 +1,29 @@
-//! bench-serving: what the inference server costs over running tract directly.
+//! bench-serving: what the inference server costs over running its engine directly.
 //!
-//! For each model in `../shared/data/models/` (or `--models DIR`), each batch size (1, 2, 4, 8)
-//! and each instance count (1, 2), side by side in one run:
+//! For each model (the `.onnx` files of `--models`, files or directories: by default the shared
+//! models and the INT32 text classifier fixture), each engine (tract, onnxruntime), each batch
+//! size (1, 2, 4, 8) and each instance count (1, 2), side by side in one run:
 //!
 //! - **served**: a real agent inference API (axum on loopback, the batcher, instance threads)
 //!   driven by closed-loop HTTP clients sending binary tensors. A model that batches gets
 //!   single-row requests and forms batches of up to B rows; a model that cannot batch (scalar or
 //!   state inputs) gets requests of B rows each.
-//! - **raw**: the same rows through the same tract plans in-process, no server: `instances`
-//!   threads each running batches of B rows back to back.
+//! - **raw**: the same rows through the same engine in-process, no server: `instances` threads
+//!   each running batches of B rows back to back (onnxruntime with the intra-op threads the
+//!   agent's core budget gives it).
 //!
-//! It prints rows/s, p50 and p99 latency for both and the ratio served/raw (the server's
-//! overhead; the goal is at least 0.9). Then the batcher's own overhead per request: the pure
-//! policy (push + form), and the whole queue path (queue, worker, instance thread, reply) with a
-//! no-op engine.
+//! It prints rows/s, p50 and p99 latency for both, the ratio served/raw (the server's overhead)
+//! and served over the fastest engine's raw rate at that point (`vs best`: the physical limit
+//! on a CPU). Inputs of every datatype are generated (`benches::inputs`). Then the batcher's own
+//! overhead per request: the pure policy (push + form), and the whole queue path (queue,
+//! worker, instance thread, reply) with a no-op engine.
 //!
 //! ```text
 //! cargo run --release -p benches --bin bench-serving -- --seconds 3
 //! ```
+//!
+//! onnxruntime comes from the `.venv` wheel `scripts/test` installs (or `ORT_DYLIB_PATH`);
+//! without it the onnxruntime rows are skipped with the reason.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,8 +33,10 @@ use std::time::{Duration, Instant};
 use agent::serving::batcher::{BatchQueue, Policy, Step};
 use agent::serving::model::LoadedModel;
 use agent::serving::model_config::ModelConfig;
+use agent::serving::onnxruntime::OrtEngine;
 use agent::serving::runner::{Engine, RunError, Signature, TractEngine};
 use agent::serving::tensor::{DataType, Tensor};
+use agent::serving::threads::{host_cores, intra_op_threads};
 use anyhow::{Context as _, bail};
 use benches::quantile;
 use clap::Parser;
@@ -36,17 +44,30 @@ use common::config::agent::ServingConfig;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
-#[command(about = "Served vs raw tract throughput and latency, and the batcher's overhead")]
+#[command(about = "Served vs raw engine throughput and latency, and the batcher's overhead")]
 struct Args {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
-    /// Directory of .onnx files to measure.
-    #[arg(long, default_value = "../shared/data/models")]
-    models: PathBuf,
+    /// .onnx files, or directories of them, to measure.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "../shared/data/models,tests/fixtures/text_cnn.onnx"
+    )]
+    models: Vec<PathBuf>,
+    /// Engines to measure: tract, onnxruntime.
+    #[arg(long, value_delimiter = ',', default_value = "tract,onnxruntime")]
+    engines: Vec<String>,
     /// Batch sizes.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     batch: Vec<usize>,
+    /// onnxruntime intra-op threads per instance (default: the agent's core budget).
+    #[arg(long)]
+    ort_threads: Option<usize>,
+    /// Whether onnxruntime's idle intra-op threads spin.
+    #[arg(long, default_value_t = false)]
+    ort_spinning: bool,
     /// Instance counts.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     instances: Vec<usize>,
@@ -61,15 +82,38 @@ struct Run {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&args.models)
-        .with_context(|| format!("reading {}", args.models.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
-        .collect();
-    files.sort();
+    let _ = ORT_SETTINGS.set((args.ort_threads, args.ort_spinning));
+    let mut files: Vec<PathBuf> = Vec::new();
+    for path in &args.models {
+        if path.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(path.clone());
+        }
+    }
     if files.is_empty() {
-        bail!("no .onnx files in {}", args.models.display());
+        bail!("no .onnx files in {:?}", args.models);
+    }
+    let mut engines = Vec::new();
+    for name in &args.engines {
+        match name.as_str() {
+            "tract" => engines.push(EngineKind::Tract),
+            "onnxruntime" => match agent::serving::ort_library::runtime(None) {
+                Ok(rt) => {
+                    println!("onnxruntime {} from {}", rt.version, rt.library.display());
+                    engines.push(EngineKind::Onnxruntime);
+                }
+                Err(e) => println!("skipping onnxruntime: {e}"),
+            },
+            other => bail!("--engines: must be tract or onnxruntime, got {other:?}"),
+        }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     println!(
@@ -78,8 +122,9 @@ fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
     println!(
-        "{:<30} {:>2} {:>4} | {:>9} {:>8} {:>8} | {:>9} {:>8} {:>8} | {:>6}",
+        "{:<28} {:<11} {:>2} {:>4} | {:>9} {:>8} {:>8} | {:>9} {:>8} {:>8} | {:>6} {:>7}",
         "model",
+        "engine",
         "B",
         "inst",
         "raw r/s",
@@ -88,27 +133,43 @@ fn main() -> anyhow::Result<()> {
         "served r/s",
         "p50 ms",
         "p99 ms",
-        "ratio"
+        "ratio",
+        "vs best"
     );
     for file in &files {
         let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_owned();
         for &instances in &args.instances {
             for &batch in &args.batch {
-                let raw = raw_run(file, batch, instances, args.seconds)?;
-                let served = runtime.block_on(served_run(file, batch, instances, args.seconds))?;
-                println!(
-                    "{:<30} {:>2} {:>4} | {:>9.1} {:>8.2} {:>8.2} | {:>9.1} {:>8.2} {:>8.2} | {:>6.2}",
-                    name,
-                    batch,
-                    instances,
-                    raw.rows_per_s,
-                    raw.p50_ms,
-                    raw.p99_ms,
-                    served.rows_per_s,
-                    served.p50_ms,
-                    served.p99_ms,
-                    served.rows_per_s / raw.rows_per_s
-                );
+                let mut rows = Vec::new();
+                for &engine in &engines {
+                    let raw = raw_run(engine, file, batch, instances, args.seconds)?;
+                    let served = runtime.block_on(served_run(
+                        engine,
+                        file,
+                        batch,
+                        instances,
+                        args.seconds,
+                    ))?;
+                    rows.push((engine, raw, served));
+                }
+                let best = rows.iter().map(|(_, raw, _)| raw.rows_per_s).fold(0.0, f64::max);
+                for (engine, raw, served) in rows {
+                    println!(
+                        "{:<28} {:<11} {:>2} {:>4} | {:>9.1} {:>8.2} {:>8.2} | {:>9.1} {:>8.2} {:>8.2} | {:>6.2} {:>7.2}",
+                        name,
+                        engine.name(),
+                        batch,
+                        instances,
+                        raw.rows_per_s,
+                        raw.p50_ms,
+                        raw.p99_ms,
+                        served.rows_per_s,
+                        served.p50_ms,
+                        served.p99_ms,
+                        served.rows_per_s / raw.rows_per_s,
+                        served.rows_per_s / best,
+                    );
+                }
             }
         }
     }
@@ -116,57 +177,71 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Inputs of `rows` rows (or per-request rows for unbatched models) for `signature`.
+/// `--ort-threads` and `--ort-spinning`, for the raw and the served runs alike.
+static ORT_SETTINGS: std::sync::OnceLock<(Option<usize>, bool)> = std::sync::OnceLock::new();
+
+fn ort_settings() -> (Option<usize>, bool) {
+    ORT_SETTINGS.get().copied().unwrap_or((None, false))
+}
+
+/// The engines measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EngineKind {
+    Tract,
+    Onnxruntime,
+}
+
+impl EngineKind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Tract => "tract",
+            Self::Onnxruntime => "onnxruntime",
+        }
+    }
+}
+
 fn inputs_for(signature: &Signature, rows: usize) -> anyhow::Result<Vec<Tensor>> {
-    let mut seed = 1u32;
-    signature
-        .inputs
-        .iter()
-        .map(|io| {
-            let shape: Vec<usize> = io
-                .dims
-                .iter()
-                .enumerate()
-                .map(|(axis, d)| match usize::try_from(*d) {
-                    Ok(d) => d,
-                    // Open sizes: the batch axis takes the rows; others the sizes the shared
-                    // data README gives (48x192 images, 512-sample audio, state of `rows`).
-                    Err(_) if axis == 0 => rows,
-                    Err(_) if io.dims.len() == 4 && axis == 2 => 48,
-                    Err(_) if io.dims.len() == 4 && axis == 3 => 192,
-                    Err(_) if io.dims.len() == 2 => 512,
-                    Err(_) => rows,
-                })
-                .collect();
-            let n: usize = shape.iter().product();
-            let bytes = match io.datatype {
-                DataType::F32 => (0..n)
-                    .flat_map(|_| {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 17;
-                        seed ^= seed << 5;
-                        ((seed % 2000) as f32 / 1000.0 - 1.0).to_le_bytes()
-                    })
-                    .collect(),
-                DataType::I64 => (0..n).flat_map(|_| 16_000i64.to_le_bytes()).collect(),
-                other => bail!("bench inputs of type {other} are not generated"),
+    benches::inputs::bench_inputs(signature, rows)
+}
+
+fn load(
+    kind: EngineKind,
+    file: &Path,
+    batch: usize,
+    instances: usize,
+) -> anyhow::Result<(Arc<dyn Engine>, Signature)> {
+    let config = ModelConfig { max_batch_size: batch, instances, ..ModelConfig::default() };
+    let loaded = match kind {
+        EngineKind::Tract => {
+            TractEngine::load(file, &config).map(|(e, s)| (Arc::new(e) as Arc<dyn Engine>, s))
+        }
+        EngineKind::Onnxruntime => {
+            let (asked, spinning) = ort_settings();
+            let threads = intra_op_threads(asked, instances, host_cores()).threads;
+            let options = agent::serving::model_config::OrtOptions {
+                intra_op_spinning: spinning,
+                ..config.onnxruntime.clone()
             };
-            Ok(Tensor::from_bytes(io.datatype, shape, bytes)?)
-        })
-        .collect()
+            OrtEngine::load(file, &config, &options, threads)
+                .map(|(e, s)| (Arc::new(e) as Arc<dyn Engine>, s))
+        }
+    };
+    loaded.map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
 }
 
-fn load(file: &Path, batch: usize) -> anyhow::Result<(TractEngine, Signature)> {
-    let config = ModelConfig { max_batch_size: batch, ..ModelConfig::default() };
-    TractEngine::load(file, &config).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
-}
-
-/// tract in-process: `instances` threads running batches of `batch` rows back to back.
-fn raw_run(file: &Path, batch: usize, instances: usize, seconds: f64) -> anyhow::Result<Run> {
-    let (engine, signature) = load(file, batch)?;
+/// The engine in-process: `instances` threads running batches of `batch` rows back to back.
+fn raw_run(
+    kind: EngineKind,
+    file: &Path,
+    batch: usize,
+    instances: usize,
+    seconds: f64,
+) -> anyhow::Result<Run> {
+    let (engine, signature) = load(kind, file, batch, instances)?;
     let inputs = inputs_for(&signature, batch)?;
-    engine.run(inputs.clone()).map_err(|e| anyhow::anyhow!("{e}"))?; // build the plan
-    let engine = Arc::new(engine);
+    for _ in 0..=instances {
+        engine.run(inputs.clone()).map_err(|e| anyhow::anyhow!("{e}"))?; // plans, sessions
+    }
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let start = Instant::now();
     let results: Vec<Vec<f64>> = std::thread::scope(|scope| {
@@ -201,6 +276,7 @@ fn raw_run(file: &Path, batch: usize, instances: usize, seconds: f64) -> anyhow:
 
 /// The agent's inference API on loopback, driven by closed-loop HTTP clients.
 async fn served_run(
+    kind: EngineKind,
     file: &Path,
     batch: usize,
     instances: usize,
@@ -213,7 +289,13 @@ async fn served_run(
     std::fs::write(
         dir.join("config.toml"),
         format!(
-            "max_batch_size = {batch}\nmax_queue_delay_us = 2000\ninstances = {instances}\nmax_queue_size = 1024\n"
+            "backend = \"{}\"\nmax_batch_size = {batch}\nmax_queue_delay_us = 2000\ninstances = {instances}\nmax_queue_size = 1024\n{}",
+            kind.name(),
+            match ort_settings() {
+                (Some(t), spin) =>
+                    format!("[onnxruntime]\nintra_op_threads = {t}\nintra_op_spinning = {spin}\n"),
+                (None, spin) => format!("[onnxruntime]\nintra_op_spinning = {spin}\n"),
+            }
         ),
     )?;
     let config = ServingConfig {
@@ -295,25 +377,7 @@ struct Body {
 }
 
 fn binary_body(signature: &Signature, inputs: &[Tensor]) -> Arc<Body> {
-    let mut binary = Vec::new();
-    let mut header = Vec::new();
-    for (io, t) in signature.inputs.iter().zip(inputs) {
-        let bytes = t.to_binary();
-        header.push(serde_json::json!({
-            "name": io.name, "shape": t.shape(), "datatype": t.dtype().name(),
-            "parameters": {"binary_data_size": bytes.len()},
-        }));
-        binary.extend(bytes);
-    }
-    let outputs: Vec<_> = signature
-        .outputs
-        .iter()
-        .map(|o| serde_json::json!({"name": o.name, "parameters": {"binary_data": true}}))
-        .collect();
-    let head = serde_json::json!({"inputs": header, "outputs": outputs}).to_string();
-    let header_len = head.len();
-    let mut bytes = head.into_bytes();
-    bytes.extend(binary);
+    let (header_len, bytes) = benches::inputs::binary_request(signature, inputs);
     Arc::new(Body { header_len, bytes })
 }
 

@@ -9,6 +9,12 @@ silero VAD's graph before its Ifs were removed, the branches give different shap
 unknown, so it loads, but fails to analyse it once any input shape is given (`Failed analyse
 for node ... "If_0"`), so no request could ever run: the agent must refuse it at load.
 
+text_cnn.onnx: a small text classifier with an INT32 input, as real ones are: tokens INT32
+[batch, 512] -> OneHot (depth 64) -> Conv1d 64->128 (k 5) -> Relu -> Conv1d 128->128 (k 5) ->
+Relu -> max over positions -> Dense 128->64 -> Relu -> Dense 64->4 -> Softmax -> probabilities
+FP32 [batch, 4]; about 63 M multiply-adds per row, fixed pseudo-random weights (seed 7). Served
+by both tract and onnxruntime, it checks that the engines agree and times them.
+
 `make_fixtures.py --slow OUT.onnx [LAYERS]` writes (not committed: the e2e lifecycle tests make
 it in a temp dir) a deliberately slow model: x [1, 64] -> [1, 512] -> an outer product to
 [1, 512, 512] -> LAYERS MatMuls with a 512x512 weight and Tanh -> mean over axis 1 -> y [1, 512];
@@ -99,6 +105,46 @@ def slow(layers):
     return model
 
 
+def text_cnn():
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    seq, depth, channels, hidden, classes = 512, 64, 128, 64, 4
+    tokens = helper.make_tensor_value_info("tokens", TensorProto.INT32, ["batch", seq])
+    probs = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])
+    weight = lambda *shape: (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+    inits = [
+        onnx.numpy_helper.from_array(np.array(depth, dtype=np.int32), "depth"),
+        onnx.numpy_helper.from_array(np.array([0.0, 1.0], dtype=np.float32), "onehot_values"),
+        onnx.numpy_helper.from_array(weight(channels, depth, 5), "conv1_w"),
+        onnx.numpy_helper.from_array(np.zeros(channels, dtype=np.float32) + 0.01, "conv1_b"),
+        onnx.numpy_helper.from_array(weight(channels, channels, 5), "conv2_w"),
+        onnx.numpy_helper.from_array(np.zeros(channels, dtype=np.float32) - 0.01, "conv2_b"),
+        onnx.numpy_helper.from_array(weight(hidden, channels), "dense1_w"),
+        onnx.numpy_helper.from_array(np.zeros(hidden, dtype=np.float32), "dense1_b"),
+        onnx.numpy_helper.from_array(weight(classes, hidden), "dense2_w"),
+        onnx.numpy_helper.from_array(np.zeros(classes, dtype=np.float32), "dense2_b"),
+    ]
+    nodes = [
+        helper.make_node("OneHot", ["tokens", "depth", "onehot_values"], ["onehot"], axis=-1),
+        helper.make_node("Transpose", ["onehot"], ["channels_first"], perm=[0, 2, 1]),
+        helper.make_node("Conv", ["channels_first", "conv1_w", "conv1_b"], ["c1"], pads=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "conv2_w", "conv2_b"], ["c2"], pads=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("ReduceMax", ["r2"], ["pooled"], axes=[2], keepdims=0),
+        helper.make_node("Gemm", ["pooled", "dense1_w", "dense1_b"], ["d1"], transB=1),
+        helper.make_node("Relu", ["d1"], ["h"]),
+        helper.make_node("Gemm", ["h", "dense2_w", "dense2_b"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(nodes, "text_cnn", [tokens], [probs], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="flotilla-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 def main():
     if len(sys.argv) > 2 and sys.argv[1] == "--slow":
         layers = int(sys.argv[3]) if len(sys.argv) > 3 else 6
@@ -107,6 +153,7 @@ def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "fixtures")
     os.makedirs(out_dir, exist_ok=True)
     onnx.save(nested_if(), os.path.join(out_dir, "nested_if.onnx"))
+    onnx.save(text_cnn(), os.path.join(out_dir, "text_cnn.onnx"))
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def infer(client, model, arrays, output_names, binary):
     return client.infer(model, inputs, outputs=outputs)
 
 
-def shared_models(client, cases):
+def shared_models(client, cases, tolerance=TOLERANCE):
     for case in cases:
         model = case["model"]
         arrays = [
@@ -78,7 +78,7 @@ def shared_models(client, cases):
                 want = np.array(o["data"], dtype=np.float64).reshape(o["shape"])
                 check(list(got.shape) == o["shape"], f"{model} {o['name']} shape {o['shape']} (binary={binary})")
                 err = float(np.max(np.abs(got.astype(np.float64) - want))) if want.size else 0.0
-                check(err <= TOLERANCE, f"{model} {o['name']} matches tract in-process within 1e-5 (max error {err:.2e}, binary={binary})")
+                check(err <= tolerance, f"{model} {o['name']} matches tract in-process within {tolerance:g} (max error {err:.2e}, binary={binary})")
 
 
 def metadata_and_config(client):
@@ -129,6 +129,12 @@ def write_generated_models(repo):
     save(repo / "affine", helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]),
          "max_batch_size = 16\nmax_queue_delay_us = 1000\ninstances = 2\n")
 
+    write_dtypes_model(repo / "dtypes", "")
+    return w, b
+
+
+def write_dtypes_model(directory, config):
+    """One Identity per datatype: in_<type> -> out_<type>, each [batch, 2]."""
     nodes, inputs, outputs = [], [], []
     for name, (_, onnx_type) in DTYPES.items():
         lower = name.lower()
@@ -136,8 +142,7 @@ def write_generated_models(repo):
         inputs.append(helper.make_tensor_value_info(f"in_{lower}", onnx_type, ["batch", 2]))
         outputs.append(helper.make_tensor_value_info(f"out_{lower}", onnx_type, ["batch", 2]))
     graph = helper.make_graph(nodes, "dtypes", inputs, outputs)
-    save(repo / "dtypes", helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), "")
-    return w, b
+    save(directory, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), config)
 
 
 def save(directory, model, config):
@@ -159,6 +164,17 @@ def generated_models(client, repo):
         err = float(np.max(np.abs(y - (x @ w + b))))
         check(err <= TOLERANCE, f"affine matches numpy within 1e-5 (max error {err:.2e}, binary={binary})")
 
+    dtype_round_trips(client, "dtypes")
+
+    client.unload_model("affine")
+    check(not client.is_model_ready("affine"), "unload through the repository API")
+    index = {m["name"]: m for m in client.get_model_repository_index()}
+    check(index["affine"]["state"] == "UNAVAILABLE", "the index shows the unloaded model unavailable")
+    expect_error(lambda: infer(client, "affine", [("x", "FP32", x)], ["y"], True), "not ready", "inference on an unloaded model")
+
+
+def dtype_round_trips(client, model):
+    """Every datatype's extremes through the identity model, binary and JSON, exactly."""
     samples = {
         "BOOL": [[True, False], [False, True]],
         "UINT8": [[0, 255], [1, 2]],
@@ -176,17 +192,11 @@ def generated_models(client, repo):
     arrays = [(f"in_{n.lower()}", n, np.array(v, dtype=DTYPES[n][0])) for n, v in samples.items()]
     names = [f"out_{n.lower()}" for n in samples]
     for binary in (True, False):
-        result = infer(client, "dtypes", arrays, names, binary)
+        result = infer(client, model, arrays, names, binary)
         for (_, datatype, array), out in zip(arrays, names):
             got = result.as_numpy(out)
             check(got.dtype == array.dtype and np.array_equal(got, array),
-                  f"{datatype} round-trips exactly (binary={binary})")
-
-    client.unload_model("affine")
-    check(not client.is_model_ready("affine"), "unload through the repository API")
-    index = {m["name"]: m for m in client.get_model_repository_index()}
-    check(index["affine"]["state"] == "UNAVAILABLE", "the index shows the unloaded model unavailable")
-    expect_error(lambda: infer(client, "affine", [("x", "FP32", x)], ["y"], True), "not ready", "inference on an unloaded model")
+                  f"{model}: {datatype} round-trips exactly (binary={binary})")
 
 
 def statistics(client):

@@ -15,6 +15,7 @@ use anyhow::{Context as _, bail};
 use common::ids::HostId;
 use common::tls::{self, Ca};
 
+pub mod cases;
 pub mod chaos;
 pub mod relay;
 
@@ -132,7 +133,25 @@ pub struct Proc {
 impl Proc {
     /// Spawns `program args` with logs captured.
     pub fn spawn(name: &str, program: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(program)
+        Self::spawn_env(name, program, args, &[])
+    }
+
+    /// [`Self::spawn`] with environment changes: `(name, Some(value))` sets, `(name, None)`
+    /// removes.
+    pub fn spawn_env(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, Option<&str>)],
+    ) -> Self {
+        let mut command = Command::new(program);
+        for (key, value) in env {
+            match value {
+                Some(v) => command.env(key, v),
+                None => command.env_remove(key),
+            };
+        }
+        let mut child = command
             .args(args)
             .env("FLOTILLA_LOG", "info")
             .stdin(Stdio::null())
@@ -362,6 +381,18 @@ pub fn serving_agent(
     repo: &Path,
     sample_ms: u64,
 ) -> (Proc, String) {
+    serving_agent_env(fleet, host, quic, repo, sample_ms, &[])
+}
+
+/// [`serving_agent`] with environment changes, as [`Proc::spawn_env`] takes them.
+pub fn serving_agent_env(
+    fleet: &Fleet,
+    host: &str,
+    quic: std::net::SocketAddr,
+    repo: &Path,
+    sample_ms: u64,
+    env: &[(&str, Option<&str>)],
+) -> (Proc, String) {
     fleet.issue(host);
     let config = fleet.agent_config(host, quic, sample_ms);
     let mut text = std::fs::read_to_string(&config).expect("read agent config");
@@ -370,9 +401,75 @@ pub fn serving_agent(
         repo.display()
     ));
     std::fs::write(&config, text).expect("write agent config");
-    let proc = agent(host, &config);
+    let proc = Proc::spawn_env(
+        &format!("agent {host}"),
+        &bin("flotilla-agent"),
+        &["--config", &config.display().to_string()],
+        env,
+    );
     let addr = inference_addr(&proc);
     (proc, addr)
+}
+
+/// Runs `tests/python/SCRIPT --url ADDR --repo REPO --cases CASES` with the venv's Python
+/// (tritonclient) and returns its stdout; a failure dumps `agent`'s log and fails the test with
+/// the script's output.
+pub fn python_check(script: &str, addr: &str, repo: &Path, cases: &Path, agent: &Proc) -> String {
+    let python = venv().join("bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run ./scripts/test, which makes the venv with tritonclient[http]",
+        python.display()
+    );
+    let out = Command::new(python)
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python").join(script))
+        .args(["--url", addr, "--repo"])
+        .arg(repo)
+        .arg("--cases")
+        .arg(cases)
+        .output()
+        .expect("running the Python check");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{stdout}");
+    if !out.status.success() {
+        agent.dump();
+        panic!("{script} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    stdout
+}
+
+/// Puts `file` into a model repository as `repo/name/1/model.onnx` with `config` as its
+/// `config.toml`.
+pub fn install(repo: &Path, name: &str, file: &Path, config: &str) {
+    let dir = repo.join(name).join("1");
+    std::fs::create_dir_all(&dir).expect("make the version directory");
+    std::fs::copy(file, dir.join("model.onnx")).expect("copy the model");
+    std::fs::write(repo.join(name).join("config.toml"), config).expect("write config.toml");
+}
+
+/// The checkout's `.venv`, which `scripts/test` makes.
+pub fn venv() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv")
+}
+
+/// libonnxruntime.so from the onnxruntime wheel `scripts/test` installs into `.venv`.
+pub fn onnxruntime_library() -> PathBuf {
+    let lib = venv().join("lib");
+    let found = std::fs::read_dir(&lib).ok().and_then(|pythons| {
+        pythons.flatten().find_map(|python| {
+            let capi = python.path().join("site-packages/onnxruntime/capi");
+            std::fs::read_dir(capi).ok()?.flatten().map(|e| e.path()).find(|p| {
+                p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so"))
+            })
+        })
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "no onnxruntime wheel under {}: run ./scripts/test, which installs it",
+            lib.display()
+        )
+    })
 }
 
 /// The inference API address a serving agent logged.

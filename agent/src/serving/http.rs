@@ -239,6 +239,16 @@ fn io_json(io: &IoSpec) -> Value {
     json!({"name": io.name, "datatype": io.datatype.name(), "shape": io.dims})
 }
 
+/// Triton's platform name for what serves the model: `onnxruntime_onnx` as Triton names its
+/// own onnxruntime backend, `tract_onnx`, or `kserve`.
+fn platform(m: &LoadedModel) -> &'static str {
+    match m.engine_info().engine {
+        "onnxruntime" => "onnxruntime_onnx",
+        "kserve" => "kserve",
+        _ => "tract_onnx",
+    }
+}
+
 fn metadata_json(s: &ApiState, name: &str, m: &LoadedModel) -> Value {
     let versions: Vec<String> = match s.repository.state(name) {
         Some(ModelState::Ready(v)) => v.iter().map(|m| m.version.clone()).collect(),
@@ -247,7 +257,7 @@ fn metadata_json(s: &ApiState, name: &str, m: &LoadedModel) -> Value {
     json!({
         "name": name,
         "versions": versions,
-        "platform": match m.config.backend { super::model_config::Backend::Tract => "tract_onnx", super::model_config::Backend::Kserve(_) => "kserve" },
+        "platform": platform(m),
         "inputs": m.signature.inputs.iter().map(io_json).collect::<Vec<_>>(),
         "outputs": m.signature.outputs.iter().map(io_json).collect::<Vec<_>>(),
     })
@@ -306,8 +316,9 @@ fn config_json(m: &Arc<LoadedModel>) -> Value {
     };
     let mut out = json!({
         "name": m.name,
-        "platform": "tract_onnx",
-        "backend": match c.backend { super::model_config::Backend::Tract => "tract", super::model_config::Backend::Kserve(_) => "kserve" },
+        "platform": platform(m),
+        "backend": c.backend.name(),
+        "engine": m.engine_info(),
         "max_batch_size": m.signature.max_batch_size,
         "input": tensors(&m.signature.inputs),
         "output": tensors(&m.signature.outputs),

@@ -141,4 +141,11 @@ impl Engine for KserveEngine {
         super::http::decode_outputs(&reply, &raw[split..], &self.outputs)
             .map_err(|e| RunError(format!("kserve backend {}: {e}", self.infer_url)))
     }
+
+    fn info(&self) -> super::runner::EngineInfo {
+        super::runner::EngineInfo {
+            provider: Some(self.infer_url.clone()),
+            ..super::runner::EngineInfo::named("kserve")
+        }
+    }
 }

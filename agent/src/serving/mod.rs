@@ -26,6 +26,7 @@
 //! ```
 
 pub mod adaptive;
+pub mod auto;
 pub mod batcher;
 pub mod demo;
 pub mod http;
@@ -34,11 +35,14 @@ pub mod limits;
 pub mod model;
 pub mod model_config;
 pub mod names;
+pub mod onnxruntime;
+pub mod ort_library;
 pub mod repository;
 pub mod request;
 pub mod runner;
 pub mod stats;
 pub mod tensor;
+pub mod threads;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

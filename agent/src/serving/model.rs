@@ -38,8 +38,8 @@ use tracing::{error, info, warn};
 use super::adaptive::{self, Controller};
 use super::batcher::{self, Batch, Executor, Policy, Refusal, Shared};
 use super::model_config::{MAX_INSTANCES, ModelConfig};
-use super::runner::{Engine, Signature};
-use super::stats::{ModelStats, Outcome, Settings};
+use super::runner::{Engine, EngineInfo, Signature};
+use super::stats::{BatchTimes, ModelStats, Outcome, Settings};
 use super::tensor::Tensor;
 
 /// A request waiting for its batch.
@@ -133,6 +133,7 @@ pub struct LoadedModel {
     pub signature: Signature,
     /// Its statistics.
     pub stats: Arc<ModelStats>,
+    engine: Arc<dyn Engine>,
     queue: Arc<Shared<Pending>>,
     stop: CancellationToken,
     cause: Arc<OnceLock<StopCause>>,
@@ -191,6 +192,11 @@ impl Executor<Pending> for ThreadExecutor {
 }
 
 impl LoadedModel {
+    /// What runs its batches (for `auto`, the choice so far).
+    pub fn engine_info(&self) -> EngineInfo {
+        self.engine.info()
+    }
+
     /// Starts serving `engine` with the model's batching and instance settings. Must be called
     /// inside a tokio runtime (the batch worker is a task).
     pub fn start(
@@ -217,7 +223,7 @@ impl LoadedModel {
             thread: InstanceThread {
                 model: name.to_owned(),
                 rx: Arc::new(Mutex::new(rx)),
-                engine,
+                engine: engine.clone(),
                 stats: stats.clone(),
                 queue: queue.clone(),
                 knobs: knobs.clone(),
@@ -265,6 +271,7 @@ impl LoadedModel {
             config,
             signature,
             stats,
+            engine: engine.clone(),
             queue,
             stop,
             cause,
@@ -891,13 +898,14 @@ fn run_batch(t: &InstanceThread, batch: Batch<Pending>) {
             })
             .collect::<Result<Vec<_>, _>>()
     };
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let result = inputs.and_then(|inputs| {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(inputs)))
             .map_err(|_| "the engine panicked; the batch was dropped".to_owned())
             .and_then(|r| r.map_err(|e| e.0))
     });
-    let compute = started.elapsed();
+    let finished = Instant::now();
+    let compute = finished - started;
     // A first batch of its size built a plan: keep it out of the admission estimate, or every
     // size the controller tries would briefly refuse clients as if the queue were slow.
     if t.knobs.model_max == 0 || t.knobs.lock().warmed(rows) {
@@ -924,6 +932,7 @@ fn run_batch(t: &InstanceThread, batch: Batch<Pending>) {
     let single = items.len() == 1;
     let mut whole = Some(outputs);
     let mut start = 0;
+    let mut answered = 0;
     for p in items {
         // One request keeps the outputs as they are; several each get their rows.
         let mine = match whole.as_ref() {
@@ -939,6 +948,7 @@ fn run_batch(t: &InstanceThread, batch: Batch<Pending>) {
                 latencies.push(now - p.arrived);
                 stats.request_succeeded(now - p.arrived, dispatched - p.arrived);
                 let _ = p.reply.send(Ok(out));
+                answered += 1;
             }
             Err(e) => {
                 stats.request_ended(Outcome::Failure);
@@ -947,6 +957,9 @@ fn run_batch(t: &InstanceThread, batch: Batch<Pending>) {
             }
         }
     }
+    let times =
+        BatchTimes { input: started - dispatched, infer: compute, output: finished.elapsed() };
+    stats.batch_computed(answered, rows, times);
     adapt(t, rows, compute, waiting, &latencies);
 }
 
@@ -1230,6 +1243,23 @@ mod tests {
         );
         let json = model.stats.triton_json();
         assert_eq!(json["flotilla"]["batching"]["max_batch_size"], 2, "{json}");
+        // Triton's compute phases count each answered request (perf_analyzer requires the
+        // three counts equal), and batch_stats counts each batch once, by its size.
+        let phases = &json["inference_stats"];
+        let answered = phases["success"]["count"].as_u64().expect("count");
+        for phase in ["compute_input", "compute_infer", "compute_output"] {
+            assert_eq!(phases[phase]["count"].as_u64(), Some(answered), "{phase}: {json}");
+        }
+        assert!(phases["compute_infer"]["ns"].as_u64() > Some(0), "{json}");
+        let per_size = json["batch_stats"].as_array().expect("batch_stats");
+        let batches: u64 =
+            per_size.iter().filter_map(|b| b["compute_infer"]["count"].as_u64()).sum();
+        assert_eq!(Some(batches), json["execution_count"].as_u64(), "{json}");
+        let rows: u64 = per_size
+            .iter()
+            .filter_map(|b| Some(b["batch_size"].as_u64()? * b["compute_input"]["count"].as_u64()?))
+            .sum();
+        assert_eq!(Some(rows), json["inference_count"].as_u64(), "{json}");
         // A request as large as the signature allows is still served, alone.
         let big = Tensor::from_bytes(DataType::F32, vec![8, 1], vec![0; 32]).expect("x");
         let out = model.infer(vec![big], None, None).await.expect("served alone");

@@ -15,10 +15,61 @@ pub const MAX_INSTANCES: usize = 64;
 /// Which engine runs the batches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
-    /// tract, in this process.
+    /// tract, in this process (the default: pure Rust, nothing to install).
     Tract,
+    /// onnxruntime, in this process, from a shared library found at run time.
+    Onnxruntime,
+    /// Whichever of tract and onnxruntime runs the model faster, measured at load on a trial
+    /// input after checking that both give the same outputs.
+    Auto,
     /// A local accelerator server speaking KServe v2 over HTTP.
     Kserve(KserveTarget),
+}
+
+impl Backend {
+    /// The config's name for it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Tract => "tract",
+            Self::Onnxruntime => "onnxruntime",
+            Self::Auto => "auto",
+            Self::Kserve(_) => "kserve",
+        }
+    }
+}
+
+/// Where onnxruntime runs a model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ExecutionProvider {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// An NVIDIA GPU (needs the GPU build of the library).
+    Cuda,
+}
+
+impl ExecutionProvider {
+    /// onnxruntime's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cpu => "CPU",
+            Self::Cuda => "CUDA",
+        }
+    }
+}
+
+/// The `[onnxruntime]` table: used by `backend = "onnxruntime"` and `"auto"`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrtOptions {
+    /// The shared library to load, before `ORT_DYLIB_PATH` and the PyPI wheel.
+    pub library: Option<std::path::PathBuf>,
+    /// The execution provider.
+    pub provider: ExecutionProvider,
+    /// Intra-op threads per instance; `None` gives each instance its share of the host's cores.
+    pub intra_op_threads: Option<usize>,
+    /// Whether idle intra-op threads spin waiting for work (lower latency, CPU burnt while
+    /// idle) instead of sleeping.
+    pub intra_op_spinning: bool,
 }
 
 /// Where the `kserve` backend forwards batches.
@@ -57,6 +108,8 @@ pub struct LoaderOptions {
 pub struct ModelConfig {
     /// Engine.
     pub backend: Backend,
+    /// onnxruntime's settings (for `onnxruntime` and `auto`).
+    pub onnxruntime: OrtOptions,
     /// Most rows in one batch; 0 turns batching off (each request runs alone).
     pub max_batch_size: usize,
     /// Batch sizes dispatched as soon as they can be formed.
@@ -146,7 +199,18 @@ struct RawModelConfig {
     loader: RawLoader,
     kserve: Option<RawKserve>,
     #[serde(default)]
+    onnxruntime: RawOnnxruntime,
+    #[serde(default)]
     adaptive: RawAdaptive,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOnnxruntime {
+    library: Option<String>,
+    execution_provider: Option<String>,
+    intra_op_threads: Option<u64>,
+    intra_op_spinning: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -276,6 +340,10 @@ impl ModelConfig {
             0,
             3_600_000,
         );
+        let ort_threads = raw
+            .onnxruntime
+            .intra_op_threads
+            .map(|t| range("onnxruntime.intra_op_threads", t, 1, 256));
         let batching_written = raw.max_batch_size.is_some()
             || raw.max_queue_delay_us.is_some()
             || !raw.preferred_batch_sizes.is_empty()
@@ -325,8 +393,31 @@ impl ModelConfig {
         };
         let inputs = tensors(&raw.input, "input");
         let outputs = tensors(&raw.output, "output");
+        let provider = match raw.onnxruntime.execution_provider.as_deref() {
+            None | Some("cpu") => ExecutionProvider::Cpu,
+            Some("cuda") => ExecutionProvider::Cuda,
+            Some(other) => {
+                problems.push(format!(
+                    "onnxruntime.execution_provider: must be \"cpu\" or \"cuda\", got {other:?}"
+                ));
+                ExecutionProvider::Cpu
+            }
+        };
+        if raw.onnxruntime.library.as_deref() == Some("") {
+            problems.push(
+                "onnxruntime.library: must be the path of a libonnxruntime.so, got \"\"".to_owned(),
+            );
+        }
+        let onnxruntime = OrtOptions {
+            library: raw.onnxruntime.library.filter(|l| !l.is_empty()).map(Into::into),
+            provider,
+            intra_op_threads: ort_threads.map(narrow),
+            intra_op_spinning: raw.onnxruntime.intra_op_spinning.unwrap_or(false),
+        };
         let backend = match (raw.backend.as_deref().unwrap_or("tract"), raw.kserve) {
             ("tract", _) => Backend::Tract,
+            ("onnxruntime", _) => Backend::Onnxruntime,
+            ("auto", _) => Backend::Auto,
             ("kserve", Some(k)) => {
                 if !(k.url.starts_with("http://") || k.url.starts_with("https://")) {
                     problems.push(format!(
@@ -353,7 +444,9 @@ impl ModelConfig {
                 Backend::Tract
             }
             (other, _) => {
-                problems.push(format!("backend: must be \"tract\" or \"kserve\", got {other:?}"));
+                problems.push(format!(
+                    "backend: must be \"tract\", \"onnxruntime\", \"auto\" or \"kserve\", got {other:?}"
+                ));
                 Backend::Tract
             }
         };
@@ -362,6 +455,7 @@ impl ModelConfig {
         }
         Ok(Self {
             backend,
+            onnxruntime,
             max_batch_size: narrow(max_batch_size),
             preferred_batch_sizes: preferred,
             max_queue_delay: Duration::from_micros(max_queue_delay),
@@ -464,10 +558,32 @@ mod tests {
     }
 
     #[test]
+    fn onnxruntime_keys_parse() {
+        let c = ModelConfig::parse(
+            "backend = \"onnxruntime\"\n[onnxruntime]\nlibrary = \"/opt/ort/libonnxruntime.so\"\nexecution_provider = \"cuda\"\nintra_op_threads = 4\n",
+            "t",
+            "m",
+        )
+        .expect("valid");
+        assert_eq!(c.backend, Backend::Onnxruntime);
+        assert_eq!(
+            c.onnxruntime,
+            OrtOptions {
+                library: Some("/opt/ort/libonnxruntime.so".into()),
+                provider: ExecutionProvider::Cuda,
+                intra_op_threads: Some(4),
+                intra_op_spinning: false,
+            }
+        );
+        let auto = ModelConfig::parse("backend = \"auto\"", "t", "m").expect("valid");
+        assert_eq!((auto.backend, auto.onnxruntime), (Backend::Auto, OrtOptions::default()));
+    }
+
+    #[test]
     fn every_bad_key_is_named_with_its_value() {
         let e = ModelConfig::parse(
             r#"
-            backend = "onnxruntime"
+            backend = "onnx"
             max_batch_size = 4
             preferred_batch_sizes = [8]
             instances = 0
@@ -483,7 +599,7 @@ mod tests {
         let text = e.to_string();
         for expected in [
             "models/m/config.toml",
-            "backend: must be \"tract\" or \"kserve\", got \"onnxruntime\"",
+            "backend: must be \"tract\", \"onnxruntime\", \"auto\" or \"kserve\", got \"onnx\"",
             "preferred_batch_sizes: each must be 1..=max_batch_size (4), got 8",
             "instances: must be 1..=64, got 0",
             "input[0].datatype",
@@ -494,6 +610,20 @@ mod tests {
         }
         let unknown = ModelConfig::parse("max_batch = 3", "t", "m").unwrap_err();
         assert!(unknown.to_string().contains("max_batch"), "{unknown}");
+        let ort = ModelConfig::parse(
+            "backend = \"auto\"\n[onnxruntime]\nexecution_provider = \"tpu\"\nintra_op_threads = 0\n",
+            "t",
+            "m",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            ort.contains(
+                "onnxruntime.execution_provider: must be \"cpu\" or \"cuda\", got \"tpu\""
+            ),
+            "{ort}"
+        );
+        assert!(ort.contains("onnxruntime.intra_op_threads: must be 1..=256, got 0"), "{ort}");
         let no_table = ModelConfig::parse("backend = \"kserve\"", "t", "m").unwrap_err();
         assert!(no_table.to_string().contains("[kserve] table"), "{no_table}");
     }

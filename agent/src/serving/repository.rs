@@ -2,20 +2,24 @@
 //! which models are loaded, and loading and unloading them.
 //!
 //! A model that fails to load is kept in the index as unavailable, with the reason (the config
-//! key, or tract's message naming the failing node), and every other model goes on serving.
-//! Loading runs tract's analysis on a blocking thread, never on the runtime's workers.
+//! key, tract's message naming the failing node, or where the onnxruntime library was looked
+//! for), and every other model goes on serving. Loading runs the engine's analysis on a blocking
+//! thread, never on the runtime's workers.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
+use super::auto;
 use super::kserve::KserveEngine;
 use super::model::{LoadedModel, StopCause};
 use super::model_config::{Backend, ModelConfig};
 use super::names::{self, is_model_name};
+use super::onnxruntime::OrtEngine;
 use super::runner::{Engine, TractEngine, log_signature};
+use super::threads::{host_cores, intra_op_threads};
 
 /// A model's place in the index.
 #[derive(Debug, Clone)]
@@ -284,15 +288,40 @@ fn prepare(dir: &Path, name: &str) -> Result<Vec<Prepared>, String> {
     let mut out = Vec::new();
     for (_, version) in versions {
         let file = dir.join(&version).join("model.onnx");
+        let in_process =
+            matches!(config.backend, Backend::Tract | Backend::Onnxruntime | Backend::Auto);
+        if in_process && !file.is_file() {
+            return Err(format!("version {version}: {} is missing", file.display()));
+        }
+        let ort_threads = || {
+            let plan = intra_op_threads(
+                config.onnxruntime.intra_op_threads,
+                config.instances,
+                host_cores(),
+            );
+            if let Some(why) = &plan.lowered {
+                warn!(model = name, reason = %why, "onnxruntime threads lowered to the core budget.");
+            }
+            plan.threads
+        };
         let (signature, engine): (_, Arc<dyn Engine>) = match &config.backend {
             Backend::Tract => {
-                if !file.is_file() {
-                    return Err(format!("version {version}: {} is missing", file.display()));
-                }
                 let (engine, signature) = TractEngine::load(&file, &config).map_err(|e| {
                     format!("version {version}: tract could not load {}: {e}", file.display())
                 })?;
                 (signature, Arc::new(engine))
+            }
+            Backend::Onnxruntime => {
+                let (engine, signature) =
+                    OrtEngine::load(&file, &config, &config.onnxruntime, ort_threads())
+                        .map_err(|e| format!("version {version}: {e}"))?;
+                (signature, Arc::new(engine))
+            }
+            Backend::Auto => {
+                let (engine, signature) =
+                    auto::choose(&file, &config, &config.onnxruntime, ort_threads())
+                        .map_err(|e| format!("version {version}: {e}"))?;
+                (signature, engine)
             }
             Backend::Kserve(target) => {
                 let (engine, signature) = KserveEngine::connect(target, &config)

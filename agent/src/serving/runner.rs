@@ -60,6 +60,37 @@ pub struct RunError(pub String);
 pub trait Engine: Send + Sync + 'static {
     /// Runs one batch on the calling thread.
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError>;
+
+    /// What runs the batches, for the model's config endpoint and log.
+    fn info(&self) -> EngineInfo {
+        EngineInfo::named("custom")
+    }
+}
+
+/// What runs a model's batches, as the config endpoint reports it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EngineInfo {
+    /// `tract`, `onnxruntime` or `kserve`.
+    pub engine: &'static str,
+    /// Threads one batch runs on (intra-op threads), where the engine is in this process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+    /// Where it runs: onnxruntime's execution provider (`CPU`, `CUDA`), or the remote URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// The engine library and its version, where one was loaded at run time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub library: Option<String>,
+    /// How `backend = "auto"` chose this engine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub choice: Option<super::auto::EngineChoice>,
+}
+
+impl EngineInfo {
+    /// An engine with nothing more to say than its name.
+    pub fn named(engine: &'static str) -> Self {
+        Self { engine, threads: None, provider: None, library: None, choice: None }
+    }
 }
 
 /// Built plans by input shapes, each with the tick of its last use; beyond `capacity` the least
@@ -362,6 +393,11 @@ impl Engine for TractEngine {
         let outputs = plan.run(values).map_err(|e| RunError(format!("{e:#}")))?;
         outputs.iter().map(|v| Tensor::from_tract(v).map_err(|e| RunError(e.0))).collect()
     }
+
+    fn info(&self) -> EngineInfo {
+        // tract runs a plan on the calling instance thread only.
+        EngineInfo { threads: Some(1), ..EngineInfo::named("tract") }
+    }
 }
 
 /// The signature of an analysed model, and the tract type of each input.
@@ -369,8 +405,6 @@ fn describe(
     model: &InferenceModel,
     config: &ModelConfig,
 ) -> Result<(Signature, Vec<DatumType>), String> {
-    let batching = config.max_batch_size > 0;
-    let mut off_reason = None;
     let mut inputs = Vec::new();
     let mut input_types = Vec::new();
     let input_outlets = model.input_outlets().map_err(|e| format!("{e:#}"))?.to_vec();
@@ -385,12 +419,8 @@ fn describe(
             .unwrap_or(DatumType::F32);
         let datatype = DataType::from_tract(dt)
             .ok_or_else(|| format!("input {name:?} has type {dt:?}, which KServe cannot carry"))?;
-        let file_dims = dims_of(fact);
-        if batching && off_reason.is_none() {
-            off_reason = batch_axis_problem("input", &name, spec, file_dims.as_deref());
-        }
         input_types.push(dt);
-        inputs.push((IoSpec { name, datatype, dims: Vec::new() }, file_dims));
+        inputs.push((IoSpec { name, datatype, dims: Vec::new() }, dims_of(fact)));
     }
     let mut outputs = Vec::new();
     for outlet in model.output_outlets().map_err(|e| format!("{e:#}"))? {
@@ -405,14 +435,40 @@ fn describe(
             .or_else(|| fact.datum_type.concretize())
             .unwrap_or(DatumType::F32);
         let datatype = DataType::from_tract(dt).unwrap_or(DataType::F32);
-        let file_dims = dims_of(fact);
-        if batching && off_reason.is_none() && file_dims.is_some() {
-            off_reason = batch_axis_problem("output", &name, spec, file_dims.as_deref());
+        outputs.push((IoSpec { name, datatype, dims: Vec::new() }, dims_of(fact)));
+    }
+    let signature = assemble_signature(inputs, outputs, config);
+    Ok((signature, input_types))
+}
+
+/// An input or output as an engine reads it from the file: its API description (dims still
+/// empty) and the file's dims, each `None` where open; `None` for all when the rank is unknown.
+pub(super) type FileIo = (IoSpec, Option<Vec<Option<i64>>>);
+
+/// The signature from what an engine read from the file and what the config says: batching is
+/// turned off, with the reason, when an input or output has no batch axis; the config's dims
+/// fill in what the file leaves open.
+pub(super) fn assemble_signature(
+    inputs: Vec<FileIo>,
+    outputs: Vec<FileIo>,
+    config: &ModelConfig,
+) -> Signature {
+    let mut off_reason = None;
+    if config.max_batch_size > 0 {
+        let all = inputs
+            .iter()
+            .map(|io| ("input", io, &config.inputs))
+            .chain(outputs.iter().map(|io| ("output", io, &config.outputs)));
+        for (what, (io, file), specs) in all {
+            off_reason =
+                batch_axis_problem(what, &io.name, spec_for(specs, &io.name), file.as_deref());
+            if off_reason.is_some() {
+                break;
+            }
         }
-        outputs.push((IoSpec { name, datatype, dims: Vec::new() }, file_dims));
     }
     let max_batch_size = if off_reason.is_some() { 0 } else { config.max_batch_size };
-    let finish = |list: Vec<(IoSpec, Option<Vec<Option<i64>>>)>, specs: &[TensorSpec]| {
+    let finish = |list: Vec<FileIo>, specs: &[TensorSpec]| {
         list.into_iter()
             .map(|(mut io, file)| {
                 io.dims = full_dims(spec_for(specs, &io.name), file.as_deref(), max_batch_size > 0);
@@ -420,18 +476,17 @@ fn describe(
             })
             .collect()
     };
-    let signature = Signature {
+    Signature {
         inputs: finish(inputs, &config.inputs),
         outputs: finish(outputs, &config.outputs),
         max_batch_size,
         batching_off_reason: off_reason,
-    };
-    Ok((signature, input_types))
+    }
 }
 
 /// Shapes for a trial plan of one request (one row on the batch axis), if every other size is
 /// known.
-fn trial_shapes(signature: &Signature) -> Option<Vec<Vec<usize>>> {
+pub(super) fn trial_shapes(signature: &Signature) -> Option<Vec<Vec<usize>>> {
     signature
         .inputs
         .iter()

@@ -63,9 +63,51 @@ pub struct Settings {
     pub draining: bool,
 }
 
+/// Count and summed time of one compute phase.
+#[derive(Debug, Clone, Copy, Default)]
+struct Phase {
+    count: u64,
+    ns: u64,
+}
+
+impl Phase {
+    fn add(&mut self, count: u64, each: Duration) {
+        let ns = u64::try_from(each.as_nanos()).unwrap_or(u64::MAX);
+        self.count = self.count.saturating_add(count);
+        self.ns = self.ns.saturating_add(ns.saturating_mul(count));
+    }
+
+    fn json(self) -> serde_json::Value {
+        serde_json::json!({"count": self.count, "ns": self.ns})
+    }
+}
+
+/// The time of one batch in its three phases, as Triton splits compute.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchTimes {
+    /// Gathering the requests' inputs into the batch's tensors.
+    pub input: Duration,
+    /// The engine's run.
+    pub infer: Duration,
+    /// Splitting the outputs into each request's rows and handing them over.
+    pub output: Duration,
+}
+
+/// Triton's compute statistics: per request (each request of a batch is charged the batch's
+/// times, as Triton does) and per batch size (counted once per batch).
+#[derive(Debug, Clone, Default)]
+struct TritonCompute {
+    input: Phase,
+    infer: Phase,
+    output: Phase,
+    /// By batch size (rows); at most the model's largest batch size entries.
+    by_batch_size: std::collections::BTreeMap<usize, [Phase; 3]>,
+}
+
 #[derive(Debug, Default)]
 struct Both {
     total: Counters,
+    triton: TritonCompute,
     delta: Counters,
     last_inference_unix_ms: u64,
     settings: Settings,
@@ -176,6 +218,21 @@ impl ModelStats {
         }
     }
 
+    /// Records the phases of a batch whose `requests` requests were answered, for Triton's
+    /// statistics.
+    pub fn batch_computed(&self, requests: usize, rows: usize, times: BatchTimes) {
+        let mut g = self.lock();
+        let t = &mut g.triton;
+        let n = requests as u64;
+        t.input.add(n, times.input);
+        t.infer.add(n, times.infer);
+        t.output.add(n, times.output);
+        let by_size = t.by_batch_size.entry(rows).or_default();
+        by_size[0].add(1, times.input);
+        by_size[1].add(1, times.infer);
+        by_size[2].add(1, times.output);
+    }
+
     /// The deltas since the last call, as a telemetry record (None when nothing happened).
     pub fn take_sample(&self, interval: Duration) -> Option<ModelSample> {
         let mut guard = match self.inner.lock() {
@@ -221,7 +278,19 @@ impl ModelStats {
         };
         let t = &g.total;
         let ns = |h: &LogHistogram| h.sum().saturating_mul(1000);
-        let batch_stats: Vec<serde_json::Value> = Vec::new();
+        let c = &g.triton;
+        let batch_stats: Vec<serde_json::Value> = c
+            .by_batch_size
+            .iter()
+            .map(|(size, [input, infer, output])| {
+                serde_json::json!({
+                    "batch_size": size,
+                    "compute_input": input.json(),
+                    "compute_infer": infer.json(),
+                    "compute_output": output.json(),
+                })
+            })
+            .collect();
         serde_json::json!({
             "name": self.model,
             "version": self.version,
@@ -232,9 +301,9 @@ impl ModelStats {
                 "success": {"count": t.successes, "ns": ns(&t.latency_us)},
                 "fail": {"count": t.failures + t.rejected + t.expired, "ns": 0},
                 "queue": {"count": t.queue_us.count(), "ns": ns(&t.queue_us)},
-                "compute_input": {"count": 0, "ns": 0},
-                "compute_infer": {"count": t.compute_us.count(), "ns": ns(&t.compute_us)},
-                "compute_output": {"count": 0, "ns": 0},
+                "compute_input": c.input.json(),
+                "compute_infer": c.infer.json(),
+                "compute_output": c.output.json(),
                 "cache_hit": {"count": 0, "ns": 0},
                 "cache_miss": {"count": 0, "ns": 0},
             },

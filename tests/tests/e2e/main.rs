@@ -7,6 +7,8 @@
 //!   refused by name, delivered after a disconnect, and not re-applied after an agent restart;
 //!   load scaling a model up at once and down after the stabilization window; a crossed
 //!   `auto_optimize` budget recording directives.
+//! - `engines`: models on onnxruntime and on `auto` through Triton's Python client, equal to
+//!   tract's outputs; a missing onnxruntime library; Triton's perf_analyzer, unmodified.
 //! - `fleet`: a real aggregator and agents as separate processes, seen through the CLI.
 //! - `security`: certificates from another CA, expired and revoked, refused at the handshake.
 //! - `durability`: the aggregator SIGKILLed and restarted loses and duplicates nothing.
@@ -29,6 +31,7 @@ mod analytics;
 mod control;
 mod crashes;
 mod durability;
+mod engines;
 mod faults;
 mod fleet;
 mod frames;

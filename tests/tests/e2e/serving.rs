@@ -6,71 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use agent::serving::model_config::ModelConfig;
-use agent::serving::runner::{Engine, TractEngine};
 use agent::serving::tensor::{DataType, Tensor};
-use e2e::{Aggregator, Fleet, Proc, WAIT, agent, eventually};
+use e2e::cases::{f32_tensor, tract_case as case, values};
+use e2e::{Aggregator, Fleet, Proc, WAIT, agent, eventually, install};
 use serde_json::{Value, json};
 
 /// The shared development models, beside the checkout.
 fn shared_model(file: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/models").join(file)
-}
-
-/// The Python with tritonclient, set up by `scripts/test` in `.venv`.
-fn venv_python() -> PathBuf {
-    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run ./scripts/test, which makes the venv with tritonclient[http]",
-        python.display()
-    );
-    python
-}
-
-fn install(repo: &Path, name: &str, file: &Path, config: &str) {
-    let dir = repo.join(name).join("1");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(file, dir.join("model.onnx")).unwrap();
-    std::fs::write(repo.join(name).join("config.toml"), config).unwrap();
-}
-
-/// Deterministic values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(6_364_136_223_846_793_005).max(1);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % 2000) as f32 / 1000.0 - 1.0
-        })
-        .collect()
-}
-
-fn f32_tensor(shape: Vec<usize>, data: &[f32]) -> Tensor {
-    Tensor::from_bytes(DataType::F32, shape, data.iter().flat_map(|v| v.to_le_bytes()).collect())
-        .unwrap()
-}
-
-/// Runs a model on tract in-process and writes a case: inputs and the expected outputs.
-fn case(model: &str, file: &Path, inputs: Vec<(&str, Tensor)>) -> Value {
-    let (engine, signature) = TractEngine::load(file, &ModelConfig::default()).unwrap();
-    let ordered: Vec<Tensor> = signature
-        .inputs
-        .iter()
-        .map(|s| inputs.iter().find(|(n, _)| *n == s.name).unwrap().1.clone())
-        .collect();
-    let outputs = engine.run(ordered).unwrap();
-    json!({
-        "model": model,
-        "inputs": inputs.iter().map(|(name, t)| json!({
-            "name": name, "datatype": t.dtype().name(), "shape": t.shape(), "data": t.to_json(),
-        })).collect::<Vec<_>>(),
-        "outputs": signature.outputs.iter().zip(&outputs).map(|(spec, t)| json!({
-            "name": spec.name, "shape": t.shape(), "data": t.to_f64(),
-        })).collect::<Vec<_>>(),
-    })
 }
 
 fn serving_agent(fleet: &Fleet, host: &str, agg: &Aggregator, repo: &Path) -> (Proc, String) {
@@ -94,7 +37,6 @@ fn serving_agent(fleet: &Fleet, host: &str, agg: &Aggregator, repo: &Path) -> (P
 
 #[test]
 fn tritonclient_works_unmodified_and_stats_reach_the_aggregator() {
-    let python = venv_python();
     let fleet = Fleet::new();
     let repo = fleet.path().join("models");
     let ocr = shared_model("ppocr_mobile_v2_cls.onnx");
@@ -129,22 +71,7 @@ fn tritonclient_works_unmodified_and_stats_reach_the_aggregator() {
     let (agent_proc, addr) = serving_agent(&fleet, "infer-1", &agg, &repo);
     agent_proc.wait_for_log(&["Model failed to load", "broken"]);
 
-    let out = Command::new(&python)
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/serving_check.py"))
-        .args(["--url", &addr, "--repo"])
-        .arg(&repo)
-        .arg("--cases")
-        .arg(&cases_file)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
-    if !out.status.success() {
-        agent_proc.dump();
-        panic!("tritonclient checks failed:\n{stdout}\n{stderr}");
-    }
-    assert!(stdout.contains("all checks passed"));
+    e2e::python_check("serving_check.py", &addr, &repo, &cases_file, &agent_proc);
 
     // /metrics is Prometheus text with the per-model families.
     let metrics = e2e::http_get(&addr, "/metrics");

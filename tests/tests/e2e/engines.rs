@@ -1,0 +1,150 @@
+//! In-process engines as clients see them: models on onnxruntime and on `auto` served through
+//! Triton's own Python client with tract's outputs; a missing onnxruntime library taking down
+//! only the models that need it; and Triton's perf_analyzer, unmodified, over several
+//! concurrency levels.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use agent::serving::tensor::{DataType, Tensor};
+use e2e::cases::{f32_tensor, tract_case, values};
+use e2e::{Fleet, http_get, install, onnxruntime_library, serving_agent_env, shared_model};
+use serde_json::{Value, json};
+
+/// The text classifier fixture: an INT32 input, one-hot, convolutions and dense layers.
+fn text_cnn() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/text_cnn.onnx")
+}
+
+/// Token ids in [0, 64), the classifier's vocabulary.
+fn tokens(rows: usize, seed: u64) -> Tensor {
+    let ids: Vec<u8> = values(rows * 512, seed)
+        .into_iter()
+        .flat_map(|v| (((v + 1.0) * 32.0) as i32).clamp(0, 63).to_le_bytes())
+        .collect();
+    Tensor::from_bytes(DataType::I32, vec![rows, 512], ids).unwrap()
+}
+
+/// An agent serving `repo` with `env` (no aggregator: it spools its telemetry and serves).
+fn agent_with(
+    fleet: &Fleet,
+    host: &str,
+    repo: &Path,
+    env: &[(&str, Option<&str>)],
+) -> (e2e::Proc, String) {
+    serving_agent_env(fleet, host, "127.0.0.1:9".parse().unwrap(), repo, 500, env)
+}
+
+#[test]
+fn onnxruntime_serves_through_tritonclient_like_tract() {
+    let fleet = Fleet::new();
+    let repo = fleet.path().join("models");
+    let ocr = shared_model("ppocr_mobile_v2_cls.onnx");
+    install(&repo, "text", &text_cnn(), "backend = \"onnxruntime\"\nmax_batch_size = 8\n");
+    install(&repo, "ocr", &ocr, "backend = \"onnxruntime\"\nmax_batch_size = 8\n");
+    install(&repo, "auto", &text_cnn(), "backend = \"auto\"\n");
+    let row = 3 * 48 * 192;
+    let cases = json!([
+        tract_case("text", &text_cnn(), vec![("tokens", tokens(1, 1))]),
+        tract_case("text", &text_cnn(), vec![("tokens", tokens(3, 2))]),
+        tract_case("auto", &text_cnn(), vec![("tokens", tokens(2, 3))]),
+        tract_case("ocr", &ocr, vec![("x", f32_tensor(vec![2, 3, 48, 192], &values(2 * row, 4)))]),
+    ]);
+    let cases_file = fleet.path().join("cases.json");
+    std::fs::write(&cases_file, cases.to_string()).unwrap();
+    let library = onnxruntime_library().display().to_string();
+    let (agent, addr) =
+        agent_with(&fleet, "engines-1", &repo, &[("ORT_DYLIB_PATH", Some(&library))]);
+    agent.wait_for_log(&["chose an engine."]);
+    e2e::python_check("engines_check.py", &addr, &repo, &cases_file, &agent);
+}
+
+#[test]
+fn a_missing_onnxruntime_library_makes_only_its_models_unavailable() {
+    let fleet = Fleet::new();
+    let repo = fleet.path().join("models");
+    install(&repo, "ocr", &shared_model("ppocr_mobile_v2_cls.onnx"), "");
+    install(&repo, "text", &text_cnn(), "backend = \"onnxruntime\"\n");
+    install(&repo, "auto", &text_cnn(), "backend = \"auto\"\n");
+    let missing = fleet.path().join("nowhere/libonnxruntime.so.1.32.0").display().to_string();
+    let home = fleet.path().display().to_string();
+    // Nothing to find: a library path that does not exist, no virtualenv, a HOME without one,
+    // and a working directory (the test's) without .venv.
+    let (agent, addr) = agent_with(
+        &fleet,
+        "engines-2",
+        &repo,
+        &[("ORT_DYLIB_PATH", Some(&missing)), ("VIRTUAL_ENV", None), ("HOME", Some(&home))],
+    );
+    agent.wait_for_log(&["Model failed to load", "text"]);
+    let index: Value = e2e::http_post_json(&addr, "/v2/repository/index", "{}");
+    let state = |name: &str| -> Value {
+        index.as_array().unwrap().iter().find(|m| m["name"] == name).cloned().unwrap_or_default()
+    };
+    let text = state("text");
+    assert_eq!(text["state"], "UNAVAILABLE", "{index}");
+    let reason = text["reason"].as_str().unwrap();
+    for needle in ["ORT_DYLIB_PATH", &missing, "pip install onnxruntime", "onnxruntime.library"] {
+        assert!(reason.contains(needle), "{needle:?} missing from the reason: {reason}");
+    }
+    assert_eq!(state("ocr")["state"], "READY", "tract models keep serving: {index}");
+    // `auto` falls back to tract and says why.
+    assert_eq!(state("auto")["state"], "READY", "{index}");
+    let config: Value = serde_json::from_str(&http_get(&addr, "/v2/models/auto/config")).unwrap();
+    assert_eq!(config["engine"]["engine"], "tract", "{config}");
+    let why = config["engine"]["choice"]["reason"].as_str().unwrap();
+    assert!(why.contains("onnxruntime is not available"), "{why}");
+}
+
+/// perf_analyzer 2.41.1 from the `tritonclient` wheel, set up by `scripts/test`.
+fn perf_analyzer() -> PathBuf {
+    let tool = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../.tools/perf_analyzer-2.41.1/perf_analyzer");
+    assert!(
+        tool.exists(),
+        "{} is missing: run ./scripts/test, which unpacks it from the tritonclient==2.41.1 wheel",
+        tool.display()
+    );
+    tool
+}
+
+#[test]
+fn perf_analyzer_runs_unmodified_over_several_concurrency_levels() {
+    let tool = perf_analyzer();
+    let fleet = Fleet::new();
+    let repo = fleet.path().join("models");
+    install(&repo, "text", &text_cnn(), "backend = \"onnxruntime\"\nmax_batch_size = 8\n");
+    install(&repo, "ocr", &shared_model("ppocr_mobile_v2_cls.onnx"), "max_batch_size = 8\n");
+    let library = onnxruntime_library().display().to_string();
+    let (agent, addr) =
+        agent_with(&fleet, "engines-3", &repo, &[("ORT_DYLIB_PATH", Some(&library))]);
+    for (model, extra) in
+        [("text", vec!["--input-data", "zero"]), ("ocr", vec!["--shape", "x:3,48,192"])]
+    {
+        let out = Command::new(&tool)
+            .env("LD_LIBRARY_PATH", tool.parent().unwrap())
+            .args(["-m", model, "-u", &addr, "-i", "http", "--concurrency-range", "1:4:1"])
+            .args(["--measurement-mode", "count_windows", "--measurement-request-count", "40"])
+            .args(["--stability-percentage", "50", "--max-trials", "10"])
+            .args(&extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        println!("{stdout}");
+        if !out.status.success() {
+            agent.dump();
+            panic!(
+                "perf_analyzer on {model} failed:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        for level in 1..=4 {
+            assert!(
+                stdout.contains(&format!("Concurrency: {level}, throughput:")),
+                "{model}: no result at concurrency {level}:\n{stdout}"
+            );
+        }
+        // It read the server's side of each level from the statistics endpoint.
+        assert!(stdout.contains("Server:"), "{stdout}");
+    }
+}
