@@ -932,7 +932,7 @@ fn run_batch(t: &InstanceThread, batch: Batch<Pending>) {
     let single = items.len() == 1;
     let mut whole = Some(outputs);
     let mut start = 0;
-    let mut answered = 0;
+    let mut answers = Vec::with_capacity(items.len());
     for p in items {
         // One request keeps the outputs as they are; several each get their rows.
         let mine = match whole.as_ref() {
@@ -942,13 +942,21 @@ fn run_batch(t: &InstanceThread, batch: Batch<Pending>) {
             _ => Ok(whole.take().unwrap_or_default()),
         };
         start += p.rows;
+        answers.push((p, mine));
+    }
+    // The compute phases are recorded before any reply goes out, so a client that has its
+    // answer finds its request in the statistics (perf_analyzer reads them right after).
+    let answered = answers.iter().filter(|(_, mine)| mine.is_ok()).count();
+    let times =
+        BatchTimes { input: started - dispatched, infer: compute, output: finished.elapsed() };
+    stats.batch_computed(answered, rows, times);
+    for (p, mine) in answers {
         let now = Instant::now();
         match mine {
             Ok(out) => {
                 latencies.push(now - p.arrived);
                 stats.request_succeeded(now - p.arrived, dispatched - p.arrived);
                 let _ = p.reply.send(Ok(out));
-                answered += 1;
             }
             Err(e) => {
                 stats.request_ended(Outcome::Failure);
@@ -957,9 +965,6 @@ fn run_batch(t: &InstanceThread, batch: Batch<Pending>) {
             }
         }
     }
-    let times =
-        BatchTimes { input: started - dispatched, infer: compute, output: finished.elapsed() };
-    stats.batch_computed(answered, rows, times);
     adapt(t, rows, compute, waiting, &latencies);
 }
 
