@@ -148,3 +148,30 @@ fn perf_analyzer_runs_unmodified_over_several_concurrency_levels() {
         assert!(stdout.contains("Server:"), "{stdout}");
     }
 }
+
+/// Clients that speak HTTP/2 (cleartext, prior knowledge, as gRPC-style clients and `curl
+/// --http2-prior-knowledge` do) get HTTP/2 on the same port; HTTP/1.1 clients are unchanged.
+#[test]
+fn http2_clients_are_served_on_the_same_port() {
+    let fleet = Fleet::new();
+    let repo = fleet.path().join("models");
+    install(&repo, "text", &text_cnn(), "");
+    let (_agent, addr) = agent_with(&fleet, "engines-4", &repo, &[]);
+    let body = json!({"inputs": [{
+        "name": "tokens", "shape": [1, 512], "datatype": "INT32", "data": vec![3; 512],
+    }]})
+    .to_string();
+    let curl = |version: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-S", version, "-w", "\n%{http_version} %{http_code}", "-d", &body])
+            .arg(format!("http://{addr}/v2/models/text/infer"))
+            .output()
+            .expect("curl is missing: scripts/test installs it (Debian's curl)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for (flag, version) in [("--http2-prior-knowledge", "2 200"), ("--http1.1", "1.1 200")] {
+        let reply = curl(flag);
+        assert!(reply.ends_with(version), "{flag}: {reply}");
+        assert!(reply.contains("\"probabilities\""), "{flag}: {reply}");
+    }
+}

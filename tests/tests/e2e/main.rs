@@ -8,7 +8,8 @@
 //!   load scaling a model up at once and down after the stabilization window; a crossed
 //!   `auto_optimize` budget recording directives.
 //! - `engines`: models on onnxruntime and on `auto` through Triton's Python client, equal to
-//!   tract's outputs; a missing onnxruntime library; Triton's perf_analyzer, unmodified.
+//!   tract's outputs; a missing onnxruntime library; Triton's perf_analyzer, unmodified;
+//!   HTTP/2 clients on the inference port.
 //! - `fleet`: a real aggregator and agents as separate processes, seen through the CLI.
 //! - `security`: certificates from another CA, expired and revoked, refused at the handshake.
 //! - `durability`: the aggregator SIGKILLed and restarted loses and duplicates nothing.
