@@ -140,7 +140,12 @@ fn decide_on_request(
     threads: usize,
 ) {
     let tolerance = lock(state).choice.tolerance.clone();
-    let verdict = judge(tract, ort, inputs, threads, tolerance);
+    // A panic in either engine counts as a failed attempt: left to unwind, it would leave
+    // `trying` set and the choice waiting forever.
+    let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        judge(tract, ort, inputs, threads, tolerance)
+    }))
+    .unwrap_or_else(|_| Err("an engine panicked on the request".to_owned()));
     let mut st = lock(state);
     match verdict {
         Ok((ort_wins, mut choice)) => {
@@ -447,6 +452,67 @@ mod tests {
         );
         let nan = tensor(&[f32::NAN]);
         assert!(max_difference(&[nan], &[tensor(&[0.0])]).is_err(), "NaN against a number");
+    }
+
+    /// Returns its inputs.
+    struct Echo;
+    impl Engine for Echo {
+        fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
+            Ok(inputs)
+        }
+    }
+
+    /// Fails every run; panics on the second.
+    #[derive(Default)]
+    struct Refuses(std::sync::atomic::AtomicUsize);
+    impl Engine for Refuses {
+        fn run(&self, _: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            assert!(n != 1, "a panicking engine");
+            Err(RunError("cannot run this".into()))
+        }
+    }
+
+    /// While undecided, each request is served by tract at once; requests that one engine
+    /// cannot run (or panics on) use up the attempts, and then tract stays, saying why.
+    #[test]
+    fn the_choice_gives_up_after_requests_that_do_not_run_on_both() {
+        let tract: Arc<dyn Engine> = Arc::new(Echo);
+        let undecided = Undecided {
+            tract: tract.clone(),
+            ort: Arc::new(Refuses::default()),
+            threads: 1,
+            attempts_left: REAL_REQUEST_ATTEMPTS,
+            trying: false,
+        };
+        let choice = EngineChoice {
+            chosen: "tract",
+            reason: "waiting".into(),
+            tract_us: None,
+            onnxruntime_us: None,
+            max_abs_difference: None,
+            trial_shapes: Vec::new(),
+            tolerance: String::new(),
+        };
+        let state = ChoiceState { serving: tract, choice, undecided: Some(undecided) };
+        let chosen = Chosen { state: Arc::new(Mutex::new(state)) };
+        let settled = |chosen: &Chosen| {
+            let st = lock(&chosen.state);
+            st.undecided.as_ref().is_none_or(|u| !u.trying)
+        };
+        for attempt in 0..REAL_REQUEST_ATTEMPTS {
+            let out = chosen.run(vec![tensor(&[1.0, 2.0])]).expect("tract answers at once");
+            assert_eq!(out[0].to_f64(), vec![1.0, 2.0]);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !settled(&chosen) {
+                assert!(Instant::now() < deadline, "attempt {attempt} never ended");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let st = lock(&chosen.state);
+        assert!(st.undecided.is_none(), "no more attempts");
+        assert_eq!(st.choice.chosen, "tract");
+        assert!(st.choice.reason.contains("nor 3 real requests"), "{}", st.choice.reason);
     }
 
     #[test]
