@@ -26,8 +26,6 @@ use agent::serving::runner::Signature;
 use anyhow::{Context as _, bail};
 use benches::quantile;
 use clap::Parser;
-use common::config::agent::ServingConfig;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(about = "Per-request latency at concurrency 1: no config vs max_batch_size = 1")]
@@ -114,15 +112,7 @@ async fn served(file: &Path, config: Option<&str>, seconds: f64) -> anyhow::Resu
     if let Some(text) = config {
         std::fs::write(dir.join("config.toml"), text)?;
     }
-    let serving_config = ServingConfig {
-        listen: "127.0.0.1:0".parse()?,
-        model_repository: repo.path().to_owned(),
-        max_request_bytes: 64 << 20,
-        admin_token_file: None,
-        limits: common::config::agent::ServingLimits::default(),
-    };
-    let shutdown = CancellationToken::new();
-    let serving = agent::serving::Serving::start(&serving_config, shutdown.clone()).await?;
+    let (serving, shutdown) = benches::serve_repository(repo.path(), 64 << 20).await?;
     let model = serving.repository.get("m", None)?;
     let (header_len, body) = request(&model.signature)?;
     let url = format!("http://{}/v2/models/m/infer", serving.addr);

@@ -1,6 +1,7 @@
 //! Shared pieces of the Flotilla benchmarks: an in-process aggregator on loopback with a
 //! throwaway fleet CA, realistic samples, small statistics helpers, and inputs for any model.
 
+pub mod cores;
 pub mod inputs;
 
 use std::net::SocketAddr;
@@ -202,4 +203,22 @@ pub async fn connect_agent(
         Some(hello_reply::Reply::Welcome(_)) => Ok(conn),
         other => anyhow::bail!("agent {i} not welcomed: {other:?}"),
     }
+}
+
+/// The agent's inference API on a loopback port serving the model repository `repo`, with
+/// default limits, requests up to `max_request_bytes`, and the token that stops it.
+pub async fn serve_repository(
+    repo: &Path,
+    max_request_bytes: usize,
+) -> anyhow::Result<(agent::serving::Serving, CancellationToken)> {
+    let config = common::config::agent::ServingConfig {
+        listen: "127.0.0.1:0".parse()?,
+        model_repository: repo.to_owned(),
+        max_request_bytes,
+        admin_token_file: None,
+        limits: common::config::agent::ServingLimits::default(),
+    };
+    let shutdown = CancellationToken::new();
+    let serving = agent::serving::Serving::start(&config, shutdown.clone()).await?;
+    Ok((serving, shutdown))
 }

@@ -28,7 +28,7 @@ use agent::serving::model_config::ModelConfig;
 use agent::serving::onnxruntime::OrtEngine;
 use agent::serving::runner::{Engine, Signature, TractEngine};
 use agent::serving::tensor::Tensor;
-use agent::serving::threads::{host_cores, intra_op_threads};
+use agent::serving::threads::{OrtThreads, host_cores};
 use anyhow::{Context as _, bail};
 use benches::inputs::{bench_inputs, binary_request};
 use benches::quantile;
@@ -53,7 +53,17 @@ struct Args {
     /// Servers: agent, kserve, mlserver.
     #[arg(long, value_delimiter = ',', default_value = "agent,kserve,mlserver")]
     servers: Vec<String>,
+    /// Cores kept for the load generator (the last ones this process may use); every server
+    /// process and the raw runs get the rest. 0 (the default) runs everything on every core:
+    /// onnxruntime inside the Python servers pins its own pool threads to every core, out of
+    /// the set they inherit, so a split would confine the agent and not its peers.
+    #[arg(long, default_value_t = 0)]
+    client_cores: usize,
 }
+
+/// The cores given to the load generator, if they are split off.
+static CORE_SPLIT: std::sync::OnceLock<Option<benches::cores::CoreSplit>> =
+    std::sync::OnceLock::new();
 
 /// A running server process.
 struct Server {
@@ -302,6 +312,7 @@ fn measure(server: &Server, url: &str, body: &Body, clients: usize, seconds: f64
         .map(|_| {
             let (url, body) = (url.to_owned(), body.clone());
             std::thread::spawn(move || {
+                benches::cores::pin_client(CORE_SPLIT.get().and_then(Option::as_ref));
                 let agent = http_agent();
                 let (mut lat, mut errors) = (Vec::new(), 0usize);
                 while Instant::now() < deadline {
@@ -363,11 +374,18 @@ fn raw_ms(engine: &dyn Engine, inputs: &[Tensor]) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Before any server starts, so each server process inherits the server's cores.
+    let split = benches::cores::CoreSplit::apply(args.client_cores)?;
+    let _ = CORE_SPLIT.set(split.clone());
     let scratch = tempfile::tempdir()?;
     println!(
-        "bench-peers: {} s per cell, {} CPU cores, one server at a time, clients on the same host",
+        "bench-peers: {} s per cell, {} CPU cores for the server and the raw runs ({}), one server at a time",
         args.seconds,
-        host_cores()
+        host_cores(),
+        split.as_ref().map_or_else(
+            || "the load generator shares them".to_owned(),
+            benches::cores::CoreSplit::describe
+        )
     );
     for file in &args.models {
         let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("model").replace('.', "_");
@@ -376,8 +394,9 @@ fn main() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
         let one_row = bench_inputs(&signature, 1)?;
         let tract_ms = raw_ms(&tract, &one_row);
-        let threads = intra_op_threads(None, 1, host_cores()).threads;
-        let ort_ms = OrtEngine::load(file, &config, &config.onnxruntime, threads)
+        // The agent's default: the host's shared onnxruntime pool of `cores` threads.
+        let threads = host_cores();
+        let ort_ms = OrtEngine::load(file, &config, &config.onnxruntime, OrtThreads::HostPool)
             .map(|(e, _)| raw_ms(&e, &one_row))
             .unwrap_or(f64::NAN);
         println!(

@@ -12,9 +12,12 @@
 //!   each running batches of B rows back to back (onnxruntime with the intra-op threads the
 //!   agent's core budget gives it).
 //!
-//! It prints rows/s, p50 and p99 latency for both, the ratio served/raw (the server's overhead)
-//! and served over the fastest engine's raw rate at that point (`vs best`: the physical limit
-//! on a CPU). Inputs of every datatype are generated (`benches::inputs`). Then the batcher's own
+//! It prints rows/s, p50 and p99 latency and the mean engine time per batch for both (served:
+//! the model's own `compute_infer` statistics over the window), the ratio served/raw (the
+//! server's overhead) and served over the fastest engine's raw rate at that point (`vs best`:
+//! the physical limit on a CPU). By default the last core is kept for the load generator and
+//! the server and the raw runs share the others (`--client-cores 0` puts everything on every
+//! core), so served/raw compares like with like and not the client's CPU. Inputs of every datatype are generated (`benches::inputs`). Then the batcher's own
 //! overhead per request: the pure policy (push + form), and the whole queue path (queue,
 //! worker, instance thread, reply) with a no-op engine.
 //!
@@ -36,12 +39,10 @@ use agent::serving::model_config::ModelConfig;
 use agent::serving::onnxruntime::OrtEngine;
 use agent::serving::runner::{Engine, RunError, Signature, TractEngine};
 use agent::serving::tensor::{DataType, Tensor};
-use agent::serving::threads::{host_cores, intra_op_threads};
+use agent::serving::threads::{host_cores, ort_threads};
 use anyhow::{Context as _, bail};
 use benches::quantile;
 use clap::Parser;
-use common::config::agent::ServingConfig;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(about = "Served vs raw engine throughput and latency, and the batcher's overhead")]
@@ -71,6 +72,10 @@ struct Args {
     /// Instance counts.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     instances: Vec<usize>,
+    /// Cores kept for the load generator (the last ones this process may use); the server and
+    /// the raw runs get the rest. 0 runs everything on every core.
+    #[arg(long, default_value_t = 1)]
+    client_cores: usize,
 }
 
 /// One measurement's results.
@@ -78,11 +83,16 @@ struct Run {
     rows_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Mean engine time per batch: raw, each run; served, the model's `compute_infer`.
+    engine_ms: f64,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = ORT_SETTINGS.set((args.ort_threads, args.ort_spinning));
+    // Before anything starts a thread, so the runtime, the engines and their pools inherit it.
+    let split = benches::cores::CoreSplit::apply(args.client_cores)?;
+    let _ = CORE_SPLIT.set(split.clone());
     let mut files: Vec<PathBuf> = Vec::new();
     for path in &args.models {
         if path.is_dir() {
@@ -117,12 +127,16 @@ fn main() -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     println!(
-        "bench-serving: {} s per point, {} CPU cores",
+        "bench-serving: {} s per point, {} CPU cores for the server and the raw runs ({})",
         args.seconds,
-        std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
+        host_cores(),
+        split.as_ref().map_or_else(
+            || "the load generator shares them".to_owned(),
+            benches::cores::CoreSplit::describe
+        )
     );
     println!(
-        "{:<28} {:<11} {:>2} {:>4} | {:>9} {:>8} {:>8} | {:>9} {:>8} {:>8} | {:>6} {:>7}",
+        "{:<20} {:<11} {:>2} {:>4} | {:>8} {:>7} {:>7} {:>7} | {:>9} {:>7} {:>7} {:>7} | {:>5} {:>7}",
         "model",
         "engine",
         "B",
@@ -130,9 +144,11 @@ fn main() -> anyhow::Result<()> {
         "raw r/s",
         "p50 ms",
         "p99 ms",
-        "served r/s",
+        "eng ms",
+        "served/s",
         "p50 ms",
         "p99 ms",
+        "eng ms",
         "ratio",
         "vs best"
     );
@@ -155,17 +171,19 @@ fn main() -> anyhow::Result<()> {
                 let best = rows.iter().map(|(_, raw, _)| raw.rows_per_s).fold(0.0, f64::max);
                 for (engine, raw, served) in rows {
                     println!(
-                        "{:<28} {:<11} {:>2} {:>4} | {:>9.1} {:>8.2} {:>8.2} | {:>9.1} {:>8.2} {:>8.2} | {:>6.2} {:>7.2}",
-                        name,
+                        "{:<20} {:<11} {:>2} {:>4} | {:>8.1} {:>7.2} {:>7.2} {:>7.3} | {:>9.1} {:>7.2} {:>7.2} {:>7.3} | {:>5.2} {:>7.2}",
+                        name.chars().take(20).collect::<String>(),
                         engine.name(),
                         batch,
                         instances,
                         raw.rows_per_s,
                         raw.p50_ms,
                         raw.p99_ms,
+                        raw.engine_ms,
                         served.rows_per_s,
                         served.p50_ms,
                         served.p99_ms,
+                        served.engine_ms,
                         served.rows_per_s / raw.rows_per_s,
                         served.rows_per_s / best,
                     );
@@ -174,8 +192,56 @@ fn main() -> anyhow::Result<()> {
         }
     }
     batcher_overhead(&runtime);
+    let floor = runtime.block_on(http_floor(args.seconds))?;
+    println!(
+        "HTTP floor (GET /v2/health/live, {FLOOR_CLIENTS} closed-loop clients, same cores): {floor:.0} requests/s, {:.1} us per request",
+        1e6 / floor
+    );
     Ok(())
 }
+
+/// Closed-loop clients measuring the HTTP floor: enough to keep the server's cores busy.
+const FLOOR_CLIENTS: usize = 8;
+
+/// Requests/s the inference port answers with no model work at all: the transport's own cost
+/// (loopback TCP, HTTP, routing) on the server's cores, the floor under every served request.
+async fn http_floor(seconds: f64) -> anyhow::Result<f64> {
+    let repo = tempfile::tempdir()?;
+    let (serving, shutdown) = benches::serve_repository(repo.path(), 1 << 20).await?;
+    let url = format!("http://{}/v2/health/live", serving.addr);
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..FLOOR_CLIENTS)
+        .map(|_| {
+            let (url, stop) = (url.clone(), stop.clone());
+            std::thread::spawn(move || {
+                benches::cores::pin_client(CORE_SPLIT.get().and_then(Option::as_ref));
+                let agent = http_agent();
+                let mut answered = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut response) = agent.get(&url).call() else { break };
+                    let _ = response.body_mut().read_to_vec();
+                    answered += 1;
+                }
+                answered
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut answered = 0;
+    for h in handles {
+        answered += tokio::task::spawn_blocking(move || h.join().unwrap_or_default()).await?;
+    }
+    shutdown.cancel();
+    serving.stopped(agent::serving::HTTP_DRAIN_GRACE).await;
+    Ok(answered as f64 / elapsed)
+}
+
+/// The cores given to the load generator, if they are split off.
+static CORE_SPLIT: std::sync::OnceLock<Option<benches::cores::CoreSplit>> =
+    std::sync::OnceLock::new();
 
 /// `--ort-threads` and `--ort-spinning`, for the raw and the served runs alike.
 static ORT_SETTINGS: std::sync::OnceLock<(Option<usize>, bool)> = std::sync::OnceLock::new();
@@ -217,11 +283,13 @@ fn load(
         }
         EngineKind::Onnxruntime => {
             let (asked, spinning) = ort_settings();
-            let threads = intra_op_threads(asked, instances, host_cores()).threads;
             let options = agent::serving::model_config::OrtOptions {
+                intra_op_threads: asked,
                 intra_op_spinning: spinning,
                 ..config.onnxruntime.clone()
             };
+            // As the agent does: the host's pool unless threads or spinning are asked for.
+            let (threads, _) = ort_threads(&options, instances, host_cores());
             OrtEngine::load(file, &config, &options, threads)
                 .map(|(e, s)| (Arc::new(e) as Arc<dyn Engine>, s))
         }
@@ -271,6 +339,7 @@ fn raw_run(
         rows_per_s: (lat.len() * batch) as f64 / elapsed,
         p50_ms: quantile(&lat, 0.5),
         p99_ms: quantile(&lat, 0.99),
+        engine_ms: lat.iter().sum::<f64>() / lat.len().max(1) as f64,
     })
 }
 
@@ -298,15 +367,7 @@ async fn served_run(
             }
         ),
     )?;
-    let config = ServingConfig {
-        listen: "127.0.0.1:0".parse()?,
-        model_repository: repo.path().to_owned(),
-        max_request_bytes: 64 << 20,
-        admin_token_file: None,
-        limits: common::config::agent::ServingLimits::default(),
-    };
-    let shutdown = CancellationToken::new();
-    let serving = agent::serving::Serving::start(&config, shutdown.clone()).await?;
+    let (serving, shutdown) = benches::serve_repository(repo.path(), 64 << 20).await?;
     let model = serving.repository.get("m", None)?;
     let batched = model.signature.max_batch_size > 0;
     let rows_per_request = if batched { 1 } else { batch };
@@ -330,11 +391,13 @@ async fn served_run(
         let _ = model.infer(inputs_for(&model.signature, rows)?, None, None).await;
     }
     let stop = Arc::new(AtomicBool::new(false));
+    let engine_before = engine_time(&model);
     let start = Instant::now();
     let handles: Vec<_> = (0..clients)
         .map(|_| {
             let (url, body, stop) = (url.clone(), body.clone(), stop.clone());
             std::thread::spawn(move || {
+                benches::cores::pin_client(CORE_SPLIT.get().and_then(Option::as_ref));
                 let agent = http_agent();
                 let mut lat = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
@@ -351,6 +414,7 @@ async fn served_run(
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
     stop.store(true, Ordering::Relaxed);
     let elapsed = start.elapsed().as_secs_f64();
+    let engine_after = engine_time(&model);
     let mut lat: Vec<f64> = Vec::new();
     for h in handles {
         lat.extend(tokio::task::spawn_blocking(move || h.join().unwrap_or_default()).await?);
@@ -358,10 +422,22 @@ async fn served_run(
     shutdown.cancel();
     serving.stopped(agent::serving::HTTP_DRAIN_GRACE).await;
     lat.sort_by(f64::total_cmp);
+    let batches = engine_after.0.saturating_sub(engine_before.0);
     Ok(Run {
         rows_per_s: (lat.len() * rows_per_request) as f64 / elapsed,
         p50_ms: quantile(&lat, 0.5),
         p99_ms: quantile(&lat, 0.99),
+        engine_ms: (engine_after.1 - engine_before.1) / batches.max(1) as f64 / 1e6,
+    })
+}
+
+/// Batches run and their engine time in ns so far, from the model's Triton statistics.
+fn engine_time(model: &LoadedModel) -> (u64, f64) {
+    let stats = model.stats.triton_json();
+    let sizes = stats["batch_stats"].as_array().cloned().unwrap_or_default();
+    sizes.iter().fold((0, 0.0), |(count, ns), size| {
+        let infer = &size["compute_infer"];
+        (count + infer["count"].as_u64().unwrap_or(0), ns + infer["ns"].as_f64().unwrap_or(0.0))
     })
 }
 

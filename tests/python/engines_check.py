@@ -37,6 +37,12 @@ def main():
           f"text runs on onnxruntime's CPU provider ({engine})")
     check("libonnxruntime" in engine["library"], f"its config names the library loaded ({engine['library']})")
     check(client.get_model_metadata("text")["platform"] == "onnxruntime_onnx", "its metadata says onnxruntime_onnx")
+    ocr = client.get_model_config("ocr")["engine"]
+    check(engine["thread_pool"] == "host" and ocr["thread_pool"] == "host" and engine["threads"] == ocr["threads"] >= 1,
+          f"models without threads of their own share the host's pool ({engine['threads']} and {ocr['threads']} threads)")
+    own = client.get_model_config("own")["engine"]
+    check(own["thread_pool"] == "model" and own["threads"] == 1,
+          f"a model that sets intra_op_threads has pools of its own ({own})")
 
     auto = client.get_model_config("auto")["engine"]
     choice = auto["choice"]

@@ -32,6 +32,7 @@ use super::model_config::{ModelConfig, OrtOptions};
 use super::onnxruntime::OrtEngine;
 use super::runner::{Engine, EngineInfo, IoSpec, RunError, Signature, TractEngine};
 use super::tensor::{DataType, Payload, Tensor};
+use super::threads::OrtThreads;
 
 /// Absolute part of the agreement tolerance.
 pub const ABS_TOLERANCE: f64 = 1e-3;
@@ -121,6 +122,17 @@ impl Engine for Chosen {
             }
         }
         engine.run(inputs)
+    }
+
+    fn instances_changed(&self, instances: usize) {
+        let (serving, undecided) = {
+            let st = lock(&self.state);
+            (st.serving.clone(), st.undecided.as_ref().map(|u| u.ort.clone()))
+        };
+        serving.instances_changed(instances);
+        if let Some(ort) = undecided {
+            ort.instances_changed(instances);
+        }
     }
 
     fn info(&self) -> EngineInfo {
@@ -216,7 +228,7 @@ pub fn choose(
     path: &Path,
     config: &ModelConfig,
     options: &OrtOptions,
-    threads: usize,
+    threads: OrtThreads,
 ) -> Result<(Arc<dyn Engine>, Signature), String> {
     let tract = TractEngine::load(path, config);
     let ort = OrtEngine::load(path, config, options, threads);
@@ -251,6 +263,7 @@ pub fn choose(
     };
     let tract: Arc<dyn Engine> = Arc::new(tract);
     let ort: Arc<dyn Engine> = Arc::new(ort);
+    let threads = ort.info().threads.unwrap_or(1);
     let verdict = synthetic_trials(&tract_sig)
         .into_iter()
         .find_map(|inputs| judge(&tract, &ort, &inputs, threads, tolerance.clone()).ok());
@@ -381,7 +394,7 @@ pub fn max_difference(reference: &[Tensor], other: &[Tensor]) -> Result<f64, Str
             let same_nan = x.is_nan() && y.is_nan();
             let allowed = if exact { 0.0 } else { ABS_TOLERANCE + REL_TOLERANCE * x.abs() };
             // A NaN difference (NaN against a number) is outside any tolerance.
-            let within = d <= allowed;
+            let within = x == y || d <= allowed; // equal infinities differ by NaN
             if !same_nan && !within {
                 return Err(format!("output {i} element {j}: tract {x}, onnxruntime {y}"));
             }
@@ -452,6 +465,14 @@ mod tests {
         );
         let nan = tensor(&[f32::NAN]);
         assert!(max_difference(&[nan], &[tensor(&[0.0])]).is_err(), "NaN against a number");
+        let inf = tensor(&[f32::INFINITY, f32::NEG_INFINITY]);
+        assert_eq!(max_difference(std::slice::from_ref(&inf), std::slice::from_ref(&inf)), Ok(0.0));
+        let flags =
+            |v: &[u8]| Tensor::from_bytes(DataType::Bool, vec![v.len()], v.to_vec()).expect("bool");
+        assert_eq!(max_difference(&[flags(&[1, 0])], &[flags(&[1, 0])]), Ok(0.0));
+        let why =
+            max_difference(&[flags(&[1, 0])], &[flags(&[1, 1])]).expect_err("booleans differ");
+        assert!(why.contains("element 1"), "{why}");
     }
 
     /// Returns its inputs.

@@ -23,7 +23,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::batcher::Refusal;
 use super::limits::{Limit, Limits};
@@ -31,7 +31,7 @@ use super::model::{InferError, LoadedModel};
 use super::repository::{LookupError, ModelState, Repository};
 use super::runner::IoSpec;
 use super::stats::render_prometheus;
-use super::tensor::{DataType, Tensor};
+use super::tensor::{DataType, Tensor, write_json_string};
 
 /// The binary extension's header naming the JSON part's length.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -771,8 +771,20 @@ fn encode_response(
     wishes: &[OutputWish],
     outputs: Vec<Tensor>,
 ) -> Response {
+    // The JSON header is written straight into its buffer: no tree of values per element.
+    let elements: usize = outputs.iter().map(|t| t.shape().iter().product::<usize>()).sum();
+    let mut head = Vec::with_capacity(256 + 12 * elements);
     let mut binary = Vec::new();
-    let mut list = Vec::with_capacity(wishes.len());
+    head.extend_from_slice(b"{\"model_name\":");
+    write_json_string(&mut head, &m.name);
+    head.extend_from_slice(b",\"model_version\":");
+    write_json_string(&mut head, &m.version);
+    if let Some(id) = id {
+        head.extend_from_slice(b",\"id\":");
+        let _ = serde_json::to_writer(&mut head, &id);
+    }
+    head.extend_from_slice(b",\"outputs\":[");
+    let mut first = true;
     for wish in wishes {
         let Some(t) = m
             .signature
@@ -783,29 +795,34 @@ fn encode_response(
         else {
             continue;
         };
-        let mut entry = Map::new();
-        entry.insert("name".into(), Value::from(wish.name.clone()));
-        entry.insert("datatype".into(), Value::from(t.dtype().name()));
-        entry.insert("shape".into(), json!(t.shape()));
+        if !first {
+            head.push(b',');
+        }
+        first = false;
+        head.extend_from_slice(b"{\"name\":");
+        write_json_string(&mut head, &wish.name);
+        head.extend_from_slice(b",\"datatype\":");
+        write_json_string(&mut head, t.dtype().name());
+        head.extend_from_slice(b",\"shape\":");
+        let _ = serde_json::to_writer(&mut head, t.shape());
         if wish.binary {
             let bytes = t.to_binary();
-            entry.insert("parameters".into(), json!({"binary_data_size": bytes.len()}));
+            head.extend_from_slice(
+                format!(",\"parameters\":{{\"binary_data_size\":{}}}", bytes.len()).as_bytes(),
+            );
             binary.extend_from_slice(&bytes);
         } else {
-            entry.insert("data".into(), t.to_json());
+            head.extend_from_slice(b",\"data\":");
+            t.write_json_data(&mut head);
         }
-        list.push(Value::Object(entry));
+        head.push(b'}');
     }
-    let mut head = json!({"model_name": m.name, "model_version": m.version, "outputs": list});
-    if let (Some(id), Some(obj)) = (id, head.as_object_mut()) {
-        obj.insert("id".into(), id);
-    }
-    let head = head.to_string();
+    head.extend_from_slice(b"]}");
     if binary.is_empty() && !wishes.iter().any(|w| w.binary) {
         return ([(header::CONTENT_TYPE, "application/json")], head).into_response();
     }
     let len = head.len();
-    let mut body = head.into_bytes();
+    let mut body = head;
     body.extend_from_slice(&binary);
     let mut response = Response::new(Body::from(body));
     let headers = response.headers_mut();

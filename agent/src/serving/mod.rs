@@ -48,6 +48,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt as _;
 use common::config::agent::ServingConfig;
 use common::proto::ModelSample;
 use tokio_util::sync::CancellationToken;
@@ -132,6 +133,13 @@ impl Serving {
         let telemetry_health = state.telemetry_health.clone();
         // Peer addresses reach the handlers: repository control checks for loopback.
         let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
+        // Replies go out as soon as they are written, not held back for Nagle's coalescing
+        // (which meets the client's delayed ACK on small pipelined or HTTP/2 replies).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY could not be set on a connection.");
+            }
+        });
         let server = tokio::spawn(async move {
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { shutdown.cancelled().await })

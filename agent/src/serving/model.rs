@@ -362,6 +362,7 @@ impl LoadedModel {
         let result = self.pool.resize(n);
         let now = self.pool.target();
         self.queue.update_policy(|p| p.instances = now);
+        self.engine.instances_changed(now);
         self.show_settings();
         let (from, to) = result?;
         info!(model = %self.name, version = %self.version, from, to, "Instance count changed.");

@@ -5,11 +5,14 @@
 //! safe to run concurrently), so each instance thread takes a session from the pool for one
 //! batch and puts it back. The pool starts with one session (built at load, which also checks
 //! the file) and grows by one whenever every session is busy; it never holds more sessions than
-//! batches have run at once, which the instance count bounds. Each session runs a batch on
-//! `threads` intra-op threads (see [`super::threads`]).
+//! batches have run at once, which the instance count bounds. Sessions run their batches in
+//! the host's shared thread pool, or in pools of their own when the model asks (see
+//! [`super::threads`]); when the instance count changes, a model with its own pools re-splits
+//! the cores, and sessions built with the old thread count are dropped as they come back.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
@@ -17,52 +20,69 @@ use ort::value::{
     DynValue, PrimitiveTensorElementType, Tensor as OrtTensor, TensorElementType, ValueType,
 };
 
+use tracing::{info, warn};
+
 use super::model_config::{ExecutionProvider, ModelConfig, OrtOptions};
 use super::ort_library::{OrtRuntime, runtime};
 use super::runner::{Engine, EngineInfo, FileIo, IoSpec, RunError, Signature, assemble_signature};
 use super::tensor::{DataType, Payload, Tensor};
+use super::threads::{OrtThreads, host_cores, ort_threads};
 
 /// A model loaded into onnxruntime.
 pub struct OrtEngine {
     file: PathBuf,
     runtime: OrtRuntime,
     options: OrtOptions,
-    threads: usize,
+    /// Threads of each session's own pool; 0 when the sessions use the host's pool.
+    own_threads: AtomicUsize,
     input_names: Vec<String>,
-    idle: Mutex<Vec<Session>>,
+    /// Idle sessions with the `own_threads` they were built with.
+    idle: Mutex<Vec<(usize, Session)>>,
 }
 
 impl std::fmt::Debug for OrtEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OrtEngine")
             .field("file", &self.file)
-            .field("threads", &self.threads)
+            .field("threads", &self.threads())
             .finish_non_exhaustive()
     }
 }
 
 impl OrtEngine {
-    /// Loads `path` with `threads` intra-op threads per batch. Fails, with where the library
-    /// was looked for, when onnxruntime is not installed; with onnxruntime's reason when the
-    /// file does not load.
+    /// Loads `path`, its batches to run on `threads`. Fails, with where the library was looked
+    /// for, when onnxruntime is not installed; with onnxruntime's reason when the file does not
+    /// load.
     pub fn load(
         path: &Path,
         config: &ModelConfig,
         options: &OrtOptions,
-        threads: usize,
+        threads: OrtThreads,
     ) -> Result<(Self, Signature), String> {
         let runtime = runtime(options.library.as_deref())?;
-        let session = open_session(&runtime, path, options, threads)?;
+        let own = match threads {
+            OrtThreads::HostPool => 0,
+            OrtThreads::Own(n) => n.max(1),
+        };
+        let session = open_session(&runtime, path, options, own)?;
         let (signature, input_names) = describe(&session, config)?;
         let engine = Self {
             file: path.to_path_buf(),
             runtime,
             options: options.clone(),
-            threads,
+            own_threads: AtomicUsize::new(own),
             input_names,
-            idle: Mutex::new(vec![session]),
+            idle: Mutex::new(vec![(own, session)]),
         };
         Ok((engine, signature))
+    }
+
+    /// Where its batches run now.
+    pub fn threads(&self) -> OrtThreads {
+        match self.own_threads.load(Ordering::Relaxed) {
+            0 => OrtThreads::HostPool,
+            n => OrtThreads::Own(n),
+        }
     }
 
     /// Sessions built so far (for tests).
@@ -70,39 +90,51 @@ impl OrtEngine {
         self.idle.lock().map(|s| s.len()).unwrap_or(0)
     }
 
-    fn take_session(&self) -> Result<Session, RunError> {
+    fn take_session(&self) -> Result<(usize, Session), RunError> {
+        let own = self.own_threads.load(Ordering::Relaxed);
         let spare = self.idle.lock().ok().and_then(|mut idle| idle.pop());
         match spare {
             Some(session) => Ok(session),
-            None => open_session(&self.runtime, &self.file, &self.options, self.threads)
+            None => open_session(&self.runtime, &self.file, &self.options, own)
+                .map(|session| (own, session))
                 .map_err(|e| RunError(format!("opening another onnxruntime session: {e}"))),
         }
     }
 
-    fn give_back(&self, session: Session) {
+    fn give_back(&self, session: (usize, Session)) {
+        // A session built before the threads were re-split is dropped, not kept.
+        if session.0 != self.own_threads.load(Ordering::Relaxed) {
+            return;
+        }
         if let Ok(mut idle) = self.idle.lock() {
             idle.push(session);
         }
     }
 }
 
+/// Opens a session: in the host's pool when `own_threads` is 0, else in a pool of its own.
 fn open_session(
     runtime: &OrtRuntime,
     path: &Path,
     options: &OrtOptions,
-    threads: usize,
+    own_threads: usize,
 ) -> Result<Session, String> {
     let fail = |what: &str, e: ort::Error| format!("onnxruntime {what}: {e}");
     let mut builder = Session::builder(&runtime.environment)
         .map_err(|e| fail("session options", e))?
         .with_optimization_level(GraphOptimizationLevel::All)
-        .map_err(|e| fail("optimization level", e.into()))?
-        .with_intra_threads(threads)
-        .map_err(|e| fail("intra-op threads", e.into()))?
-        .with_inter_threads(1)
-        .map_err(|e| fail("inter-op threads", e.into()))?
-        .with_intra_op_spinning(options.intra_op_spinning)
-        .map_err(|e| fail("intra-op spinning", e.into()))?;
+        .map_err(|e| fail("optimization level", e.into()))?;
+    if own_threads > 0 {
+        builder = builder
+            .with_independent_thread_pool()
+            .map_err(|e| fail("own thread pool", e.into()))?
+            .with_intra_threads(own_threads)
+            .map_err(|e| fail("intra-op threads", e.into()))?
+            .with_inter_threads(1)
+            .map_err(|e| fail("inter-op threads", e.into()))?
+            .with_intra_op_spinning(options.intra_op_spinning)
+            .map_err(|e| fail("intra-op spinning", e.into()))?;
+    }
     if options.provider == ExecutionProvider::Cuda {
         builder = builder
             .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
@@ -305,7 +337,7 @@ impl Engine for OrtEngine {
                 to_ort(t).map_err(|RunError(e)| RunError(format!("input {name:?}: {e}")))?;
             values.push((name.as_str(), value));
         }
-        let mut session = self.take_session()?;
+        let (built, mut session) = self.take_session()?;
         // onnxruntime reports its failures as errors; a panic in the binding fails this batch and
         // loses this session, not the instance thread.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -314,16 +346,40 @@ impl Engine for OrtEngine {
         }));
         match outcome {
             Ok(result) => {
-                self.give_back(session);
+                self.give_back((built, session));
                 result
             }
             Err(_) => Err(RunError("onnxruntime panicked running this batch".to_owned())),
         }
     }
 
+    fn instances_changed(&self, instances: usize) {
+        if self.threads() == OrtThreads::HostPool {
+            return;
+        }
+        let (threads, lowered) = ort_threads(&self.options, instances, host_cores());
+        let OrtThreads::Own(n) = threads else { return };
+        if self.own_threads.swap(n, Ordering::Relaxed) == n {
+            return;
+        }
+        // Idle sessions have the old count; busy ones are dropped when they come back.
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
+        }
+        if let Some(why) = lowered {
+            warn!(file = %self.file.display(), reason = %why, "onnxruntime threads lowered to the core budget.");
+        }
+        info!(file = %self.file.display(), instances, threads = n, "onnxruntime threads re-split for the new instance count.");
+    }
+
     fn info(&self) -> EngineInfo {
+        let (threads, pool) = match self.threads() {
+            OrtThreads::HostPool => (self.runtime.host_pool_threads, "host"),
+            OrtThreads::Own(n) => (n, "model"),
+        };
         EngineInfo {
-            threads: Some(self.threads),
+            threads: Some(threads),
+            thread_pool: Some(pool),
             provider: Some(self.options.provider.name().to_owned()),
             library: Some(format!(
                 "onnxruntime {} ({})",
@@ -370,7 +426,8 @@ pub(crate) mod tests {
     fn an_int32_model_runs_batched_and_agrees_with_tract() {
         let config = ModelConfig::default();
         let file = fixture("text_cnn.onnx");
-        let (ort, sig) = OrtEngine::load(&file, &config, &options(), 1).expect("onnxruntime loads");
+        let (ort, sig) = OrtEngine::load(&file, &config, &options(), OrtThreads::Own(1))
+            .expect("onnxruntime loads");
         let (tract, tract_sig) = TractEngine::load(&file, &config).expect("tract loads");
         assert_eq!(sig, tract_sig, "both engines describe the model alike");
         assert_eq!(sig.inputs[0].datatype, DataType::I32);
@@ -391,10 +448,43 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_model_with_its_own_pools_re_splits_the_cores_when_instances_change() {
+        let file = fixture("text_cnn.onnx");
+        let cores = host_cores();
+        let asked = OrtOptions { intra_op_threads: Some(cores), ..options() };
+        let (ort, _) =
+            OrtEngine::load(&file, &ModelConfig::default(), &asked, OrtThreads::Own(cores))
+                .expect("loads");
+        assert_eq!(ort.threads(), OrtThreads::Own(cores));
+        assert_eq!(ort.info().thread_pool, Some("model"));
+        ort.run(vec![tokens(1, 1)]).expect("runs");
+        assert_eq!(ort.session_count(), 1);
+        // Twice the instances: each gets half the cores, and the old session is not reused.
+        ort.instances_changed(2);
+        let share = (cores / 2).max(1);
+        assert_eq!(ort.threads(), OrtThreads::Own(share));
+        assert_eq!(ort.info().threads, Some(share));
+        if share != cores {
+            assert_eq!(ort.session_count(), 0, "sessions of the old thread count are dropped");
+        }
+        ort.run(vec![tokens(1, 2)]).expect("runs on a session of the new count");
+        assert_eq!(ort.session_count(), 1);
+        // A model in the host pool has nothing to re-split.
+        let (shared, _) =
+            OrtEngine::load(&file, &ModelConfig::default(), &options(), OrtThreads::HostPool)
+                .expect("loads");
+        shared.instances_changed(8);
+        assert_eq!(shared.threads(), OrtThreads::HostPool);
+        let info = shared.info();
+        assert_eq!((info.thread_pool, info.threads), (Some("host"), Some(cores)));
+    }
+
+    #[test]
     fn a_scalar_int64_input_and_a_state_run_unbatched() {
         let config = ModelConfig::default();
         let file = shared_model("silero_vad_op18_ifless.onnx");
-        let (ort, sig) = OrtEngine::load(&file, &config, &options(), 1).expect("loads");
+        let (ort, sig) =
+            OrtEngine::load(&file, &config, &options(), OrtThreads::Own(1)).expect("loads");
         assert_eq!(sig.max_batch_size, 0, "{:?}", sig.batching_off_reason);
         let inputs = auto::trial_inputs(&sig, 1).expect("inputs");
         let (tract, _) = TractEngine::load(&file, &config).expect("tract loads");
@@ -422,7 +512,8 @@ pub(crate) mod tests {
     fn concurrent_batches_each_get_a_session_and_the_pool_stays_bounded() {
         let file = fixture("text_cnn.onnx");
         let (ort, _) =
-            OrtEngine::load(&file, &ModelConfig::default(), &options(), 1).expect("loads");
+            OrtEngine::load(&file, &ModelConfig::default(), &options(), OrtThreads::Own(1))
+                .expect("loads");
         let ort = std::sync::Arc::new(ort);
         let threads: Vec<_> = (0..3u32)
             .map(|i| {
@@ -448,7 +539,8 @@ pub(crate) mod tests {
     fn a_wrong_input_is_an_error_that_names_it_not_a_panic() {
         let file = fixture("text_cnn.onnx");
         let (ort, _) =
-            OrtEngine::load(&file, &ModelConfig::default(), &options(), 1).expect("loads");
+            OrtEngine::load(&file, &ModelConfig::default(), &options(), OrtThreads::Own(1))
+                .expect("loads");
         let wrong = Tensor::from_bytes(DataType::I32, vec![1, 7], vec![0; 28]).expect("tensor");
         let err = ort.run(vec![wrong]).expect_err("a wrong shape fails the batch");
         assert!(err.0.contains("onnxruntime"), "{err}");
@@ -461,7 +553,8 @@ pub(crate) mod tests {
     fn auto_decides_on_the_first_real_request_when_no_trial_runs() {
         let file = shared_model("silero_vad_op18_ifless.onnx");
         let (engine, sig) =
-            auto::choose(&file, &ModelConfig::default(), &options(), 1).expect("loads");
+            auto::choose(&file, &ModelConfig::default(), &options(), OrtThreads::Own(1))
+                .expect("loads");
         let before = engine.info();
         assert_eq!(before.engine, "tract");
         let reason = before.choice.expect("a choice").reason;
@@ -496,7 +589,8 @@ pub(crate) mod tests {
     fn auto_picks_an_engine_and_says_why() {
         let file = fixture("text_cnn.onnx");
         let (engine, sig) =
-            auto::choose(&file, &ModelConfig::default(), &options(), 1).expect("loads");
+            auto::choose(&file, &ModelConfig::default(), &options(), OrtThreads::Own(1))
+                .expect("loads");
         assert_eq!(sig.inputs[0].datatype, DataType::I32);
         let info = engine.info();
         let choice = info.choice.expect("the choice is reported");
@@ -518,8 +612,13 @@ mod provider_tests {
     #[test]
     fn cuda_without_a_gpu_build_fails_the_load_naming_what_is_needed() {
         let cuda = OrtOptions { provider: ExecutionProvider::Cuda, ..options() };
-        let err = OrtEngine::load(&fixture("text_cnn.onnx"), &ModelConfig::default(), &cuda, 1)
-            .expect_err("the CPU build of onnxruntime has no CUDA provider");
+        let err = OrtEngine::load(
+            &fixture("text_cnn.onnx"),
+            &ModelConfig::default(),
+            &cuda,
+            OrtThreads::Own(1),
+        )
+        .expect_err("the CPU build of onnxruntime has no CUDA provider");
         assert!(err.contains("onnxruntime-gpu") && err.contains("cuda"), "{err}");
     }
 
@@ -533,7 +632,8 @@ mod provider_tests {
             OrtOptions { provider: ExecutionProvider::Cuda, library, ..OrtOptions::default() };
         let file = fixture("text_cnn.onnx");
         let config = ModelConfig::default();
-        let (engine, sig) = OrtEngine::load(&file, &config, &cuda, 1).expect("loads on CUDA");
+        let (engine, sig) =
+            OrtEngine::load(&file, &config, &cuda, OrtThreads::HostPool).expect("loads on CUDA");
         assert_eq!(engine.info().provider.as_deref(), Some("CUDA"));
         let inputs = crate::serving::auto::trial_inputs(&sig, 1).expect("inputs");
         let on_gpu = engine.run(inputs.clone()).expect("runs on the GPU");

@@ -9,6 +9,11 @@
 //!    (`site-packages/onnxruntime/capi/libonnxruntime.so.*`) under `$VIRTUAL_ENV`, `./.venv`,
 //!    the user's and the system's Python directories.
 //!
+//! The environment holds the host's one onnxruntime thread pool (`cores` intra-op threads, not
+//! spinning): every model that does not ask for a pool of its own runs its batches there, so
+//! however many onnxruntime models and instances a host serves, onnxruntime never runs more
+//! compute threads than the host has cores.
+//!
 //! A failure names every place looked at and why each failed, and is not remembered: the next
 //! load of a model (after `pip install onnxruntime`, say) looks again. A success is for the life
 //! of the process (onnxruntime cannot be unloaded); a later model that configures another path
@@ -28,6 +33,8 @@ pub struct OrtRuntime {
     pub version: String,
     /// The process-wide environment sessions are built in.
     pub environment: Arc<ort::environment::Environment>,
+    /// Intra-op threads of the host's shared pool.
+    pub host_pool_threads: usize,
 }
 
 impl std::fmt::Debug for OrtRuntime {
@@ -87,15 +94,23 @@ fn load(path: &Path) -> Result<OrtRuntime, String> {
     // unwinds into Rust, but a panic inside the crate must not take the loader thread down.
     let outcome = std::panic::catch_unwind(|| -> Result<OrtRuntime, String> {
         let builder = ort::init_from(path).map_err(|e| e.to_string())?;
+        let host_pool_threads = super::threads::host_cores();
+        let pool = ort::environment::GlobalThreadPoolOptions::default()
+            .with_intra_threads(host_pool_threads)
+            .and_then(|p| p.with_inter_threads(1))
+            .and_then(|p| p.with_spin_control(false))
+            .map_err(|e| format!("setting up the host thread pool: {e}"))?;
         let environment = builder
             .with_name("flotilla-agent")
             .with_telemetry(false)
+            .with_global_thread_pool(pool)
             .build()
             .map_err(|e| format!("creating the environment: {e}"))?;
         Ok(OrtRuntime {
             library: path.to_path_buf(),
             version: version_of(path, ort::info()),
             environment: Arc::new(environment),
+            host_pool_threads,
         })
     });
     outcome.unwrap_or_else(|_| Err("loading it panicked".to_owned()))

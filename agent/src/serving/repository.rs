@@ -19,7 +19,7 @@ use super::model_config::{Backend, ModelConfig};
 use super::names::{self, is_model_name};
 use super::onnxruntime::OrtEngine;
 use super::runner::{Engine, TractEngine, log_signature};
-use super::threads::{host_cores, intra_op_threads};
+use super::threads::{host_cores, ort_threads};
 
 /// A model's place in the index.
 #[derive(Debug, Clone)]
@@ -293,16 +293,13 @@ fn prepare(dir: &Path, name: &str) -> Result<Vec<Prepared>, String> {
         if in_process && !file.is_file() {
             return Err(format!("version {version}: {} is missing", file.display()));
         }
-        let ort_threads = || {
-            let plan = intra_op_threads(
-                config.onnxruntime.intra_op_threads,
-                config.instances,
-                host_cores(),
-            );
-            if let Some(why) = &plan.lowered {
+        let threads_for_ort = || {
+            let (threads, lowered) =
+                ort_threads(&config.onnxruntime, config.instances, host_cores());
+            if let Some(why) = &lowered {
                 warn!(model = name, reason = %why, "onnxruntime threads lowered to the core budget.");
             }
-            plan.threads
+            threads
         };
         let (signature, engine): (_, Arc<dyn Engine>) = match &config.backend {
             Backend::Tract => {
@@ -313,13 +310,13 @@ fn prepare(dir: &Path, name: &str) -> Result<Vec<Prepared>, String> {
             }
             Backend::Onnxruntime => {
                 let (engine, signature) =
-                    OrtEngine::load(&file, &config, &config.onnxruntime, ort_threads())
+                    OrtEngine::load(&file, &config, &config.onnxruntime, threads_for_ort())
                         .map_err(|e| format!("version {version}: {e}"))?;
                 (signature, Arc::new(engine))
             }
             Backend::Auto => {
                 let (engine, signature) =
-                    auto::choose(&file, &config, &config.onnxruntime, ort_threads())
+                    auto::choose(&file, &config, &config.onnxruntime, threads_for_ort())
                         .map_err(|e| format!("version {version}: {e}"))?;
                 (signature, engine)
             }

@@ -65,6 +65,10 @@ pub trait Engine: Send + Sync + 'static {
     fn info(&self) -> EngineInfo {
         EngineInfo::named("custom")
     }
+
+    /// The model now runs `instances` batches at once: an engine that splits cores among them
+    /// re-splits.
+    fn instances_changed(&self, _instances: usize) {}
 }
 
 /// What runs a model's batches, as the config endpoint reports it.
@@ -75,6 +79,10 @@ pub struct EngineInfo {
     /// Threads one batch runs on (intra-op threads), where the engine is in this process.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
+    /// Whose pool those threads are: `host` (shared by every model that does not ask for its
+    /// own) or `model` (a pool per instance).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thread_pool: Option<&'static str>,
     /// Where it runs: onnxruntime's execution provider (`CPU`, `CUDA`), or the remote URL.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
@@ -89,7 +97,14 @@ pub struct EngineInfo {
 impl EngineInfo {
     /// An engine with nothing more to say than its name.
     pub fn named(engine: &'static str) -> Self {
-        Self { engine, threads: None, provider: None, library: None, choice: None }
+        Self {
+            engine,
+            threads: None,
+            thread_pool: None,
+            provider: None,
+            library: None,
+            choice: None,
+        }
     }
 }
 

@@ -354,16 +354,36 @@ impl Tensor {
 
     /// The elements as a flat JSON array.
     pub fn to_json(&self) -> Value {
-        let values: Vec<Value> = match &self.payload {
+        let mut out = Vec::new();
+        self.write_json_data(&mut out);
+        serde_json::from_slice(&out).unwrap_or(Value::Null)
+    }
+
+    /// Appends the elements to `out` as a flat JSON array, with no intermediate tree: integers
+    /// and booleans as they are, floats in their shortest exact form (non-finite ones as
+    /// `null`, which JSON has no other way to say), strings escaped (invalid UTF-8 replaced).
+    pub fn write_json_data(&self, out: &mut Vec<u8>) {
+        out.push(b'[');
+        match &self.payload {
             Payload::Strings(s) => {
-                s.iter().map(|e| Value::String(String::from_utf8_lossy(e).into_owned())).collect()
+                for (i, e) in s.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write_json_string(out, &String::from_utf8_lossy(e));
+                }
             }
             Payload::Fixed(b) => {
                 let size = self.dtype.size().unwrap_or(1);
-                b.chunks_exact(size).map(|c| decode_json_element(self.dtype, c)).collect()
+                for (i, c) in b.chunks_exact(size).enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write_json_element(out, self.dtype, c);
+                }
             }
-        };
-        Value::Array(values)
+        }
+        out.push(b']');
     }
 
     /// Rows along axis 0 (1 for a scalar).
@@ -484,9 +504,7 @@ impl Tensor {
             Payload::Strings(_) => Vec::new(),
             Payload::Fixed(b) => {
                 let size = self.dtype.size().unwrap_or(1);
-                b.chunks_exact(size)
-                    .map(|c| decode_json_element(self.dtype, c).as_f64().unwrap_or(f64::NAN))
-                    .collect()
+                b.chunks_exact(size).map(|c| element_f64(self.dtype, c)).collect()
             }
         }
     }
@@ -559,27 +577,75 @@ fn encode_json_element(dtype: DataType, v: &Value, out: &mut Vec<u8>) -> Result<
     Ok(())
 }
 
-fn decode_json_element(dtype: DataType, c: &[u8]) -> Value {
-    fn arr<const N: usize>(c: &[u8]) -> [u8; N] {
-        let mut a = [0u8; N];
-        a.copy_from_slice(&c[..N]);
-        a
-    }
-    let float = |f: f64| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number);
+/// The first `N` bytes of an element (its size was checked when the tensor was built).
+fn arr<const N: usize>(c: &[u8]) -> [u8; N] {
+    let mut a = [0u8; N];
+    a.copy_from_slice(&c[..N]);
+    a
+}
+
+/// One little-endian element of a fixed-size `dtype` as `f64` (64-bit integers may round).
+#[allow(clippy::cast_precision_loss)]
+fn element_f64(dtype: DataType, c: &[u8]) -> f64 {
     match dtype {
-        DataType::Bool => Value::Bool(c[0] != 0),
-        DataType::U8 => Value::from(c[0]),
-        DataType::U16 => Value::from(u16::from_le_bytes(arr(c))),
-        DataType::U32 => Value::from(u32::from_le_bytes(arr(c))),
-        DataType::U64 => Value::from(u64::from_le_bytes(arr(c))),
-        DataType::I8 => Value::from(i8::from_le_bytes(arr(c))),
-        DataType::I16 => Value::from(i16::from_le_bytes(arr(c))),
-        DataType::I32 => Value::from(i32::from_le_bytes(arr(c))),
-        DataType::I64 => Value::from(i64::from_le_bytes(arr(c))),
-        DataType::F16 => float(f16::from_le_bytes(arr(c)).to_f64()),
-        DataType::F32 => float(f64::from(f32::from_le_bytes(arr(c)))),
-        DataType::F64 => float(f64::from_le_bytes(arr(c))),
-        DataType::Bytes => Value::Null,
+        DataType::Bool => f64::from(u8::from(c[0] != 0)),
+        DataType::U8 => f64::from(c[0]),
+        DataType::U16 => f64::from(u16::from_le_bytes(arr(c))),
+        DataType::U32 => f64::from(u32::from_le_bytes(arr(c))),
+        DataType::U64 => u64::from_le_bytes(arr(c)) as f64,
+        DataType::I8 => f64::from(i8::from_le_bytes(arr(c))),
+        DataType::I16 => f64::from(i16::from_le_bytes(arr(c))),
+        DataType::I32 => f64::from(i32::from_le_bytes(arr(c))),
+        DataType::I64 => i64::from_le_bytes(arr(c)) as f64,
+        DataType::F16 => f16::from_le_bytes(arr(c)).to_f64(),
+        DataType::F32 => f64::from(f32::from_le_bytes(arr(c))),
+        DataType::F64 => f64::from_le_bytes(arr(c)),
+        DataType::Bytes => f64::NAN,
+    }
+}
+
+/// Appends `text` as a JSON string literal.
+pub fn write_json_string(out: &mut Vec<u8>, text: &str) {
+    // Writing a `str` into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
+/// Appends one little-endian element of a fixed-size `dtype` as a JSON value.
+fn write_json_element(out: &mut Vec<u8>, dtype: DataType, c: &[u8]) {
+    fn int(out: &mut Vec<u8>, v: impl std::fmt::Display) {
+        use std::io::Write as _;
+        let _ = write!(out, "{v}");
+    }
+    fn float<F: serde::Serialize>(out: &mut Vec<u8>, v: F, finite: bool) {
+        if finite {
+            let _ = serde_json::to_writer(&mut *out, &v);
+        } else {
+            out.extend_from_slice(b"null");
+        }
+    }
+    match dtype {
+        DataType::Bool => out.extend_from_slice(if c[0] != 0 { b"true" } else { b"false" }),
+        DataType::U8 => int(out, c[0]),
+        DataType::U16 => int(out, u16::from_le_bytes(arr(c))),
+        DataType::U32 => int(out, u32::from_le_bytes(arr(c))),
+        DataType::U64 => int(out, u64::from_le_bytes(arr(c))),
+        DataType::I8 => int(out, i8::from_le_bytes(arr(c))),
+        DataType::I16 => int(out, i16::from_le_bytes(arr(c))),
+        DataType::I32 => int(out, i32::from_le_bytes(arr(c))),
+        DataType::I64 => int(out, i64::from_le_bytes(arr(c))),
+        DataType::F16 => {
+            let v = f16::from_le_bytes(arr(c)).to_f32();
+            float(out, v, v.is_finite());
+        }
+        DataType::F32 => {
+            let v = f32::from_le_bytes(arr(c));
+            float(out, v, v.is_finite());
+        }
+        DataType::F64 => {
+            let v = f64::from_le_bytes(arr(c));
+            float(out, v, v.is_finite());
+        }
+        DataType::Bytes => out.extend_from_slice(b"null"),
     }
 }
 

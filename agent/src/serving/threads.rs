@@ -1,11 +1,14 @@
-//! The core budget of an in-process engine: how many intra-op threads each instance of a model
-//! runs a batch on, so that instances x threads never exceed the host's cores.
+//! The core budget of an in-process engine: how many intra-op threads a model's batches run
+//! on, so that the host's cores are not oversubscribed, per model or across models.
 //!
 //! tract runs a batch on its instance thread alone, so a tract model uses `instances` cores.
-//! onnxruntime can spread one batch over several threads: by default each instance gets an
-//! equal share of the cores (`cores / instances`, at least 1). A configured
-//! `onnxruntime.intra_op_threads` is kept when it fits and lowered to the share, with a warning,
-//! when it would not.
+//! onnxruntime can spread one batch over several threads. By default every onnxruntime model
+//! runs in the host's one shared pool of `cores` threads ([`OrtThreads::HostPool`], built with
+//! the environment in `ort_library`): models, instances and scale-ups share it, so nothing has
+//! to be re-split when they change. A model that sets `onnxruntime.intra_op_threads` (or turns
+//! spinning on) gets pools of its own, one per instance ([`OrtThreads::Own`]): the setting is
+//! kept when instances x threads fit the cores, and lowered to the share (`cores / instances`,
+//! at least 1), with a warning, when they would not, again whenever the instance count changes.
 
 /// Cores this process may run on.
 pub fn host_cores() -> usize {
@@ -42,6 +45,29 @@ pub fn intra_op_threads(requested: Option<usize>, instances: usize, cores: usize
     }
 }
 
+/// Where an onnxruntime model's batches find their intra-op threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrtThreads {
+    /// The host's shared pool (its size is the runtime's `host_pool_threads`).
+    HostPool,
+    /// Each session (one per instance running a batch) has its own pool of this many threads.
+    Own(usize),
+}
+
+/// The threads of an onnxruntime model with these options and `instances` instances on a host
+/// of `cores` cores, and why a configured value was lowered, if it was.
+pub fn ort_threads(
+    options: &super::model_config::OrtOptions,
+    instances: usize,
+    cores: usize,
+) -> (OrtThreads, Option<String>) {
+    if options.intra_op_threads.is_none() && !options.intra_op_spinning {
+        return (OrtThreads::HostPool, None);
+    }
+    let plan = intra_op_threads(options.intra_op_threads, instances, cores);
+    (OrtThreads::Own(plan.threads), plan.lowered)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,6 +86,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn models_share_the_host_pool_unless_they_ask_for_their_own() {
+        use super::super::model_config::OrtOptions;
+        let default = OrtOptions::default();
+        assert_eq!(ort_threads(&default, 4, 2), (OrtThreads::HostPool, None));
+        let asked = OrtOptions { intra_op_threads: Some(2), ..OrtOptions::default() };
+        assert_eq!(ort_threads(&asked, 1, 2), (OrtThreads::Own(2), None));
+        let (scaled, why) = ort_threads(&asked, 2, 2);
+        assert_eq!(scaled, OrtThreads::Own(1));
+        assert!(why.is_some_and(|w| w.contains("instances = 2")));
+        let spinning = OrtOptions { intra_op_spinning: true, ..OrtOptions::default() };
+        assert_eq!(ort_threads(&spinning, 2, 16), (OrtThreads::Own(8), None));
     }
 
     #[test]

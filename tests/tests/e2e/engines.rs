@@ -43,6 +43,8 @@ fn onnxruntime_serves_through_tritonclient_like_tract() {
     install(&repo, "text", &text_cnn(), "backend = \"onnxruntime\"\nmax_batch_size = 8\n");
     install(&repo, "ocr", &ocr, "backend = \"onnxruntime\"\nmax_batch_size = 8\n");
     install(&repo, "auto", &text_cnn(), "backend = \"auto\"\n");
+    let own = "backend = \"onnxruntime\"\n[onnxruntime]\nintra_op_threads = 1\n";
+    install(&repo, "own", &text_cnn(), own);
     let row = 3 * 48 * 192;
     let cases = json!([
         tract_case("text", &text_cnn(), vec![("tokens", tokens(1, 1))]),
