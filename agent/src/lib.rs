@@ -17,6 +17,7 @@ pub mod actuator;
 pub mod downlink;
 pub mod health;
 pub mod ledger;
+pub mod optimizer;
 pub mod probe;
 pub mod sampler;
 pub mod serving;

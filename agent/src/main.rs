@@ -37,6 +37,25 @@ enum Command {
     },
     /// Check the config file and exit.
     CheckConfig,
+    /// Measure one optimizer candidate's memory alone and print it as JSON (run by the
+    /// optimizer as a child process; `FILE` is `NAME/VERSION/model*.onnx` of a repository).
+    Footprint {
+        /// The ONNX file.
+        #[arg(long)]
+        file: PathBuf,
+        /// tract, onnxruntime (the host pool) or onnxruntime:THREADS.
+        #[arg(long, default_value = "tract")]
+        engine: String,
+        /// Largest batch run.
+        #[arg(long, default_value_t = 1)]
+        max_batch: usize,
+        /// Synthesized requests when the model has no calibration.json.
+        #[arg(long, default_value_t = 16)]
+        calibration_rows: usize,
+        /// The onnxruntime library to load.
+        #[arg(long)]
+        ort_library: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -48,6 +67,25 @@ fn main() -> ExitCode {
 fn real_main(args: Args) -> anyhow::Result<()> {
     match args.command.unwrap_or(Command::Run) {
         Command::Probe { json } => probe(&args.config, json),
+        Command::Footprint { file, engine, max_batch, calibration_rows, ort_library } => {
+            use agent::optimizer::footprint;
+            let engine = footprint::parse_engine(&engine).map_err(anyhow::Error::msg)?;
+            let mut config = agent::serving::model_config::ModelConfig {
+                max_batch_size: max_batch,
+                ..Default::default()
+            };
+            config.onnxruntime.library = ort_library;
+            let measured = footprint::measure_here(
+                &file,
+                engine,
+                &config,
+                &footprint::model_dir_of(&file),
+                calibration_rows,
+            )
+            .map_err(anyhow::Error::msg)?;
+            println!("{}", serde_json::to_string(&measured)?);
+            Ok(())
+        }
         Command::CheckConfig => {
             AgentConfig::load(&args.config)?;
             println!("{}: ok", args.config.display());

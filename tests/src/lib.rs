@@ -352,7 +352,7 @@ pub fn http_post_json(addr: &str, path: &str, body: &str) -> serde_json::Value {
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read");
     let (head, reply) = out.split_once("\r\n\r\n").expect("HTTP reply");
-    assert!(head.starts_with("HTTP/1.1 200"), "POST {path}: {head}\n{reply}");
+    assert!(head.starts_with("HTTP/1.1 2"), "POST {path}: {head}\n{reply}");
     serde_json::from_str(reply).expect("JSON reply")
 }
 

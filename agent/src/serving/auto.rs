@@ -313,18 +313,20 @@ pub fn trial_inputs(signature: &Signature, open: usize) -> Result<Vec<Tensor>, S
         .inputs
         .iter()
         .enumerate()
-        .map(|(i, io)| {
-            let shape: Vec<usize> = io
-                .dims
-                .iter()
-                .enumerate()
-                .map(|(axis, d)| match usize::try_from(*d) {
-                    Ok(d) => d,
-                    Err(_) if axis == 0 && signature.max_batch_size > 0 => 1,
-                    Err(_) => open,
-                })
-                .collect();
-            trial_tensor(io, shape, i)
+        .map(|(i, io)| trial_tensor(io, trial_shape(signature, io, open), i))
+        .collect()
+}
+
+/// The shape of a one-row trial of `io`: a batched model's batch dim at 1, every other open
+/// size at `open`.
+pub fn trial_shape(signature: &Signature, io: &IoSpec, open: usize) -> Vec<usize> {
+    io.dims
+        .iter()
+        .enumerate()
+        .map(|(axis, d)| match usize::try_from(*d) {
+            Ok(d) => d,
+            Err(_) if axis == 0 && signature.max_batch_size > 0 => 1,
+            Err(_) => open,
         })
         .collect()
 }

@@ -33,6 +33,8 @@ use super::runner::IoSpec;
 use super::stats::render_prometheus;
 use super::tensor::{DataType, Tensor, write_json_string};
 
+mod optimize;
+
 /// The binary extension's header naming the JSON part's length.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
 
@@ -50,6 +52,11 @@ pub struct ApiState {
     /// The agent's telemetry health, shown on `/metrics` once the agent has set it (the API
     /// starts before the telemetry pipeline).
     pub telemetry_health: Arc<std::sync::OnceLock<Arc<crate::health::TelemetryHealth>>>,
+    /// The optimizer's searches on this agent.
+    pub optimizations: Arc<crate::optimizer::jobs::Jobs>,
+    /// The agent binary that measures a candidate's memory alone (`flotilla-agent footprint`);
+    /// `None` when this process is not the agent (memory is then not measured).
+    pub footprint_probe: Option<std::path::PathBuf>,
 }
 
 /// The repository-control bearer token; never printed.
@@ -206,6 +213,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v2/models/{model}/versions/{version}/stats", get(stats_v))
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
+        .route("/v2/models/{model}/optimize", post(optimize::start).get(optimize::status))
         .route("/v2/repository/index", post(index))
         .route("/v2/repository/models/{model}/load", post(load))
         .route("/v2/repository/models/{model}/unload", post(unload))
@@ -904,6 +912,8 @@ mod tests {
             limits: Arc::new(Limits::new(limits)),
             admin_token: token.map(AdminToken::new),
             telemetry_health: Arc::default(),
+            optimizations: Arc::default(),
+            footprint_probe: None,
         };
         (router(state.clone()), dir, state)
     }
@@ -948,6 +958,59 @@ mod tests {
     }
 
     const JSON_REQUEST: &str = r#"{"id":"r1","inputs":[{"name":"features","shape":[2,4],"datatype":"FP32","data":[[5.1,3.5,1.4,0.2],[6.7,3.0,5.2,2.3]]}]}"#;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_optimizer_search_starts_reports_progress_and_ends_with_its_report() {
+        let (app, _dir) = app(1 << 20).await;
+        let path = format!("/v2/models/{}/optimize", super::super::demo::DEMO_NAME);
+        let (status, _, body) = call(&app, "GET", &path, &[], vec![]).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(error_of(&body).contains("POST /v2/models/"), "{}", error_of(&body));
+        for (bad, names) in [
+            (r#"{"strategy":"fastest"}"#, "strategy \"fastest\""),
+            (r#"{"cpu_share":2}"#, "cpu_share: must be 0.01..=1, got 2"),
+            (r#"{"rounds":0}"#, "rounds: must be 1..=10000, got 0"),
+            (r#"{"bogus":1}"#, "unknown field `bogus`"),
+        ] {
+            let (status, _, body) = call(&app, "POST", &path, &[], bad.into()).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+            assert!(error_of(&body).contains(names), "{bad}: {}", error_of(&body));
+        }
+        let (status, _, body) =
+            call_from(&app, "10.1.2.3:5000", "POST", &path, &[], b"{}".to_vec()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "a stranger cannot start a search");
+        assert!(error_of(&body).contains("loopback"));
+        let (status, _, body) = call(&app, "POST", "/v2/models/nosuch/optimize", &[], vec![]).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{}", String::from_utf8_lossy(&body));
+        let start = r#"{"strategy":"latency","rounds":3,"cpu_share":1.0,"max_batch":2}"#;
+        let (status, _, body) = call(&app, "POST", &path, &[], start.into()).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&body));
+        let started: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(started["state"], "running");
+        assert_eq!(started["strategy"], "latency");
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let report = loop {
+            let (status, _, body) = call(&app, "GET", &path, &[], vec![]).await;
+            assert_eq!(status, StatusCode::OK);
+            let state: Value = serde_json::from_slice(&body).expect("json");
+            match state["state"].as_str() {
+                Some("running") => {
+                    assert!(state["current"].is_string(), "{state}");
+                    assert!(std::time::Instant::now() < deadline, "the search never ended");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Some("done") => break state["report"].clone(),
+                other => panic!("search ended {other:?}: {state}"),
+            }
+        };
+        assert_eq!(report["strategy"], "latency");
+        assert!(report["winner"].is_string(), "{report}");
+        assert!(report["why"].as_str().is_some_and(|w| w.contains("lowest p99")), "{report}");
+        let steps = report["steps"].as_array().expect("steps");
+        assert_eq!(steps[0]["candidate"], "tract");
+        assert_eq!(steps[0]["outcome"], "timed");
+        assert_eq!(steps[0]["timings"][0]["runs"], 3);
+    }
 
     #[tokio::test]
     async fn json_and_binary_inference() {
@@ -1270,6 +1333,8 @@ mod tests {
             limits: Arc::new(Limits::new(limits)),
             admin_token: None,
             telemetry_health: Arc::default(),
+            optimizations: Arc::default(),
+            footprint_probe: None,
         };
         let app = router(state.clone());
         let request = |h: usize, w: usize| {

@@ -129,6 +129,11 @@ impl Serving {
             limits: Arc::new(limits::Limits::new(config.limits.clone())),
             admin_token,
             telemetry_health: Arc::default(),
+            optimizations: Arc::default(),
+            // Only the agent binary has the `footprint` subcommand a search's child runs.
+            footprint_probe: std::env::current_exe().ok().filter(|exe| {
+                exe.file_name().is_some_and(|n| n.to_string_lossy().starts_with("flotilla-agent"))
+            }),
         };
         let telemetry_health = state.telemetry_health.clone();
         // Peer addresses reach the handlers: repository control checks for loopback.

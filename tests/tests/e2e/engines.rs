@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use agent::serving::tensor::{DataType, Tensor};
 use e2e::cases::{f32_tensor, tract_case, values};
@@ -176,4 +177,43 @@ fn http2_clients_are_served_on_the_same_port() {
         assert!(reply.ends_with(version), "{flag}: {reply}");
         assert!(reply.contains("\"probabilities\""), "{flag}: {reply}");
     }
+}
+
+#[test]
+fn an_optimizer_search_on_a_real_agent_measures_every_candidate_including_its_memory() {
+    let fleet = Fleet::new();
+    let repo = fleet.path().join("models");
+    install(&repo, "text", &text_cnn(), "backend = \"onnxruntime\"\nmax_batch_size = 4\n");
+    let library = onnxruntime_library().display().to_string();
+    let (agent, addr) =
+        agent_with(&fleet, "optimize-1", &repo, &[("ORT_DYLIB_PATH", Some(&library))]);
+    let started = e2e::http_post_json(
+        &addr,
+        "/v2/models/text/optimize",
+        r#"{"strategy":"memory","rounds":3,"max_batch":2,"cpu_share":1.0}"#,
+    );
+    assert_eq!(started["state"], "running", "{started}");
+    let report = e2e::eventually("the search's report", Duration::from_secs(180), || {
+        let state: serde_json::Value =
+            serde_json::from_str(&http_get(&addr, "/v2/models/text/optimize")).ok()?;
+        match state["state"].as_str() {
+            Some("done") => Some(state["report"].clone()),
+            Some("failed") => panic!("the search failed: {state}\n{}", agent.logs().join("\n")),
+            _ => None,
+        }
+    });
+    let steps = report["steps"].as_array().expect("steps");
+    let names: Vec<&str> = steps.iter().filter_map(|s| s["candidate"].as_str()).collect();
+    assert_eq!(names, ["tract", "onnxruntime host pool", "onnxruntime 1 thread"], "{report}");
+    for step in steps {
+        assert_eq!(step["outcome"], "timed", "{step}");
+        // Each candidate's memory was measured alone by `flotilla-agent footprint`.
+        assert!(step["memory_bytes"].as_u64().is_some_and(|b| b > 0), "{step}");
+        assert!(step["agreement"]["max_abs_error"].as_f64().is_some_and(|e| e < 1e-3), "{step}");
+    }
+    assert!(report["winner"].is_string(), "{report}");
+    assert!(report["why"].as_str().is_some_and(|w| w.contains("smallest peak memory")), "{report}");
+    // The model served on through the search.
+    let metadata = http_get(&addr, "/v2/models/text/ready");
+    assert!(metadata.contains("true"), "{metadata}");
 }

@@ -1,0 +1,200 @@
+//! Searches on this agent: one at a time (so the CPU share a search keeps to is the agent's,
+//! not each model's), on its own thread, with its progress while it runs and its report (or why
+//! it failed) afterwards, kept per model.
+//!
+//! Bounds: one entry per model name that was ever searched (the repository bounds the names;
+//! a new search replaces the model's last result). A search is never cancelled by unloading
+//! the model (it reads the files, not the served instance); a search whose thread panics ends
+//! as failed with the panic's message, so nobody waits on it forever.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::search::{Report, Spec, run};
+
+/// Where a model's search stands.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum JobState {
+    /// Running: on candidate `step` of `of`, named `current`.
+    Running {
+        /// When it started, Unix ms.
+        started_unix_ms: u64,
+        /// Candidates done.
+        step: usize,
+        /// Candidates in all.
+        of: usize,
+        /// What it is on now.
+        current: String,
+    },
+    /// Finished, with its report.
+    Done {
+        /// When it started, Unix ms.
+        started_unix_ms: u64,
+        /// The report.
+        report: Box<Report>,
+    },
+    /// Ended without a report.
+    Failed {
+        /// When it started, Unix ms.
+        started_unix_ms: u64,
+        /// Why.
+        error: String,
+    },
+}
+
+/// The searches of this agent.
+#[derive(Debug, Default)]
+pub struct Jobs {
+    by_model: Mutex<HashMap<String, JobState>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
+}
+
+impl Jobs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, JobState>> {
+        self.by_model.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts a search of `model`; refused while any search runs on this agent.
+    pub fn start(self: &Arc<Self>, model: &str, spec: Spec) -> Result<(), String> {
+        let started_unix_ms = now_ms();
+        {
+            let mut jobs = self.lock();
+            let running = jobs.iter().find_map(|(name, state)| match state {
+                JobState::Running { step, of, current, .. } => Some((name, step, of, current)),
+                _ => None,
+            });
+            if let Some((name, step, of, current)) = running {
+                return Err(format!(
+                    "a search of {name:?} is already running on this agent (step {step} of {of}: {current}); one runs at a time, so wait for its report"
+                ));
+            }
+            jobs.insert(
+                model.to_owned(),
+                JobState::Running { started_unix_ms, step: 0, of: 0, current: "starting".into() },
+            );
+        }
+        let jobs = self.clone();
+        let name = model.to_owned();
+        let spawned =
+            std::thread::Builder::new().name(format!("optimize-{model}")).spawn(move || {
+                let progress_jobs = jobs.clone();
+                let progress_name = name.clone();
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(&spec, &mut |step, of, current| {
+                        progress_jobs.lock().insert(
+                            progress_name.clone(),
+                            JobState::Running {
+                                started_unix_ms,
+                                step,
+                                of,
+                                current: current.to_owned(),
+                            },
+                        );
+                    })
+                }));
+                let state = match outcome {
+                    Ok(Ok(report)) => JobState::Done { started_unix_ms, report: Box::new(report) },
+                    Ok(Err(error)) => JobState::Failed { started_unix_ms, error },
+                    Err(panic) => JobState::Failed {
+                        started_unix_ms,
+                        error: format!(
+                            "the search panicked: {}",
+                            panic
+                                .downcast_ref::<String>()
+                                .map(String::as_str)
+                                .or_else(|| panic.downcast_ref::<&str>().copied())
+                                .unwrap_or("no message")
+                        ),
+                    },
+                };
+                jobs.lock().insert(name, state);
+            });
+        if let Err(e) = spawned {
+            let error = format!("could not start the search thread: {e}");
+            self.lock().insert(
+                model.to_owned(),
+                JobState::Failed { started_unix_ms, error: error.clone() },
+            );
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// The model's search, if one ever ran.
+    pub fn status(&self, model: &str) -> Option<JobState> {
+        self.lock().get(model).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optimizer::accuracy::Bound;
+    use crate::optimizer::measure::Effort;
+    use crate::optimizer::strategy::Strategy;
+    use crate::serving::model_config::ModelConfig;
+
+    fn spec(file: std::path::PathBuf) -> Spec {
+        Spec {
+            file,
+            config: ModelConfig::default(),
+            strategy: Strategy::Latency,
+            bound: Bound::default(),
+            slo_ms: None,
+            price_per_hour: None,
+            effort: Effort {
+                rounds: 1,
+                max_time: std::time::Duration::from_secs(1),
+                cpu_share: 1.0,
+            },
+            calibration_rows: 1,
+            footprint_probe: None,
+        }
+    }
+
+    #[test]
+    fn one_search_per_model_and_a_failure_is_kept_with_its_reason() {
+        let jobs = Arc::new(Jobs::default());
+        jobs.lock().insert(
+            "m".into(),
+            JobState::Running { started_unix_ms: 1, step: 2, of: 5, current: "tract".into() },
+        );
+        let why = jobs.start("m", spec("/nonexistent/m/1/model.onnx".into())).expect_err("running");
+        assert!(
+            why.contains("\"m\" is already running on this agent (step 2 of 5: tract)"),
+            "{why}"
+        );
+        // Another model waits too: one search per agent keeps the CPU share the agent's.
+        let why = jobs
+            .start("other", spec("/nonexistent/other/1/model.onnx".into()))
+            .expect_err("one at a time");
+        assert!(why.contains("one runs at a time"), "{why}");
+        jobs.lock()
+            .insert("m".into(), JobState::Failed { started_unix_ms: 1, error: "gone".into() });
+        // Another model starts; its file is missing, so it fails, and says why.
+        jobs.start("other", spec("/nonexistent/other/1/model.onnx".into())).expect("starts");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match jobs.status("other") {
+                Some(JobState::Failed { error, .. }) => {
+                    assert!(error.contains("/nonexistent/other/1/model.onnx"), "{error}");
+                    break;
+                }
+                Some(JobState::Running { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(jobs.status("never").is_none());
+    }
+}

@@ -1,0 +1,583 @@
+//! The search itself: the candidates for one model, each checked against the baseline's outputs
+//! and then timed over batch sizes, and the report of every step.
+//!
+//! The baseline is tract on the model's `model.onnx` (the reference engine). Candidates:
+//! - onnxruntime on the same file, in the host's shared pool and on one thread of its own;
+//! - every other `.onnx` file in the version directory (an int8 or f16 variant made with
+//!   onnxruntime's tools, for example), on tract and on onnxruntime: never assumed faster or
+//!   correct, measured like the rest.
+//!
+//! A candidate that does not load, or whose outputs on the calibration requests are over the
+//! accuracy bound, is reported with its figure and not timed. The others are timed at batch
+//! sizes 1, 2, 4, ... up to the model's largest, stopping early once a doubling gains less than
+//! [`MIN_DOUBLING_GAIN`] rows/s (the serving-knob sweep's early stop, as Model Analyzer does).
+//! The strategy then picks among the timed candidates (see `strategy`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::accuracy::{Agreement, Bound, compare};
+use super::calibration::{self, Calibration};
+use super::footprint::measure_in_child;
+use super::measure::{Effort, Timing, time_batch};
+use super::strategy::{Choice, Figures, Strategy, choose};
+use crate::serving::model_config::ModelConfig;
+use crate::serving::onnxruntime::OrtEngine;
+use crate::serving::runner::{Engine, Signature, TractEngine};
+use crate::serving::tensor::Tensor;
+use crate::serving::threads::OrtThreads;
+
+/// A doubling of the batch size must raise rows/s by this share to keep sweeping.
+pub const MIN_DOUBLING_GAIN: f64 = 0.05;
+
+/// What to search and how.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// The model's `model.onnx` (inside its version directory).
+    pub file: PathBuf,
+    /// The model's config (loader options, batching limit, `[onnxruntime]`).
+    pub config: ModelConfig,
+    /// What to optimize for.
+    pub strategy: Strategy,
+    /// The most accuracy a candidate may lose.
+    pub bound: Bound,
+    /// Latency objective for batch sizes, p99 ms.
+    pub slo_ms: Option<f64>,
+    /// The host's price per hour, for the cost strategy.
+    pub price_per_hour: Option<f64>,
+    /// Timing effort and CPU share.
+    pub effort: Effort,
+    /// Synthesized requests when there is no calibration file.
+    pub calibration_rows: usize,
+    /// The agent binary, to measure each timed candidate's memory alone in a child process
+    /// (`flotilla-agent footprint`); without it memory is not measured.
+    pub footprint_probe: Option<PathBuf>,
+}
+
+/// Which engine runs a candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineChoice {
+    /// tract, one thread.
+    Tract,
+    /// onnxruntime with these threads.
+    Onnxruntime(OrtThreads),
+}
+
+/// One thing to try.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// How the report names it.
+    pub name: String,
+    /// The ONNX file.
+    pub file: PathBuf,
+    /// The engine.
+    pub engine: EngineChoice,
+}
+
+/// One candidate's step in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    /// The candidate's name.
+    pub candidate: String,
+    /// `timed`, `rejected` (over the bound) or `failed` (did not load or run).
+    pub outcome: &'static str,
+    /// Why it was rejected or failed, or how the batch sweep ended.
+    pub why: String,
+    /// Its distance from the baseline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<Agreement>,
+    /// Timings per batch size.
+    pub timings: Vec<Timing>,
+    /// Peak resident memory it added, measured alone in a child process, bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// Load time, ms.
+    pub load_ms: f64,
+}
+
+/// What a search found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The model file searched.
+    pub file: String,
+    /// The strategy.
+    pub strategy: Strategy,
+    /// Where the inputs came from.
+    pub inputs: String,
+    /// The bound applied.
+    pub bound: Bound,
+    /// The SLO applied, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slo_ms: Option<f64>,
+    /// Every candidate, baseline first.
+    pub steps: Vec<Step>,
+    /// The winner's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub winner: Option<String>,
+    /// The winner's batch size, where the strategy picks one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<usize>,
+    /// Why it won.
+    pub why: String,
+    /// Names of the Pareto set.
+    pub pareto: Vec<String>,
+    /// How long the search took, ms.
+    pub took_ms: f64,
+}
+
+/// The candidates for `spec`, baseline first; `ort` says whether onnxruntime loads here.
+pub fn candidates(spec: &Spec, ort: bool) -> Vec<Candidate> {
+    let mut out = vec![Candidate {
+        name: "tract".to_owned(),
+        file: spec.file.clone(),
+        engine: EngineChoice::Tract,
+    }];
+    let ort_variants = |out: &mut Vec<Candidate>, file: &Path, suffix: &str| {
+        out.push(Candidate {
+            name: format!("onnxruntime host pool{suffix}"),
+            file: file.to_path_buf(),
+            engine: EngineChoice::Onnxruntime(OrtThreads::HostPool),
+        });
+        out.push(Candidate {
+            name: format!("onnxruntime 1 thread{suffix}"),
+            file: file.to_path_buf(),
+            engine: EngineChoice::Onnxruntime(OrtThreads::Own(1)),
+        });
+    };
+    if ort {
+        ort_variants(&mut out, &spec.file, "");
+    }
+    for variant in variant_files(&spec.file) {
+        let label =
+            variant.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        out.push(Candidate {
+            name: format!("tract, {label}"),
+            file: variant.clone(),
+            engine: EngineChoice::Tract,
+        });
+        if ort {
+            out.push(Candidate {
+                name: format!("onnxruntime host pool, {label}"),
+                file: variant,
+                engine: EngineChoice::Onnxruntime(OrtThreads::HostPool),
+            });
+        }
+    }
+    out
+}
+
+/// The other `.onnx` files beside `file`, sorted.
+fn variant_files(file: &Path) -> Vec<PathBuf> {
+    let Some(dir) = file.parent() else { return Vec::new() };
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p != file && p.extension().is_some_and(|e| e == "onnx"))
+        .collect();
+    found.sort();
+    found
+}
+
+fn load(spec: &Spec, c: &Candidate) -> Result<(Arc<dyn Engine>, Signature), String> {
+    load_engine(&c.file, c.engine, &spec.config)
+}
+
+/// Loads `file` on `engine` under `config`.
+pub fn load_engine(
+    file: &Path,
+    engine: EngineChoice,
+    config: &ModelConfig,
+) -> Result<(Arc<dyn Engine>, Signature), String> {
+    match engine {
+        EngineChoice::Tract => TractEngine::load(file, config)
+            .map(|(e, s)| (Arc::new(e) as Arc<dyn Engine>, s))
+            .map_err(|e| format!("tract could not load {}: {e}", file.display())),
+        EngineChoice::Onnxruntime(threads) => {
+            OrtEngine::load(file, config, &config.onnxruntime, threads)
+                .map(|(e, s)| (Arc::new(e) as Arc<dyn Engine>, s))
+        }
+    }
+}
+
+/// A batch of `rows` rows made of calibration requests in turn (a model that cannot batch
+/// runs one request as it is).
+pub fn batch_of(
+    calibration: &Calibration,
+    rows: usize,
+    batched: bool,
+) -> Result<Vec<Tensor>, String> {
+    let first = calibration.requests.first().ok_or("no calibration request")?;
+    if !batched || rows <= 1 {
+        return Ok(first.clone());
+    }
+    let picked: Vec<&Vec<Tensor>> =
+        (0..rows).map(|r| &calibration.requests[r % calibration.requests.len()]).collect();
+    (0..first.len())
+        .map(|i| {
+            let parts: Vec<&Tensor> = picked.iter().map(|req| &req[i]).collect();
+            Tensor::concat_rows(&parts).map_err(|e| e.0)
+        })
+        .collect()
+}
+
+fn run_all(engine: &dyn Engine, calibration: &Calibration) -> Result<Vec<Vec<Tensor>>, String> {
+    calibration
+        .requests
+        .iter()
+        .enumerate()
+        .map(|(r, req)| {
+            engine.run(req.clone()).map_err(|e| format!("calibration request {r}: {e}"))
+        })
+        .collect()
+}
+
+/// Progress as the search goes: (step, of steps, what).
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize, &str);
+
+/// Runs the search.
+pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
+    let started = Instant::now();
+    let ort =
+        crate::serving::ort_library::runtime(spec.config.onnxruntime.library.as_deref()).is_ok();
+    let list = candidates(spec, ort);
+    let total = list.len();
+    progress(0, total, "baseline: tract");
+    let t = Instant::now();
+    let (baseline, signature) = load(spec, &list[0])?;
+    let baseline_load_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let model_dir = super::footprint::model_dir_of(&spec.file);
+    let calibration = calibration::load(&model_dir, &signature, spec.calibration_rows)?;
+    let reference = run_all(baseline.as_ref(), &calibration).map_err(|e| {
+        format!(
+            "the baseline (tract) cannot run the calibration inputs ({}): {e}",
+            calibration.source
+        )
+    })?;
+    let max_batch = spec.config.max_batch_size.min(signature.max_batch_size).max(1);
+    let batched = signature.max_batch_size > 0;
+    let mut steps = Vec::with_capacity(total);
+    let mut timed: Vec<(usize, Figures)> = Vec::new();
+    for (index, candidate) in list.iter().enumerate() {
+        progress(index, total, &candidate.name);
+        let (engine, load_ms) = if index == 0 {
+            (baseline.clone(), baseline_load_ms)
+        } else {
+            let t = Instant::now();
+            match load(spec, candidate) {
+                Ok((engine, sig)) if sig.inputs == signature.inputs => {
+                    (engine, t.elapsed().as_secs_f64() * 1000.0)
+                }
+                Ok(_) => {
+                    steps.push(failed(candidate, "its inputs differ from the model's".to_owned()));
+                    continue;
+                }
+                Err(e) => {
+                    steps.push(failed(candidate, e));
+                    continue;
+                }
+            }
+        };
+        let agreement = match run_all(engine.as_ref(), &calibration)
+            .and_then(|out| compare(&reference, &out))
+        {
+            Ok(a) => a,
+            Err(e) => {
+                steps.push(failed(candidate, e));
+                continue;
+            }
+        };
+        if let Err(why) = spec.bound.check(&agreement) {
+            steps.push(Step {
+                candidate: candidate.name.clone(),
+                outcome: "rejected",
+                why,
+                agreement: Some(agreement),
+                timings: Vec::new(),
+                memory_bytes: None,
+                load_ms,
+            });
+            continue;
+        }
+        let (timings, why) =
+            match sweep(engine.as_ref(), &calibration, max_batch, batched, &spec.effort) {
+                Ok(done) => done,
+                Err(e) => {
+                    steps.push(failed(candidate, e));
+                    continue;
+                }
+            };
+        drop(engine);
+        let (memory, why) = match &spec.footprint_probe {
+            Some(probe) => match measure_in_child(
+                probe,
+                &candidate.file,
+                candidate.engine,
+                &spec.config,
+                spec.calibration_rows,
+            ) {
+                Ok(f) => (Some(f.added_bytes()), why),
+                Err(e) => (None, format!("{why}; memory not measured: {e}")),
+            },
+            None => (None, why),
+        };
+        let p99_one = timings.first().map_or(f64::INFINITY, |t| t.p99_ms);
+        timed.push((
+            steps.len(),
+            Figures {
+                p99_one_row_ms: p99_one,
+                points: timings.iter().map(|t| (t.batch, t.p99_ms, t.rows_per_s)).collect(),
+                memory_bytes: memory,
+            },
+        ));
+        steps.push(Step {
+            candidate: candidate.name.clone(),
+            outcome: "timed",
+            why,
+            agreement: Some(agreement),
+            timings,
+            memory_bytes: memory,
+            load_ms,
+        });
+    }
+    progress(total, total, "choosing");
+    let figures: Vec<Figures> = timed.iter().map(|(_, f)| f.clone()).collect();
+    let Choice { winner, batch, why, pareto } =
+        choose(spec.strategy, &figures, spec.slo_ms, spec.price_per_hour);
+    let name = |i: usize| steps[timed[i].0].candidate.clone();
+    Ok(Report {
+        file: spec.file.display().to_string(),
+        strategy: spec.strategy,
+        inputs: calibration.source,
+        bound: spec.bound.clone(),
+        slo_ms: spec.slo_ms,
+        winner: winner.map(name),
+        batch,
+        why,
+        pareto: pareto.into_iter().map(name).collect(),
+        steps,
+        took_ms: started.elapsed().as_secs_f64() * 1000.0,
+    })
+}
+
+/// The choice `strategy` makes from a finished search's measured figures (the candidates need
+/// not be run again to compare strategies): the winner's name, its batch size and why.
+pub fn choose_again(
+    report: &Report,
+    strategy: Strategy,
+    slo_ms: Option<f64>,
+    price_per_hour: Option<f64>,
+) -> (Option<String>, Option<usize>, String) {
+    let timed: Vec<&Step> = report.steps.iter().filter(|s| s.outcome == "timed").collect();
+    let figures: Vec<Figures> = timed
+        .iter()
+        .map(|s| Figures {
+            p99_one_row_ms: s.timings.first().map_or(f64::INFINITY, |t| t.p99_ms),
+            points: s.timings.iter().map(|t| (t.batch, t.p99_ms, t.rows_per_s)).collect(),
+            memory_bytes: s.memory_bytes,
+        })
+        .collect();
+    let choice = choose(strategy, &figures, slo_ms, price_per_hour);
+    (choice.winner.map(|i| timed[i].candidate.clone()), choice.batch, choice.why)
+}
+
+fn failed(candidate: &Candidate, why: String) -> Step {
+    Step {
+        candidate: candidate.name.clone(),
+        outcome: "failed",
+        why,
+        agreement: None,
+        timings: Vec::new(),
+        memory_bytes: None,
+        load_ms: 0.0,
+    }
+}
+
+/// Times batch sizes 1, 2, 4, ... up to `max_batch`, stopping when a doubling stops paying.
+fn sweep(
+    engine: &dyn Engine,
+    calibration: &Calibration,
+    max_batch: usize,
+    batched: bool,
+    effort: &Effort,
+) -> Result<(Vec<Timing>, String), String> {
+    let mut timings: Vec<Timing> = Vec::new();
+    let mut rows = 1;
+    loop {
+        let inputs = batch_of(calibration, rows, batched)?;
+        let t = time_batch(engine, &inputs, rows, effort)?;
+        let previous = timings.last().map(|p| p.rows_per_s);
+        timings.push(t);
+        let now = timings.last().map_or(0.0, |t| t.rows_per_s);
+        if !batched || rows >= max_batch {
+            let why = if batched {
+                format!("timed up to the model's largest batch ({max_batch})")
+            } else {
+                "the model cannot batch: one request per run".to_owned()
+            };
+            return Ok((timings, why));
+        }
+        if let Some(before) = previous
+            && now < before * (1.0 + MIN_DOUBLING_GAIN)
+        {
+            return Ok((
+                timings,
+                format!(
+                    "stopped at batch {rows}: {:.1} rows/s against {before:.1} at {}, under the {:.0} % a doubling must gain",
+                    now,
+                    rows / 2,
+                    MIN_DOUBLING_GAIN * 100.0
+                ),
+            ));
+        }
+        rows = (rows * 2).min(max_batch);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use prost::Message as _;
+    use tract_onnx::pb;
+
+    /// A three-class "classifier", `y = x * scale` over `[N, 3]` float rows, as ONNX bytes.
+    pub(crate) fn scale_model(scale: [f32; 3]) -> Vec<u8> {
+        let dims = |d: &[Option<i64>]| pb::TensorShapeProto {
+            dim: d
+                .iter()
+                .map(|v| pb::tensor_shape_proto::Dimension {
+                    denotation: String::new(),
+                    value: Some(match v {
+                        Some(n) => pb::tensor_shape_proto::dimension::Value::DimValue(*n),
+                        None => pb::tensor_shape_proto::dimension::Value::DimParam("n".into()),
+                    }),
+                })
+                .collect(),
+        };
+        let io = |name: &str| pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                denotation: String::new(),
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: pb::tensor_proto::DataType::Float as i32,
+                    shape: Some(dims(&[None, Some(3)])),
+                })),
+            }),
+            ..Default::default()
+        };
+        let graph = pb::GraphProto {
+            name: "scale".into(),
+            node: vec![pb::NodeProto {
+                input: vec!["x".into(), "scale".into()],
+                output: vec!["y".into()],
+                op_type: "Mul".into(),
+                ..Default::default()
+            }],
+            initializer: vec![pb::TensorProto {
+                name: "scale".into(),
+                dims: vec![3],
+                data_type: pb::tensor_proto::DataType::Float as i32,
+                float_data: scale.to_vec(),
+                ..Default::default()
+            }],
+            input: vec![io("x")],
+            output: vec![io("y")],
+            ..Default::default()
+        };
+        pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 13 }],
+            graph: Some(graph),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn spec(file: PathBuf, strategy: Strategy) -> Spec {
+        Spec {
+            file,
+            config: ModelConfig {
+                max_batch_size: 8,
+                onnxruntime: crate::serving::onnxruntime::tests::options(),
+                ..ModelConfig::default()
+            },
+            strategy,
+            bound: Bound {
+                max_top1_loss: Some(0.0),
+                max_rel_error: Some(1e-3),
+                ..Bound::default()
+            },
+            slo_ms: None,
+            price_per_hour: None,
+            effort: Effort {
+                rounds: 5,
+                max_time: std::time::Duration::from_secs(1),
+                cpu_share: 1.0,
+            },
+            calibration_rows: 16,
+            footprint_probe: None,
+        }
+    }
+
+    #[test]
+    fn a_coarse_variant_is_rejected_with_its_figure_and_a_close_one_is_timed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let version = dir.path().join("scale/1");
+        std::fs::create_dir_all(&version).expect("mkdir");
+        std::fs::write(version.join("model.onnx"), scale_model([1.0, 2.0, 3.0])).expect("write");
+        // A "quantized" scale too coarse for the bound: class 2 loses to class 1 on most rows.
+        std::fs::write(version.join("model.coarse.onnx"), scale_model([1.0, 2.0, 0.5]))
+            .expect("write");
+        std::fs::write(version.join("model.close.onnx"), scale_model([1.0, 2.0, 3.000_1]))
+            .expect("write");
+        let spec = spec(version.join("model.onnx"), Strategy::Throughput);
+        let mut seen = Vec::new();
+        let report =
+            run(&spec, &mut |i, n, what| seen.push(format!("{i}/{n} {what}"))).expect("search");
+        assert!(report.inputs.contains("synthesized"), "{}", report.inputs);
+        let step = |name: &str| {
+            report
+                .steps
+                .iter()
+                .find(|s| s.candidate == name)
+                .unwrap_or_else(|| panic!("no step {name}: {report:#?}"))
+        };
+        let coarse = step("tract, model.coarse.onnx");
+        assert_eq!(coarse.outcome, "rejected", "{coarse:?}");
+        assert!(coarse.why.contains("over the bound"), "{}", coarse.why);
+        assert!(coarse.timings.is_empty(), "a rejected candidate is not timed");
+        let agreement = coarse.agreement.as_ref().expect("figures");
+        assert!(agreement.top1_agreement.is_some_and(|t| t < 1.0), "{agreement:?}");
+        let close = step("tract, model.close.onnx");
+        assert_eq!(close.outcome, "timed", "{close:?}");
+        let baseline = step("tract");
+        assert_eq!(baseline.outcome, "timed");
+        assert_eq!(baseline.agreement.as_ref().map(|a| a.max_abs_error), Some(0.0));
+        // Every timed figure was measured: runs happened at each batch size, ascending.
+        for s in report.steps.iter().filter(|s| s.outcome == "timed") {
+            assert!(!s.timings.is_empty(), "{s:?}");
+            assert_eq!(s.timings[0].batch, 1);
+            assert!(
+                s.timings.iter().all(|t| t.runs >= 1 && t.p50_ms > 0.0 && t.rows_per_s > 0.0),
+                "{s:?}"
+            );
+            assert!(s.timings.windows(2).all(|w| w[0].batch < w[1].batch));
+            assert_eq!(s.memory_bytes, None, "no probe, no memory figure");
+        }
+        let winner = report.winner.clone().expect("a winner");
+        assert!(report.steps.iter().any(|s| s.candidate == winner && s.outcome == "timed"));
+        assert!(!report.pareto.is_empty());
+        assert!(report.why.contains("most rows/s"), "{}", report.why);
+        let (again, batch, why) = choose_again(&report, Strategy::Throughput, None, None);
+        assert_eq!((again, batch, why), (report.winner.clone(), report.batch, report.why.clone()));
+        // Baseline, onnxruntime twice, and each variant on both engines.
+        assert_eq!(seen.first().map(String::as_str), Some("0/7 baseline: tract"), "{seen:?}");
+        assert_eq!(step("onnxruntime host pool").outcome, "timed");
+        assert_eq!(step("onnxruntime host pool, model.coarse.onnx").outcome, "rejected");
+        assert!(seen.last().is_some_and(|s| s.ends_with("choosing")), "{seen:?}");
+    }
+}
