@@ -25,6 +25,8 @@ pub struct Actuator {
     pub repository: Option<Arc<Repository>>,
     /// The sampling interval.
     pub interval: Option<SampleInterval>,
+    /// The optimizer's searches (shared with the inference API), when this agent serves models.
+    pub optimizations: Option<Arc<crate::optimizer::jobs::Jobs>>,
 }
 
 impl Actuator {
@@ -111,7 +113,41 @@ impl Actuator {
                 let before = interval.set(Duration::from_millis(*interval_ms));
                 Ok(format!("telemetry interval {} ms -> {interval_ms} ms", before.as_millis()))
             }
+            DirectiveBody::Optimize { model, options } => {
+                let (repository, jobs) = self.optimizer()?;
+                let (name, spec) = crate::optimizer::start::spec_for(
+                    repository,
+                    model,
+                    options,
+                    crate::optimizer::footprint::agent_probe(),
+                )
+                .map_err(|e| match e {
+                    crate::optimizer::start::StartError::Unknown(lookup) => lookup.to_string(),
+                    crate::optimizer::start::StartError::Bad(why) => why,
+                })?;
+                let strategy = spec.strategy.name();
+                jobs.start(&name, spec)?;
+                Ok(format!(
+                    "search of model {name:?} started (strategy {strategy}); the `optimization` directive shows its progress and report"
+                ))
+            }
+            DirectiveBody::Optimization { model } => {
+                let (_, jobs) = self.optimizer()?;
+                let state = jobs.status(model).ok_or_else(|| {
+                    format!("no search of model {model:?} has run on this agent; send `optimize` to start one")
+                })?;
+                serde_json::to_string(&state)
+                    .map_err(|e| format!("encoding the search's state: {e}"))
+            }
         }
+    }
+
+    fn optimizer(&self) -> Result<(&Arc<Repository>, &Arc<crate::optimizer::jobs::Jobs>), String> {
+        let repository = self.repository()?;
+        let jobs = self.optimizations.as_ref().ok_or_else(|| {
+            "this agent runs no optimizer (its config has no [serving])".to_owned()
+        })?;
+        Ok((repository, jobs))
     }
 
     fn repository(&self) -> Result<&Arc<Repository>, String> {

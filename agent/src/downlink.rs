@@ -158,7 +158,11 @@ mod tests {
         let interval = crate::sampler::SampleInterval::for_tests(std::time::Duration::from_secs(1));
         let d = Directives {
             ledger: Ledger::open(&spool).unwrap(),
-            actuator: Actuator { repository: None, interval: Some(interval.clone()) },
+            actuator: Actuator {
+                repository: None,
+                interval: Some(interval.clone()),
+                optimizations: None,
+            },
         };
         let r = apply_once(&d, &directive("1", "ping", "", 0), 100).await;
         assert_eq!((r.status(), r.message.as_str()), (DirectiveStatus::Applied, "pong"));

@@ -133,6 +133,7 @@ pub async fn run_bound(
         actuator: actuator::Actuator {
             repository: serving.as_ref().map(|s| s.repository.clone()),
             interval: Some(sampler.interval()),
+            optimizations: serving.as_ref().map(|s| s.optimizations.clone()),
         },
     });
     let sealed = Arc::new(Notify::new());

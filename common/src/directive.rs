@@ -10,8 +10,52 @@
 use serde::{Deserialize, Serialize};
 
 /// Every kind name this version knows, for help texts and errors.
-pub const KINDS: &[&str] =
-    &["ping", "set_instances", "set_batching", "load", "unload", "drain", "set_telemetry_interval"];
+pub const KINDS: &[&str] = &[
+    "ping",
+    "set_instances",
+    "set_batching",
+    "load",
+    "unload",
+    "drain",
+    "set_telemetry_interval",
+    "optimize",
+    "optimization",
+];
+
+/// What a model optimization search is asked for (every member optional; the agent's
+/// defaults are in `docs/optimizer.md`). The same shape is the body of the agent's
+/// `POST /v2/models/M/optimize`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizeOptions {
+    /// `latency`, `throughput`, `memory`, `cost` or `balanced`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<String>,
+    /// Largest share of classifier rows whose top-1 class may change, 0..=1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_accuracy_loss: Option<f64>,
+    /// Largest absolute error against the baseline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_abs_error: Option<f64>,
+    /// Largest relative error against the baseline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rel_error: Option<f64>,
+    /// p99 a batch size must meet, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_slo_ms: Option<f64>,
+    /// The host's price per hour, for the cost strategy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_per_hour: Option<f64>,
+    /// Share of one core the search may use, (0, 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_share: Option<f64>,
+    /// Timed runs per batch size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rounds: Option<usize>,
+    /// Largest batch size searched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch: Option<usize>,
+}
 
 /// A batching change: only the fields given change.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,7 +79,7 @@ pub struct BatchingChange {
 }
 
 /// What a directive asks an agent to do.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum DirectiveBody {
     /// Answer, changing nothing (reachability and round-trip checks).
     Ping,
@@ -77,6 +121,27 @@ pub enum DirectiveBody {
         /// Milliseconds, 100..=3,600,000 (the range of `telemetry.sample_interval_ms`).
         interval_ms: u64,
     },
+    /// Start an optimization search of a model in the background (answered at once).
+    Optimize {
+        /// Model name.
+        model: String,
+        /// What to search for.
+        options: OptimizeOptions,
+    },
+    /// Report where a model's optimization search stands: its progress, or its report.
+    Optimization {
+        /// Model name.
+        model: String,
+    },
+}
+
+/// The payload of `optimize`: `{"model": M, "options": {...}}`.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct OptimizePayload {
+    model: String,
+    #[serde(default)]
+    options: OptimizeOptions,
 }
 
 /// The payload shapes, one per kind (the kind itself travels in `Directive.kind`).
@@ -125,6 +190,8 @@ impl DirectiveBody {
             Self::Unload { .. } => "unload",
             Self::Drain { .. } => "drain",
             Self::SetTelemetryInterval { .. } => "set_telemetry_interval",
+            Self::Optimize { .. } => "optimize",
+            Self::Optimization { .. } => "optimization",
         }
     }
 
@@ -135,7 +202,9 @@ impl DirectiveBody {
             | Self::SetBatching { model, .. }
             | Self::Load { model }
             | Self::Unload { model }
-            | Self::Drain { model } => Some(model),
+            | Self::Drain { model }
+            | Self::Optimize { model, .. }
+            | Self::Optimization { model } => Some(model),
             Self::Ping | Self::SetTelemetryInterval { .. } => None,
         }
     }
@@ -164,9 +233,14 @@ impl DirectiveBody {
                     ..model(m)
                 })
             }
-            Self::Load { model: m } | Self::Unload { model: m } | Self::Drain { model: m } => {
-                serde_json::to_vec(&model(m))
-            }
+            Self::Load { model: m }
+            | Self::Unload { model: m }
+            | Self::Drain { model: m }
+            | Self::Optimization { model: m } => serde_json::to_vec(&model(m)),
+            Self::Optimize { model, options } => serde_json::to_vec(&OptimizePayload {
+                model: model.clone(),
+                options: options.clone(),
+            }),
             Self::SetTelemetryInterval { interval_ms } => {
                 serde_json::to_vec(&IntervalPayload { interval_ms: *interval_ms })
             }
@@ -194,7 +268,7 @@ impl DirectiveBody {
                 let batching = p.batching.ok_or_else(|| bad("missing field `batching`".into()))?;
                 Self::SetBatching { model: p.model, version: p.version, batching }
             }
-            "load" | "unload" | "drain" => {
+            "load" | "unload" | "drain" | "optimization" => {
                 let p = model_payload()?;
                 if p.instances.is_some() || p.batching.is_some() || p.version.is_some() {
                     return Err(bad(format!("{kind} takes only `model`")));
@@ -202,8 +276,14 @@ impl DirectiveBody {
                 match kind {
                     "load" => Self::Load { model: p.model },
                     "unload" => Self::Unload { model: p.model },
+                    "optimization" => Self::Optimization { model: p.model },
                     _ => Self::Drain { model: p.model },
                 }
+            }
+            "optimize" => {
+                let p: OptimizePayload =
+                    serde_json::from_slice(payload).map_err(|e| bad(e.to_string()))?;
+                Self::Optimize { model: p.model, options: p.options }
             }
             "set_telemetry_interval" => {
                 let p: IntervalPayload =
@@ -251,6 +331,10 @@ impl DirectiveBody {
             Self::SetTelemetryInterval { interval_ms } => {
                 format!("set_telemetry_interval {interval_ms}ms")
             }
+            Self::Optimize { model, options } => {
+                format!("optimize {model} {}", options.strategy.as_deref().unwrap_or("balanced"))
+            }
+            Self::Optimization { model } => format!("optimization {model}"),
         }
     }
 }
@@ -279,12 +363,37 @@ mod tests {
             DirectiveBody::Unload { model: "a".into() },
             DirectiveBody::Drain { model: "a".into() },
             DirectiveBody::SetTelemetryInterval { interval_ms: 2000 },
+            DirectiveBody::Optimize {
+                model: "ocr".into(),
+                options: OptimizeOptions {
+                    strategy: Some("throughput".into()),
+                    max_accuracy_loss: Some(0.01),
+                    latency_slo_ms: Some(25.0),
+                    cpu_share: Some(0.5),
+                    rounds: Some(20),
+                    ..OptimizeOptions::default()
+                },
+            },
+            DirectiveBody::Optimization { model: "ocr".into() },
         ];
         assert_eq!(bodies.len(), KINDS.len());
         for b in bodies {
             assert!(KINDS.contains(&b.kind()));
             assert_eq!(DirectiveBody::parse(b.kind(), &b.payload()), Ok(b));
         }
+    }
+
+    #[test]
+    fn an_optimize_payload_refuses_unknown_options_by_name() {
+        let e = DirectiveBody::parse("optimize", br#"{"model":"m","options":{"speed":1}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("optimize") && e.contains("unknown field `speed`"), "{e}");
+        let bare = DirectiveBody::parse("optimize", br#"{"model":"m"}"#).unwrap();
+        assert_eq!(
+            bare,
+            DirectiveBody::Optimize { model: "m".into(), options: OptimizeOptions::default() }
+        );
     }
 
     #[test]

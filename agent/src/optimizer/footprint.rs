@@ -152,6 +152,13 @@ fn status_bytes(key: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("/proc/self/status has no {key}"))
 }
 
+/// This process, when it is the agent binary (only it has the `footprint` subcommand).
+pub fn agent_probe() -> Option<PathBuf> {
+    std::env::current_exe().ok().filter(|exe| {
+        exe.file_name().is_some_and(|n| n.to_string_lossy().starts_with("flotilla-agent"))
+    })
+}
+
 /// The model directory of a version's file (`NAME/1/model.onnx` -> `NAME`).
 pub fn model_dir_of(file: &Path) -> PathBuf {
     file.parent().and_then(Path::parent).unwrap_or(Path::new(".")).to_path_buf()

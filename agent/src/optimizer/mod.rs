@@ -8,6 +8,7 @@
 //! - `footprint`: a candidate's peak memory, measured alone in a child process;
 //! - `strategy`: latency, throughput, memory, cost and balanced, and the Pareto set;
 //! - `search`: the candidates, the steps and the report;
+//! - `start`: a request for a search (HTTP or directive) checked and turned into a spec;
 //! - `jobs`: the searches running on this agent, their progress and their reports.
 
 pub mod accuracy;
@@ -16,4 +17,5 @@ pub mod footprint;
 pub mod jobs;
 pub mod measure;
 pub mod search;
+pub mod start;
 pub mod strategy;

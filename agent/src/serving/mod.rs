@@ -83,6 +83,8 @@ pub enum ServingError {
 pub struct Serving {
     /// The models.
     pub repository: Arc<Repository>,
+    /// The optimizer's searches, shared by the API and the directive actuator.
+    pub optimizations: Arc<crate::optimizer::jobs::Jobs>,
     /// Where the API listens.
     pub addr: SocketAddr,
     server: tokio::task::JoinHandle<()>,
@@ -130,12 +132,10 @@ impl Serving {
             admin_token,
             telemetry_health: Arc::default(),
             optimizations: Arc::default(),
-            // Only the agent binary has the `footprint` subcommand a search's child runs.
-            footprint_probe: std::env::current_exe().ok().filter(|exe| {
-                exe.file_name().is_some_and(|n| n.to_string_lossy().starts_with("flotilla-agent"))
-            }),
+            footprint_probe: crate::optimizer::footprint::agent_probe(),
         };
         let telemetry_health = state.telemetry_health.clone();
+        let optimizations = state.optimizations.clone();
         // Peer addresses reach the handlers: repository control checks for loopback.
         let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
         // Replies go out as soon as they are written, not held back for Nagle's coalescing
@@ -156,7 +156,7 @@ impl Serving {
         let ready: Vec<String> =
             repository.loaded().iter().map(|m| format!("{}/{}", m.name, m.version)).collect();
         info!(%addr, repository = %config.model_repository.display(), models = ?ready, "Inference API listening.");
-        Ok(Self { repository, addr, server, telemetry_health })
+        Ok(Self { repository, optimizations, addr, server, telemetry_health })
     }
 
     /// Shows the agent's telemetry health on `/metrics` from now on (set once; later calls

@@ -45,7 +45,8 @@ pub enum DirectiveAction {
 pub struct SendArgs {
     /// Host id
     pub host: String,
-    /// ping, set_instances, set_batching, load, unload, drain or set_telemetry_interval
+    /// ping, set_instances, set_batching, load, unload, drain, set_telemetry_interval,
+    /// optimize or optimization
     pub kind: String,
     /// Payload fields: model=NAME, version=V, instances=N, max_batch_size=N,
     /// max_queue_delay_us=US, adaptive=true|false, min_batch_size=N, latency_slo_ms=MS,
@@ -64,7 +65,8 @@ const BATCHING_FIELDS: &[&str] =
     &["max_batch_size", "max_queue_delay_us", "adaptive", "min_batch_size", "latency_slo_ms"];
 
 /// Builds a kind's JSON payload from `KEY=VALUE` words: numbers and booleans are typed, the
-/// rest are strings; `set_batching`'s batching keys are nested under `batching`.
+/// rest are strings; `set_batching`'s batching keys are nested under `batching`, and every key
+/// of `optimize` but `model` under `options`.
 pub fn payload(kind: &str, fields: &[String]) -> anyhow::Result<Option<serde_json::Value>> {
     if fields.is_empty() {
         return Ok(None);
@@ -79,17 +81,24 @@ pub fn payload(kind: &str, fields: &[String]) -> anyhow::Result<Option<serde_jso
             serde_json::Value::from(n)
         } else if let Ok(b) = value.parse::<bool>() {
             serde_json::Value::from(b)
+        } else if let Some(f) =
+            value.parse::<f64>().ok().filter(|f| kind == "optimize" && f.is_finite())
+        {
+            serde_json::Value::from(f)
         } else {
             serde_json::Value::from(value)
         };
-        if kind == "set_batching" && BATCHING_FIELDS.contains(&key) {
+        if (kind == "set_batching" && BATCHING_FIELDS.contains(&key))
+            || (kind == "optimize" && key != "model")
+        {
             batching.insert(key.to_owned(), value);
         } else {
             top.insert(key.to_owned(), value);
         }
     }
     if !batching.is_empty() {
-        top.insert("batching".into(), serde_json::Value::Object(batching));
+        let nested = if kind == "optimize" { "options" } else { "batching" };
+        top.insert(nested.into(), serde_json::Value::Object(batching));
     }
     Ok(Some(serde_json::Value::Object(top)))
 }
@@ -352,5 +361,15 @@ mod tests {
         let p = payload("set_batching", &words(&["model=vad", "max_queue_delay_us=300"])).unwrap();
         let bytes = serde_json::to_vec(&p).unwrap();
         assert!(common::directive::DirectiveBody::parse("set_batching", &bytes).is_ok());
+        // optimize nests its options, fractions included.
+        let p = payload("optimize", &words(&["model=ocr", "strategy=cost", "cpu_share=0.25"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            p,
+            serde_json::json!({"model": "ocr", "options": {"strategy": "cost", "cpu_share": 0.25}})
+        );
+        let bytes = serde_json::to_vec(&p).unwrap();
+        assert!(common::directive::DirectiveBody::parse("optimize", &bytes).is_ok());
     }
 }

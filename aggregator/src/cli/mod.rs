@@ -9,6 +9,7 @@
 pub mod analytics;
 pub mod client;
 pub mod control;
+pub mod optimize;
 pub mod plot;
 pub mod render;
 pub mod simulate;
@@ -107,6 +108,11 @@ pub enum Command {
         #[command(subcommand)]
         action: control::DirectiveAction,
     },
+    /// Search a model's engines, threads, variants and batch sizes on its host, for a strategy
+    /// within an accuracy bound, and follow the search to its report
+    Optimize(optimize::OptimizeArgs),
+    /// Show a model's optimization search on a host: its progress, or its report
+    Optimizations(optimize::OptimizationsArgs),
     /// Replay a demand trace through the scaling engine and forecaster, locally
     Simulate(simulate::SimulateArgs),
     /// Scaling policies and where each stands per host; or check a policy file locally
@@ -306,6 +312,8 @@ pub fn run(cli: Cli, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<()>
         Command::Analytics { action } => analytics::analytics(&client, &action, json)?,
         Command::Directives(args) => control::directives(&client, &args, json)?,
         Command::Directive { action } => control::directive(&client, &action, json)?,
+        Command::Optimize(args) => optimize::optimize(&client, &args, json)?,
+        Command::Optimizations(args) => optimize::optimizations(&client, &args, json)?,
         Command::Decisions { model, limit } => {
             control::decisions(&client, model.as_deref(), limit, json)?
         }

@@ -216,7 +216,10 @@ impl DesiredState {
     pub fn apply(&mut self, body: &DirectiveBody, now_ms: i64) -> bool {
         let before = self.clone();
         match body {
-            DirectiveBody::Ping => {}
+            // Requests, not state: nothing to restore after a reconnect.
+            DirectiveBody::Ping
+            | DirectiveBody::Optimize { .. }
+            | DirectiveBody::Optimization { .. } => {}
             DirectiveBody::SetInstances { model, instances, .. } => {
                 self.models.entry(model.clone()).or_default().instances = Some(*instances);
             }

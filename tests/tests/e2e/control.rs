@@ -508,3 +508,51 @@ fn a_model_its_host_cannot_hold_is_loaded_on_another_host_and_the_rest_goes_to_t
         (hosts.len() == 2).then_some(hosts)
     });
 }
+
+#[test]
+fn flotilla_optimize_runs_a_search_on_the_host_and_shows_its_report() {
+    let fleet = Fleet::new();
+    let repo = fleet.path().join("models");
+    install_ocr(&repo);
+    let agg = Aggregator::start(&fleet.aggregator_config(0));
+    let (_node, addr) = serving_agent(&fleet, "node-1", agg.quic, &repo, 500);
+    online(&agg, "node-1");
+    // Followed to its report through `optimization` directives.
+    let out = agg.cli(&[
+        "optimize",
+        "node-1",
+        "ocr",
+        "--strategy",
+        "latency",
+        "--rounds",
+        "3",
+        "--cpu-share",
+        "1",
+        "--max-batch",
+        "1",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("latency strategy"), "{text}");
+    assert!(text.contains("tract") && text.contains("timed"), "{text}");
+    assert!(text.contains("Winner: ") && text.contains("lowest p99 at one row"), "{text}");
+    // The report stays on the agent and is shown again, as JSON.
+    let state = agg.cli_json(&["optimizations", "node-1", "ocr"]).unwrap();
+    assert_eq!(state["state"], "done", "{state}");
+    let steps = state["report"]["steps"].as_array().unwrap();
+    assert_eq!(steps[0]["candidate"], "tract");
+    assert_eq!(steps[0]["timings"][0]["runs"], 3);
+    // The generic directive carries the same request, options nested by the CLI.
+    let d = send(&agg, "node-1", "optimize", &["model=ocr", "strategy=fastest"], 30);
+    assert_eq!(d["state"], "rejected", "{d}");
+    assert!(d["message"].as_str().unwrap().contains("strategy \"fastest\""), "{d}");
+    // Unknown models are refused by name, and the model served on throughout.
+    let out = agg.cli(&["optimize", "node-1", "nosuch"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nosuch"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(http_get(&addr, "/v2/models/ocr/ready").contains("true"));
+}

@@ -7,47 +7,17 @@
 //!   "max_abs_error": X, "max_rel_error": 0.01, "latency_slo_ms": MS, "price_per_hour": P,
 //!   "cpu_share": 0.5, "rounds": 30, "max_batch": N}`.
 
-use std::time::Duration;
-
 use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use common::directive::OptimizeOptions;
 use serde_json::json;
 
 use super::{ApiError, ApiResult, ApiState, check_control, check_names};
-use crate::optimizer::accuracy::Bound;
-use crate::optimizer::measure::Effort;
-use crate::optimizer::search::Spec;
-use crate::optimizer::strategy::Strategy;
+use crate::optimizer::start::{StartError, spec_for};
 
 /// Largest body of a start request.
 const MAX_BODY: usize = 16 * 1024;
-
-/// What a start request may say.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StartRequest {
-    strategy: Option<String>,
-    max_accuracy_loss: Option<f64>,
-    max_abs_error: Option<f64>,
-    max_rel_error: Option<f64>,
-    latency_slo_ms: Option<f64>,
-    price_per_hour: Option<f64>,
-    cpu_share: Option<f64>,
-    rounds: Option<usize>,
-    max_batch: Option<usize>,
-}
-
-/// A member within `range`, or a 400 naming it and its value.
-fn within(name: &str, value: Option<f64>, low: f64, high: f64) -> ApiResult<Option<f64>> {
-    match value {
-        Some(v) if !(low..=high).contains(&v) || v.is_nan() => {
-            Err(ApiError::bad(format!("{name}: must be {low}..={high}, got {v}")))
-        }
-        other => Ok(other),
-    }
-}
 
 pub(super) async fn start(
     State(s): State<ApiState>,
@@ -56,61 +26,27 @@ pub(super) async fn start(
 ) -> ApiResult<Response> {
     check_control(&s, &request)?;
     check_names(&model, None)?;
-    let m = s.repository.get(&model, None)?;
     let bytes = axum::body::to_bytes(request.into_body(), MAX_BODY)
         .await
         .map_err(|e| ApiError::bad(format!("reading the body (at most {MAX_BODY} bytes): {e}")))?;
-    let asked: StartRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
-        StartRequest::default()
+    let options: OptimizeOptions = if bytes.iter().all(u8::is_ascii_whitespace) {
+        OptimizeOptions::default()
     } else {
         serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("the body: {e}")))?
     };
-    let strategy: Strategy = match &asked.strategy {
-        Some(name) => name.parse().map_err(ApiError::bad)?,
-        None => Strategy::Balanced,
-    };
-    let bound = Bound {
-        max_top1_loss: within("max_accuracy_loss", asked.max_accuracy_loss, 0.0, 1.0)?
-            .or(Some(0.01)),
-        max_abs_error: within("max_abs_error", asked.max_abs_error, 0.0, f64::MAX)?,
-        max_rel_error: within("max_rel_error", asked.max_rel_error, 0.0, f64::MAX)?.or(Some(0.01)),
-    };
-    let cpu_share = within("cpu_share", asked.cpu_share, 0.01, 1.0)?.unwrap_or(0.5);
-    let rounds = match asked.rounds {
-        Some(r) if !(1..=10_000).contains(&r) => {
-            return Err(ApiError::bad(format!("rounds: must be 1..=10000, got {r}")));
-        }
-        r => r.unwrap_or(30),
-    };
-    let file = s.repository.root().join(&m.name).join(&m.version).join("model.onnx");
-    if !file.is_file() {
-        return Err(ApiError::bad(format!(
-            "model {:?} version {} is not served from an ONNX file here ({} is missing; a kserve-backed model is optimized on the server that runs it)",
-            m.name,
-            m.version,
-            file.display()
-        )));
-    }
-    let mut config = m.config.clone();
-    if let Some(b) = asked.max_batch {
-        config.max_batch_size = b;
-    }
-    let spec = Spec {
-        file,
-        config,
-        strategy,
-        bound,
-        slo_ms: within("latency_slo_ms", asked.latency_slo_ms, 0.001, 3_600_000.0)?,
-        price_per_hour: within("price_per_hour", asked.price_per_hour, 0.0, f64::MAX)?,
-        effort: Effort { rounds, max_time: Duration::from_secs(10), cpu_share },
-        calibration_rows: 16,
-        footprint_probe: s.footprint_probe.clone(),
-    };
-    s.optimizations.start(&m.name, spec).map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
-    let status = format!("/v2/models/{}/optimize", m.name);
+    let (name, spec) = spec_for(&s.repository, &model, &options, s.footprint_probe.clone())
+        .map_err(|e| match e {
+            StartError::Unknown(lookup) => ApiError::from(lookup),
+            StartError::Bad(why) => ApiError::bad(why),
+        })?;
+    let strategy = spec.strategy;
+    s.optimizations.start(&name, spec).map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
+    let status = format!("/v2/models/{name}/optimize");
     Ok((
         StatusCode::ACCEPTED,
-        axum::Json(json!({"model": m.name, "version": m.version, "strategy": strategy, "state": "running", "status": status})),
+        axum::Json(
+            json!({"model": name, "strategy": strategy, "state": "running", "status": status}),
+        ),
     )
         .into_response())
 }
