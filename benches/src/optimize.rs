@@ -10,8 +10,11 @@
 //! client sends one request every `--traffic-interval-ms`; its p50/p99 are printed for a window
 //! before the search and for the search itself, so the search's effect on serving shows.
 //!
+//! With `--quantize`, int8 variants made by onnxruntime's own tools go beside each model first
+//! (`benches/optimize/quantize.py`), and the search measures and checks them like any candidate.
+//!
 //! ```text
-//! cargo run --release -p benches --bin bench-optimize -- --rounds 30 --cpu-share 0.5
+//! cargo run --release -p benches --bin bench-optimize -- --rounds 30 --cpu-share 0.5 --quantize
 //! ```
 
 use std::path::PathBuf;
@@ -50,8 +53,13 @@ struct Args {
     #[arg(long)]
     slo_ms: Option<f64>,
     /// Largest share of classifier rows allowed to change class.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.01)]
     max_accuracy_loss: f64,
+    /// Make int8 variants of each model first (onnxruntime's quantize_dynamic and a static
+    /// QDQ quantization, `benches/optimize/quantize.py`, run in the checkout's `.venv`), so the
+    /// search measures them beside the float model.
+    #[arg(long)]
+    quantize: bool,
     /// Live traffic: one request this often, ms.
     #[arg(long, default_value_t = 10)]
     traffic_interval_ms: u64,
@@ -71,6 +79,9 @@ fn main() -> anyhow::Result<()> {
         std::fs::copy(file, version.join("model.onnx"))
             .with_context(|| format!("copying {}", file.display()))?;
         let model_dir = scratch.path().join(&name);
+        if args.quantize {
+            quantize(&version, &name);
+        }
         if name.starts_with("silero") {
             std::fs::write(model_dir.join("calibration.json"), silero_requests())?;
         } else if name.starts_with("ppocr") {
@@ -170,7 +181,7 @@ fn main() -> anyhow::Result<()> {
                 batch.map(|b| format!(" at batch {b}")).unwrap_or_default()
             );
         }
-        println!("  Pareto set: {}", report.pareto.join(", "));
+        println!("  Pareto set: {}", report.pareto.join("; "));
     }
     Ok(())
 }
@@ -238,6 +249,32 @@ impl Traffic {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// Runs `benches/optimize/quantize.py` on `version/model.onnx`, writing its variants beside it;
+/// a failure is printed and the search goes on with what exists.
+fn quantize(version: &std::path::Path, name: &str) {
+    let mut command = std::process::Command::new(".venv/bin/python");
+    command.arg("benches/optimize/quantize.py").arg(version.join("model.onnx")).arg(version);
+    if name.starts_with("ppocr") {
+        command.arg("--dims").arg("x=1x3x48x192");
+    }
+    match command.output() {
+        Ok(out) => {
+            eprintln!(
+                "{name}: {}{}",
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .filter(|l| l.contains("failed"))
+                    .map(|l| format!("\n  {l}"))
+                    .collect::<String>()
+            );
+        }
+        Err(e) => {
+            eprintln!("{name}: quantize.py did not run (run ./scripts/test to make .venv): {e}")
         }
     }
 }

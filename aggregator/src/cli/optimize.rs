@@ -238,7 +238,7 @@ fn report_text(r: &Value) -> String {
     }
     let pareto: Vec<&str> =
         r["pareto"].as_array().unwrap_or(&empty).iter().filter_map(Value::as_str).collect();
-    out.push_str(&format!("Pareto set: {}\n", pareto.join(", ")));
+    out.push_str(&format!("Pareto set: {}\n", pareto.join("; ")));
     out
 }
 
