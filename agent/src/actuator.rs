@@ -126,10 +126,18 @@ impl Actuator {
                     crate::optimizer::start::StartError::Bad(why) => why,
                 })?;
                 let strategy = spec.strategy.name();
-                jobs.start(&name, spec)?;
+                let adopter = crate::optimizer::jobs::Adopter {
+                    repository: repository.clone(),
+                    runtime: tokio::runtime::Handle::current(),
+                };
+                jobs.start(&name, spec, Some(adopter))?;
                 Ok(format!(
                     "search of model {name:?} started (strategy {strategy}); the `optimization` directive shows its progress and report"
                 ))
+            }
+            DirectiveBody::OptimizeRollback { model } => {
+                let (repository, jobs) = self.optimizer()?;
+                jobs.rollback(repository, model).await
             }
             DirectiveBody::Optimization { model } => {
                 let (_, jobs) = self.optimizer()?;
@@ -190,7 +198,7 @@ fn batching_update(c: &BatchingChange) -> BatchingUpdate {
 }
 
 /// The update that puts `before` back.
-fn restore_of(before: &crate::serving::model::BatchingNow) -> BatchingUpdate {
+pub(crate) fn restore_of(before: &crate::serving::model::BatchingNow) -> BatchingUpdate {
     BatchingUpdate {
         max_batch_size: Some(before.adaptive_max_batch_size),
         max_queue_delay: Some(before.adaptive_max_queue_delay),

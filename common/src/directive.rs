@@ -20,6 +20,7 @@ pub const KINDS: &[&str] = &[
     "set_telemetry_interval",
     "optimize",
     "optimization",
+    "optimize_rollback",
 ];
 
 /// What a model optimization search is asked for (every member optional; the agent's
@@ -55,6 +56,9 @@ pub struct OptimizeOptions {
     /// Largest batch size searched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_batch: Option<usize>,
+    /// Switch the model to the winner when the search ends (`optimize_rollback` undoes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apply: Option<bool>,
 }
 
 /// A batching change: only the fields given change.
@@ -133,6 +137,11 @@ pub enum DirectiveBody {
         /// Model name.
         model: String,
     },
+    /// Put back what the last adopted optimization of a model replaced.
+    OptimizeRollback {
+        /// Model name.
+        model: String,
+    },
 }
 
 /// The payload of `optimize`: `{"model": M, "options": {...}}`.
@@ -192,6 +201,7 @@ impl DirectiveBody {
             Self::SetTelemetryInterval { .. } => "set_telemetry_interval",
             Self::Optimize { .. } => "optimize",
             Self::Optimization { .. } => "optimization",
+            Self::OptimizeRollback { .. } => "optimize_rollback",
         }
     }
 
@@ -204,7 +214,8 @@ impl DirectiveBody {
             | Self::Unload { model }
             | Self::Drain { model }
             | Self::Optimize { model, .. }
-            | Self::Optimization { model } => Some(model),
+            | Self::Optimization { model }
+            | Self::OptimizeRollback { model } => Some(model),
             Self::Ping | Self::SetTelemetryInterval { .. } => None,
         }
     }
@@ -236,7 +247,8 @@ impl DirectiveBody {
             Self::Load { model: m }
             | Self::Unload { model: m }
             | Self::Drain { model: m }
-            | Self::Optimization { model: m } => serde_json::to_vec(&model(m)),
+            | Self::Optimization { model: m }
+            | Self::OptimizeRollback { model: m } => serde_json::to_vec(&model(m)),
             Self::Optimize { model, options } => serde_json::to_vec(&OptimizePayload {
                 model: model.clone(),
                 options: options.clone(),
@@ -268,7 +280,7 @@ impl DirectiveBody {
                 let batching = p.batching.ok_or_else(|| bad("missing field `batching`".into()))?;
                 Self::SetBatching { model: p.model, version: p.version, batching }
             }
-            "load" | "unload" | "drain" | "optimization" => {
+            "load" | "unload" | "drain" | "optimization" | "optimize_rollback" => {
                 let p = model_payload()?;
                 if p.instances.is_some() || p.batching.is_some() || p.version.is_some() {
                     return Err(bad(format!("{kind} takes only `model`")));
@@ -277,6 +289,7 @@ impl DirectiveBody {
                     "load" => Self::Load { model: p.model },
                     "unload" => Self::Unload { model: p.model },
                     "optimization" => Self::Optimization { model: p.model },
+                    "optimize_rollback" => Self::OptimizeRollback { model: p.model },
                     _ => Self::Drain { model: p.model },
                 }
             }
@@ -335,6 +348,7 @@ impl DirectiveBody {
                 format!("optimize {model} {}", options.strategy.as_deref().unwrap_or("balanced"))
             }
             Self::Optimization { model } => format!("optimization {model}"),
+            Self::OptimizeRollback { model } => format!("optimize_rollback {model}"),
         }
     }
 }
@@ -375,6 +389,7 @@ mod tests {
                 },
             },
             DirectiveBody::Optimization { model: "ocr".into() },
+            DirectiveBody::OptimizeRollback { model: "ocr".into() },
         ];
         assert_eq!(bodies.len(), KINDS.len());
         for b in bodies {

@@ -1,6 +1,13 @@
 //! Searches on this agent: one at a time (so the CPU share a search keeps to is the agent's,
 //! not each model's), on its own thread, with its progress while it runs and its report (or why
-//! it failed) afterwards, kept per model.
+//! it failed) afterwards, kept per model; and adopting a winner, with its rollback.
+//!
+//! Adoption (a search started with `apply`): the winner's engine, threads and file become the
+//! model's engine override in the repository and the model is reloaded; then the winner's batch
+//! size, where the strategy chose one, becomes its `max_batch_size`. What it replaced (the
+//! previous override and the batching in force) is kept per model, and [`Jobs::rollback`] puts
+//! it back (reloading again). The override lives in memory: an agent restart serves the model's
+//! config again. A reload that fails puts the previous override back and reloads that.
 //!
 //! Bounds: one entry per model name that was ever searched (the repository bounds the names;
 //! a new search replaces the model's last result). A search is never cancelled by unloading
@@ -13,7 +20,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::search::{Report, Spec, run};
+use super::footprint::parse_engine;
+use super::search::{EngineChoice, Report, Spec, run};
+use crate::serving::model::{BatchingNow, BatchingUpdate};
+use crate::serving::model_config::Backend;
+use crate::serving::repository::{EngineOverride, Repository};
+use crate::serving::threads::OrtThreads;
 
 /// Where a model's search stands.
 #[derive(Debug, Clone, Serialize)]
@@ -36,6 +48,9 @@ pub enum JobState {
         started_unix_ms: u64,
         /// The report.
         report: Box<Report>,
+        /// What adopting the winner changed, or why it did not (searches started with `apply`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        adopted: Option<String>,
     },
     /// Ended without a report.
     Failed {
@@ -46,10 +61,27 @@ pub enum JobState {
     },
 }
 
+/// What adopting a winner needs: the repository to reload from and the runtime to reload on.
+#[derive(Debug, Clone)]
+pub struct Adopter {
+    /// The model repository.
+    pub repository: Arc<Repository>,
+    /// The agent's runtime (the search thread reloads through it).
+    pub runtime: tokio::runtime::Handle,
+}
+
+/// What an adoption replaced.
+#[derive(Debug, Clone)]
+struct Previous {
+    engine: Option<EngineOverride>,
+    batching: BatchingNow,
+}
+
 /// The searches of this agent.
 #[derive(Debug, Default)]
 pub struct Jobs {
     by_model: Mutex<HashMap<String, JobState>>,
+    previous: Mutex<HashMap<String, Previous>>,
 }
 
 fn now_ms() -> u64 {
@@ -63,8 +95,14 @@ impl Jobs {
         self.by_model.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Starts a search of `model`; refused while any search runs on this agent.
-    pub fn start(self: &Arc<Self>, model: &str, spec: Spec) -> Result<(), String> {
+    /// Starts a search of `model`; refused while any search runs on this agent. With
+    /// `spec.apply`, `adopter` switches the model to the winner when it ends.
+    pub fn start(
+        self: &Arc<Self>,
+        model: &str,
+        spec: Spec,
+        adopter: Option<Adopter>,
+    ) -> Result<(), String> {
         let started_unix_ms = now_ms();
         {
             let mut jobs = self.lock();
@@ -102,7 +140,23 @@ impl Jobs {
                     })
                 }));
                 let state = match outcome {
-                    Ok(Ok(report)) => JobState::Done { started_unix_ms, report: Box::new(report) },
+                    Ok(Ok(report)) => {
+                        let adopted = match (&adopter, spec.apply) {
+                            (_, false) => None,
+                            (None, true) => {
+                                Some("not adopted: this agent cannot reload models".to_owned())
+                            }
+                            // A panic while adopting ends as a reason, not a search stuck running.
+                            (Some(a), true) => Some(
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    jobs.adopt(a, &name, &report)
+                                }))
+                                .unwrap_or_else(|_| Err("adopting panicked".to_owned()))
+                                .unwrap_or_else(|why| format!("not adopted: {why}")),
+                            ),
+                        };
+                        JobState::Done { started_unix_ms, report: Box::new(report), adopted }
+                    }
                     Ok(Err(error)) => JobState::Failed { started_unix_ms, error },
                     Err(panic) => JobState::Failed {
                         started_unix_ms,
@@ -133,6 +187,77 @@ impl Jobs {
     pub fn status(&self, model: &str) -> Option<JobState> {
         self.lock().get(model).cloned()
     }
+
+    fn previous(&self) -> std::sync::MutexGuard<'_, HashMap<String, Previous>> {
+        self.previous.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Switches `model` to the report's winner (on the search thread).
+    fn adopt(&self, a: &Adopter, model: &str, report: &Report) -> Result<String, String> {
+        let winner = report.winner.as_deref().ok_or("the search has no winner")?;
+        let step = report
+            .steps
+            .iter()
+            .find(|s| s.candidate == winner)
+            .ok_or_else(|| format!("the winner {winner:?} is not among the steps"))?;
+        let served = a.repository.get(model, None).map_err(|e| e.to_string())?;
+        let (backend, intra_op_threads) = match parse_engine(&step.engine)? {
+            EngineChoice::Tract => (Backend::Tract, None),
+            EngineChoice::Onnxruntime(OrtThreads::HostPool) => (Backend::Onnxruntime, None),
+            EngineChoice::Onnxruntime(OrtThreads::Own(n)) => (Backend::Onnxruntime, Some(n)),
+        };
+        let chosen = EngineOverride {
+            version: served.version.clone(),
+            file: step.file.clone(),
+            backend,
+            intra_op_threads,
+        };
+        let before = Previous {
+            engine: a.repository.set_override(model, Some(chosen)),
+            batching: served.batching(),
+        };
+        drop(served);
+        if let Err(why) = a.runtime.block_on(a.repository.load(model)) {
+            a.repository.set_override(model, before.engine.clone());
+            let back = a.runtime.block_on(a.repository.load(model));
+            return Err(format!(
+                "reloading on {winner} failed ({why}); the previous engine is back{}",
+                back.err().map(|e| format!(" but did not load either: {e}")).unwrap_or_default()
+            ));
+        }
+        let mut what = format!("now serving {winner} ({})", step.file);
+        if let Some(b) = report.batch.filter(|b| *b > 1) {
+            let now = a.repository.get(model, None).map_err(|e| e.to_string())?;
+            let update = BatchingUpdate { max_batch_size: Some(b), ..BatchingUpdate::default() };
+            match now.set_batching(&update) {
+                Ok(change) => what.push_str(&format!("; {change}")),
+                Err(e) => what.push_str(&format!("; batch size {b} not set: {e}")),
+            }
+        }
+        self.previous().insert(model.to_owned(), before);
+        Ok(what)
+    }
+
+    /// Puts back what the last adoption for `model` replaced.
+    pub async fn rollback(&self, repository: &Repository, model: &str) -> Result<String, String> {
+        let before = self.previous().remove(model).ok_or_else(|| {
+            format!("nothing was adopted for model {model:?} on this agent since it started; nothing to roll back")
+        })?;
+        repository.set_override(model, before.engine.clone());
+        if let Err(why) = repository.load(model).await {
+            return Err(format!("reloading {model:?} on its previous engine failed: {why}"));
+        }
+        let m = repository.get(model, None).map_err(|e| e.to_string())?;
+        let restored = m.set_batching(&crate::actuator::restore_of(&before.batching));
+        Ok(format!(
+            "model {model:?} is back on {}{}",
+            before.engine.as_ref().map_or_else(
+                || "its configured engine".to_owned(),
+                |o| format!("{:?} ({})", o.backend, o.file)
+            ),
+            restored.map_or_else(|e| format!("; batching not restored: {e}"), |c| format!("; {c}"))
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -158,6 +283,7 @@ mod tests {
             },
             calibration_rows: 1,
             footprint_probe: None,
+            apply: false,
         }
     }
 
@@ -168,20 +294,21 @@ mod tests {
             "m".into(),
             JobState::Running { started_unix_ms: 1, step: 2, of: 5, current: "tract".into() },
         );
-        let why = jobs.start("m", spec("/nonexistent/m/1/model.onnx".into())).expect_err("running");
+        let why =
+            jobs.start("m", spec("/nonexistent/m/1/model.onnx".into()), None).expect_err("running");
         assert!(
             why.contains("\"m\" is already running on this agent (step 2 of 5: tract)"),
             "{why}"
         );
         // Another model waits too: one search per agent keeps the CPU share the agent's.
         let why = jobs
-            .start("other", spec("/nonexistent/other/1/model.onnx".into()))
+            .start("other", spec("/nonexistent/other/1/model.onnx".into()), None)
             .expect_err("one at a time");
         assert!(why.contains("one runs at a time"), "{why}");
         jobs.lock()
             .insert("m".into(), JobState::Failed { started_unix_ms: 1, error: "gone".into() });
         // Another model starts; its file is missing, so it fails, and says why.
-        jobs.start("other", spec("/nonexistent/other/1/model.onnx".into())).expect("starts");
+        jobs.start("other", spec("/nonexistent/other/1/model.onnx".into()), None).expect("starts");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
             match jobs.status("other") {

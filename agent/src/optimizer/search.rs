@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use super::accuracy::{Agreement, Bound, compare};
 use super::calibration::{self, Calibration};
-use super::footprint::measure_in_child;
+use super::footprint::{engine_arg, measure_in_child};
 use super::measure::{Effort, Timing, time_batch};
 use super::strategy::{Choice, Figures, Strategy, choose};
 use crate::serving::model_config::ModelConfig;
@@ -55,6 +55,8 @@ pub struct Spec {
     /// The agent binary, to measure each timed candidate's memory alone in a child process
     /// (`flotilla-agent footprint`); without it memory is not measured.
     pub footprint_probe: Option<PathBuf>,
+    /// Switch the model to the winner when the search ends (see `jobs`).
+    pub apply: bool,
 }
 
 /// Which engine runs a candidate.
@@ -82,6 +84,10 @@ pub struct Candidate {
 pub struct Step {
     /// The candidate's name.
     pub candidate: String,
+    /// Its engine: `tract`, `onnxruntime` (the host pool) or `onnxruntime:THREADS`.
+    pub engine: String,
+    /// Its ONNX file's name in the version directory.
+    pub file: String,
     /// `timed`, `rejected` (over the bound) or `failed` (did not load or run).
     pub outcome: &'static str,
     /// Why it was rejected or failed, or how the batch sweep ended.
@@ -294,6 +300,8 @@ pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
         if let Err(why) = spec.bound.check(&agreement) {
             steps.push(Step {
                 candidate: candidate.name.clone(),
+                engine: engine_arg(candidate.engine),
+                file: file_name(&candidate.file),
                 outcome: "rejected",
                 why,
                 agreement: Some(agreement),
@@ -336,6 +344,8 @@ pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
         ));
         steps.push(Step {
             candidate: candidate.name.clone(),
+            engine: engine_arg(candidate.engine),
+            file: file_name(&candidate.file),
             outcome: "timed",
             why,
             agreement: Some(agreement),
@@ -385,9 +395,16 @@ pub fn choose_again(
     (choice.winner.map(|i| timed[i].candidate.clone()), choice.batch, choice.why)
 }
 
+/// The file's name, for the report.
+fn file_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
 fn failed(candidate: &Candidate, why: String) -> Step {
     Step {
         candidate: candidate.name.clone(),
+        engine: engine_arg(candidate.engine),
+        file: file_name(&candidate.file),
         outcome: "failed",
         why,
         agreement: None,
@@ -520,6 +537,7 @@ pub(crate) mod tests {
             },
             calibration_rows: 16,
             footprint_probe: None,
+            apply: false,
         }
     }
 

@@ -93,6 +93,7 @@ pub fn spec_for(
         effort: Effort { rounds, max_time: Duration::from_secs(10), cpu_share },
         calibration_rows: 16,
         footprint_probe,
+        apply: options.apply.unwrap_or(false),
     };
     Ok((m.name.clone(), spec))
 }

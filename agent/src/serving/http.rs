@@ -213,7 +213,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v2/models/{model}/versions/{version}/stats", get(stats_v))
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
-        .route("/v2/models/{model}/optimize", post(optimize::start).get(optimize::status))
+        .route(
+            "/v2/models/{model}/optimize",
+            post(optimize::start).get(optimize::status).delete(optimize::rollback),
+        )
         .route("/v2/repository/index", post(index))
         .route("/v2/repository/models/{model}/load", post(load))
         .route("/v2/repository/models/{model}/unload", post(unload))
@@ -1010,6 +1013,12 @@ mod tests {
         assert_eq!(steps[0]["candidate"], "tract");
         assert_eq!(steps[0]["outcome"], "timed");
         assert_eq!(steps[0]["timings"][0]["runs"], 3);
+        // Nothing was adopted (no "apply"), so there is nothing to roll back; strangers may not.
+        let (status, _, body) = call(&app, "DELETE", &path, &[], vec![]).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert!(error_of(&body).contains("nothing to roll back"), "{}", error_of(&body));
+        let (status, _, _) = call_from(&app, "10.1.2.3:5000", "DELETE", &path, &[], vec![]).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
     }
 
     #[tokio::test]

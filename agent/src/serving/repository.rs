@@ -69,17 +69,52 @@ pub enum LookupError {
     },
 }
 
+/// An engine a model is to run on instead of its config's, as the optimizer adopted it: kept
+/// in memory (an agent restart serves the config again) and applied at every (re)load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineOverride {
+    /// The version it applies to (the one searched).
+    pub version: String,
+    /// The ONNX file in that version's directory (`model.onnx` or a variant).
+    pub file: String,
+    /// tract or onnxruntime.
+    pub backend: Backend,
+    /// onnxruntime threads of its own per instance; `None` for the host's pool.
+    pub intra_op_threads: Option<usize>,
+}
+
 /// The repository and its loaded models.
 #[derive(Debug)]
 pub struct Repository {
     root: PathBuf,
     models: RwLock<BTreeMap<String, ModelState>>,
+    overrides: RwLock<BTreeMap<String, EngineOverride>>,
 }
 
 impl Repository {
     /// A repository rooted at `root` with nothing loaded.
     pub fn new(root: &Path) -> Self {
-        Self { root: root.to_owned(), models: RwLock::new(BTreeMap::new()) }
+        Self {
+            root: root.to_owned(),
+            models: RwLock::new(BTreeMap::new()),
+            overrides: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    /// Sets (or with `None` clears) a model's engine override, taking effect at its next
+    /// (re)load; returns the one it replaces.
+    pub fn set_override(&self, name: &str, to: Option<EngineOverride>) -> Option<EngineOverride> {
+        let mut overrides =
+            self.overrides.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match to {
+            Some(o) => overrides.insert(name.to_owned(), o),
+            None => overrides.remove(name),
+        }
+    }
+
+    /// A model's engine override, if it has one.
+    pub fn override_of(&self, name: &str) -> Option<EngineOverride> {
+        self.overrides.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned()
     }
 
     /// The repository directory.
@@ -116,7 +151,8 @@ impl Repository {
             return Err(format!("no directory {} in the model repository", dir.display()));
         }
         let owned = name.to_owned();
-        let loaded = tokio::task::spawn_blocking(move || prepare(&dir, &owned))
+        let chosen = self.override_of(name);
+        let loaded = tokio::task::spawn_blocking(move || prepare(&dir, &owned, chosen.as_ref()))
             .await
             .map_err(|e| format!("loader thread failed: {e}"))
             .and_then(|r| r);
@@ -267,9 +303,14 @@ impl Repository {
 
 type Prepared = (String, ModelConfig, super::runner::Signature, Arc<dyn Engine>);
 
-/// Reads the config and builds an engine for every version directory (blocking).
-fn prepare(dir: &Path, name: &str) -> Result<Vec<Prepared>, String> {
-    let config = ModelConfig::load(dir, name).map_err(|e| e.to_string())?;
+/// Reads the config and builds an engine for every version directory (blocking); `chosen`
+/// replaces the config's engine (and file) for its version.
+fn prepare(
+    dir: &Path,
+    name: &str,
+    chosen: Option<&EngineOverride>,
+) -> Result<Vec<Prepared>, String> {
+    let configured = ModelConfig::load(dir, name).map_err(|e| e.to_string())?;
     let mut versions: Vec<(u64, String)> = std::fs::read_dir(dir)
         .map_err(|e| format!("reading {}: {e}", dir.display()))?
         .flatten()
@@ -287,7 +328,14 @@ fn prepare(dir: &Path, name: &str) -> Result<Vec<Prepared>, String> {
     }
     let mut out = Vec::new();
     for (_, version) in versions {
-        let file = dir.join(&version).join("model.onnx");
+        let mut config = configured.clone();
+        let mut file = dir.join(&version).join("model.onnx");
+        if let Some(o) = chosen.filter(|o| o.version == version) {
+            config.backend = o.backend.clone();
+            config.onnxruntime.intra_op_threads = o.intra_op_threads;
+            file = dir.join(&version).join(&o.file);
+            info!(model = name, version = %version, file = %o.file, backend = ?o.backend, threads = ?o.intra_op_threads, "Serving the engine the optimizer adopted.");
+        }
         let in_process =
             matches!(config.backend, Backend::Tract | Backend::Onnxruntime | Backend::Auto);
         if in_process && !file.is_file() {

@@ -46,7 +46,7 @@ pub struct SendArgs {
     /// Host id
     pub host: String,
     /// ping, set_instances, set_batching, load, unload, drain, set_telemetry_interval,
-    /// optimize or optimization
+    /// optimize, optimization or optimize_rollback
     pub kind: String,
     /// Payload fields: model=NAME, version=V, instances=N, max_batch_size=N,
     /// max_queue_delay_us=US, adaptive=true|false, min_batch_size=N, latency_slo_ms=MS,

@@ -46,6 +46,12 @@ pub struct OptimizeArgs {
     /// Largest batch size searched
     #[arg(long)]
     pub max_batch: Option<usize>,
+    /// Switch the model to the winner when the search ends (`--rollback` undoes it)
+    #[arg(long)]
+    pub apply: bool,
+    /// Instead of searching, put back what the last adopted search of the model replaced
+    #[arg(long, conflicts_with = "apply")]
+    pub rollback: bool,
     /// Return once the search has started instead of following it to its report
     #[arg(long)]
     pub no_follow: bool,
@@ -91,7 +97,17 @@ fn state(client: &Client, host: &str, model: &str) -> anyhow::Result<Value> {
 
 /// `flotilla optimize`.
 pub fn optimize(client: &Client, args: &OptimizeArgs, json: bool) -> anyhow::Result<String> {
+    if args.rollback {
+        let what =
+            ask(client, &args.host, "optimize_rollback", serde_json::json!({"model": args.model}))?;
+        return if json {
+            super::to_json(&serde_json::json!({"rolled_back": what}))
+        } else {
+            Ok(format!("{what}\n"))
+        };
+    }
     let options = OptimizeOptions {
+        apply: args.apply.then_some(true),
         strategy: Some(args.strategy.clone()),
         max_accuracy_loss: args.max_accuracy_loss,
         max_abs_error: None,
@@ -171,7 +187,13 @@ fn render(s: &Value, json: bool) -> anyhow::Result<String> {
     match s["state"].as_str() {
         Some("running") => Ok(format!("Running: {}\n", progress_line(s))),
         Some("failed") => Ok(format!("Failed: {}\n", s["error"].as_str().unwrap_or("no reason"))),
-        Some("done") => Ok(report_text(&s["report"])),
+        Some("done") => {
+            let mut text = report_text(&s["report"]);
+            if let Some(adopted) = s["adopted"].as_str() {
+                text.push_str(&format!("Adopted: {}\n", escape(adopted)));
+            }
+            Ok(text)
+        }
         _ => bail!("the agent answered an unknown search state: {s}"),
     }
 }

@@ -219,7 +219,8 @@ impl DesiredState {
             // Requests, not state: nothing to restore after a reconnect.
             DirectiveBody::Ping
             | DirectiveBody::Optimize { .. }
-            | DirectiveBody::Optimization { .. } => {}
+            | DirectiveBody::Optimization { .. }
+            | DirectiveBody::OptimizeRollback { .. } => {}
             DirectiveBody::SetInstances { model, instances, .. } => {
                 self.models.entry(model.clone()).or_default().instances = Some(*instances);
             }

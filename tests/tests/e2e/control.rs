@@ -546,6 +546,45 @@ fn flotilla_optimize_runs_a_search_on_the_host_and_shows_its_report() {
     let d = send(&agg, "node-1", "optimize", &["model=ocr", "strategy=fastest"], 30);
     assert_eq!(d["state"], "rejected", "{d}");
     assert!(d["message"].as_str().unwrap().contains("strategy \"fastest\""), "{d}");
+    // Adopted: the agent reloads the model on the winner; rolled back: on its config again.
+    let engine_now = || -> String {
+        let config: Value =
+            serde_json::from_str(&http_get(&addr, "/v2/models/ocr/config")).unwrap();
+        config["engine"]["engine"].as_str().unwrap_or_default().to_owned()
+    };
+    assert_eq!(engine_now(), "tract");
+    let state = agg
+        .cli_json(&[
+            "optimize",
+            "node-1",
+            "ocr",
+            "--strategy",
+            "latency",
+            "--rounds",
+            "3",
+            "--cpu-share",
+            "1",
+            "--max-batch",
+            "1",
+            "--apply",
+        ])
+        .unwrap();
+    let report = &state["report"];
+    let winner = report["winner"].as_str().unwrap();
+    let step =
+        report["steps"].as_array().unwrap().iter().find(|s| s["candidate"] == winner).unwrap();
+    let adopted = state["adopted"].as_str().unwrap();
+    eprintln!("adopted: {adopted}");
+    assert!(adopted.starts_with(&format!("now serving {winner}")), "{state}");
+    let kind = step["engine"].as_str().unwrap().split(':').next().unwrap().to_owned();
+    assert_eq!(engine_now(), kind, "{state}");
+    let out = agg.cli(&["optimize", "node-1", "ocr", "--rollback"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("is back on its configured engine"), "{text}");
+    assert_eq!(engine_now(), "tract");
+    let out = agg.cli(&["optimize", "node-1", "ocr", "--rollback"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to roll back"));
     // Unknown models are refused by name, and the model served on throughout.
     let out = agg.cli(&["optimize", "node-1", "nosuch"]);
     assert!(!out.status.success());

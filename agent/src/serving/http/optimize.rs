@@ -1,6 +1,7 @@
 //! The optimizer on the inference port: `POST /v2/models/NAME/optimize` starts a search of the
 //! model's served version in the background, `GET` the same path shows its progress and then its
-//! report. Like repository control, starting one is for loopback peers or the admin token.
+//! report; `DELETE` rolls back what an adopted search (`"apply": true`) changed. Like repository
+//! control, starting and rolling back are for loopback peers or the admin token.
 //!
 //! The body (every member optional; unknown members are refused):
 //! `{"strategy": "latency|throughput|memory|cost|balanced", "max_accuracy_loss": 0.01,
@@ -40,7 +41,13 @@ pub(super) async fn start(
             StartError::Bad(why) => ApiError::bad(why),
         })?;
     let strategy = spec.strategy;
-    s.optimizations.start(&name, spec).map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
+    let adopter = crate::optimizer::jobs::Adopter {
+        repository: s.repository.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    };
+    s.optimizations
+        .start(&name, spec, Some(adopter))
+        .map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
     let status = format!("/v2/models/{name}/optimize");
     Ok((
         StatusCode::ACCEPTED,
@@ -49,6 +56,22 @@ pub(super) async fn start(
         ),
     )
         .into_response())
+}
+
+/// `DELETE`: puts back what the last adopted search replaced.
+pub(super) async fn rollback(
+    State(s): State<ApiState>,
+    Path(model): Path<String>,
+    request: Request,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    check_control(&s, &request)?;
+    check_names(&model, None)?;
+    let what = s
+        .optimizations
+        .rollback(&s.repository, &model)
+        .await
+        .map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
+    Ok(axum::Json(json!({"model": model, "rolled_back": what})))
 }
 
 pub(super) async fn status(
