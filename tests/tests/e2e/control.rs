@@ -517,20 +517,26 @@ fn flotilla_optimize_runs_a_search_on_the_host_and_shows_its_report() {
     let agg = Aggregator::start(&fleet.aggregator_config(0));
     let (_node, addr) = serving_agent(&fleet, "node-1", agg.quic, &repo, 500);
     online(&agg, "node-1");
+    // A quick latency search of one-row batches; `--apply` and `--json` are added below.
+    let search = |more: &[&'static str]| {
+        let mut args = vec![
+            "optimize",
+            "node-1",
+            "ocr",
+            "--strategy",
+            "latency",
+            "--rounds",
+            "3",
+            "--cpu-share",
+            "1",
+            "--max-batch",
+            "1",
+        ];
+        args.extend_from_slice(more);
+        args
+    };
     // Followed to its report through `optimization` directives.
-    let out = agg.cli(&[
-        "optimize",
-        "node-1",
-        "ocr",
-        "--strategy",
-        "latency",
-        "--rounds",
-        "3",
-        "--cpu-share",
-        "1",
-        "--max-batch",
-        "1",
-    ]);
+    let out = agg.cli(&search(&[]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("latency strategy"), "{text}");
@@ -553,22 +559,7 @@ fn flotilla_optimize_runs_a_search_on_the_host_and_shows_its_report() {
         config["engine"]["engine"].as_str().unwrap_or_default().to_owned()
     };
     assert_eq!(engine_now(), "tract");
-    let state = agg
-        .cli_json(&[
-            "optimize",
-            "node-1",
-            "ocr",
-            "--strategy",
-            "latency",
-            "--rounds",
-            "3",
-            "--cpu-share",
-            "1",
-            "--max-batch",
-            "1",
-            "--apply",
-        ])
-        .unwrap();
+    let state = agg.cli_json(&search(&["--apply"])).unwrap();
     let report = &state["report"];
     let winner = report["winner"].as_str().unwrap();
     let step =
