@@ -82,7 +82,8 @@ pub fn measure_here(
     Ok(Footprint { before_bytes: before, peak_bytes: status_bytes("VmHWM")? })
 }
 
-/// Runs `probe` (the agent binary) as the child and reads its report.
+/// Runs `probe` (the agent binary) as the child and reads its report. The child runs at the
+/// lowest CPU priority (`nice -n 19`, where `nice` is installed), so it yields to serving.
 pub fn measure_in_child(
     probe: &Path,
     file: &Path,
@@ -90,7 +91,14 @@ pub fn measure_in_child(
     config: &ModelConfig,
     calibration_rows: usize,
 ) -> Result<Footprint, String> {
-    let mut command = Command::new(probe);
+    let mut command = match which_nice() {
+        Some(nice) => {
+            let mut c = Command::new(nice);
+            c.arg("-n").arg("19").arg(probe);
+            c
+        }
+        None => Command::new(probe),
+    };
     // Quiet, so its pipes never fill while it runs (they are read after it exits).
     command
         .arg("--log")
@@ -139,6 +147,11 @@ pub fn measure_in_child(
     }
     serde_json::from_slice(&out.stdout)
         .map_err(|e| format!("the footprint child's report is not JSON: {e}"))
+}
+
+/// `nice` from coreutils, if it is on one of the usual paths.
+fn which_nice() -> Option<PathBuf> {
+    ["/usr/bin/nice", "/bin/nice"].into_iter().map(PathBuf::from).find(|p| p.is_file())
 }
 
 /// A `Vm*` line of `/proc/self/status`, in bytes.

@@ -231,13 +231,21 @@ pub fn batch_of(
         .collect()
 }
 
-fn run_all(engine: &dyn Engine, calibration: &Calibration) -> Result<Vec<Vec<Tensor>>, String> {
+/// Runs every calibration request, pausing after each to keep to the CPU share.
+fn run_all(
+    engine: &dyn Engine,
+    calibration: &Calibration,
+    effort: &Effort,
+) -> Result<Vec<Vec<Tensor>>, String> {
     calibration
         .requests
         .iter()
         .enumerate()
         .map(|(r, req)| {
-            engine.run(req.clone()).map_err(|e| format!("calibration request {r}: {e}"))
+            let t = Instant::now();
+            let out = engine.run(req.clone()).map_err(|e| format!("calibration request {r}: {e}"));
+            effort.pause_after(t.elapsed());
+            out
         })
         .collect()
 }
@@ -255,10 +263,11 @@ pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
     progress(0, total, "baseline: tract");
     let t = Instant::now();
     let (baseline, signature) = load(spec, &list[0])?;
+    spec.effort.pause_after(t.elapsed());
     let baseline_load_ms = t.elapsed().as_secs_f64() * 1000.0;
     let model_dir = super::footprint::model_dir_of(&spec.file);
     let calibration = calibration::load(&model_dir, &signature, spec.calibration_rows)?;
-    let reference = run_all(baseline.as_ref(), &calibration).map_err(|e| {
+    let reference = run_all(baseline.as_ref(), &calibration, &spec.effort).map_err(|e| {
         format!(
             "the baseline (tract) cannot run the calibration inputs ({}): {e}",
             calibration.source
@@ -274,9 +283,12 @@ pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
             (baseline.clone(), baseline_load_ms)
         } else {
             let t = Instant::now();
-            match load(spec, candidate) {
+            let loaded = load(spec, candidate);
+            let took = t.elapsed();
+            spec.effort.pause_after(took);
+            match loaded {
                 Ok((engine, sig)) if sig.inputs == signature.inputs => {
-                    (engine, t.elapsed().as_secs_f64() * 1000.0)
+                    (engine, took.as_secs_f64() * 1000.0)
                 }
                 Ok(_) => {
                     steps.push(failed(candidate, "its inputs differ from the model's".to_owned()));
@@ -288,7 +300,7 @@ pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
                 }
             }
         };
-        let agreement = match run_all(engine.as_ref(), &calibration)
+        let agreement = match run_all(engine.as_ref(), &calibration, &spec.effort)
             .and_then(|out| compare(&reference, &out))
         {
             Ok(a) => a,
