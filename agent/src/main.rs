@@ -70,19 +70,17 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         Command::Footprint { file, engine, max_batch, calibration_rows, ort_library } => {
             use agent::optimizer::footprint;
             let engine = footprint::parse_engine(&engine).map_err(anyhow::Error::msg)?;
-            let mut config = agent::serving::model_config::ModelConfig {
-                max_batch_size: max_batch,
-                ..Default::default()
-            };
-            config.onnxruntime.library = ort_library;
-            let measured = footprint::measure_here(
-                &file,
-                engine,
-                &config,
-                &footprint::model_dir_of(&file),
-                calibration_rows,
-            )
-            .map_err(anyhow::Error::msg)?;
+            // The model's own config (loader options, input dims), as the search used it.
+            let model_dir = footprint::model_dir_of(&file);
+            let name = model_dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let mut config = agent::serving::model_config::ModelConfig::load(&model_dir, name)?;
+            config.max_batch_size = max_batch;
+            if ort_library.is_some() {
+                config.onnxruntime.library = ort_library;
+            }
+            let measured =
+                footprint::measure_here(&file, engine, &config, &model_dir, calibration_rows)
+                    .map_err(anyhow::Error::msg)?;
             println!("{}", serde_json::to_string(&measured)?);
             Ok(())
         }

@@ -210,23 +210,38 @@ pub fn load_engine(
     }
 }
 
-/// A batch of `rows` rows made of calibration requests in turn (a model that cannot batch
-/// runs one request as it is).
+/// A batch of `rows` rows: the calibration requests' rows taken one at a time, in turn (a
+/// request may carry several). A model that cannot batch runs its first request as it is.
 pub fn batch_of(
     calibration: &Calibration,
     rows: usize,
     batched: bool,
 ) -> Result<Vec<Tensor>, String> {
     let first = calibration.requests.first().ok_or("no calibration request")?;
-    if !batched || rows <= 1 {
+    if !batched {
         return Ok(first.clone());
     }
-    let picked: Vec<&Vec<Tensor>> =
-        (0..rows).map(|r| &calibration.requests[r % calibration.requests.len()]).collect();
+    let mut singles: Vec<Vec<Tensor>> = Vec::new();
+    for (r, request) in calibration.requests.iter().enumerate() {
+        for row in 0..request.first().map_or(0, Tensor::rows) {
+            let one = request
+                .iter()
+                .map(|t| t.slice_rows(row, 1))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("calibration request {r} row {row}: {}", e.0))?;
+            singles.push(one);
+        }
+    }
+    if singles.is_empty() {
+        return Err("the calibration requests hold no rows".to_owned());
+    }
+    let picked: Vec<&Vec<Tensor>> = (0..rows.max(1)).map(|r| &singles[r % singles.len()]).collect();
     (0..first.len())
         .map(|i| {
-            let parts: Vec<&Tensor> = picked.iter().map(|req| &req[i]).collect();
-            Tensor::concat_rows(&parts).map_err(|e| e.0)
+            let parts: Vec<&Tensor> = picked.iter().map(|one| &one[i]).collect();
+            Tensor::concat_rows(&parts).map_err(|e| {
+                format!("calibration rows of input {i} cannot form one batch: {}", e.0)
+            })
         })
         .collect()
 }
@@ -263,8 +278,9 @@ pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
     progress(0, total, "baseline: tract");
     let t = Instant::now();
     let (baseline, signature) = load(spec, &list[0])?;
-    spec.effort.pause_after(t.elapsed());
-    let baseline_load_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let baseline_took = t.elapsed();
+    spec.effort.pause_after(baseline_took);
+    let baseline_load_ms = baseline_took.as_secs_f64() * 1000.0;
     let model_dir = super::footprint::model_dir_of(&spec.file);
     let calibration = calibration::load(&model_dir, &signature, spec.calibration_rows)?;
     let reference = run_all(baseline.as_ref(), &calibration, &spec.effort).map_err(|e| {
@@ -551,6 +567,28 @@ pub(crate) mod tests {
             footprint_probe: None,
             apply: false,
         }
+    }
+
+    #[test]
+    fn batches_are_counted_in_rows_even_when_a_request_carries_several() {
+        let rows = |n: usize, first: f32| {
+            let bytes = (0..n * 3).flat_map(|i| (first + i as f32).to_le_bytes()).collect();
+            Tensor::from_bytes(crate::serving::tensor::DataType::F32, vec![n, 3], bytes).expect("x")
+        };
+        let calibration = Calibration {
+            requests: vec![vec![rows(2, 0.0)], vec![rows(1, 100.0)]],
+            source: String::new(),
+        };
+        let one = batch_of(&calibration, 1, true).expect("one row");
+        assert_eq!(one[0].shape(), &[1, 3]);
+        assert_eq!(one[0].to_f64(), vec![0.0, 1.0, 2.0]);
+        let four = batch_of(&calibration, 4, true).expect("four rows");
+        assert_eq!(four[0].shape(), &[4, 3]);
+        // Rows in turn: both of the first request, the second's, then the first again.
+        assert_eq!(four[0].to_f64()[6..9], [100.0, 101.0, 102.0]);
+        assert_eq!(four[0].to_f64()[9..12], [0.0, 1.0, 2.0]);
+        // A model that cannot batch runs the first request as it is.
+        assert_eq!(batch_of(&calibration, 4, false).expect("as is")[0].shape(), &[2, 3]);
     }
 
     #[test]

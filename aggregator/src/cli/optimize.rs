@@ -15,6 +15,10 @@ use super::client::Client;
 use super::render::{Table, escape};
 use crate::views::{DirectiveRequest, DirectiveView};
 
+/// Between two `optimization` directives while following a search (each is a directive the
+/// aggregator records, so not too often).
+const POLL: Duration = Duration::from_secs(2);
+
 /// `flotilla optimize HOST MODEL [options]`.
 #[derive(Debug, Args)]
 pub struct OptimizeArgs {
@@ -143,7 +147,7 @@ pub fn optimize(client: &Client, args: &OptimizeArgs, json: bool) -> anyhow::Res
                         args.model
                     );
                 }
-                std::thread::sleep(Duration::from_secs(1));
+                std::thread::sleep(POLL);
             }
             _ => {
                 if !json {
