@@ -53,6 +53,8 @@ pub struct ApiState {
     pub analytics: Arc<crate::scheduler::Analytics>,
     /// The autoscaler (policies and where they stand), and how often it evaluates.
     pub autoscaler: (Arc<crate::control::autoscaler::Autoscaler>, Duration),
+    /// The optimization searches followed to their reports.
+    pub searches: Arc<crate::control::searches::Searches>,
 }
 
 /// The router.

@@ -222,6 +222,8 @@ pub async fn run(
         "autoscaler",
         autoscaler.clone().run(config.control.interval, shutdown.clone()),
     );
+    let searches = control::searches::Searches::new(delivery.clone());
+    let following = spawn_watched("optimization searches", searches.clone().run(shutdown.clone()));
     let app = api::router(api::ApiState {
         stores: stores.clone(),
         delivery,
@@ -232,6 +234,7 @@ pub async fn run(
         offline_after: config.ingest.offline_after,
         analytics,
         autoscaler: (autoscaler.clone(), config.control.interval),
+        searches,
     });
     let admin_shutdown = shutdown.clone();
     let served = axum::serve(admin, app)
@@ -242,6 +245,7 @@ pub async fn run(
     let _ = ingest.await;
     let _ = upkeep.await;
     let _ = scaling.await;
+    let _ = following.await;
     if let Ok(Err(e)) = cron.await {
         warn!(error = %common::daemon::error_chain(&e), "Analytics scheduler failed.");
     }

@@ -201,6 +201,40 @@ pub fn check(config: &AnalyticsConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// What budget auto-optimize needs to ask for a search once a week at most: the searches kept,
+/// the budgets' own requests for one (whatever their answer), and each host's hourly rate.
+fn search_history(
+    control: &dyn crate::control::store::ControlStore,
+    analysis: &analytics::Analysis,
+    now_ms: i64,
+) -> Result<crate::control::optimize::SearchHistory, AnalyticsError> {
+    use crate::control::optimize::{OPTIMIZE_RULE, SEARCH_AGAIN_AFTER_MS};
+    let mut history = crate::control::optimize::SearchHistory::default();
+    let recent = |at_ms: i64| now_ms.saturating_sub(at_ms) < SEARCH_AGAIN_AFTER_MS;
+    for r in control.optimizations(None, None, usize::MAX)? {
+        if r.is_running() || recent(r.requested_ms) {
+            history.recent.insert((r.host, r.model));
+        }
+    }
+    // Newest first: stop at the first older than the window.
+    for d in control.decisions(None, 100_000)? {
+        if !recent(d.at_ms) {
+            break;
+        }
+        if d.rule == OPTIMIZE_RULE
+            && let (Some(model), Some(host)) = (d.model, d.inputs["host"].as_str())
+        {
+            history.recent.insert((host.to_owned(), model));
+        }
+    }
+    for h in &analysis.costs.hosts {
+        if let Some(rate) = h.hourly_rate {
+            history.rates.insert(h.host.clone(), rate);
+        }
+    }
+    Ok(history)
+}
+
 // === impl Analytics ===
 
 impl Analytics {
@@ -387,10 +421,20 @@ impl Analytics {
                             desired.insert(h.host.clone(), d);
                         }
                     }
+                    let searched = if analysis
+                        .budgets
+                        .iter()
+                        .any(|b| b.budget.auto_optimize && !b.breaches.is_empty())
+                    {
+                        search_history(control.as_ref(), &analysis, now_ms)?
+                    } else {
+                        crate::control::optimize::SearchHistory::default()
+                    };
                     actions = crate::control::optimize::safe_actions(
                         &analysis.budgets,
                         &snapshot,
                         &desired,
+                        &searched,
                     );
                 }
                 Ok::<_, AnalyticsError>((

@@ -122,6 +122,7 @@ fn main() -> anyhow::Result<()> {
             calibration_rows: 16,
             footprint_probe: Some(agent_binary()),
             apply: false,
+            min_improvement: 0.0,
         };
         let report = run(&spec, &mut |i, n, what| eprintln!("  [{i}/{n}] {what}"))
             .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;

@@ -41,6 +41,10 @@ pub struct OptimizeOptions {
     /// Largest relative error against the baseline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rel_error: Option<f64>,
+    /// Smallest gain over the baseline, in the strategy's own measure, worth switching for
+    /// (0.1: 10 %); a winner that gains less leaves the model as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_improvement: Option<f64>,
     /// p99 a batch size must meet, ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_slo_ms: Option<f64>,

@@ -284,6 +284,7 @@ mod tests {
             calibration_rows: 1,
             footprint_probe: None,
             apply: false,
+            min_improvement: 0.0,
         }
     }
 

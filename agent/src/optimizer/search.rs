@@ -23,7 +23,7 @@ use super::accuracy::{Agreement, Bound, compare};
 use super::calibration::{self, Calibration};
 use super::footprint::{engine_arg, measure_in_child};
 use super::measure::{Effort, Timing, time_batch};
-use super::strategy::{Choice, Figures, Strategy, choose};
+use super::strategy::{Choice, Figures, Strategy, choose, hold_to_min_improvement};
 use crate::serving::model_config::ModelConfig;
 use crate::serving::onnxruntime::OrtEngine;
 use crate::serving::runner::{Engine, Signature, TractEngine};
@@ -57,6 +57,9 @@ pub struct Spec {
     pub footprint_probe: Option<PathBuf>,
     /// Switch the model to the winner when the search ends (see `jobs`).
     pub apply: bool,
+    /// Smallest gain over the baseline worth a switch (0: any gain); see
+    /// [`super::strategy::hold_to_min_improvement`].
+    pub min_improvement: f64,
 }
 
 /// Which engine runs a candidate.
@@ -118,6 +121,8 @@ pub struct Report {
     /// The SLO applied, ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slo_ms: Option<f64>,
+    /// The smallest gain over the baseline a winner had to make (0: any).
+    pub min_improvement: f64,
     /// Every candidate, baseline first.
     pub steps: Vec<Step>,
     /// The winner's name.
@@ -384,8 +389,19 @@ pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
     }
     progress(total, total, "choosing");
     let figures: Vec<Figures> = timed.iter().map(|(_, f)| f.clone()).collect();
-    let Choice { winner, batch, why, pareto } =
-        choose(spec.strategy, &figures, spec.slo_ms, spec.price_per_hour);
+    let mut choice = choose(spec.strategy, &figures, spec.slo_ms, spec.price_per_hour);
+    // The baseline is the first step; when it was timed it is the first timed.
+    if timed.first().is_some_and(|(step, _)| *step == 0) {
+        choice = hold_to_min_improvement(
+            choice,
+            spec.strategy,
+            &figures,
+            spec.slo_ms,
+            0,
+            spec.min_improvement,
+        );
+    }
+    let Choice { winner, batch, why, pareto } = choice;
     let name = |i: usize| steps[timed[i].0].candidate.clone();
     Ok(Report {
         file: spec.file.display().to_string(),
@@ -393,6 +409,7 @@ pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
         inputs: calibration.source,
         bound: spec.bound.clone(),
         slo_ms: spec.slo_ms,
+        min_improvement: spec.min_improvement,
         winner: winner.map(name),
         batch,
         why,
@@ -566,6 +583,7 @@ pub(crate) mod tests {
             calibration_rows: 16,
             footprint_probe: None,
             apply: false,
+            min_improvement: 0.0,
         }
     }
 

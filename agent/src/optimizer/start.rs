@@ -94,6 +94,8 @@ pub fn spec_for(
         calibration_rows: 16,
         footprint_probe,
         apply: options.apply.unwrap_or(false),
+        min_improvement: within("min_improvement", options.min_improvement, 0.0, 1000.0)?
+            .unwrap_or(0.0),
     };
     Ok((m.name.clone(), spec))
 }

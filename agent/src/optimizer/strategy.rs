@@ -170,29 +170,13 @@ pub fn choose(
             }
         }
         Strategy::Balanced => {
-            let best_p99 =
-                candidates.iter().map(|f| f.p99_one_row_ms).fold(f64::INFINITY, f64::min);
-            let best_rps = candidates
-                .iter()
-                .filter_map(|f| f.best_throughput(slo_ms).map(|t| t.1))
-                .fold(0.0, f64::max);
+            let (i, s) = balanced_scores(candidates, slo_ms)
+                .into_iter()
+                .enumerate()
+                // The first of equals, as the other strategies.
+                .min_by(|a, b| b.1.total_cmp(&a.1))
+                .unwrap_or((0, 0.0));
             let memory = all_memory(candidates);
-            let best_mem = memory
-                .as_ref()
-                .map(|m| m.iter().map(|b| (*b).max(1) as f64).fold(f64::INFINITY, f64::min));
-            let score = |f: &Figures| {
-                let rps = f.best_throughput(slo_ms).map_or(0.0, |t| t.1);
-                let mut parts = vec![
-                    best_p99 / f.p99_one_row_ms.max(1e-9),
-                    if best_rps > 0.0 { rps / best_rps } else { 0.0 },
-                ];
-                if let (Some(best), Some(mine)) = (best_mem, f.memory_bytes) {
-                    parts.push(best / mine.max(1) as f64);
-                }
-                let n = parts.len() as f64;
-                Some(parts.iter().product::<f64>().powf(1.0 / n))
-            };
-            let (i, s) = best_by(&score, false).unwrap_or((0, 0.0));
             let of = if memory.is_some() {
                 "latency, throughput and memory"
             } else {
@@ -208,6 +192,81 @@ pub fn choose(
             }
         }
     }
+}
+
+/// Each candidate's balanced score: the geometric mean of its ratios to the best p99, the best
+/// throughput within the SLO and (when every candidate's was measured) the smallest memory.
+fn balanced_scores(candidates: &[Figures], slo_ms: Option<f64>) -> Vec<f64> {
+    let best_p99 = candidates.iter().map(|f| f.p99_one_row_ms).fold(f64::INFINITY, f64::min);
+    let best_rps = candidates
+        .iter()
+        .filter_map(|f| f.best_throughput(slo_ms).map(|t| t.1))
+        .fold(0.0, f64::max);
+    let best_mem = all_memory(candidates)
+        .map(|m| m.iter().map(|b| (*b).max(1) as f64).fold(f64::INFINITY, f64::min));
+    candidates
+        .iter()
+        .map(|f| {
+            let rps = f.best_throughput(slo_ms).map_or(0.0, |t| t.1);
+            let mut parts = vec![
+                best_p99 / f.p99_one_row_ms.max(1e-9),
+                if best_rps > 0.0 { rps / best_rps } else { 0.0 },
+            ];
+            if let (Some(best), Some(mine)) = (best_mem, f.memory_bytes) {
+                parts.push(best / mine.max(1) as f64);
+            }
+            let n = parts.len() as f64;
+            parts.iter().product::<f64>().powf(1.0 / n)
+        })
+        .collect()
+}
+
+/// The goal "gain at least `min_improvement` over the baseline": when `choice`'s winner is not
+/// the baseline (`candidates[baseline]`) and beats it by less than that share in the
+/// strategy's own measure (p99 for latency, rows/s within the SLO for throughput and cost,
+/// peak memory for memory, the balanced score for balanced), there is no winner and the model
+/// stays as it is; the reason gives the gain.
+pub fn hold_to_min_improvement(
+    mut choice: Choice,
+    strategy: Strategy,
+    candidates: &[Figures],
+    slo_ms: Option<f64>,
+    baseline: usize,
+    min_improvement: f64,
+) -> Choice {
+    let Some(winner) = choice.winner else { return choice };
+    if winner == baseline || min_improvement <= 0.0 || baseline >= candidates.len() {
+        return choice;
+    }
+    let (w, b) = (&candidates[winner], &candidates[baseline]);
+    let (gain, measure) = match strategy {
+        Strategy::Latency => (b.p99_one_row_ms / w.p99_one_row_ms - 1.0, "p99 at one row"),
+        Strategy::Throughput | Strategy::Cost => {
+            let rps = |f: &Figures| f.best_throughput(slo_ms).map_or(0.0, |t| t.1);
+            (rps(w) / rps(b) - 1.0, "rows/s")
+        }
+        Strategy::Memory => match (w.memory_bytes, b.memory_bytes) {
+            (Some(wm), Some(bm)) => (bm as f64 / wm.max(1) as f64 - 1.0, "peak memory"),
+            _ => (f64::NAN, "peak memory"),
+        },
+        Strategy::Balanced => {
+            let scores = balanced_scores(candidates, slo_ms);
+            (scores[winner] / scores[baseline] - 1.0, "balanced score")
+        }
+    };
+    // NaN (a figure missing) counts as no gain.
+    if gain >= min_improvement {
+        return choice;
+    }
+    choice.why = format!(
+        "the best candidate ({}) gains {:.1} % over the baseline in {measure}, less than the {:.1} % asked (min_improvement): the model stays as it is",
+        choice.why,
+        gain * 100.0,
+        min_improvement * 100.0
+    );
+    choice.winner = None;
+    choice.batch = None;
+    choice
 }
 
 fn slo_text(slo_ms: Option<f64>) -> String {
@@ -274,6 +333,39 @@ mod tests {
         assert!(m.why.contains("not measured"), "{}", m.why);
         let b = choose(Strategy::Balanced, &unmeasured, None, None);
         assert!(b.why.contains("memory not measured"), "{}", b.why);
+    }
+
+    #[test]
+    fn a_winner_that_gains_less_than_asked_leaves_the_model_as_it_is() {
+        // Baseline: 2 ms, 500 rows/s, 40 MiB; candidate: 1.8 ms (11 % faster), 520 rows/s
+        // (4 %), 20 MiB (2x smaller).
+        let candidates =
+            [figures(2.0, &[(1, 2.0, 500.0)], 40), figures(1.8, &[(1, 1.8, 520.0)], 20)];
+        let hold = |strategy: Strategy, min: f64| {
+            let choice = choose(strategy, &candidates, None, None);
+            assert_eq!(choice.winner, Some(1), "{strategy:?}");
+            hold_to_min_improvement(choice, strategy, &candidates, None, 0, min)
+        };
+        assert_eq!(hold(Strategy::Latency, 0.10).winner, Some(1), "11 % >= 10 %");
+        let held = hold(Strategy::Latency, 0.20);
+        assert_eq!((held.winner, held.batch), (None, None));
+        assert!(
+            held.why.contains("gains 11.1 % over the baseline in p99 at one row"),
+            "{}",
+            held.why
+        );
+        assert!(held.why.contains("less than the 20.0 % asked"), "{}", held.why);
+        assert_eq!(hold(Strategy::Throughput, 0.05).winner, None, "4 % < 5 %");
+        assert_eq!(hold(Strategy::Cost, 0.03).winner, Some(1));
+        assert_eq!(hold(Strategy::Memory, 0.9).winner, Some(1), "2x smaller is +100 %");
+        assert_eq!(hold(Strategy::Memory, 1.5).winner, None);
+        assert_eq!(hold(Strategy::Balanced, 0.0).winner, Some(1), "no goal: any gain");
+        // The baseline winning needs no gain.
+        let baseline_wins =
+            Choice { winner: Some(0), batch: Some(1), why: String::new(), pareto: vec![] };
+        let kept =
+            hold_to_min_improvement(baseline_wins, Strategy::Latency, &candidates, None, 0, 5.0);
+        assert_eq!(kept.winner, Some(0));
     }
 
     #[test]

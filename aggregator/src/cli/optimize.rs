@@ -1,31 +1,39 @@
-//! `flotilla optimize HOST MODEL` and `flotilla optimizations HOST MODEL`: a model optimization
-//! search on an agent, started with the `optimize` directive and followed with `optimization`
-//! directives (each answered with the search's state: progress, then its report), through the
-//! admin API's directive endpoint.
+//! `flotilla optimize HOST MODEL`, `flotilla optimize rollback HOST MODEL` and
+//! `flotilla optimizations [HOST [MODEL]]`: model optimization searches on the agents, started
+//! through the admin API (`POST /api/v1/optimizations`), followed by the aggregator to their
+//! reports, and listed from what it kept (`GET /api/v1/optimizations`).
 
 use std::io::Write as _;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use clap::Args;
+use clap::{Args, Subcommand};
 use common::directive::OptimizeOptions;
 use serde_json::Value;
 
 use super::client::Client;
-use super::render::{Table, escape};
+use super::render::{Table, escape, format_utc};
+use crate::control::routes::{OptimizationRequest, OptimizationStarted};
+use crate::control::store::OptimizationRecord;
 use crate::views::{DirectiveRequest, DirectiveView};
 
-/// Between two `optimization` directives while following a search (each is a directive the
-/// aggregator records, so not too often).
+/// Between two looks at the search's record while following it (the aggregator asks the agent
+/// every few seconds).
 const POLL: Duration = Duration::from_secs(2);
 
-/// `flotilla optimize HOST MODEL [options]`.
+/// `flotilla optimize HOST MODEL [options]`, or `flotilla optimize rollback HOST MODEL`.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct OptimizeArgs {
+    /// `rollback HOST MODEL`: put back what the model's last adopted search replaced
+    #[command(subcommand)]
+    pub action: Option<OptimizeAction>,
     /// Host id
-    pub host: String,
+    #[arg(required = true)]
+    pub host: Option<String>,
     /// Model name
-    pub model: String,
+    #[arg(required = true)]
+    pub model: Option<String>,
     /// latency, throughput, memory, cost or balanced
     #[arg(long, default_value = "balanced")]
     pub strategy: String,
@@ -35,6 +43,10 @@ pub struct OptimizeArgs {
     /// Largest relative error against the baseline (agent default 0.01)
     #[arg(long)]
     pub max_rel_error: Option<f64>,
+    /// Smallest gain over the baseline, in the strategy's own measure, worth a switch (0.1 is
+    /// 10 %; agent default 0: any gain)
+    #[arg(long)]
+    pub min_improvement: Option<f64>,
     /// p99 a batch size must meet, ms (throughput and cost)
     #[arg(long = "latency-slo", value_name = "MS")]
     pub latency_slo_ms: Option<f64>,
@@ -50,12 +62,10 @@ pub struct OptimizeArgs {
     /// Largest batch size searched
     #[arg(long)]
     pub max_batch: Option<usize>,
-    /// Switch the model to the winner when the search ends (`--rollback` undoes it)
+    /// Switch the model to the winner when the search ends (`flotilla optimize rollback`
+    /// undoes it)
     #[arg(long)]
     pub apply: bool,
-    /// Instead of searching, put back what the last adopted search of the model replaced
-    #[arg(long, conflicts_with = "apply")]
-    pub rollback: bool,
     /// Return once the search has started instead of following it to its report
     #[arg(long)]
     pub no_follow: bool,
@@ -64,98 +74,126 @@ pub struct OptimizeArgs {
     pub follow_secs: u64,
 }
 
-/// `flotilla optimizations HOST MODEL`.
+/// What `flotilla optimize` does instead of a search.
+#[derive(Debug, Subcommand)]
+pub enum OptimizeAction {
+    /// Put back what the model's last adopted search replaced (engine, file, batching)
+    Rollback {
+        /// Host id
+        host: String,
+        /// Model name
+        model: String,
+    },
+}
+
+/// `flotilla optimizations [HOST [MODEL]]`.
 #[derive(Debug, Args)]
 pub struct OptimizationsArgs {
-    /// Host id
-    pub host: String,
-    /// Model name
-    pub model: String,
-}
-
-/// Sends `kind` for `model` to `host` and waits for the answer; an answer other than
-/// `applied` is an error with the agent's reason.
-fn ask(client: &Client, host: &str, kind: &str, payload: Value) -> anyhow::Result<String> {
-    let request = DirectiveRequest {
-        host: host.to_owned(),
-        kind: kind.to_owned(),
-        payload: Some(payload),
-        ttl_secs: Some(60),
-        wait_secs: Some(30),
-    };
-    let view: DirectiveView = client
-        .post_json("/api/v1/directives", Some(&request))
-        .with_context(|| format!("sending {kind} to {host}"))?;
-    if view.state != "applied" {
-        bail!("{kind} on {host}: {} ({})", view.state, view.message);
-    }
-    Ok(view.message)
-}
-
-/// The search's state as the agent reports it.
-fn state(client: &Client, host: &str, model: &str) -> anyhow::Result<Value> {
-    let message = ask(client, host, "optimization", serde_json::json!({"model": model}))?;
-    serde_json::from_str(&message)
-        .with_context(|| format!("the agent's answer is not a search state: {message}"))
+    /// Only this host's searches
+    pub host: Option<String>,
+    /// Only this model's (with HOST: its latest search in full, report included)
+    pub model: Option<String>,
+    /// Most searches listed
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
 }
 
 /// `flotilla optimize`.
 pub fn optimize(client: &Client, args: &OptimizeArgs, json: bool) -> anyhow::Result<String> {
-    if args.rollback {
-        let what =
-            ask(client, &args.host, "optimize_rollback", serde_json::json!({"model": args.model}))?;
-        return if json {
-            super::to_json(&serde_json::json!({"rolled_back": what}))
-        } else {
-            Ok(format!("{what}\n"))
-        };
+    if let Some(OptimizeAction::Rollback { host, model }) = &args.action {
+        return rollback(client, host, model, json);
     }
+    let (Some(host), Some(model)) = (&args.host, &args.model) else {
+        bail!("flotilla optimize needs HOST and MODEL (or `rollback HOST MODEL`)");
+    };
     let options = OptimizeOptions {
         apply: args.apply.then_some(true),
         strategy: Some(args.strategy.clone()),
         max_accuracy_loss: args.max_accuracy_loss,
         max_abs_error: None,
         max_rel_error: args.max_rel_error,
+        min_improvement: args.min_improvement,
         latency_slo_ms: args.latency_slo_ms,
         price_per_hour: args.price_per_hour,
         cpu_share: args.cpu_share,
         rounds: args.rounds,
         max_batch: args.max_batch,
     };
-    let payload = serde_json::json!({"model": args.model, "options": options});
-    let started = ask(client, &args.host, "optimize", payload)?;
+    let request = OptimizationRequest { host: host.clone(), model: model.clone(), options };
+    let started: OptimizationStarted = client
+        .post_json("/api/v1/optimizations", Some(&request))
+        .with_context(|| format!("starting a search of {model} on {host}"))?;
+    let d = &started.directive;
+    if d.state != "applied" {
+        bail!("optimize on {host}: {} ({})", d.state, d.message);
+    }
     if args.no_follow {
-        return Ok(format!("{started}\n"));
+        return Ok(format!(
+            "{}
+",
+            d.message
+        ));
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(args.follow_secs);
     let mut stderr = std::io::stderr();
     loop {
-        let s = state(client, &args.host, &args.model)?;
-        match s["state"].as_str() {
-            Some("running") => {
-                if !json {
-                    let _ = write!(stderr, "\r{}", progress_line(&s));
-                    let _ = stderr.flush();
-                }
-                if std::time::Instant::now() >= deadline {
-                    bail!(
-                        "the search of {} on {} is still running after {} s; `flotilla optimizations {} {}` shows it later",
-                        args.model,
-                        args.host,
-                        args.follow_secs,
-                        args.host,
-                        args.model
-                    );
-                }
-                std::thread::sleep(POLL);
+        let record = record_of(client, host, model, &d.id)?;
+        if !record.is_running() {
+            if !json {
+                let _ = writeln!(stderr);
             }
-            _ => {
-                if !json {
-                    let _ = writeln!(stderr);
-                }
-                return render(&s, json);
-            }
+            return render(&record, json);
         }
+        if !json && !record.agent.is_null() {
+            let _ = write!(stderr, "\r{}", progress_line(&record.agent));
+            let _ = stderr.flush();
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "the search of {model} on {host} is still running after {} s; `flotilla optimizations {host} {model}` shows it later",
+                args.follow_secs,
+            );
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// The record of the search `directive` started.
+fn record_of(
+    client: &Client,
+    host: &str,
+    model: &str,
+    directive: &str,
+) -> anyhow::Result<OptimizationRecord> {
+    let records: Vec<OptimizationRecord> = client
+        .get_json("/api/v1/optimizations", &[("host", host), ("model", model)])
+        .with_context(|| format!("reading the search of {model} on {host}"))?;
+    records.into_iter().find(|r| r.directive == directive).with_context(|| {
+        format!(
+            "the aggregator no longer keeps the search of {model} on {host} (directive {directive})"
+        )
+    })
+}
+
+/// `flotilla optimize rollback HOST MODEL`: the `optimize_rollback` directive, answered.
+fn rollback(client: &Client, host: &str, model: &str, json: bool) -> anyhow::Result<String> {
+    let request = DirectiveRequest {
+        host: host.to_owned(),
+        kind: "optimize_rollback".into(),
+        payload: Some(serde_json::json!({"model": model})),
+        ttl_secs: Some(60),
+        wait_secs: Some(60),
+    };
+    let view: DirectiveView = client
+        .post_json("/api/v1/directives", Some(&request))
+        .with_context(|| format!("sending optimize_rollback to {host}"))?;
+    if view.state != "applied" {
+        bail!("optimize_rollback on {host}: {} ({})", view.state, view.message);
+    }
+    if json {
+        super::to_json(&serde_json::json!({"rolled_back": view.message}))
+    } else {
+        Ok(format!("{}\n", view.message))
     }
 }
 
@@ -165,7 +203,63 @@ pub fn optimizations(
     args: &OptimizationsArgs,
     json: bool,
 ) -> anyhow::Result<String> {
-    render(&state(client, &args.host, &args.model)?, json)
+    let limit = args.limit.to_string();
+    let mut query = vec![("limit", limit.as_str())];
+    if let Some(h) = &args.host {
+        query.push(("host", h));
+    }
+    if let Some(m) = &args.model {
+        query.push(("model", m));
+    }
+    let records: Vec<OptimizationRecord> =
+        client.get_json("/api/v1/optimizations", &query).context("listing the searches")?;
+    if let (Some(host), Some(model)) = (&args.host, &args.model) {
+        let Some(latest) = records.first() else {
+            bail!(
+                "no search of {model} on {host} is kept; `flotilla optimize {host} {model}` starts one"
+            );
+        };
+        return render(latest, json);
+    }
+    if json {
+        return super::to_json(&records);
+    }
+    Ok(list_text(&records))
+}
+
+/// One line per search.
+fn list_text(records: &[OptimizationRecord]) -> String {
+    let mut t = Table::new(["STARTED (UTC)", "HOST", "MODEL", "STRATEGY", "STATE", "RESULT"]);
+    for r in records {
+        let report = &r.agent["report"];
+        let result = match r.state.as_str() {
+            "running" if r.agent.is_null() => "starting".to_owned(),
+            "running" => progress_line(&r.agent).trim_end().to_owned(),
+            "done" => match report["winner"].as_str() {
+                Some(w) => format!("winner {w}: {}", report["why"].as_str().unwrap_or("")),
+                None => format!("no winner: {}", report["why"].as_str().unwrap_or("")),
+            },
+            "failed" => r.agent["error"].as_str().unwrap_or("no reason").to_owned(),
+            _ => r.note.clone().unwrap_or_default(),
+        };
+        let result = match (&r.note, r.state.as_str()) {
+            (Some(note), "done" | "failed") => format!("{result} ({note})"),
+            _ => result,
+        };
+        t.push_row(vec![
+            format_utc(r.requested_ms),
+            escape(&r.host).into_owned(),
+            escape(&r.model).into_owned(),
+            escape(report["strategy"].as_str().unwrap_or("-")).into_owned(),
+            r.state.clone(),
+            escape(&result).into_owned(),
+        ]);
+    }
+    if records.is_empty() {
+        return "No optimization searches kept; `flotilla optimize HOST MODEL` starts one.\n"
+            .into();
+    }
+    t.render()
 }
 
 /// `[=====     ] 2/5 onnxruntime host pool`.
@@ -183,23 +277,30 @@ fn progress_line(s: &Value) -> String {
     )
 }
 
-/// A search state as text (or JSON).
-fn render(s: &Value, json: bool) -> anyhow::Result<String> {
+/// A search record as text (or JSON): its report, its progress, or why it ended without one.
+fn render(r: &OptimizationRecord, json: bool) -> anyhow::Result<String> {
     if json {
-        return super::to_json(s);
+        return super::to_json(r);
     }
-    match s["state"].as_str() {
-        Some("running") => Ok(format!("Running: {}\n", progress_line(s))),
-        Some("failed") => Ok(format!("Failed: {}\n", s["error"].as_str().unwrap_or("no reason"))),
-        Some("done") => {
+    let s = &r.agent;
+    let mut text = match r.state.as_str() {
+        "running" if s.is_null() => "Starting.\n".to_owned(),
+        "running" => format!("Running: {}\n", progress_line(s)),
+        "failed" => format!("Failed: {}\n", s["error"].as_str().unwrap_or("no reason")),
+        "done" => {
             let mut text = report_text(&s["report"]);
             if let Some(adopted) = s["adopted"].as_str() {
                 text.push_str(&format!("Adopted: {}\n", escape(adopted)));
             }
-            Ok(text)
+            text
         }
-        _ => bail!("the agent answered an unknown search state: {s}"),
+        "lost" => "Lost: the aggregator could not follow this search to its end.\n".to_owned(),
+        other => bail!("unknown search state {other:?}"),
+    };
+    if let Some(note) = &r.note {
+        text.push_str(&format!("Note: {}\n", escape(note)));
     }
+    Ok(text)
 }
 
 fn report_text(r: &Value) -> String {
@@ -272,8 +373,21 @@ fn report_text(r: &Value) -> String {
 mod tests {
     use super::*;
 
+    fn record(state: &str, agent: Value, note: Option<&str>) -> OptimizationRecord {
+        OptimizationRecord {
+            host: "h1".into(),
+            model: "m".into(),
+            directive: "d1".into(),
+            requested_ms: 1_700_000_000_000,
+            updated_ms: 1_700_000_001_000,
+            state: state.into(),
+            agent,
+            note: note.map(str::to_owned),
+        }
+    }
+
     #[test]
-    fn progress_and_reports_render() {
+    fn progress_reports_and_lists_render() {
         let running = serde_json::json!({"state": "running", "step": 1, "of": 4, "current": "onnxruntime host pool"});
         assert!(
             progress_line(&running).starts_with("[=====               ] 1/4 onnxruntime host pool")
@@ -286,14 +400,35 @@ mod tests {
                       {"candidate": "tract, model.int8.onnx", "outcome": "rejected", "why": "top-1 agreement 50.00 %",
                        "timings": []}],
             "winner": "tract", "batch": 1, "why": "lowest p99 at one row: 1.500 ms", "pareto": ["tract"]}});
-        let text = render(&done, false).expect("text");
+        let text = render(&record("done", done.clone(), None), false).expect("text");
         assert!(text.contains("search took 1.5 s"), "{text}");
         assert!(text.contains("700.0@1"), "{text}");
         assert!(text.contains("2.0"), "{text}");
         assert!(text.contains("rejected"), "{text}");
         assert!(text.contains("Winner: tract at batch 1: lowest p99"), "{text}");
         let failed = serde_json::json!({"state": "failed", "error": "no file"});
-        assert_eq!(render(&failed, false).expect("text"), "Failed: no file\n");
-        assert!(render(&serde_json::json!({"state": "odd"}), false).is_err());
+        assert_eq!(
+            render(&record("failed", failed, None), false).expect("text"),
+            "Failed: no file\n"
+        );
+        let lost =
+            render(&record("lost", Value::Null, Some("agent restarted")), false).expect("text");
+        assert!(lost.starts_with("Lost:") && lost.contains("Note: agent restarted"), "{lost}");
+        assert!(render(&record("odd", Value::Null, None), false).is_err());
+
+        let list = list_text(&[
+            record("running", running, None),
+            record("done", done, Some("rolled back: engine tract")),
+            record("running", Value::Null, None),
+        ]);
+        assert!(list.contains("1/4 onnxruntime host pool"), "{list}");
+        assert!(
+            list.contains(
+                "winner tract: lowest p99 at one row: 1.500 ms (rolled back: engine tract)"
+            ),
+            "{list}"
+        );
+        assert!(list.contains("latency") && list.contains("starting"), "{list}");
+        assert!(list_text(&[]).starts_with("No optimization searches kept"));
     }
 }

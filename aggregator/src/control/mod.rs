@@ -10,6 +10,7 @@
 //! | [`placement`] | sharing a host's capacity by priority, and placing what it cannot hold elsewhere |
 //! | [`fleet`] | the fleet-size actuator (a command or webhook) for adding and removing hosts |
 //! | [`optimize`] | budget auto-optimize: the plans safe to automate, as directives |
+//! | [`searches`] | optimization searches on the agents, followed to their reports and kept |
 //! | [`store`] | desired state, directive outbox, decisions, scaler state: typed, transactional |
 //! | [`delivery`] | sending each connected host its unanswered directives, in order, and recording answers |
 //! | [`routes`] | the admin API's directive, decision and desired-state routes |
@@ -29,6 +30,7 @@ pub mod optimize;
 pub mod placement;
 pub mod policy;
 pub mod routes;
+pub mod searches;
 pub mod simulate;
 pub mod store;
 

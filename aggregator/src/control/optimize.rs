@@ -8,15 +8,23 @@
 //! - idle for at least [`UNLOAD_AFTER_HOURS`]: unloaded (`unload`, rule
 //!   `auto_optimize.unload_idle`).
 //!
+//! - busy (requests within the last hour) and not searched on that host within
+//!   [`SEARCH_AGAIN_AFTER`]: an optimization search for the cost strategy that adopts its
+//!   winner (`optimize`, rule `auto_optimize.optimize_cost`, priced at the host's hourly rate),
+//!   one per host per pass since an agent runs one search at a time. The search keeps within
+//!   the accuracy bound and the agent's CPU share, and `flotilla optimize rollback` undoes it.
+//!
 //! Not automated: stopping or resizing hosts, spot capacity and moving deferrable work, which
 //! need an operator or the fleet-size actuator.
 //!
 //! Invariant: an action is proposed only when the host's desired state does not already say it
-//! (instances 1, or unloaded), so each is decided once, not at every analytics pass.
+//! (instances 1, or unloaded), or, for a search, when the model was not searched (or asked to
+//! be, whatever the answer) on that host within [`SEARCH_AGAIN_AFTER`], so each is decided
+//! once, not at every analytics pass.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use common::directive::DirectiveBody;
+use common::directive::{DirectiveBody, OptimizeOptions};
 
 use super::store::DesiredState;
 use crate::analytics::Snapshot;
@@ -30,6 +38,25 @@ pub const UNLOAD_AFTER_HOURS: i64 = 24;
 
 const HOUR_MS: i64 = 3_600_000;
 
+/// How long after a search of a model on a host (or a budget's request for one) another is not
+/// asked for.
+pub const SEARCH_AGAIN_AFTER_MS: i64 = 7 * 24 * HOUR_MS;
+
+/// See [`SEARCH_AGAIN_AFTER_MS`].
+pub const SEARCH_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// What the search rule needs besides the snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct SearchHistory {
+    /// (host, model) searched, or asked to be, within [`SEARCH_AGAIN_AFTER`].
+    pub recent: BTreeSet<(String, String)>,
+    /// Each host's hourly rate, where the cost report knows it.
+    pub rates: BTreeMap<String, f64>,
+}
+
+/// The rule that asks for a search.
+pub const OPTIMIZE_RULE: &str = "auto_optimize.optimize_cost";
+
 /// One action safe to automate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SafeAction {
@@ -41,7 +68,7 @@ pub struct SafeAction {
     pub model: String,
     /// The directive.
     pub body: DirectiveBody,
-    /// `auto_optimize.fewer_instances` or `auto_optimize.unload_idle`.
+    /// `auto_optimize.fewer_instances`, `auto_optimize.unload_idle` or [`OPTIMIZE_RULE`].
     pub rule: &'static str,
     /// A sentence with the numbers.
     pub reason: String,
@@ -54,6 +81,7 @@ pub fn safe_actions(
     budgets: &[BudgetStatus],
     snapshot: &Snapshot,
     desired: &BTreeMap<String, DesiredState>,
+    searched: &SearchHistory,
 ) -> Vec<SafeAction> {
     let mut out: Vec<SafeAction> = Vec::new();
     for status in budgets {
@@ -69,7 +97,59 @@ pub fn safe_actions(
             if !host_in_scope {
                 continue;
             }
-            for (model, idle_hours) in idle_models(h, snapshot.now_ms) {
+            let breach = status
+                .breaches
+                .iter()
+                .map(|x| format!("{} % {:?}", x.pct, x.on).to_lowercase())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let idle = idle_models(h, snapshot.now_ms);
+            let busy = h
+                .recent
+                .models
+                .iter()
+                .filter(|(_, m)| m.requests > 0)
+                .map(|(name, _)| name.as_str())
+                .chain(idle.iter().filter(|(_, hours)| *hours == 0).map(|(m, _)| m.as_str()));
+            for model in busy.collect::<BTreeSet<_>>() {
+                let in_scope = !matches!(&b.scope, BudgetScope::Model(m) if m != model);
+                let key = (h.host.clone(), model.to_owned());
+                // One search per host at a time, once per model and week, one budget enough.
+                if !in_scope
+                    || searched.recent.contains(&key)
+                    || out.iter().any(|a| a.host == h.host && a.rule == OPTIMIZE_RULE)
+                {
+                    continue;
+                }
+                let rate = searched.rates.get(&h.host).copied();
+                let body = DirectiveBody::Optimize {
+                    model: model.to_owned(),
+                    options: OptimizeOptions {
+                        strategy: Some("cost".into()),
+                        price_per_hour: rate,
+                        apply: Some(true),
+                        ..OptimizeOptions::default()
+                    },
+                };
+                out.push(SafeAction {
+                    budget: b.name.clone(),
+                    host: h.host.clone(),
+                    model: model.to_owned(),
+                    reason: format!(
+                        "budget {} crossed {breach} (spent {:.1} %, forecast {:.1} %); {model} on {} is busy and was not searched within {} days: a cost search{}, adopting its winner within the accuracy bound",
+                        b.name,
+                        status.spent_pct,
+                        status.forecast_pct,
+                        h.host,
+                        SEARCH_AGAIN_AFTER_MS / (24 * HOUR_MS),
+                        rate.map(|r| format!(" at {r} per hour")).unwrap_or_default(),
+                    ),
+                    body,
+                    rule: OPTIMIZE_RULE,
+                    idle_hours: 0,
+                });
+            }
+            for (model, idle_hours) in idle {
                 if matches!(&b.scope, BudgetScope::Model(m) if *m != model) {
                     continue;
                 }
@@ -94,12 +174,6 @@ pub fn safe_actions(
                 if out.iter().any(|a| a.host == h.host && a.model == model) {
                     continue;
                 }
-                let breach = status
-                    .breaches
-                    .iter()
-                    .map(|x| format!("{} % {:?}", x.pct, x.on).to_lowercase())
-                    .collect::<Vec<_>>()
-                    .join(", ");
                 out.push(SafeAction {
                     budget: b.name.clone(),
                     host: h.host.clone(),
@@ -216,7 +290,12 @@ mod tests {
             ],
         };
         let fleet = [status(BudgetScope::Fleet, true, true)];
-        let mut actions = safe_actions(&fleet, &snapshot, &BTreeMap::new());
+        // Every busy model here was searched lately: only the idle ones get actions.
+        let searched = SearchHistory {
+            recent: [("a".to_owned(), "busy".to_owned())].into(),
+            rates: BTreeMap::new(),
+        };
+        let mut actions = safe_actions(&fleet, &snapshot, &BTreeMap::new(), &searched);
         actions.sort_by(|x, y| (&x.host, &x.model).cmp(&(&y.host, &y.model)));
         let got: Vec<(&str, &str, &str, i64)> = actions
             .iter()
@@ -239,16 +318,26 @@ mod tests {
         // Scoped by label or model; nothing without auto_optimize or a breach.
         let label =
             [status(BudgetScope::Label { key: "pool".into(), value: "cpu".into() }, true, true)];
-        assert_eq!(safe_actions(&label, &snapshot, &BTreeMap::new()).len(), 1);
+        assert_eq!(safe_actions(&label, &snapshot, &BTreeMap::new(), &searched).len(), 1);
         let model = [status(BudgetScope::Model("dead".into()), true, true)];
-        assert_eq!(safe_actions(&model, &snapshot, &BTreeMap::new()).len(), 1);
+        assert_eq!(safe_actions(&model, &snapshot, &BTreeMap::new(), &searched).len(), 1);
         assert!(
-            safe_actions(&[status(BudgetScope::Fleet, false, true)], &snapshot, &BTreeMap::new())
-                .is_empty()
+            safe_actions(
+                &[status(BudgetScope::Fleet, false, true)],
+                &snapshot,
+                &BTreeMap::new(),
+                &searched
+            )
+            .is_empty()
         );
         assert!(
-            safe_actions(&[status(BudgetScope::Fleet, true, false)], &snapshot, &BTreeMap::new())
-                .is_empty()
+            safe_actions(
+                &[status(BudgetScope::Fleet, true, false)],
+                &snapshot,
+                &BTreeMap::new(),
+                &searched
+            )
+            .is_empty()
         );
 
         // What the desired state already says is not decided again.
@@ -260,8 +349,60 @@ mod tests {
             NOW,
         );
         desired.insert("a".to_owned(), a);
-        let left = safe_actions(&fleet, &snapshot, &desired);
+        let left = safe_actions(&fleet, &snapshot, &desired, &searched);
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].host, "b");
+    }
+
+    #[test]
+    fn busy_models_not_searched_lately_get_one_cost_search_per_host() {
+        let snapshot = Snapshot {
+            now_ms: NOW,
+            hosts: vec![
+                host("a", "gpu", &[("ocr", 0), ("asr", 0), ("quiet", 3)]),
+                host("b", "cpu", &[("ocr", 0)]),
+            ],
+        };
+        let fleet = [status(BudgetScope::Fleet, true, true)];
+        let searched = SearchHistory {
+            recent: [("b".to_owned(), "ocr".to_owned())].into(),
+            rates: [("a".to_owned(), 2.5)].into(),
+        };
+        let actions = safe_actions(&fleet, &snapshot, &BTreeMap::new(), &searched);
+        let searches: Vec<&SafeAction> =
+            actions.iter().filter(|a| a.rule == OPTIMIZE_RULE).collect();
+        assert_eq!(
+            searches.len(),
+            1,
+            "one per host, none for b's ocr searched lately: {actions:?}"
+        );
+        let a = searches[0];
+        assert_eq!((a.host.as_str(), a.model.as_str()), ("a", "asr"));
+        let DirectiveBody::Optimize { model, options } = &a.body else { panic!("{:?}", a.body) };
+        assert_eq!(model, "asr");
+        assert_eq!(options.strategy.as_deref(), Some("cost"));
+        assert_eq!((options.apply, options.price_per_hour), (Some(true), Some(2.5)));
+        assert!(a.reason.contains("a cost search at 2.5 per hour"), "{}", a.reason);
+        // The idle model on a still gets its own action beside the search.
+        assert!(actions.iter().any(|x| x.model == "quiet" && x.host == "a"), "{actions:?}");
+        // Searched lately: asked again only after the week.
+        let all = SearchHistory {
+            recent: [("a", "ocr"), ("a", "asr"), ("b", "ocr")]
+                .map(|(h, m)| (h.to_owned(), m.to_owned()))
+                .into(),
+            rates: BTreeMap::new(),
+        };
+        assert!(
+            safe_actions(&fleet, &snapshot, &BTreeMap::new(), &all)
+                .iter()
+                .all(|x| x.rule != OPTIMIZE_RULE)
+        );
+        // Only models in a model-scoped budget's scope.
+        let scoped = [status(BudgetScope::Model("ocr".into()), true, true)];
+        let only = safe_actions(&scoped, &snapshot, &BTreeMap::new(), &searched);
+        assert_eq!(
+            only.iter().map(|x| (x.host.as_str(), x.model.as_str(), x.rule)).collect::<Vec<_>>(),
+            vec![("a", "ocr", OPTIMIZE_RULE)]
+        );
     }
 }

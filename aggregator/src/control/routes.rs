@@ -1,5 +1,5 @@
-//! The control routes of the admin API: directives (list, show, send), decisions, and a host's
-//! desired state. Merged into [`crate::api::router`].
+//! The control routes of the admin API: directives (list, show, send), decisions, a host's
+//! desired state, and optimization searches (start, list). Merged into [`crate::api::router`].
 
 use std::time::Duration;
 
@@ -9,13 +9,14 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use common::directive::DirectiveBody;
+use common::directive::OptimizeOptions;
 use common::ids::HostId;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use super::store::{
     DecisionRecord, DesiredState, DirectiveFilter, DirectiveRecord, DirectiveState, NewDecision,
-    NewDirective,
+    NewDirective, OptimizationRecord,
 };
 use crate::api::{ApiState, Failure, JsonPath, blocking, failure};
 use crate::views::{DirectiveRequest, DirectiveView};
@@ -40,6 +41,7 @@ pub fn routes() -> Router<ApiState> {
         .route("/api/v1/decisions", get(list_decisions))
         .route("/api/v1/hosts/{host}/desired", get(desired))
         .route("/api/v1/policies", get(policies))
+        .route("/api/v1/optimizations", get(list_optimizations).post(start_optimization))
 }
 
 /// `GET /api/v1/policies`: every scaling policy and where it stands on each host.
@@ -150,6 +152,21 @@ async fn send_directive(
             ),
         ));
     }
+    let inputs = serde_json::json!({ "request": req });
+    let (status, record) = submit_and_wait(&state, host, body, inputs, ttl, wait).await?;
+    Ok((status, Json(view(&record))))
+}
+
+/// Records an operator's directive to `host` and waits up to `wait` for its answer: 200 with
+/// the answered record, or 202 with the record as it stands (also when `wait` is zero).
+async fn submit_and_wait(
+    state: &ApiState,
+    host: HostId,
+    body: DirectiveBody,
+    inputs: serde_json::Value,
+    ttl: Duration,
+    wait: Duration,
+) -> Result<(StatusCode, DirectiveRecord), Failure> {
     let telemetry = state.stores.telemetry.clone();
     let h = host.clone();
     if blocking(move || telemetry.host(&h)).await?.is_none() {
@@ -165,7 +182,7 @@ async fn send_directive(
         model: body.model().map(str::to_owned),
         rule: "operator".into(),
         reason: format!("sent by an operator through the admin API: {}", body.summary()),
-        inputs: serde_json::json!({ "request": req }),
+        inputs,
         acted: true,
     };
     let not_after_ms = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
@@ -180,13 +197,13 @@ async fn send_directive(
     };
     info!(%host, id = %made.id, what = %made.body.summary(), "Operator directive queued.");
     if wait.is_zero() {
-        return Ok((StatusCode::ACCEPTED, Json(view(&made))));
+        return Ok((StatusCode::ACCEPTED, made));
     }
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         match tokio::time::timeout_at(deadline, answers.recv()).await {
             Ok(Ok(answered)) if answered.id == made.id => {
-                return Ok((StatusCode::OK, Json(view(&answered))));
+                return Ok((StatusCode::OK, answered));
             }
             Ok(Ok(_)) => {}
             // Missed answers (lagged) or time is up: read the record as it stands.
@@ -197,7 +214,82 @@ async fn send_directive(
     let id = made.id.clone();
     let current = blocking(move || store.directive(&id)).await?.unwrap_or(made);
     let status = if current.state.is_final() { StatusCode::OK } else { StatusCode::ACCEPTED };
-    Ok((status, Json(view(&current))))
+    Ok((status, current))
+}
+
+/// `POST /api/v1/optimizations`: starts a search (the `optimize` directive, as an operator's)
+/// and answers with the directive once the agent has answered it, and the search's record
+/// when it accepted.
+async fn start_optimization(
+    State(state): State<ApiState>,
+    body: Result<Json<OptimizationRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<OptimizationStarted>), Failure> {
+    let Json(req) = body.map_err(|e| failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let host = parse_host(&req.host)?;
+    let body = DirectiveBody::Optimize { model: req.model.clone(), options: req.options.clone() };
+    let payload = body.payload();
+    // The agent validates the options too; this names a bad one before anything is recorded.
+    DirectiveBody::parse("optimize", &payload)
+        .map_err(|e| failure(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let inputs = serde_json::json!({ "request": req });
+    let (status, answered) =
+        submit_and_wait(&state, host.clone(), body, inputs, OPTIMIZE_TTL, OPTIMIZE_WAIT).await?;
+    state.searches.clone().answered(&answered).await;
+    let store = state.stores.control.clone();
+    let (model, id) = (req.model.clone(), answered.id.clone());
+    let record = blocking(move || store.optimizations(Some(&host), Some(&model), usize::MAX))
+        .await?
+        .into_iter()
+        .find(|r| r.directive == id);
+    Ok((status, Json(OptimizationStarted { directive: view(&answered), record })))
+}
+
+/// Lifetime of an `optimize` directive sent through `POST /api/v1/optimizations`.
+const OPTIMIZE_TTL: Duration = Duration::from_secs(60);
+
+/// How long `POST /api/v1/optimizations` waits for the agent's answer.
+const OPTIMIZE_WAIT: Duration = Duration::from_secs(30);
+
+/// `POST /api/v1/optimizations`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizationRequest {
+    /// The host.
+    pub host: String,
+    /// The model.
+    pub model: String,
+    /// The search's options (strategy, bounds, `apply`).
+    #[serde(default)]
+    pub options: OptimizeOptions,
+}
+
+/// What `POST /api/v1/optimizations` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OptimizationStarted {
+    /// The `optimize` directive, as answered (or still pending: 202).
+    pub directive: DirectiveView,
+    /// The search's record, when the agent accepted it.
+    pub record: Option<OptimizationRecord>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OptimizationQuery {
+    host: Option<String>,
+    model: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/optimizations[?host=H&model=M&limit=N]`: the searches followed, newest first.
+async fn list_optimizations(
+    State(state): State<ApiState>,
+    query: Result<Query<OptimizationQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<OptimizationRecord>>, Failure> {
+    let Query(q) = query.map_err(|e| failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let host = q.host.as_deref().map(parse_host).transpose()?;
+    let limit = q.limit.unwrap_or(100).min(MAX_LIMIT);
+    let store = state.stores.control.clone();
+    Ok(Json(blocking(move || store.optimizations(host.as_ref(), q.model.as_deref(), limit)).await?))
 }
 
 #[derive(Debug, Deserialize)]

@@ -347,6 +347,61 @@ pub trait ControlStore: Send + Sync + std::fmt::Debug + 'static {
     /// deletes answered directives and decisions older than `before_ms`; returns how many
     /// records it expired or deleted.
     fn prune(&self, before_ms: i64) -> Result<u64, StoreError>;
+    /// Stores an optimization record (creating or replacing the one with its host, model and
+    /// directive), then drops that host's and model's oldest beyond [`KEEP_OPTIMIZATIONS`].
+    /// Not flushed: a record lost in a crash is rewritten by the follower, which resumes the
+    /// unfinished ones at start.
+    fn put_optimization(&self, record: &OptimizationRecord) -> Result<(), StoreError>;
+    /// Optimization records (of `host`, and `model`, when given), newest first, at most `limit`.
+    fn optimizations(
+        &self,
+        host: Option<&HostId>,
+        model: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<OptimizationRecord>, StoreError>;
+}
+
+/// Optimization records kept per host and model (older ones are dropped as new ones come).
+pub const KEEP_OPTIMIZATIONS: usize = 10;
+
+/// One optimization search on one host, as the aggregator follows it: the `optimize` directive
+/// that started it and the agent's last answer about it (progress while it runs, then its
+/// report).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OptimizationRecord {
+    /// The host.
+    pub host: String,
+    /// The model.
+    pub model: String,
+    /// Id of the `optimize` directive that started it.
+    pub directive: String,
+    /// When the agent accepted it, Unix ms.
+    pub requested_ms: i64,
+    /// When this record last changed, Unix ms.
+    pub updated_ms: i64,
+    /// `running`, `done`, `failed` (the agent says why) or `lost` (the aggregator could not
+    /// follow it to its end; `note` says why).
+    pub state: String,
+    /// The agent's last answer about it (its `optimization` state: progress, report, error);
+    /// null before the first.
+    pub agent: serde_json::Value,
+    /// What happened to it since: lost, superseded, rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl OptimizationRecord {
+    /// Whether the aggregator still follows it.
+    pub fn is_running(&self) -> bool {
+        self.state == "running"
+    }
+}
+
+fn optimization_key(host: &str, model: &str, directive: &str) -> Vec<u8> {
+    let mut k = outbox_key(host, model);
+    k.push(0);
+    k.extend_from_slice(directive.as_bytes());
+    k
 }
 
 /// The sled implementation, on the aggregator's one database.
@@ -360,6 +415,8 @@ pub struct SledControlStore {
     scalers: sled::Tree,
     /// Host -> the agent run id it last said Hello with (8 bytes, big-endian).
     agent_runs: sled::Tree,
+    /// `host \0 model \0 directive id` -> [`OptimizationRecord`].
+    optimizations: sled::Tree,
     epoch: u32,
 }
 
@@ -386,6 +443,7 @@ impl SledControlStore {
             desired: tree("control_desired")?,
             scalers: tree("control_scalers")?,
             agent_runs: tree("control_agent_runs")?,
+            optimizations: tree("control_optimizations")?,
             db: db.clone(),
             epoch,
         })
@@ -724,6 +782,60 @@ impl ControlStore for SledControlStore {
         }
         Ok(removed)
     }
+
+    fn put_optimization(&self, record: &OptimizationRecord) -> Result<(), StoreError> {
+        let key = optimization_key(&record.host, &record.model, &record.directive);
+        let value = encode("optimization", record)?;
+        self.optimizations.insert(key, value).map_err(io("write optimization"))?;
+        // Ids sort in creation order, so the host's and model's oldest come first.
+        let prefix = optimization_key(&record.host, &record.model, "");
+        let keys: Vec<_> = self
+            .optimizations
+            .scan_prefix(&prefix)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(io("scan optimizations"))?;
+        for old in keys.iter().take(keys.len().saturating_sub(KEEP_OPTIMIZATIONS)) {
+            self.optimizations.remove(old).map_err(io("drop optimization"))?;
+        }
+        Ok(())
+    }
+
+    fn optimizations(
+        &self,
+        host: Option<&HostId>,
+        model: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<OptimizationRecord>, StoreError> {
+        let prefix = match (host, model) {
+            (Some(h), Some(m)) => optimization_key(h.as_str(), m, ""),
+            (Some(h), None) => {
+                let mut k = h.as_str().as_bytes().to_vec();
+                k.push(0);
+                k
+            }
+            (None, _) => Vec::new(),
+        };
+        let mut found = Vec::new();
+        for item in self.optimizations.scan_prefix(&prefix) {
+            let (k, v) = item.map_err(io("scan optimizations"))?;
+            let Some(r) = decode_or_skip::<OptimizationRecord, _>(
+                "optimization",
+                &k,
+                serde_json::from_slice(&v),
+            ) else {
+                continue;
+            };
+            if model.is_none_or(|m| r.model == m) {
+                found.push(r);
+            }
+        }
+        found.sort_by(|a, b| {
+            b.requested_ms.cmp(&a.requested_ms).then(b.directive.cmp(&a.directive))
+        });
+        found.truncate(limit);
+        Ok(found)
+    }
 }
 
 #[cfg(test)]
@@ -855,6 +967,48 @@ mod tests {
         let store = SledControlStore::open(&db).unwrap();
         let d = store.decisions(None, 10).unwrap().into_iter().find(|d| d.id == id).unwrap();
         assert_eq!(d.outcome, Some(serde_json::json!({"ok": true})), "the first outcome stands");
+    }
+
+    #[test]
+    fn optimization_records_are_kept_per_host_and_model_newest_first_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = |h: &str, m: &str, n: usize| OptimizationRecord {
+            host: h.into(),
+            model: m.into(),
+            directive: format!("00000001-{n:012x}"),
+            requested_ms: i64::try_from(n).unwrap() * 1000,
+            updated_ms: 0,
+            state: "running".into(),
+            agent: serde_json::Value::Null,
+            note: None,
+        };
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let store = SledControlStore::open(&db).unwrap();
+            for n in 0..KEEP_OPTIMIZATIONS + 3 {
+                store.put_optimization(&record("a", "ocr", n)).unwrap();
+            }
+            store.put_optimization(&record("a", "ocr-2", 100)).unwrap();
+            store.put_optimization(&record("ab", "ocr", 101)).unwrap();
+            // Replacing a record (its state moves on) keeps one per directive.
+            let mut done = record("a", "ocr", KEEP_OPTIMIZATIONS + 2);
+            done.state = "done".into();
+            store.put_optimization(&done).unwrap();
+            db.flush().unwrap();
+        }
+        let db = reopen(dir.path());
+        let store = SledControlStore::open(&db).unwrap();
+        let ocr = store.optimizations(Some(&host("a")), Some("ocr"), usize::MAX).unwrap();
+        assert_eq!(ocr.len(), KEEP_OPTIMIZATIONS, "the oldest were dropped");
+        assert_eq!(ocr[0].requested_ms, 1000 * (i64::try_from(KEEP_OPTIMIZATIONS).unwrap() + 2));
+        assert_eq!(ocr[0].state, "done");
+        assert_eq!(ocr.last().unwrap().requested_ms, 3000, "0, 1 and 2 dropped");
+        // Host "a" is not a prefix match for host "ab".
+        let a = store.optimizations(Some(&host("a")), None, usize::MAX).unwrap();
+        assert_eq!(a.len(), KEEP_OPTIMIZATIONS + 1);
+        assert_eq!(a[0].model, "ocr-2", "newest first across models");
+        let all = store.optimizations(None, Some("ocr"), 3).unwrap();
+        assert_eq!(all.iter().map(|r| r.host.as_str()).collect::<Vec<_>>(), ["ab", "a", "a"]);
     }
 
     #[test]

@@ -418,6 +418,75 @@ fn a_crossed_auto_optimize_budget_records_directives_for_idle_models() {
     assert_eq!(again["auto_optimized"], 0, "{again}");
 }
 
+#[test]
+fn a_crossed_auto_optimize_budget_searches_a_busy_model_and_adopts_the_cheapest() {
+    let fleet = Fleet::new();
+    std::fs::write(
+        fleet.path().join("analytics.toml"),
+        "cost_window_hours = 24\n\
+         [[budgets]]\nname = \"tight\"\namount = 0.0001\nperiod = \"day\"\nscope = \"fleet\"\n\
+         auto_optimize = true\nthresholds = [{ pct = 50.0, on = \"forecast\", severity = \"critical\" }]\n",
+    )
+    .unwrap();
+    let config = fleet.aggregator_config(0);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("[analytics]\npolicy_file = \"analytics.toml\"\nschedule = \"0 0 0 1 1 *\"\n");
+    std::fs::write(&config, text).unwrap();
+    let agg = Aggregator::start(&config);
+    let repo = fleet.path().join("models");
+    install_ocr(&repo);
+    // A priced host (so the search's cost figures use its rate) serving ocr under load.
+    fleet.issue("node-1");
+    let agent_config = fleet.agent_config("node-1", agg.quic, 500);
+    let mut text = std::fs::read_to_string(&agent_config).unwrap();
+    text.push_str(&format!(
+        "[labels]\nhourly_cost_usd = \"2.5\"\n[serving]\nlisten = \"127.0.0.1:0\"\nmodel_repository = \"{}\"\n",
+        repo.display()
+    ));
+    std::fs::write(&agent_config, text).unwrap();
+    let _node = agent("node-1", &agent_config);
+    let addr = e2e::inference_addr(&_node);
+    online(&agg, "node-1");
+    // Three days of another host's spending cross the fleet budget (that host's model has
+    // been idle for 30 hours: it gets its own unload decision, not a search).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let labels = [("instance_type", "g5.12xlarge"), ("lifecycle", "on-demand")];
+        tokio::time::timeout(
+            WAIT,
+            crate::analytics::simulate(&fleet, &agg, "gpu-a", &labels, common_now_ms(), 3, 30),
+        )
+        .await
+        .expect("sending three days of telemetry");
+    });
+    let load = Load::start(&addr, 2);
+    // Once the model's requests are in the recent window, a pass asks for a cost search on the
+    // busy model.
+    let d = eventually("the budget asks for a search", WAIT, || {
+        agg.cli_json(&["analytics", "run"]).ok()?;
+        let decisions = agg.cli_json(&["decisions", "--model", "ocr"]).ok()?;
+        decisions.as_array()?.iter().find(|d| d["rule"] == "auto_optimize.optimize_cost").cloned()
+    });
+    assert_eq!(d["source"], "budget:tight", "{d}");
+    assert!(d["reason"].as_str().unwrap().contains("a cost search at 2.5 per hour"), "{d}");
+    // The aggregator follows the search to its report; the winner is adopted.
+    let record = eventually("the budget's search followed to its report", WAIT * 4, || {
+        let r = agg.cli_json(&["optimizations", "node-1", "ocr"]).ok()?;
+        (r["state"] != "running").then_some(r)
+    });
+    load.stop();
+    assert_eq!(record["state"], "done", "{record}");
+    let report = &record["agent"]["report"];
+    assert_eq!(report["strategy"], "cost", "{record}");
+    assert!(report["why"].as_str().unwrap().contains("at 2.5 per hour"), "{record}");
+    let adopted = record["agent"]["adopted"].as_str().unwrap();
+    assert!(adopted.starts_with("now serving "), "{record}");
+    // Asked once: the next pass does not ask again for a model searched this week.
+    let again = agg.cli_json(&["analytics", "run"]).unwrap();
+    assert_eq!(again["auto_optimized"], 0, "{again}");
+    assert!(http_get(&addr, "/v2/models/ocr/ready").contains("true"));
+}
+
 /// Logical CPUs as the agent counts them (the `cpuN` lines of /proc/stat).
 fn cpus_listed() -> u32 {
     std::fs::read_to_string("/proc/stat")
@@ -535,17 +604,26 @@ fn flotilla_optimize_runs_a_search_on_the_host_and_shows_its_report() {
         args.extend_from_slice(more);
         args
     };
-    // Followed to its report through `optimization` directives.
+    // Started with --no-follow: the aggregator still follows it to its report and keeps it.
+    let out = agg.cli(&search(&["--no-follow"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let kept = eventually("the search followed to its report", WAIT, || {
+        let record = agg.cli_json(&["optimizations", "node-1", "ocr"]).ok()?;
+        (record["state"] == "done").then_some(record)
+    });
+    assert_eq!(kept["agent"]["report"]["strategy"], "latency", "{kept}");
+    // Followed by the CLI to its report.
     let out = agg.cli(&search(&[]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("latency strategy"), "{text}");
     assert!(text.contains("tract") && text.contains("timed"), "{text}");
     assert!(text.contains("Winner: ") && text.contains("lowest p99 at one row"), "{text}");
-    // The report stays on the agent and is shown again, as JSON.
+    // The report is kept by the aggregator and shown again, as JSON.
     let state = agg.cli_json(&["optimizations", "node-1", "ocr"]).unwrap();
     assert_eq!(state["state"], "done", "{state}");
-    let steps = state["report"]["steps"].as_array().unwrap();
+    assert_ne!(state["directive"], kept["directive"], "the latest search first: {state}");
+    let steps = state["agent"]["report"]["steps"].as_array().unwrap();
     assert_eq!(steps[0]["candidate"], "tract");
     assert_eq!(steps[0]["timings"][0]["runs"], 3);
     // The generic directive carries the same request, options nested by the CLI.
@@ -559,7 +637,8 @@ fn flotilla_optimize_runs_a_search_on_the_host_and_shows_its_report() {
         config["engine"]["engine"].as_str().unwrap_or_default().to_owned()
     };
     assert_eq!(engine_now(), "tract");
-    let state = agg.cli_json(&search(&["--apply"])).unwrap();
+    let record = agg.cli_json(&search(&["--apply"])).unwrap();
+    let state = &record["agent"];
     let report = &state["report"];
     let winner = report["winner"].as_str().unwrap();
     let step =
@@ -569,11 +648,19 @@ fn flotilla_optimize_runs_a_search_on_the_host_and_shows_its_report() {
     assert!(adopted.starts_with(&format!("now serving {winner}")), "{state}");
     let kind = step["engine"].as_str().unwrap().split(':').next().unwrap().to_owned();
     assert_eq!(engine_now(), kind, "{state}");
-    let out = agg.cli(&["optimize", "node-1", "ocr", "--rollback"]);
+    let out = agg.cli(&["optimize", "rollback", "node-1", "ocr"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("is back on its configured engine"), "{text}");
     assert_eq!(engine_now(), "tract");
-    let out = agg.cli(&["optimize", "node-1", "ocr", "--rollback"]);
+    // Every search of the fleet is listed; the adopted one notes its rollback.
+    let all = agg.cli_json(&["optimizations"]).unwrap();
+    let all = all.as_array().unwrap();
+    assert_eq!(all.len(), 3, "{all:?}");
+    assert!(all.iter().all(|r| r["state"] == "done" && r["host"] == "node-1"), "{all:?}");
+    assert!(all[0]["note"].as_str().unwrap().starts_with("rolled back:"), "{all:?}");
+    let text = String::from_utf8(agg.cli(&["optimizations", "node-1"]).stdout).unwrap();
+    assert!(text.contains("winner ") && text.contains("rolled back"), "{text}");
+    let out = agg.cli(&["optimize", "rollback", "node-1", "ocr"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to roll back"));
     // Unknown models are refused by name, and the model served on throughout.
