@@ -5,7 +5,7 @@
 //! here (`GET /api/v1/optimizations`, `flotilla optimizations`) whether or not anyone watched.
 //!
 //! Invariants:
-//! - One follower per host and model ([`Searches::following`]), so the map and the tasks are
+//! - One follower per host and model (the `following` map), so the map and the tasks are
 //!   bounded by the fleet's models; a new search of the same model supersedes the older
 //!   record (noted as such) and the running follower moves to the new one. A follower that
 //!   ends for any reason, a panic included, takes its entry out (a guard), so the next search
