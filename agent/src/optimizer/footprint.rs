@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::calibration;
 use super::search::{EngineChoice, load_engine};
-use crate::serving::model_config::ModelConfig;
+use crate::serving::model_config::{ModelConfig, OrtGraphLevel};
 use crate::serving::threads::OrtThreads;
 
 /// Longest a child may take; past it, it is killed and the candidate's memory is not measured.
@@ -34,29 +34,50 @@ impl Footprint {
     }
 }
 
-/// How the child is told which engine to use.
+/// How the child is told which engine to use: `tract`, `onnxruntime` (the host's pool) or
+/// `onnxruntime:THREADS`, with `@LEVEL` after an onnxruntime one whose graph optimization is
+/// not `all`.
 pub fn engine_arg(engine: EngineChoice) -> String {
     match engine {
         EngineChoice::Tract => "tract".to_owned(),
-        EngineChoice::Onnxruntime(OrtThreads::HostPool) => "onnxruntime".to_owned(),
-        EngineChoice::Onnxruntime(OrtThreads::Own(n)) => format!("onnxruntime:{n}"),
+        EngineChoice::Onnxruntime(threads, level) => {
+            let mut arg = match threads {
+                OrtThreads::HostPool => "onnxruntime".to_owned(),
+                OrtThreads::Own(n) => format!("onnxruntime:{n}"),
+            };
+            if level != OrtGraphLevel::All {
+                arg.push('@');
+                arg.push_str(level.name());
+            }
+            arg
+        }
     }
 }
 
 /// The inverse of [`engine_arg`].
 pub fn parse_engine(text: &str) -> Result<EngineChoice, String> {
-    match text {
-        "tract" => Ok(EngineChoice::Tract),
-        "onnxruntime" => Ok(EngineChoice::Onnxruntime(OrtThreads::HostPool)),
+    let bad = || {
+        format!(
+            "--engine {text:?}: must be tract, onnxruntime or onnxruntime:THREADS, optionally followed by @disabled, @basic or @extended"
+        )
+    };
+    if text == "tract" {
+        return Ok(EngineChoice::Tract);
+    }
+    let (engine, level) = match text.split_once('@') {
+        Some((engine, level)) => (engine, OrtGraphLevel::parse(level).ok_or_else(bad)?),
+        None => (text, OrtGraphLevel::All),
+    };
+    let threads = match engine {
+        "onnxruntime" => OrtThreads::HostPool,
         other => other
             .strip_prefix("onnxruntime:")
             .and_then(|n| n.parse::<usize>().ok())
             .filter(|n| *n >= 1)
-            .map(|n| EngineChoice::Onnxruntime(OrtThreads::Own(n)))
-            .ok_or_else(|| {
-                format!("--engine {other:?}: must be tract, onnxruntime or onnxruntime:THREADS")
-            }),
-    }
+            .map(OrtThreads::Own)
+            .ok_or_else(bad)?,
+    };
+    Ok(EngineChoice::Onnxruntime(threads, level))
 }
 
 /// Runs in the child: loads `file` on `engine`, runs the calibration requests of `model_dir`
@@ -185,12 +206,20 @@ mod tests {
     fn engines_round_trip_through_their_argument_and_bad_ones_are_named() {
         for e in [
             EngineChoice::Tract,
-            EngineChoice::Onnxruntime(OrtThreads::HostPool),
-            EngineChoice::Onnxruntime(OrtThreads::Own(3)),
+            EngineChoice::Onnxruntime(OrtThreads::HostPool, OrtGraphLevel::All),
+            EngineChoice::Onnxruntime(OrtThreads::Own(3), OrtGraphLevel::All),
+            EngineChoice::Onnxruntime(OrtThreads::HostPool, OrtGraphLevel::Basic),
+            EngineChoice::Onnxruntime(OrtThreads::Own(1), OrtGraphLevel::Disabled),
         ] {
             assert_eq!(parse_engine(&engine_arg(e)), Ok(e));
         }
+        assert_eq!(
+            engine_arg(EngineChoice::Onnxruntime(OrtThreads::Own(2), OrtGraphLevel::Extended)),
+            "onnxruntime:2@extended"
+        );
         assert!(parse_engine("onnxruntime:0").unwrap_err().contains("onnxruntime:THREADS"));
+        assert!(parse_engine("onnxruntime@max").unwrap_err().contains("@basic"));
+        assert!(parse_engine("tract@basic").is_err());
         assert!(parse_engine("tvm").is_err());
         assert!(status_bytes("VmRSS").is_ok_and(|b| b > 0));
     }

@@ -24,7 +24,7 @@ use super::calibration::{self, Calibration};
 use super::footprint::{engine_arg, measure_in_child};
 use super::measure::{Effort, Timing, time_batch};
 use super::strategy::{Choice, Figures, Strategy, choose, hold_to_min_improvement};
-use crate::serving::model_config::ModelConfig;
+use crate::serving::model_config::{ModelConfig, OrtGraphLevel, OrtOptions};
 use crate::serving::onnxruntime::OrtEngine;
 use crate::serving::runner::{Engine, Signature, TractEngine};
 use crate::serving::tensor::Tensor;
@@ -67,8 +67,8 @@ pub struct Spec {
 pub enum EngineChoice {
     /// tract, one thread.
     Tract,
-    /// onnxruntime with these threads.
-    Onnxruntime(OrtThreads),
+    /// onnxruntime with these threads, rewriting the graph this far.
+    Onnxruntime(OrtThreads, OrtGraphLevel),
 }
 
 /// One thing to try.
@@ -146,20 +146,26 @@ pub fn candidates(spec: &Spec, ort: bool) -> Vec<Candidate> {
         file: spec.file.clone(),
         engine: EngineChoice::Tract,
     }];
-    let ort_variants = |out: &mut Vec<Candidate>, file: &Path, suffix: &str| {
-        out.push(Candidate {
-            name: format!("onnxruntime host pool{suffix}"),
-            file: file.to_path_buf(),
-            engine: EngineChoice::Onnxruntime(OrtThreads::HostPool),
-        });
-        out.push(Candidate {
-            name: format!("onnxruntime 1 thread{suffix}"),
-            file: file.to_path_buf(),
-            engine: EngineChoice::Onnxruntime(OrtThreads::Own(1)),
-        });
-    };
     if ort {
-        ort_variants(&mut out, &spec.file, "");
+        out.push(Candidate {
+            name: "onnxruntime host pool".to_owned(),
+            file: spec.file.clone(),
+            engine: EngineChoice::Onnxruntime(OrtThreads::HostPool, OrtGraphLevel::All),
+        });
+        out.push(Candidate {
+            name: "onnxruntime 1 thread".to_owned(),
+            file: spec.file.clone(),
+            engine: EngineChoice::Onnxruntime(OrtThreads::Own(1), OrtGraphLevel::All),
+        });
+        // Lighter graph rewriting: fusions without the CPU layout changes, and only the
+        // rewrites that keep the graph's shape; either can win on small models or odd shapes.
+        for level in [OrtGraphLevel::Extended, OrtGraphLevel::Basic] {
+            out.push(Candidate {
+                name: format!("onnxruntime host pool, {} graph optimizations", level.name()),
+                file: spec.file.clone(),
+                engine: EngineChoice::Onnxruntime(OrtThreads::HostPool, level),
+            });
+        }
     }
     for variant in variant_files(&spec.file) {
         let label =
@@ -173,7 +179,7 @@ pub fn candidates(spec: &Spec, ort: bool) -> Vec<Candidate> {
             out.push(Candidate {
                 name: format!("onnxruntime host pool, {label}"),
                 file: variant,
-                engine: EngineChoice::Onnxruntime(OrtThreads::HostPool),
+                engine: EngineChoice::Onnxruntime(OrtThreads::HostPool, OrtGraphLevel::All),
             });
         }
     }
@@ -208,8 +214,9 @@ pub fn load_engine(
         EngineChoice::Tract => TractEngine::load(file, config)
             .map(|(e, s)| (Arc::new(e) as Arc<dyn Engine>, s))
             .map_err(|e| format!("tract could not load {}: {e}", file.display())),
-        EngineChoice::Onnxruntime(threads) => {
-            OrtEngine::load(file, config, &config.onnxruntime, threads)
+        EngineChoice::Onnxruntime(threads, graph_optimization) => {
+            let options = OrtOptions { graph_optimization, ..config.onnxruntime.clone() };
+            OrtEngine::load(file, config, &options, threads)
                 .map(|(e, s)| (Arc::new(e) as Arc<dyn Engine>, s))
         }
     }
@@ -660,9 +667,15 @@ pub(crate) mod tests {
         assert!(report.why.contains("most rows/s"), "{}", report.why);
         let (again, batch, why) = choose_again(&report, Strategy::Throughput, None, None);
         assert_eq!((again, batch, why), (report.winner.clone(), report.batch, report.why.clone()));
-        // Baseline, onnxruntime twice, and each variant on both engines.
-        assert_eq!(seen.first().map(String::as_str), Some("0/7 baseline: tract"), "{seen:?}");
+        // Baseline, onnxruntime four ways (two thread pools, two lighter graph levels), and
+        // each variant on both engines.
+        assert_eq!(seen.first().map(String::as_str), Some("0/9 baseline: tract"), "{seen:?}");
         assert_eq!(step("onnxruntime host pool").outcome, "timed");
+        for level in ["extended", "basic"] {
+            let lighter = step(&format!("onnxruntime host pool, {level} graph optimizations"));
+            assert_eq!(lighter.outcome, "timed", "{lighter:?}");
+            assert_eq!(lighter.engine, format!("onnxruntime@{level}"));
+        }
         assert_eq!(step("onnxruntime host pool, model.coarse.onnx").outcome, "rejected");
         assert!(seen.last().is_some_and(|s| s.ends_with("choosing")), "{seen:?}");
     }

@@ -58,6 +58,42 @@ impl ExecutionProvider {
     }
 }
 
+/// How far onnxruntime rewrites a model's graph when it opens a session (its
+/// `GraphOptimizationLevel`): constant folding and redundant-node removal (`basic`), node
+/// fusions (`extended`), and layout changes for the CPU (`all`, the default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OrtGraphLevel {
+    /// No rewriting.
+    Disabled,
+    /// Semantics-preserving rewrites only.
+    Basic,
+    /// Plus node fusions.
+    Extended,
+    /// Plus layout optimizations.
+    #[default]
+    All,
+}
+
+impl OrtGraphLevel {
+    /// Every level, least first.
+    pub const ALL: [Self; 4] = [Self::Disabled, Self::Basic, Self::Extended, Self::All];
+
+    /// Its name in configs and engine names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Disabled => "disabled",
+            Self::Basic => "basic",
+            Self::Extended => "extended",
+            Self::All => "all",
+        }
+    }
+
+    /// The level named `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|l| l.name() == name)
+    }
+}
+
 /// The `[onnxruntime]` table: used by `backend = "onnxruntime"` and `"auto"`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OrtOptions {
@@ -70,6 +106,8 @@ pub struct OrtOptions {
     /// Whether idle intra-op threads spin waiting for work (lower latency, CPU burnt while
     /// idle) instead of sleeping.
     pub intra_op_spinning: bool,
+    /// How far onnxruntime rewrites the graph (`graph_optimization`).
+    pub graph_optimization: OrtGraphLevel,
 }
 
 /// Where the `kserve` backend forwards batches.
@@ -211,6 +249,7 @@ struct RawOnnxruntime {
     execution_provider: Option<String>,
     intra_op_threads: Option<u64>,
     intra_op_spinning: Option<bool>,
+    graph_optimization: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -408,11 +447,21 @@ impl ModelConfig {
                 "onnxruntime.library: must be the path of a libonnxruntime.so, got \"\"".to_owned(),
             );
         }
+        let graph_optimization = match raw.onnxruntime.graph_optimization.as_deref() {
+            None => OrtGraphLevel::All,
+            Some(name) => OrtGraphLevel::parse(name).unwrap_or_else(|| {
+                problems.push(format!(
+                    "onnxruntime.graph_optimization: must be \"disabled\", \"basic\", \"extended\" or \"all\", got {name:?}"
+                ));
+                OrtGraphLevel::All
+            }),
+        };
         let onnxruntime = OrtOptions {
             library: raw.onnxruntime.library.filter(|l| !l.is_empty()).map(Into::into),
             provider,
             intra_op_threads: ort_threads.map(narrow),
             intra_op_spinning: raw.onnxruntime.intra_op_spinning.unwrap_or(false),
+            graph_optimization,
         };
         let backend = match (raw.backend.as_deref().unwrap_or("tract"), raw.kserve) {
             ("tract", _) => Backend::Tract,
@@ -560,7 +609,7 @@ mod tests {
     #[test]
     fn onnxruntime_keys_parse() {
         let c = ModelConfig::parse(
-            "backend = \"onnxruntime\"\n[onnxruntime]\nlibrary = \"/opt/ort/libonnxruntime.so\"\nexecution_provider = \"cuda\"\nintra_op_threads = 4\n",
+            "backend = \"onnxruntime\"\n[onnxruntime]\nlibrary = \"/opt/ort/libonnxruntime.so\"\nexecution_provider = \"cuda\"\nintra_op_threads = 4\ngraph_optimization = \"basic\"\n",
             "t",
             "m",
         )
@@ -573,6 +622,7 @@ mod tests {
                 provider: ExecutionProvider::Cuda,
                 intra_op_threads: Some(4),
                 intra_op_spinning: false,
+                graph_optimization: OrtGraphLevel::Basic,
             }
         );
         let auto = ModelConfig::parse("backend = \"auto\"", "t", "m").expect("valid");
@@ -611,7 +661,7 @@ mod tests {
         let unknown = ModelConfig::parse("max_batch = 3", "t", "m").unwrap_err();
         assert!(unknown.to_string().contains("max_batch"), "{unknown}");
         let ort = ModelConfig::parse(
-            "backend = \"auto\"\n[onnxruntime]\nexecution_provider = \"tpu\"\nintra_op_threads = 0\n",
+            "backend = \"auto\"\n[onnxruntime]\nexecution_provider = \"tpu\"\nintra_op_threads = 0\ngraph_optimization = \"max\"\n",
             "t",
             "m",
         )
@@ -624,6 +674,10 @@ mod tests {
             "{ort}"
         );
         assert!(ort.contains("onnxruntime.intra_op_threads: must be 1..=256, got 0"), "{ort}");
+        assert!(
+            ort.contains("onnxruntime.graph_optimization: must be \"disabled\", \"basic\", \"extended\" or \"all\", got \"max\""),
+            "{ort}"
+        );
         let no_table = ModelConfig::parse("backend = \"kserve\"", "t", "m").unwrap_err();
         assert!(no_table.to_string().contains("[kserve] table"), "{no_table}");
     }

@@ -22,7 +22,7 @@ use ort::value::{
 
 use tracing::{info, warn};
 
-use super::model_config::{ExecutionProvider, ModelConfig, OrtOptions};
+use super::model_config::{ExecutionProvider, ModelConfig, OrtGraphLevel, OrtOptions};
 use super::ort_library::{OrtRuntime, runtime};
 use super::runner::{Engine, EngineInfo, FileIo, IoSpec, RunError, Signature, assemble_signature};
 use super::tensor::{DataType, Payload, Tensor};
@@ -122,7 +122,12 @@ fn open_session(
     let fail = |what: &str, e: ort::Error| format!("onnxruntime {what}: {e}");
     let mut builder = Session::builder(&runtime.environment)
         .map_err(|e| fail("session options", e))?
-        .with_optimization_level(GraphOptimizationLevel::All)
+        .with_optimization_level(match options.graph_optimization {
+            OrtGraphLevel::Disabled => GraphOptimizationLevel::Disable,
+            OrtGraphLevel::Basic => GraphOptimizationLevel::Level1,
+            OrtGraphLevel::Extended => GraphOptimizationLevel::Level2,
+            OrtGraphLevel::All => GraphOptimizationLevel::All,
+        })
         .map_err(|e| fail("optimization level", e.into()))?;
     if own_threads > 0 {
         builder = builder
@@ -380,6 +385,7 @@ impl Engine for OrtEngine {
         EngineInfo {
             threads: Some(threads),
             thread_pool: Some(pool),
+            graph_optimization: Some(self.options.graph_optimization.name()),
             provider: Some(self.options.provider.name().to_owned()),
             library: Some(format!(
                 "onnxruntime {} ({})",

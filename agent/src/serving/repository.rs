@@ -81,6 +81,8 @@ pub struct EngineOverride {
     pub backend: Backend,
     /// onnxruntime threads of its own per instance; `None` for the host's pool.
     pub intra_op_threads: Option<usize>,
+    /// onnxruntime's graph optimization level; `None` keeps the config's.
+    pub graph_optimization: Option<crate::serving::model_config::OrtGraphLevel>,
 }
 
 /// The repository and its loaded models.
@@ -333,8 +335,11 @@ fn prepare(
         if let Some(o) = chosen.filter(|o| o.version == version) {
             config.backend = o.backend.clone();
             config.onnxruntime.intra_op_threads = o.intra_op_threads;
+            if let Some(level) = o.graph_optimization {
+                config.onnxruntime.graph_optimization = level;
+            }
             file = dir.join(&version).join(&o.file);
-            info!(model = name, version = %version, file = %o.file, backend = ?o.backend, threads = ?o.intra_op_threads, "Serving the engine the optimizer adopted.");
+            info!(model = name, version = %version, file = %o.file, backend = ?o.backend, threads = ?o.intra_op_threads, graph = ?o.graph_optimization, "Serving the engine the optimizer adopted.");
         }
         let in_process =
             matches!(config.backend, Backend::Tract | Backend::Onnxruntime | Backend::Auto);

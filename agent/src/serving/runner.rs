@@ -83,6 +83,9 @@ pub struct EngineInfo {
     /// own) or `model` (a pool per instance).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub thread_pool: Option<&'static str>,
+    /// How far onnxruntime rewrites the graph: `disabled`, `basic`, `extended` or `all`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub graph_optimization: Option<&'static str>,
     /// Where it runs: onnxruntime's execution provider (`CPU`, `CUDA`), or the remote URL.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
@@ -101,6 +104,7 @@ impl EngineInfo {
             engine,
             threads: None,
             thread_pool: None,
+            graph_optimization: None,
             provider: None,
             library: None,
             choice: None,

@@ -646,8 +646,16 @@ fn flotilla_optimize_runs_a_search_on_the_host_and_shows_its_report() {
     let adopted = state["adopted"].as_str().unwrap();
     eprintln!("adopted: {adopted}");
     assert!(adopted.starts_with(&format!("now serving {winner}")), "{state}");
-    let kind = step["engine"].as_str().unwrap().split(':').next().unwrap().to_owned();
+    let engine = step["engine"].as_str().unwrap();
+    let kind = engine.split([':', '@']).next().unwrap().to_owned();
     assert_eq!(engine_now(), kind, "{state}");
+    if kind == "onnxruntime" {
+        // The winner's graph optimization level is served too (`@LEVEL`, else `all`).
+        let level = engine.split_once('@').map_or("all", |(_, l)| l);
+        let config: Value =
+            serde_json::from_str(&http_get(&addr, "/v2/models/ocr/config")).unwrap();
+        assert_eq!(config["engine"]["graph_optimization"], level, "{config}");
+    }
     let out = agg.cli(&["optimize", "rollback", "node-1", "ocr"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("is back on its configured engine"), "{text}");

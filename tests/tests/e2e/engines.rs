@@ -204,7 +204,17 @@ fn an_optimizer_search_on_a_real_agent_measures_every_candidate_including_its_me
     });
     let steps = report["steps"].as_array().expect("steps");
     let names: Vec<&str> = steps.iter().filter_map(|s| s["candidate"].as_str()).collect();
-    assert_eq!(names, ["tract", "onnxruntime host pool", "onnxruntime 1 thread"], "{report}");
+    assert_eq!(
+        names,
+        [
+            "tract",
+            "onnxruntime host pool",
+            "onnxruntime 1 thread",
+            "onnxruntime host pool, extended graph optimizations",
+            "onnxruntime host pool, basic graph optimizations"
+        ],
+        "{report}"
+    );
     for step in steps {
         assert_eq!(step["outcome"], "timed", "{step}");
         // Each candidate's memory was measured alone by `flotilla-agent footprint`.
