@@ -123,6 +123,7 @@ fn main() -> anyhow::Result<()> {
             footprint_probe: Some(agent_binary()),
             apply: false,
             min_improvement: 0.0,
+            max_instances: 4,
         };
         let report = run(&spec, &mut |i, n, what| eprintln!("  [{i}/{n}] {what}"))
             .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
@@ -184,6 +185,25 @@ fn main() -> anyhow::Result<()> {
             );
         }
         println!("  Pareto set: {}", report.pareto.join("; "));
+        if !report.instances.is_empty() {
+            let counts: Vec<String> = report
+                .instances
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{} -> {:.1} rows/s (p99 {:.3} ms)",
+                        t.instances, t.rows_per_s, t.p99_ms
+                    )
+                })
+                .collect();
+            println!(
+                "  balanced winner {} at batch {}, instances at once: {}; chosen: {}",
+                report.winner.as_deref().unwrap_or("none"),
+                report.batch.unwrap_or(1),
+                counts.join(", "),
+                report.instances_chosen.map_or("none".to_owned(), |k| k.to_string())
+            );
+        }
     }
     Ok(())
 }

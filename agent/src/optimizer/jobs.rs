@@ -4,8 +4,9 @@
 //!
 //! Adoption (a search started with `apply`): the winner's engine, threads and file become the
 //! model's engine override in the repository and the model is reloaded; then the winner's batch
-//! size, where the strategy chose one, becomes its `max_batch_size`. What it replaced (the
-//! previous override and the batching in force) is kept per model, and [`Jobs::rollback`] puts
+//! size, where the strategy chose one, becomes its `max_batch_size`, and the instance count
+//! the search chose, where it measured one, its instances. What it replaced (the previous
+//! override, the batching and the instance count in force) is kept per model, and [`Jobs::rollback`] puts
 //! it back (reloading again). The override lives in memory: an agent restart serves the model's
 //! config again. A reload that fails puts the previous override back and reloads that.
 //!
@@ -75,6 +76,7 @@ pub struct Adopter {
 struct Previous {
     engine: Option<EngineOverride>,
     batching: BatchingNow,
+    instances: usize,
 }
 
 /// The searches of this agent.
@@ -221,6 +223,7 @@ impl Jobs {
         let before = Previous {
             engine: a.repository.set_override(model, Some(chosen)),
             batching: served.batching(),
+            instances: served.instances(),
         };
         drop(served);
         if let Err(why) = a.runtime.block_on(a.repository.load(model)) {
@@ -240,6 +243,15 @@ impl Jobs {
                 Err(e) => what.push_str(&format!("; batch size {b} not set: {e}")),
             }
         }
+        let now = a.repository.get(model, None).map_err(|e| e.to_string())?;
+        match report.instances_chosen {
+            Some(k) if k != now.instances() => match now.set_instances(k) {
+                Ok((from, to)) => what.push_str(&format!("; instances {from} -> {to}")),
+                Err(e) => what.push_str(&format!("; {k} instances not set: {e}")),
+            },
+            _ => {}
+        }
+        drop(now);
         self.previous().insert(model.to_owned(), before);
         Ok(what)
     }
@@ -255,8 +267,16 @@ impl Jobs {
         }
         let m = repository.get(model, None).map_err(|e| e.to_string())?;
         let restored = m.set_batching(&crate::actuator::restore_of(&before.batching));
+        let instances = if m.instances() == before.instances {
+            String::new()
+        } else {
+            match m.set_instances(before.instances) {
+                Ok((from, to)) => format!("; instances {from} -> {to}"),
+                Err(e) => format!("; instances not restored: {e}"),
+            }
+        };
         Ok(format!(
-            "model {model:?} is back on {}{}",
+            "model {model:?} is back on {}{}{instances}",
             before.engine.as_ref().map_or_else(
                 || "its configured engine".to_owned(),
                 |o| format!("{:?} ({})", o.backend, o.file)
@@ -291,6 +311,7 @@ mod tests {
             footprint_probe: None,
             apply: false,
             min_improvement: 0.0,
+            max_instances: 4,
         }
     }
 

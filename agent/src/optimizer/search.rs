@@ -22,8 +22,8 @@ use serde::Serialize;
 use super::accuracy::{Agreement, Bound, compare};
 use super::calibration::{self, Calibration};
 use super::footprint::{engine_arg, measure_in_child};
-use super::measure::{Effort, Timing, time_batch};
-use super::strategy::{Choice, Figures, Strategy, choose, hold_to_min_improvement};
+use super::measure::{Effort, InstanceTiming, Timing, time_batch, time_instances};
+use super::strategy::{Choice, Figures, Strategy, choose, hold_to_min_improvement, slo_text};
 use crate::serving::model_config::{ModelConfig, OrtGraphLevel, OrtOptions};
 use crate::serving::onnxruntime::OrtEngine;
 use crate::serving::runner::{Engine, Signature, TractEngine};
@@ -57,6 +57,8 @@ pub struct Spec {
     pub footprint_probe: Option<PathBuf>,
     /// Switch the model to the winner when the search ends (see `jobs`).
     pub apply: bool,
+    /// Most instances of the winner timed at once (the host's cores bound it too).
+    pub max_instances: usize,
     /// Smallest gain over the baseline worth a switch (0: any gain); see
     /// [`super::strategy::hold_to_min_improvement`].
     pub min_improvement: f64,
@@ -123,6 +125,13 @@ pub struct Report {
     pub slo_ms: Option<f64>,
     /// The smallest gain over the baseline a winner had to make (0: any).
     pub min_improvement: f64,
+    /// The winner at its batch size with 1, 2, 4, ... instances running at once (throughput,
+    /// cost and balanced, on a host with more than one core).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub instances: Vec<InstanceTiming>,
+    /// The instance count those figures chose.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instances_chosen: Option<usize>,
     /// Every candidate, baseline first.
     pub steps: Vec<Step>,
     /// The winner's name.
@@ -408,8 +417,36 @@ pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
             spec.min_improvement,
         );
     }
-    let Choice { winner, batch, why, pareto } = choice;
+    let Choice { winner, batch, mut why, pareto } = choice;
     let name = |i: usize| steps[timed[i].0].candidate.clone();
+    // Instances: for the strategies that serve many rows (the winner's batch size chosen), how
+    // many of the winner running at once this host rewards.
+    let mut instances = Vec::new();
+    let mut instances_chosen = None;
+    let max_instances = spec.max_instances.min(crate::serving::threads::host_cores());
+    if let Some(w) = winner
+        && matches!(spec.strategy, Strategy::Throughput | Strategy::Cost | Strategy::Balanced)
+        && max_instances > 1
+        && let Some(candidate) = list.iter().find(|c| c.name == steps[timed[w].0].candidate)
+    {
+        progress(total, total, &format!("instances: {}", candidate.name));
+        match instance_sweep(
+            spec,
+            candidate,
+            &calibration,
+            batch.unwrap_or(1),
+            batched,
+            max_instances,
+        ) {
+            Ok((timings, chosen, said)) => {
+                instances = timings;
+                instances_chosen = chosen;
+                why.push_str("; ");
+                why.push_str(&said);
+            }
+            Err(e) => why.push_str(&format!("; instances not measured: {e}")),
+        }
+    }
     Ok(Report {
         file: spec.file.display().to_string(),
         strategy: spec.strategy,
@@ -417,6 +454,8 @@ pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
         bound: spec.bound.clone(),
         slo_ms: spec.slo_ms,
         min_improvement: spec.min_improvement,
+        instances,
+        instances_chosen,
         winner: winner.map(name),
         batch,
         why,
@@ -464,6 +503,58 @@ fn failed(candidate: &Candidate, why: String) -> Step {
         memory_bytes: None,
         load_ms: 0.0,
     }
+}
+
+/// Times `candidate` at `batch` rows with 1, 2, 4, ... instances at once up to `most`,
+/// stopping when a doubling gains less than [`MIN_DOUBLING_GAIN`]; returns the figures, the
+/// count with the most rows/s within the SLO (none when even one instance misses it) and a
+/// sentence saying so.
+fn instance_sweep(
+    spec: &Spec,
+    candidate: &Candidate,
+    calibration: &Calibration,
+    batch: usize,
+    batched: bool,
+    most: usize,
+) -> Result<(Vec<InstanceTiming>, Option<usize>, String), String> {
+    let t = Instant::now();
+    let (engine, _) = load(spec, candidate)?;
+    spec.effort.pause_after(t.elapsed());
+    let inputs = batch_of(calibration, batch, batched)?;
+    let mut timings: Vec<InstanceTiming> = Vec::new();
+    let mut k = 1;
+    loop {
+        let timing = time_instances(engine.as_ref(), &inputs, batch, k, &spec.effort)?;
+        let gain_stops = timings
+            .last()
+            .is_some_and(|p| timing.rows_per_s < p.rows_per_s * (1.0 + MIN_DOUBLING_GAIN));
+        timings.push(timing);
+        if gain_stops || k >= most {
+            break;
+        }
+        k = (k * 2).min(most);
+    }
+    let within = |t: &&InstanceTiming| spec.slo_ms.is_none_or(|slo| t.p99_ms <= slo);
+    let best = timings.iter().filter(within).max_by(|a, b| a.rows_per_s.total_cmp(&b.rows_per_s));
+    let one = timings.first().map_or(0.0, |t| t.rows_per_s);
+    let said = match best {
+        Some(b) if b.instances > 1 => format!(
+            "{} instances at once: {:.1} rows/s against {one:.1} with one{}",
+            b.instances,
+            b.rows_per_s,
+            slo_text(spec.slo_ms)
+        ),
+        Some(_) => format!(
+            "one instance: more did not pay ({})",
+            timings
+                .iter()
+                .map(|t| format!("{} -> {:.1} rows/s", t.instances, t.rows_per_s))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None => format!("no instance count meets the SLO{}", slo_text(spec.slo_ms)),
+    };
+    Ok((timings.clone(), best.map(|b| b.instances), said))
 }
 
 /// Times batch sizes 1, 2, 4, ... up to `max_batch`, stopping when a doubling stops paying.
@@ -591,6 +682,7 @@ pub(crate) mod tests {
             footprint_probe: None,
             apply: false,
             min_improvement: 0.0,
+            max_instances: 4,
         }
     }
 
@@ -665,8 +757,22 @@ pub(crate) mod tests {
         assert!(report.steps.iter().any(|s| s.candidate == winner && s.outcome == "timed"));
         assert!(!report.pareto.is_empty());
         assert!(report.why.contains("most rows/s"), "{}", report.why);
+        // The winner was timed with instances at once, at its batch size, where the host
+        // has the cores for more than one.
+        if crate::serving::threads::host_cores() > 1 {
+            let counts: Vec<usize> = report.instances.iter().map(|t| t.instances).collect();
+            assert_eq!(counts.first(), Some(&1), "{report:#?}");
+            assert!(counts.len() >= 2 && counts.windows(2).all(|w| w[0] < w[1]), "{counts:?}");
+            assert!(
+                report.instances.iter().all(|t| Some(t.batch) == report.batch && t.rounds >= 1)
+            );
+            let chosen = report.instances_chosen.expect("no SLO: some count is chosen");
+            assert!(counts.contains(&chosen), "{chosen} {counts:?}");
+            assert!(report.why.contains("instance"), "{}", report.why);
+        }
         let (again, batch, why) = choose_again(&report, Strategy::Throughput, None, None);
-        assert_eq!((again, batch, why), (report.winner.clone(), report.batch, report.why.clone()));
+        assert_eq!((again, batch), (report.winner.clone(), report.batch));
+        assert!(report.why.starts_with(&why), "{why} / {}", report.why);
         // Baseline, onnxruntime four ways (two thread pools, two lighter graph levels), and
         // each variant on both engines.
         assert_eq!(seen.first().map(String::as_str), Some("0/9 baseline: tract"), "{seen:?}");
@@ -677,6 +783,6 @@ pub(crate) mod tests {
             assert_eq!(lighter.engine, format!("onnxruntime@{level}"));
         }
         assert_eq!(step("onnxruntime host pool, model.coarse.onnx").outcome, "rejected");
-        assert!(seen.last().is_some_and(|s| s.ends_with("choosing")), "{seen:?}");
+        assert!(seen.iter().any(|s| s == "9/9 choosing"), "{seen:?}");
     }
 }

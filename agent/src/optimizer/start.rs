@@ -31,6 +31,8 @@ pub const DEFAULT_MAX_REL_ERROR: f64 = 0.01;
 pub const DEFAULT_CPU_SHARE: f64 = 0.5;
 /// See [`DEFAULT_MAX_ACCURACY_LOSS`].
 pub const DEFAULT_ROUNDS: usize = 30;
+/// Most instances of the winner timed at once (and never more than the host's cores).
+pub const DEFAULT_MAX_INSTANCES: usize = 8;
 
 fn within(name: &str, value: Option<f64>, low: f64, high: f64) -> Result<Option<f64>, StartError> {
     match value {
@@ -94,6 +96,7 @@ pub fn spec_for(
         calibration_rows: 16,
         footprint_probe,
         apply: options.apply.unwrap_or(false),
+        max_instances: DEFAULT_MAX_INSTANCES,
         min_improvement: within("min_improvement", options.min_improvement, 0.0, 1000.0)?
             .unwrap_or(0.0),
     };

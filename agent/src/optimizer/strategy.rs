@@ -269,7 +269,8 @@ pub fn hold_to_min_improvement(
     choice
 }
 
-fn slo_text(slo_ms: Option<f64>) -> String {
+/// " within the S ms p99 SLO", or nothing without one.
+pub fn slo_text(slo_ms: Option<f64>) -> String {
     slo_ms.map(|s| format!(" within the {s} ms p99 SLO")).unwrap_or_default()
 }
 

@@ -333,7 +333,8 @@ fn config_json(m: &Arc<LoadedModel>) -> Value {
         "max_batch_size": m.signature.max_batch_size,
         "input": tensors(&m.signature.inputs),
         "output": tensors(&m.signature.outputs),
-        "instance_group": [{"name": format!("{}_0", m.name), "count": c.instances, "kind": "KIND_CPU"}],
+        // The count in force (the control loop and the optimizer change it), not the configured one.
+        "instance_group": [{"name": format!("{}_0", m.name), "count": m.instances(), "kind": "KIND_CPU"}],
         "version_policy": {"latest": {"num_versions": 1}},
     });
     if batched && let Some(obj) = out.as_object_mut() {

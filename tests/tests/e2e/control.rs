@@ -59,6 +59,9 @@ fn directives_apply_once_reject_by_name_and_wait_out_a_disconnect() {
     assert!(d["message"].as_str().unwrap().contains("instances 1 -> 3"), "{d}");
     assert_eq!(d["attempts"], 1);
     assert_eq!(instances_gauge(&addr), Some(3));
+    // The model's config shows the count in force, as Triton's does.
+    let config: Value = serde_json::from_str(&http_get(&addr, "/v2/models/ocr/config")).unwrap();
+    assert_eq!(config["instance_group"][0]["count"], 3, "{config}");
 
     // Refused with the reason, and nothing changes.
     let d = send(&agg, "node-1", "set_instances", &["model=nosuch", "instances=2"], 30);
@@ -481,6 +484,19 @@ fn a_crossed_auto_optimize_budget_searches_a_busy_model_and_adopts_the_cheapest(
     assert!(report["why"].as_str().unwrap().contains("at 2.5 per hour"), "{record}");
     let adopted = record["agent"]["adopted"].as_str().unwrap();
     assert!(adopted.starts_with("now serving "), "{record}");
+    // With more than one core the winner was timed with instances at once, and the count
+    // chosen was adopted with it.
+    if cpus_listed() > 1 {
+        let instances = report["instances"].as_array().unwrap();
+        assert_eq!(instances[0]["instances"], 1, "{record}");
+        let chosen = report["instances_chosen"].as_u64().unwrap();
+        if chosen > 1 {
+            assert!(adopted.contains(&format!("instances 1 -> {chosen}")), "{record}");
+            let config: Value =
+                serde_json::from_str(&http_get(&addr, "/v2/models/ocr/config")).unwrap();
+            assert_eq!(config["instance_group"][0]["count"], chosen, "{config}");
+        }
+    }
     // Asked once: the next pass does not ask again for a model searched this week.
     let again = agg.cli_json(&["analytics", "run"]).unwrap();
     assert_eq!(again["auto_optimized"], 0, "{again}");
