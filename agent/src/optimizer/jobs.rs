@@ -228,28 +228,40 @@ impl Jobs {
         drop(served);
         if let Err(why) = a.runtime.block_on(a.repository.load(model)) {
             a.repository.set_override(model, before.engine.clone());
-            let back = a.runtime.block_on(a.repository.load(model));
+            let back = match a.runtime.block_on(a.repository.load(model)) {
+                // A reload serves the config's batching and instances: put back those in force.
+                Ok(()) => restore_serving(&a.repository, model, &before.batching, before.instances),
+                Err(e) => format!(" but did not load either: {e}"),
+            };
             return Err(format!(
-                "reloading on {winner} failed ({why}); the previous engine is back{}",
-                back.err().map(|e| format!(" but did not load either: {e}")).unwrap_or_default()
+                "reloading on {winner} failed ({why}); the previous engine is back{back}"
             ));
         }
         let mut what = format!("now serving {winner} ({})", step.file);
-        if let Some(b) = report.batch.filter(|b| *b > 1) {
-            let now = a.repository.get(model, None).map_err(|e| e.to_string())?;
-            let update = BatchingUpdate { max_batch_size: Some(b), ..BatchingUpdate::default() };
-            match now.set_batching(&update) {
-                Ok(change) => what.push_str(&format!("; {change}")),
-                Err(e) => what.push_str(&format!("; batch size {b} not set: {e}")),
+        let now = a.repository.get(model, None).map_err(|e| e.to_string())?;
+        // The reload served the config's batching and instances; the winner's figures, where
+        // the search chose them, else what was in force before (the control loop's, say).
+        match report.batch.filter(|b| *b > 1) {
+            Some(b) => {
+                let update =
+                    BatchingUpdate { max_batch_size: Some(b), ..BatchingUpdate::default() };
+                match now.set_batching(&update) {
+                    Ok(change) => what.push_str(&format!("; {change}")),
+                    Err(e) => what.push_str(&format!("; batch size {b} not set: {e}")),
+                }
+            }
+            None => {
+                if let Err(e) = now.set_batching(&crate::actuator::restore_of(&before.batching)) {
+                    what.push_str(&format!("; the batching in force before not restored: {e}"));
+                }
             }
         }
-        let now = a.repository.get(model, None).map_err(|e| e.to_string())?;
-        match report.instances_chosen {
-            Some(k) if k != now.instances() => match now.set_instances(k) {
+        let k = report.instances_chosen.unwrap_or(before.instances);
+        if k != now.instances() {
+            match now.set_instances(k) {
                 Ok((from, to)) => what.push_str(&format!("; instances {from} -> {to}")),
                 Err(e) => what.push_str(&format!("; {k} instances not set: {e}")),
-            },
-            _ => {}
+            }
         }
         drop(now);
         self.previous().insert(model.to_owned(), before);
@@ -265,25 +277,40 @@ impl Jobs {
         if let Err(why) = repository.load(model).await {
             return Err(format!("reloading {model:?} on its previous engine failed: {why}"));
         }
-        let m = repository.get(model, None).map_err(|e| e.to_string())?;
-        let restored = m.set_batching(&crate::actuator::restore_of(&before.batching));
-        let instances = if m.instances() == before.instances {
-            String::new()
-        } else {
-            match m.set_instances(before.instances) {
-                Ok((from, to)) => format!("; instances {from} -> {to}"),
-                Err(e) => format!("; instances not restored: {e}"),
-            }
-        };
         Ok(format!(
-            "model {model:?} is back on {}{}{instances}",
+            "model {model:?} is back on {}{}",
             before.engine.as_ref().map_or_else(
                 || "its configured engine".to_owned(),
                 |o| format!("{:?} ({})", o.backend, o.file)
             ),
-            restored.map_or_else(|e| format!("; batching not restored: {e}"), |c| format!("; {c}"))
+            restore_serving(repository, model, &before.batching, before.instances)
         ))
     }
+}
+
+/// Puts `batching` and `instances` back on the served `model` (a reload serves its config's);
+/// says what changed, or what could not be put back.
+fn restore_serving(
+    repository: &Repository,
+    model: &str,
+    batching: &BatchingNow,
+    instances: usize,
+) -> String {
+    let m = match repository.get(model, None) {
+        Ok(m) => m,
+        Err(e) => return format!("; batching and instances not restored: {e}"),
+    };
+    let mut said = match m.set_batching(&crate::actuator::restore_of(batching)) {
+        Ok(change) => format!("; {change}"),
+        Err(e) => format!("; batching not restored: {e}"),
+    };
+    if m.instances() != instances {
+        match m.set_instances(instances) {
+            Ok((from, to)) => said.push_str(&format!("; instances {from} -> {to}")),
+            Err(e) => said.push_str(&format!("; instances not restored: {e}")),
+        }
+    }
+    said
 }
 
 #[cfg(test)]

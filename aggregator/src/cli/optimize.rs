@@ -124,8 +124,14 @@ pub fn optimize(client: &Client, args: &OptimizeArgs, json: bool) -> anyhow::Res
         .post_json("/api/v1/optimizations", Some(&request))
         .with_context(|| format!("starting a search of {model} on {host}"))?;
     let d = &started.directive;
-    if d.state != "applied" {
-        bail!("optimize on {host}: {} ({})", d.state, d.message);
+    match d.state.as_str() {
+        "applied" => {}
+        "pending" | "sent" => bail!(
+            "{host} has not answered the optimize directive {} yet ({}); the search starts when it does, and `flotilla optimizations {host} {model}` shows it then",
+            d.id,
+            d.state
+        ),
+        other => bail!("optimize on {host}: {other} ({})", d.message),
     }
     if args.no_follow {
         return Ok(format!(

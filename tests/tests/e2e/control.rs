@@ -653,7 +653,17 @@ fn flotilla_optimize_runs_a_search_on_the_host_and_shows_its_report() {
         config["engine"]["engine"].as_str().unwrap_or_default().to_owned()
     };
     assert_eq!(engine_now(), "tract");
+    // The control loop's instance count survives the adoption's reload (a latency search
+    // chooses none of its own) and the rollback's.
+    let d = send(&agg, "node-1", "set_instances", &["model=ocr", "instances=2"], 30);
+    assert_eq!(d["state"], "applied", "{d}");
+    let instances_now = || -> Value {
+        let config: Value =
+            serde_json::from_str(&http_get(&addr, "/v2/models/ocr/config")).unwrap();
+        config["instance_group"][0]["count"].clone()
+    };
     let record = agg.cli_json(&search(&["--apply"])).unwrap();
+    assert_eq!(instances_now(), 2, "{record}");
     let state = &record["agent"];
     let report = &state["report"];
     let winner = report["winner"].as_str().unwrap();
@@ -676,6 +686,7 @@ fn flotilla_optimize_runs_a_search_on_the_host_and_shows_its_report() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("is back on its configured engine"), "{text}");
     assert_eq!(engine_now(), "tract");
+    assert_eq!(instances_now(), 2);
     // Every search of the fleet is listed; the adopted one notes its rollback.
     let all = agg.cli_json(&["optimizations"]).unwrap();
     let all = all.as_array().unwrap();
