@@ -227,3 +227,64 @@ fn an_optimizer_search_on_a_real_agent_measures_every_candidate_including_its_me
     let metadata = http_get(&addr, "/v2/models/text/ready");
     assert!(metadata.contains("true"), "{metadata}");
 }
+
+/// Four real-shaped silero requests: 512 samples of a tone at 16 kHz and a zero state (the
+/// synthesized inputs would not run: silero's frames must be 512 samples).
+fn silero_calibration() -> String {
+    let requests: Vec<Value> = (0..4)
+        .map(|r| {
+            let samples: Vec<f32> =
+                (0..512).map(|i| (((i + r * 512) as f32) * 0.05).sin() * 0.3).collect();
+            json!({"inputs": [
+                {"name": "input", "shape": [1, 512], "datatype": "FP32", "data": samples},
+                {"name": "state", "shape": [2, 1, 128], "datatype": "FP32", "data": vec![0.0f32; 256]},
+                {"name": "sr", "shape": [], "datatype": "INT64", "data": [16000]},
+            ]})
+        })
+        .collect();
+    Value::Array(requests).to_string()
+}
+
+#[test]
+fn an_optimizer_search_of_the_shared_silero_model_reads_its_calibration_file() {
+    let fleet = Fleet::new();
+    let repo = fleet.path().join("models");
+    install(&repo, "vad", &shared_model("silero_vad_op18_ifless.onnx"), "");
+    std::fs::write(repo.join("vad/calibration.json"), silero_calibration()).unwrap();
+    let library = onnxruntime_library().display().to_string();
+    let (agent, addr) =
+        agent_with(&fleet, "optimize-2", &repo, &[("ORT_DYLIB_PATH", Some(&library))]);
+    let started = e2e::http_post_json(
+        &addr,
+        "/v2/models/vad/optimize",
+        r#"{"strategy":"throughput","rounds":3,"cpu_share":1.0}"#,
+    );
+    assert_eq!(started["state"], "running", "{started}");
+    let report = e2e::eventually("the search's report", Duration::from_secs(180), || {
+        let state: Value =
+            serde_json::from_str(&http_get(&addr, "/v2/models/vad/optimize")).ok()?;
+        match state["state"].as_str() {
+            Some("done") => Some(state["report"].clone()),
+            Some("failed") => panic!("the search failed: {state}\n{}", agent.logs().join("\n")),
+            _ => None,
+        }
+    });
+    let inputs = report["inputs"].as_str().unwrap();
+    assert!(inputs.contains("calibration.json") && inputs.contains("4 requests"), "{report}");
+    let steps = report["steps"].as_array().unwrap();
+    assert_eq!(steps[0]["candidate"], "tract", "{report}");
+    for step in steps {
+        // Every candidate agreed with tract on the real-shaped frames and was timed: silero
+        // cannot batch, so one size, three runs, each figure measured.
+        assert_eq!(step["outcome"], "timed", "{step}");
+        assert!(step["agreement"]["max_abs_error"].as_f64().is_some_and(|e| e < 1e-3), "{step}");
+        let timings = step["timings"].as_array().unwrap();
+        assert_eq!(timings.len(), 1, "{step}");
+        assert_eq!((timings[0]["batch"].as_u64(), timings[0]["runs"].as_u64()), (Some(1), Some(3)));
+        assert!(timings[0]["p50_ms"].as_f64().is_some_and(|p| p > 0.0), "{step}");
+        assert!(step["why"].as_str().unwrap().contains("cannot batch"), "{step}");
+    }
+    assert!(steps.len() >= 5, "tract and four onnxruntime candidates: {report}");
+    assert!(report["why"].as_str().is_some_and(|w| w.contains("most rows/s")), "{report}");
+    assert!(http_get(&addr, "/v2/models/vad/ready").contains("true"));
+}
