@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::calibration;
 use super::search::{EngineChoice, load_engine};
-use crate::serving::model_config::{ModelConfig, OrtGraphLevel};
+use crate::serving::model_config::{ModelConfig, OrtGraphLevel, TractPrecision};
 use crate::serving::threads::OrtThreads;
 
 /// Longest a child may take; past it, it is killed and the candidate's memory is not measured.
@@ -39,7 +39,10 @@ impl Footprint {
 /// not `all`.
 pub fn engine_arg(engine: EngineChoice) -> String {
     match engine {
-        EngineChoice::Tract => "tract".to_owned(),
+        EngineChoice::Tract(precision) => match precision {
+            TractPrecision::F32 => "tract".to_owned(),
+            other => format!("tract@{}", other.name()),
+        },
         EngineChoice::Onnxruntime(threads, level) => {
             let mut arg = match threads {
                 OrtThreads::HostPool => "onnxruntime".to_owned(),
@@ -58,11 +61,14 @@ pub fn engine_arg(engine: EngineChoice) -> String {
 pub fn parse_engine(text: &str) -> Result<EngineChoice, String> {
     let bad = || {
         format!(
-            "--engine {text:?}: must be tract, onnxruntime or onnxruntime:THREADS, optionally followed by @disabled, @basic or @extended"
+            "--engine {text:?}: must be tract or tract@f16, or onnxruntime or onnxruntime:THREADS, optionally followed by @disabled, @basic or @extended"
         )
     };
     if text == "tract" {
-        return Ok(EngineChoice::Tract);
+        return Ok(EngineChoice::Tract(TractPrecision::F32));
+    }
+    if let Some(precision) = text.strip_prefix("tract@") {
+        return TractPrecision::parse(precision).map(EngineChoice::Tract).ok_or_else(bad);
     }
     let (engine, level) = match text.split_once('@') {
         Some((engine, level)) => (engine, OrtGraphLevel::parse(level).ok_or_else(bad)?),
@@ -205,7 +211,8 @@ mod tests {
     #[test]
     fn engines_round_trip_through_their_argument_and_bad_ones_are_named() {
         for e in [
-            EngineChoice::Tract,
+            EngineChoice::Tract(TractPrecision::F32),
+            EngineChoice::Tract(TractPrecision::F16),
             EngineChoice::Onnxruntime(OrtThreads::HostPool, OrtGraphLevel::All),
             EngineChoice::Onnxruntime(OrtThreads::Own(3), OrtGraphLevel::All),
             EngineChoice::Onnxruntime(OrtThreads::HostPool, OrtGraphLevel::Basic),
@@ -220,6 +227,7 @@ mod tests {
         assert!(parse_engine("onnxruntime:0").unwrap_err().contains("onnxruntime:THREADS"));
         assert!(parse_engine("onnxruntime@max").unwrap_err().contains("@basic"));
         assert!(parse_engine("tract@basic").is_err());
+        assert_eq!(engine_arg(EngineChoice::Tract(TractPrecision::F16)), "tract@f16");
         assert!(parse_engine("tvm").is_err());
         assert!(status_bytes("VmRSS").is_ok_and(|b| b > 0));
     }

@@ -203,22 +203,24 @@ impl Jobs {
             .find(|s| s.candidate == winner)
             .ok_or_else(|| format!("the winner {winner:?} is not among the steps"))?;
         let served = a.repository.get(model, None).map_err(|e| e.to_string())?;
-        let (backend, intra_op_threads, graph_optimization) = match parse_engine(&step.engine)? {
-            EngineChoice::Tract => (Backend::Tract, None, None),
-            EngineChoice::Onnxruntime(threads, level) => {
-                let own = match threads {
-                    OrtThreads::HostPool => None,
-                    OrtThreads::Own(n) => Some(n),
-                };
-                (Backend::Onnxruntime, own, Some(level))
-            }
-        };
+        let (backend, intra_op_threads, graph_optimization, precision) =
+            match parse_engine(&step.engine)? {
+                EngineChoice::Tract(precision) => (Backend::Tract, None, None, Some(precision)),
+                EngineChoice::Onnxruntime(threads, level) => {
+                    let own = match threads {
+                        OrtThreads::HostPool => None,
+                        OrtThreads::Own(n) => Some(n),
+                    };
+                    (Backend::Onnxruntime, own, Some(level), None)
+                }
+            };
         let chosen = EngineOverride {
             version: served.version.clone(),
             file: step.file.clone(),
             backend,
             intra_op_threads,
             graph_optimization,
+            precision,
         };
         let before = Previous {
             engine: a.repository.set_override(model, Some(chosen)),

@@ -24,7 +24,9 @@ use super::calibration::{self, Calibration};
 use super::footprint::{engine_arg, measure_in_child};
 use super::measure::{Effort, InstanceTiming, Timing, time_batch, time_instances};
 use super::strategy::{Choice, Figures, Strategy, choose, hold_to_min_improvement, slo_text};
-use crate::serving::model_config::{ModelConfig, OrtGraphLevel, OrtOptions};
+use crate::serving::model_config::{
+    LoaderOptions, ModelConfig, OrtGraphLevel, OrtOptions, TractPrecision,
+};
 use crate::serving::onnxruntime::OrtEngine;
 use crate::serving::runner::{Engine, Signature, TractEngine};
 use crate::serving::tensor::Tensor;
@@ -67,8 +69,8 @@ pub struct Spec {
 /// Which engine runs a candidate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineChoice {
-    /// tract, one thread.
-    Tract,
+    /// tract, one thread, in this float precision.
+    Tract(TractPrecision),
     /// onnxruntime with these threads, rewriting the graph this far.
     Onnxruntime(OrtThreads, OrtGraphLevel),
 }
@@ -153,7 +155,7 @@ pub fn candidates(spec: &Spec, ort: bool) -> Vec<Candidate> {
     let mut out = vec![Candidate {
         name: "tract".to_owned(),
         file: spec.file.clone(),
-        engine: EngineChoice::Tract,
+        engine: EngineChoice::Tract(TractPrecision::F32),
     }];
     if ort {
         out.push(Candidate {
@@ -176,13 +178,20 @@ pub fn candidates(spec: &Spec, ort: bool) -> Vec<Candidate> {
             });
         }
     }
+    // Half precision on tract: its f16 kernels pay on CPUs with f16 arithmetic (Arm, recent
+    // x86); elsewhere tract emulates it, so it is measured, never assumed.
+    out.push(Candidate {
+        name: "tract f16".to_owned(),
+        file: spec.file.clone(),
+        engine: EngineChoice::Tract(TractPrecision::F16),
+    });
     for variant in variant_files(&spec.file) {
         let label =
             variant.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         out.push(Candidate {
             name: format!("tract, {label}"),
             file: variant.clone(),
-            engine: EngineChoice::Tract,
+            engine: EngineChoice::Tract(TractPrecision::F32),
         });
         if ort {
             out.push(Candidate {
@@ -220,9 +229,15 @@ pub fn load_engine(
     config: &ModelConfig,
 ) -> Result<(Arc<dyn Engine>, Signature), String> {
     match engine {
-        EngineChoice::Tract => TractEngine::load(file, config)
-            .map(|(e, s)| (Arc::new(e) as Arc<dyn Engine>, s))
-            .map_err(|e| format!("tract could not load {}: {e}", file.display())),
+        EngineChoice::Tract(precision) => {
+            let config = ModelConfig {
+                loader: LoaderOptions { precision, ..config.loader },
+                ..config.clone()
+            };
+            TractEngine::load(file, &config)
+                .map(|(e, s)| (Arc::new(e) as Arc<dyn Engine>, s))
+                .map_err(|e| format!("tract could not load {}: {e}", file.display()))
+        }
         EngineChoice::Onnxruntime(threads, graph_optimization) => {
             let options = OrtOptions { graph_optimization, ..config.onnxruntime.clone() };
             OrtEngine::load(file, config, &options, threads)
@@ -775,7 +790,12 @@ pub(crate) mod tests {
         assert!(report.why.starts_with(&why), "{why} / {}", report.why);
         // Baseline, onnxruntime four ways (two thread pools, two lighter graph levels), and
         // each variant on both engines.
-        assert_eq!(seen.first().map(String::as_str), Some("0/9 baseline: tract"), "{seen:?}");
+        assert_eq!(seen.first().map(String::as_str), Some("0/10 baseline: tract"), "{seen:?}");
+        // Half precision on tract: the same classes, a small error, and measured.
+        let half = step("tract f16");
+        assert_eq!((half.outcome, half.engine.as_str()), ("timed", "tract@f16"), "{half:?}");
+        let a = half.agreement.as_ref().expect("figures");
+        assert!(a.max_abs_error > 0.0 && a.max_abs_error < 0.5, "{a:?}");
         assert_eq!(step("onnxruntime host pool").outcome, "timed");
         for level in ["extended", "basic"] {
             let lighter = step(&format!("onnxruntime host pool, {level} graph optimizations"));
@@ -783,6 +803,6 @@ pub(crate) mod tests {
             assert_eq!(lighter.engine, format!("onnxruntime@{level}"));
         }
         assert_eq!(step("onnxruntime host pool, model.coarse.onnx").outcome, "rejected");
-        assert!(seen.iter().any(|s| s == "9/9 choosing"), "{seen:?}");
+        assert!(seen.iter().any(|s| s == "10/10 choosing"), "{seen:?}");
     }
 }

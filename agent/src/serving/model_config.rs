@@ -132,6 +132,32 @@ pub struct TensorSpec {
     pub dims: Option<Vec<i64>>,
 }
 
+/// The float precision tract computes in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TractPrecision {
+    /// As the file says.
+    #[default]
+    F32,
+    /// The graph's f32 math in half precision (tract's `f32_to_f16` transform); inputs and
+    /// outputs stay f32 on the wire.
+    F16,
+}
+
+impl TractPrecision {
+    /// Its name in configs and engine names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+        }
+    }
+
+    /// The precision named `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::F32, Self::F16].into_iter().find(|p| p.name() == name)
+    }
+}
+
 /// Loader switches: `None` means try strict first, then lenient.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LoaderOptions {
@@ -139,6 +165,8 @@ pub struct LoaderOptions {
     pub ignore_output_shapes: Option<bool>,
     /// tract `with_ignore_value_info`.
     pub ignore_value_info: Option<bool>,
+    /// The float precision tract plans in (`precision`).
+    pub precision: TractPrecision,
 }
 
 /// A model's validated configuration.
@@ -273,6 +301,7 @@ struct RawTensor {
 struct RawLoader {
     ignore_output_shapes: Option<bool>,
     ignore_value_info: Option<bool>,
+    precision: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -456,6 +485,14 @@ impl ModelConfig {
                 OrtGraphLevel::All
             }),
         };
+        let precision = match raw.loader.precision.as_deref() {
+            None => TractPrecision::F32,
+            Some(name) => TractPrecision::parse(name).unwrap_or_else(|| {
+                problems
+                    .push(format!("loader.precision: must be \"f32\" or \"f16\", got {name:?}"));
+                TractPrecision::F32
+            }),
+        };
         let onnxruntime = OrtOptions {
             library: raw.onnxruntime.library.filter(|l| !l.is_empty()).map(Into::into),
             provider,
@@ -526,6 +563,7 @@ impl ModelConfig {
             loader: LoaderOptions {
                 ignore_output_shapes: raw.loader.ignore_output_shapes,
                 ignore_value_info: raw.loader.ignore_value_info,
+                precision,
             },
         })
     }
@@ -674,6 +712,13 @@ mod tests {
             "{ort}"
         );
         assert!(ort.contains("onnxruntime.intra_op_threads: must be 1..=256, got 0"), "{ort}");
+        let half = ModelConfig::parse("[loader]\nprecision = \"f16\"\n", "t", "m").expect("valid");
+        assert_eq!(half.loader.precision, TractPrecision::F16);
+        let bad = ModelConfig::parse("[loader]\nprecision = \"f8\"\n", "t", "m").unwrap_err();
+        assert!(
+            bad.to_string().contains("loader.precision: must be \"f32\" or \"f16\", got \"f8\""),
+            "{bad}"
+        );
         assert!(
             ort.contains("onnxruntime.graph_optimization: must be \"disabled\", \"basic\", \"extended\" or \"all\", got \"max\""),
             "{ort}"

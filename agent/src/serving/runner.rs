@@ -21,7 +21,7 @@ use tract_onnx::prelude::{
 use tract_onnx::tract_core::model::IntoRunnable;
 use tract_onnx::tract_hir::infer::Factoid;
 
-use super::model_config::{LoaderOptions, ModelConfig, TensorSpec};
+use super::model_config::{LoaderOptions, ModelConfig, TensorSpec, TractPrecision};
 use super::tensor::{DataType, Tensor};
 
 /// Plans kept per model; the least recently used goes first beyond this.
@@ -83,6 +83,9 @@ pub struct EngineInfo {
     /// own) or `model` (a pool per instance).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub thread_pool: Option<&'static str>,
+    /// tract's float precision: `f32` or `f16`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub precision: Option<&'static str>,
     /// How far onnxruntime rewrites the graph: `disabled`, `basic`, `extended` or `all`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub graph_optimization: Option<&'static str>,
@@ -104,6 +107,7 @@ impl EngineInfo {
             engine,
             threads: None,
             thread_pool: None,
+            precision: None,
             graph_optimization: None,
             provider: None,
             library: None,
@@ -159,6 +163,8 @@ pub struct TractEngine {
     preferred: AtomicUsize,
     input_types: Vec<DatumType>,
     plans: Mutex<PlanCache>,
+    /// f16 plans take f16 inputs and give f16 outputs; the engine casts at the edges.
+    precision: TractPrecision,
 }
 
 impl std::fmt::Debug for TractEngine {
@@ -236,6 +242,7 @@ impl TractEngine {
             preferred: AtomicUsize::new(0),
             input_types,
             plans: Mutex::default(),
+            precision: config.loader.precision,
         };
         // A trial plan for one request, when the model fixes every size but the batch: it
         // catches broken graphs at load and warms the cache. With sizes left open, the graph
@@ -363,8 +370,17 @@ impl TractEngine {
                 .map_err(|e| format!("fixing input {i} to {shape:?}: {e:#}"))?;
         }
         // tract can panic on shapes a graph does not support; that fails this plan, not the agent.
+        let half = self.precision == TractPrecision::F16;
         let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            model.into_optimized().and_then(|m| m.into_runnable())
+            let typed = model.into_typed()?;
+            let typed = if half {
+                let to_f16 = tract_onnx::tract_core::transform::get_transform("f32_to_f16")?
+                    .ok_or_else(|| anyhow::anyhow!("this tract has no f32_to_f16 transform"))?;
+                to_f16.transform_into(typed.into_decluttered()?)?
+            } else {
+                typed
+            };
+            typed.into_optimized().and_then(|m| m.into_runnable())
         }));
         match built {
             Ok(Ok(plan)) => Ok(plan),
@@ -399,6 +415,11 @@ impl Engine for TractEngine {
         for (i, t) in inputs.iter().enumerate() {
             let tensor = t.to_tract().map_err(|e| RunError(format!("input {i}: {e}")))?;
             let want = self.input_types.get(i).copied().unwrap_or(tensor.datum_type());
+            // An f16 plan takes the f32 inputs in half precision.
+            let want = match want {
+                DatumType::F32 if self.precision == TractPrecision::F16 => DatumType::F16,
+                other => other,
+            };
             let tensor = if tensor.datum_type() == want {
                 tensor
             } else {
@@ -410,12 +431,28 @@ impl Engine for TractEngine {
             values.push(TValue::from(tensor));
         }
         let outputs = plan.run(values).map_err(|e| RunError(format!("{e:#}")))?;
-        outputs.iter().map(|v| Tensor::from_tract(v).map_err(|e| RunError(e.0))).collect()
+        outputs
+            .iter()
+            .map(|v| {
+                // ... and gives f32 back, as the signature says.
+                if self.precision == TractPrecision::F16 && v.datum_type() == DatumType::F16 {
+                    let wide =
+                        v.cast_to_dt(DatumType::F32).map_err(|e| RunError(format!("{e:#}")))?;
+                    Tensor::from_tract(&wide).map_err(|e| RunError(e.0))
+                } else {
+                    Tensor::from_tract(v).map_err(|e| RunError(e.0))
+                }
+            })
+            .collect()
     }
 
     fn info(&self) -> EngineInfo {
         // tract runs a plan on the calling instance thread only.
-        EngineInfo { threads: Some(1), ..EngineInfo::named("tract") }
+        EngineInfo {
+            threads: Some(1),
+            precision: Some(self.precision.name()),
+            ..EngineInfo::named("tract")
+        }
     }
 }
 

@@ -211,7 +211,8 @@ fn an_optimizer_search_on_a_real_agent_measures_every_candidate_including_its_me
             "onnxruntime host pool",
             "onnxruntime 1 thread",
             "onnxruntime host pool, extended graph optimizations",
-            "onnxruntime host pool, basic graph optimizations"
+            "onnxruntime host pool, basic graph optimizations",
+            "tract f16"
         ],
         "{report}"
     );
@@ -274,8 +275,14 @@ fn an_optimizer_search_of_the_shared_silero_model_reads_its_calibration_file() {
     let steps = report["steps"].as_array().unwrap();
     assert_eq!(steps[0]["candidate"], "tract", "{report}");
     for step in steps {
-        // Every candidate agreed with tract on the real-shaped frames and was timed: silero
-        // cannot batch, so one size, three runs, each figure measured.
+        // tract's f16 transform leaves silero's `If` branches in f32 (tract 0.23.9), so that
+        // candidate fails with tract's reason; it is reported, not assumed.
+        if step["candidate"] == "tract f16" && step["outcome"] != "timed" {
+            assert!(!step["why"].as_str().unwrap().is_empty(), "{step}");
+            continue;
+        }
+        // Every other candidate agreed with tract on the real-shaped frames and was timed:
+        // silero cannot batch, so one size, three runs, each figure measured.
         assert_eq!(step["outcome"], "timed", "{step}");
         assert!(step["agreement"]["max_abs_error"].as_f64().is_some_and(|e| e < 1e-3), "{step}");
         let timings = step["timings"].as_array().unwrap();
