@@ -34,15 +34,23 @@ impl Footprint {
     }
 }
 
-/// How the child is told which engine to use: `tract`, `onnxruntime` (the host's pool) or
+/// How the child is told which engine to use: `tract` (with `@f16` for half precision and
+/// `@symbolic` for one plan for every batch size), `onnxruntime` (the host's pool) or
 /// `onnxruntime:THREADS`, with `@LEVEL` after an onnxruntime one whose graph optimization is
 /// not `all`.
 pub fn engine_arg(engine: EngineChoice) -> String {
     match engine {
-        EngineChoice::Tract(precision) => match precision {
-            TractPrecision::F32 => "tract".to_owned(),
-            other => format!("tract@{}", other.name()),
-        },
+        EngineChoice::Tract(precision, symbolic_batch) => {
+            let mut arg = "tract".to_owned();
+            if precision != TractPrecision::F32 {
+                arg.push('@');
+                arg.push_str(precision.name());
+            }
+            if symbolic_batch {
+                arg.push_str("@symbolic");
+            }
+            arg
+        }
         EngineChoice::Onnxruntime(threads, level) => {
             let mut arg = match threads {
                 OrtThreads::HostPool => "onnxruntime".to_owned(),
@@ -61,18 +69,26 @@ pub fn engine_arg(engine: EngineChoice) -> String {
 pub fn parse_engine(text: &str) -> Result<EngineChoice, String> {
     let bad = || {
         format!(
-            "--engine {text:?}: must be tract or tract@f16, or onnxruntime or onnxruntime:THREADS, optionally followed by @disabled, @basic or @extended"
+            "--engine {text:?}: must be tract (optionally followed by @f16 and @symbolic), or onnxruntime or onnxruntime:THREADS (optionally followed by @disabled, @basic or @extended)"
         )
     };
-    if text == "tract" {
-        return Ok(EngineChoice::Tract(TractPrecision::F32));
+    let mut parts = text.split('@');
+    let engine = parts.next().unwrap_or_default();
+    let options: Vec<&str> = parts.collect();
+    if engine == "tract" {
+        let (mut precision, mut symbolic) = (TractPrecision::F32, false);
+        for option in options {
+            match option {
+                "symbolic" if !symbolic => symbolic = true,
+                other => precision = TractPrecision::parse(other).ok_or_else(bad)?,
+            }
+        }
+        return Ok(EngineChoice::Tract(precision, symbolic));
     }
-    if let Some(precision) = text.strip_prefix("tract@") {
-        return TractPrecision::parse(precision).map(EngineChoice::Tract).ok_or_else(bad);
-    }
-    let (engine, level) = match text.split_once('@') {
-        Some((engine, level)) => (engine, OrtGraphLevel::parse(level).ok_or_else(bad)?),
-        None => (text, OrtGraphLevel::All),
+    let level = match options.as_slice() {
+        [] => OrtGraphLevel::All,
+        [level] => OrtGraphLevel::parse(level).ok_or_else(bad)?,
+        _ => return Err(bad()),
     };
     let threads = match engine {
         "onnxruntime" => OrtThreads::HostPool,
@@ -211,8 +227,10 @@ mod tests {
     #[test]
     fn engines_round_trip_through_their_argument_and_bad_ones_are_named() {
         for e in [
-            EngineChoice::Tract(TractPrecision::F32),
-            EngineChoice::Tract(TractPrecision::F16),
+            EngineChoice::Tract(TractPrecision::F32, false),
+            EngineChoice::Tract(TractPrecision::F16, false),
+            EngineChoice::Tract(TractPrecision::F32, true),
+            EngineChoice::Tract(TractPrecision::F16, true),
             EngineChoice::Onnxruntime(OrtThreads::HostPool, OrtGraphLevel::All),
             EngineChoice::Onnxruntime(OrtThreads::Own(3), OrtGraphLevel::All),
             EngineChoice::Onnxruntime(OrtThreads::HostPool, OrtGraphLevel::Basic),
@@ -227,7 +245,10 @@ mod tests {
         assert!(parse_engine("onnxruntime:0").unwrap_err().contains("onnxruntime:THREADS"));
         assert!(parse_engine("onnxruntime@max").unwrap_err().contains("@basic"));
         assert!(parse_engine("tract@basic").is_err());
-        assert_eq!(engine_arg(EngineChoice::Tract(TractPrecision::F16)), "tract@f16");
+        assert_eq!(engine_arg(EngineChoice::Tract(TractPrecision::F16, false)), "tract@f16");
+        assert_eq!(engine_arg(EngineChoice::Tract(TractPrecision::F32, true)), "tract@symbolic");
+        assert!(parse_engine("tract@symbolic@symbolic").is_err());
+        assert!(parse_engine("onnxruntime@basic@basic").is_err());
         assert!(parse_engine("tvm").is_err());
         assert!(status_bytes("VmRSS").is_ok_and(|b| b > 0));
     }

@@ -203,9 +203,11 @@ impl Jobs {
             .find(|s| s.candidate == winner)
             .ok_or_else(|| format!("the winner {winner:?} is not among the steps"))?;
         let served = a.repository.get(model, None).map_err(|e| e.to_string())?;
-        let (backend, intra_op_threads, graph_optimization, precision) =
+        let (backend, intra_op_threads, graph_optimization, tract) =
             match parse_engine(&step.engine)? {
-                EngineChoice::Tract(precision) => (Backend::Tract, None, None, Some(precision)),
+                EngineChoice::Tract(precision, symbolic) => {
+                    (Backend::Tract, None, None, Some((precision, symbolic)))
+                }
                 EngineChoice::Onnxruntime(threads, level) => {
                     let own = match threads {
                         OrtThreads::HostPool => None,
@@ -220,7 +222,7 @@ impl Jobs {
             backend,
             intra_op_threads,
             graph_optimization,
-            precision,
+            tract,
         };
         let before = Previous {
             engine: a.repository.set_override(model, Some(chosen)),

@@ -57,6 +57,16 @@ pub struct Timing {
     pub rows_per_s: f64,
 }
 
+/// Runs `engine` on `inputs`; a panic in the engine (tract panics on some inputs a graph does
+/// not support) is an error like any other, so it fails the candidate, not the search.
+pub fn run_guarded(engine: &dyn Engine, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(inputs.to_vec()))) {
+        Ok(Ok(out)) => Ok(out),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the engine panicked".to_owned()),
+    }
+}
+
 /// Times `engine` on `inputs` (one batch of `batch` rows): a warm-up run (plans, sessions),
 /// then up to `effort.rounds` timed runs, pausing between them to keep to the CPU share.
 pub fn time_batch(
@@ -66,7 +76,7 @@ pub fn time_batch(
     effort: &Effort,
 ) -> Result<Timing, String> {
     let warm = Instant::now();
-    engine.run(inputs.to_vec()).map_err(|e| format!("batch of {batch}: {e}"))?;
+    run_guarded(engine, inputs).map_err(|e| format!("batch of {batch}: {e}"))?;
     effort.pause_after(warm.elapsed());
     let started = Instant::now();
     let mut times = Vec::with_capacity(effort.rounds);
@@ -74,7 +84,7 @@ pub fn time_batch(
         && (times.is_empty() || started.elapsed() < effort.max_time)
     {
         let t = Instant::now();
-        engine.run(inputs.to_vec()).map_err(|e| format!("batch of {batch}: {e}"))?;
+        run_guarded(engine, inputs).map_err(|e| format!("batch of {batch}: {e}"))?;
         let took = t.elapsed();
         times.push(took.as_secs_f64() * 1000.0);
         effort.pause_after(took);
@@ -135,13 +145,9 @@ pub fn time_instances(
     let started = Instant::now();
     let run_one = || -> Result<Duration, String> {
         let t = Instant::now();
-        let ran =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(inputs.to_vec())));
-        match ran {
-            Ok(Ok(_)) => Ok(t.elapsed()),
-            Ok(Err(e)) => Err(format!("{instances} instances, batch of {batch}: {e}")),
-            Err(_) => Err(format!("{instances} instances, batch of {batch}: the engine panicked")),
-        }
+        run_guarded(engine, inputs)
+            .map(|_| t.elapsed())
+            .map_err(|e| format!("{instances} instances, batch of {batch}: {e}"))
     };
     // Per thread, per round (the warm-up round is not kept).
     let per_thread: Vec<Vec<f64>> = std::thread::scope(|s| {
@@ -293,6 +299,12 @@ mod tests {
             let want = if panics { "the engine panicked" } else { "out of memory" };
             assert!(e.contains(want) && e.starts_with("2 instances, batch of 1"), "{e}");
         }
+        // One run, and a timed batch, fail the same way instead of unwinding the search.
+        let panics = FailsAt(std::sync::atomic::AtomicUsize::new(0), 0, true);
+        assert_eq!(run_guarded(&panics, &[]).unwrap_err(), "the engine panicked");
+        let panics = FailsAt(std::sync::atomic::AtomicUsize::new(0), 3, true);
+        let e = time_batch(&panics, &[], 1, &effort).unwrap_err();
+        assert_eq!(e, "batch of 1: the engine panicked");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use serde::Serialize;
 use super::accuracy::{Agreement, Bound, compare};
 use super::calibration::{self, Calibration};
 use super::footprint::{engine_arg, measure_in_child};
-use super::measure::{Effort, InstanceTiming, Timing, time_batch, time_instances};
+use super::measure::{Effort, InstanceTiming, Timing, run_guarded, time_batch, time_instances};
 use super::strategy::{Choice, Figures, Strategy, choose, hold_to_min_improvement, slo_text};
 use crate::serving::model_config::{
     LoaderOptions, ModelConfig, OrtGraphLevel, OrtOptions, TractPrecision,
@@ -69,8 +69,9 @@ pub struct Spec {
 /// Which engine runs a candidate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineChoice {
-    /// tract, one thread, in this float precision.
-    Tract(TractPrecision),
+    /// tract, one thread, in this float precision, with one plan per batch size (false) or
+    /// one plan with a symbolic batch size (true).
+    Tract(TractPrecision, bool),
     /// onnxruntime with these threads, rewriting the graph this far.
     Onnxruntime(OrtThreads, OrtGraphLevel),
 }
@@ -155,7 +156,7 @@ pub fn candidates(spec: &Spec, ort: bool) -> Vec<Candidate> {
     let mut out = vec![Candidate {
         name: "tract".to_owned(),
         file: spec.file.clone(),
-        engine: EngineChoice::Tract(TractPrecision::F32),
+        engine: EngineChoice::Tract(TractPrecision::F32, false),
     }];
     if ort {
         out.push(Candidate {
@@ -183,7 +184,14 @@ pub fn candidates(spec: &Spec, ort: bool) -> Vec<Candidate> {
     out.push(Candidate {
         name: "tract f16".to_owned(),
         file: spec.file.clone(),
-        engine: EngineChoice::Tract(TractPrecision::F16),
+        engine: EngineChoice::Tract(TractPrecision::F16, false),
+    });
+    // One plan for every batch size (a symbolic batch axis) against today's plan per size:
+    // fewer plans to build and keep, maybe slower kernels. Dropped for models that cannot batch.
+    out.push(Candidate {
+        name: "tract, one plan for every batch size".to_owned(),
+        file: spec.file.clone(),
+        engine: EngineChoice::Tract(TractPrecision::F32, true),
     });
     for variant in variant_files(&spec.file) {
         let label =
@@ -191,7 +199,7 @@ pub fn candidates(spec: &Spec, ort: bool) -> Vec<Candidate> {
         out.push(Candidate {
             name: format!("tract, {label}"),
             file: variant.clone(),
-            engine: EngineChoice::Tract(TractPrecision::F32),
+            engine: EngineChoice::Tract(TractPrecision::F32, false),
         });
         if ort {
             out.push(Candidate {
@@ -229,9 +237,9 @@ pub fn load_engine(
     config: &ModelConfig,
 ) -> Result<(Arc<dyn Engine>, Signature), String> {
     match engine {
-        EngineChoice::Tract(precision) => {
+        EngineChoice::Tract(precision, symbolic_batch) => {
             let config = ModelConfig {
-                loader: LoaderOptions { precision, ..config.loader },
+                loader: LoaderOptions { precision, symbolic_batch, ..config.loader },
                 ..config.clone()
             };
             TractEngine::load(file, &config)
@@ -294,7 +302,7 @@ fn run_all(
         .enumerate()
         .map(|(r, req)| {
             let t = Instant::now();
-            let out = engine.run(req.clone()).map_err(|e| format!("calibration request {r}: {e}"));
+            let out = run_guarded(engine, req).map_err(|e| format!("calibration request {r}: {e}"));
             effort.pause_after(t.elapsed());
             out
         })
@@ -309,8 +317,8 @@ pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
     let started = Instant::now();
     let ort =
         crate::serving::ort_library::runtime(spec.config.onnxruntime.library.as_deref()).is_ok();
-    let list = candidates(spec, ort);
-    let total = list.len();
+    let mut list = candidates(spec, ort);
+    let mut total = list.len();
     progress(0, total, "baseline: tract");
     let t = Instant::now();
     let (baseline, signature) = load(spec, &list[0])?;
@@ -327,6 +335,11 @@ pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
     })?;
     let max_batch = spec.config.max_batch_size.min(signature.max_batch_size).max(1);
     let batched = signature.max_batch_size > 0;
+    // A symbolic batch axis means nothing to a model that cannot batch.
+    if !batched || max_batch == 1 {
+        list.retain(|c| !matches!(c.engine, EngineChoice::Tract(_, true)));
+        total = list.len();
+    }
     let mut steps = Vec::with_capacity(total);
     let mut timed: Vec<(usize, Figures)> = Vec::new();
     for (index, candidate) in list.iter().enumerate() {
@@ -790,12 +803,18 @@ pub(crate) mod tests {
         assert!(report.why.starts_with(&why), "{why} / {}", report.why);
         // Baseline, onnxruntime four ways (two thread pools, two lighter graph levels), and
         // each variant on both engines.
-        assert_eq!(seen.first().map(String::as_str), Some("0/10 baseline: tract"), "{seen:?}");
+        assert_eq!(seen.first().map(String::as_str), Some("0/11 baseline: tract"), "{seen:?}");
         // Half precision on tract: the same classes, a small error, and measured.
         let half = step("tract f16");
         assert_eq!((half.outcome, half.engine.as_str()), ("timed", "tract@f16"), "{half:?}");
         let a = half.agreement.as_ref().expect("figures");
         assert!(a.max_abs_error > 0.0 && a.max_abs_error < 0.5, "{a:?}");
+        // One plan for every batch size: the same figures as the plans per size, timed at
+        // each size.
+        let one_plan = step("tract, one plan for every batch size");
+        assert_eq!((one_plan.outcome, one_plan.engine.as_str()), ("timed", "tract@symbolic"));
+        assert_eq!(one_plan.agreement.as_ref().map(|a| a.max_abs_error), Some(0.0));
+        assert!(one_plan.timings.len() >= 2, "{one_plan:?}");
         assert_eq!(step("onnxruntime host pool").outcome, "timed");
         for level in ["extended", "basic"] {
             let lighter = step(&format!("onnxruntime host pool, {level} graph optimizations"));
@@ -803,6 +822,6 @@ pub(crate) mod tests {
             assert_eq!(lighter.engine, format!("onnxruntime@{level}"));
         }
         assert_eq!(step("onnxruntime host pool, model.coarse.onnx").outcome, "rejected");
-        assert!(seen.iter().any(|s| s == "10/10 choosing"), "{seen:?}");
+        assert!(seen.iter().any(|s| s == "11/11 choosing"), "{seen:?}");
     }
 }

@@ -167,6 +167,9 @@ pub struct LoaderOptions {
     pub ignore_value_info: Option<bool>,
     /// The float precision tract plans in (`precision`).
     pub precision: TractPrecision,
+    /// One plan with a symbolic batch size for every batch (`batch_plan = "symbolic"`)
+    /// instead of one plan per concrete batch size (`"concrete"`, the default).
+    pub symbolic_batch: bool,
 }
 
 /// A model's validated configuration.
@@ -302,6 +305,7 @@ struct RawLoader {
     ignore_output_shapes: Option<bool>,
     ignore_value_info: Option<bool>,
     precision: Option<String>,
+    batch_plan: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -493,6 +497,16 @@ impl ModelConfig {
                 TractPrecision::F32
             }),
         };
+        let symbolic_batch = match raw.loader.batch_plan.as_deref() {
+            None | Some("concrete") => false,
+            Some("symbolic") => true,
+            Some(other) => {
+                problems.push(format!(
+                    "loader.batch_plan: must be \"concrete\" or \"symbolic\", got {other:?}"
+                ));
+                false
+            }
+        };
         let onnxruntime = OrtOptions {
             library: raw.onnxruntime.library.filter(|l| !l.is_empty()).map(Into::into),
             provider,
@@ -564,6 +578,7 @@ impl ModelConfig {
                 ignore_output_shapes: raw.loader.ignore_output_shapes,
                 ignore_value_info: raw.loader.ignore_value_info,
                 precision,
+                symbolic_batch,
             },
         })
     }
@@ -714,6 +729,15 @@ mod tests {
         assert!(ort.contains("onnxruntime.intra_op_threads: must be 1..=256, got 0"), "{ort}");
         let half = ModelConfig::parse("[loader]\nprecision = \"f16\"\n", "t", "m").expect("valid");
         assert_eq!(half.loader.precision, TractPrecision::F16);
+        let one =
+            ModelConfig::parse("[loader]\nbatch_plan = \"symbolic\"\n", "t", "m").expect("valid");
+        assert!(one.loader.symbolic_batch);
+        let bad = ModelConfig::parse("[loader]\nbatch_plan = \"one\"\n", "t", "m").unwrap_err();
+        assert!(
+            bad.to_string()
+                .contains("loader.batch_plan: must be \"concrete\" or \"symbolic\", got \"one\""),
+            "{bad}"
+        );
         let bad = ModelConfig::parse("[loader]\nprecision = \"f8\"\n", "t", "m").unwrap_err();
         assert!(
             bad.to_string().contains("loader.precision: must be \"f32\" or \"f16\", got \"f8\""),

@@ -83,8 +83,9 @@ pub struct EngineOverride {
     pub intra_op_threads: Option<usize>,
     /// onnxruntime's graph optimization level; `None` keeps the config's.
     pub graph_optimization: Option<crate::serving::model_config::OrtGraphLevel>,
-    /// tract's float precision; `None` keeps the config's.
-    pub precision: Option<crate::serving::model_config::TractPrecision>,
+    /// tract's float precision and whether it plans one symbolic batch size; `None` keeps the
+    /// config's.
+    pub tract: Option<(crate::serving::model_config::TractPrecision, bool)>,
 }
 
 /// The repository and its loaded models.
@@ -340,11 +341,12 @@ fn prepare(
             if let Some(level) = o.graph_optimization {
                 config.onnxruntime.graph_optimization = level;
             }
-            if let Some(precision) = o.precision {
+            if let Some((precision, symbolic_batch)) = o.tract {
                 config.loader.precision = precision;
+                config.loader.symbolic_batch = symbolic_batch;
             }
             file = dir.join(&version).join(&o.file);
-            info!(model = name, version = %version, file = %o.file, backend = ?o.backend, threads = ?o.intra_op_threads, graph = ?o.graph_optimization, precision = ?o.precision, "Serving the engine the optimizer adopted.");
+            info!(model = name, version = %version, file = %o.file, backend = ?o.backend, threads = ?o.intra_op_threads, graph = ?o.graph_optimization, tract = ?o.tract, "Serving the engine the optimizer adopted.");
         }
         let in_process =
             matches!(config.backend, Backend::Tract | Backend::Onnxruntime | Backend::Auto);

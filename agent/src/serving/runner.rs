@@ -86,6 +86,9 @@ pub struct EngineInfo {
     /// tract's float precision: `f32` or `f16`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub precision: Option<&'static str>,
+    /// tract's plans: one per concrete batch size, or one with a symbolic batch size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_plan: Option<&'static str>,
     /// How far onnxruntime rewrites the graph: `disabled`, `basic`, `extended` or `all`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub graph_optimization: Option<&'static str>,
@@ -108,6 +111,7 @@ impl EngineInfo {
             threads: None,
             thread_pool: None,
             precision: None,
+            batch_plan: None,
             graph_optimization: None,
             provider: None,
             library: None,
@@ -165,6 +169,9 @@ pub struct TractEngine {
     plans: Mutex<PlanCache>,
     /// f16 plans take f16 inputs and give f16 outputs; the engine casts at the edges.
     precision: TractPrecision,
+    /// One plan per shape with the batch size left symbolic (every input's first axis), used
+    /// for every batch size; set only for models that batch.
+    symbolic_batch: bool,
 }
 
 impl std::fmt::Debug for TractEngine {
@@ -243,6 +250,7 @@ impl TractEngine {
             input_types,
             plans: Mutex::default(),
             precision: config.loader.precision,
+            symbolic_batch: config.loader.symbolic_batch && signature.max_batch_size > 0,
         };
         // A trial plan for one request, when the model fixes every size but the batch: it
         // catches broken graphs at load and warms the cache. With sizes left open, the graph
@@ -317,7 +325,15 @@ impl TractEngine {
         }
     }
 
-    fn plan_for(&self, shapes: Vec<Vec<usize>>) -> Result<Arc<TypedRunnableModel>, RunError> {
+    fn plan_for(&self, mut shapes: Vec<Vec<usize>>) -> Result<Arc<TypedRunnableModel>, RunError> {
+        // A symbolic-batch plan is kept under the shapes with the batch axis at 0.
+        if self.symbolic_batch {
+            for shape in &mut shapes {
+                if let Some(batch) = shape.first_mut() {
+                    *batch = 0;
+                }
+            }
+        }
         if let Some(plan) = self.plans.lock().ok().and_then(|mut p| p.get(&shapes)) {
             return Ok(plan);
         }
@@ -364,9 +380,22 @@ impl TractEngine {
             return Err("no such template".into());
         };
         let mut model = template.clone();
+        let batch: TDim = model.symbols.sym("N").into();
         for (i, (shape, dt)) in shapes.iter().zip(&self.input_types).enumerate() {
+            let dims: Vec<TDim> =
+                shape
+                    .iter()
+                    .enumerate()
+                    .map(|(axis, d)| {
+                        if self.symbolic_batch && axis == 0 {
+                            batch.clone()
+                        } else {
+                            TDim::from(*d)
+                        }
+                    })
+                    .collect();
             model
-                .set_input_fact(i, InferenceFact::dt_shape(*dt, shape.as_slice()))
+                .set_input_fact(i, InferenceFact::dt_shape(*dt, dims))
                 .map_err(|e| format!("fixing input {i} to {shape:?}: {e:#}"))?;
         }
         // tract can panic on shapes a graph does not support; that fails this plan, not the agent.
@@ -451,6 +480,7 @@ impl Engine for TractEngine {
         EngineInfo {
             threads: Some(1),
             precision: Some(self.precision.name()),
+            batch_plan: Some(if self.symbolic_batch { "symbolic" } else { "concrete" }),
             ..EngineInfo::named("tract")
         }
     }
@@ -648,6 +678,57 @@ pub(crate) mod tests {
             single_a[0].to_f64().into_iter().chain(single_b[0].to_f64()).collect();
         for (x, y) in batched[0].to_f64().iter().zip(&joined) {
             assert!((x - y).abs() < 1e-5, "batched {x} vs single {y}");
+        }
+    }
+
+    #[test]
+    fn one_symbolic_batch_plan_serves_every_batch_size_and_f16_stays_close() {
+        // text_cnn (INT32 tokens [N, 512]) types with a symbolic batch size.
+        let file = crate::serving::onnxruntime::tests::fixture("text_cnn.onnx");
+        let tokens = |n: usize| {
+            let data: Vec<u8> = (0..n * 512)
+                .flat_map(|i| i32::try_from(i * 7 % 61).unwrap_or(0).to_le_bytes())
+                .collect();
+            Tensor::from_bytes(DataType::I32, vec![n, 512], data).expect("tokens")
+        };
+        let (reference, _) = TractEngine::load(&file, &ModelConfig::default()).expect("loads");
+        let mut config = ModelConfig::default();
+        config.loader.symbolic_batch = true;
+        let (symbolic, _) = TractEngine::load(&file, &config).expect("loads");
+        assert_eq!(symbolic.info().batch_plan, Some("symbolic"));
+        let per_size_before = reference.plan_count();
+        for n in [1, 2, 4] {
+            let want = reference.run(vec![tokens(n)]).expect("per-size plan");
+            let got = symbolic.run(vec![tokens(n)]).expect("symbolic plan");
+            assert_eq!(got[0].shape(), &[n, 4]);
+            for (x, y) in got[0].to_f64().iter().zip(want[0].to_f64()) {
+                assert!((x - y).abs() < 1e-5, "batch {n}: {x} vs {y}");
+            }
+        }
+        assert_eq!(symbolic.plan_count(), 1, "one plan for batch sizes 1, 2 and 4");
+        assert!(reference.plan_count() >= per_size_before + 2, "a plan per size");
+        // ppocr's Reshape from a Shape chain does not type with a symbolic batch: refused at
+        // load with tract's reason, so the optimizer reports that candidate as failed.
+        let ppocr = shared_model("ppocr_mobile_v2_cls.onnx");
+        let refused = TractEngine::load(&ppocr, &config).expect_err("no symbolic plan");
+        assert!(refused.contains("Reshape"), "{refused}");
+        // Half precision: f32 on the wire, the same classes, a small error.
+        let file = ppocr;
+        let row = 3 * 48 * 192;
+        let rows = |n: usize| {
+            Tensor::from_bytes(DataType::F32, vec![n, 3, 48, 192], pseudo_random_f32(row * n, 3))
+                .expect("rows")
+        };
+        let (reference, _) = TractEngine::load(&file, &ModelConfig::default()).expect("loads");
+        config.loader.symbolic_batch = false;
+        config.loader.precision = TractPrecision::F16;
+        let (half, _) = TractEngine::load(&file, &config).expect("loads");
+        assert_eq!(half.info().precision, Some("f16"));
+        let got = half.run(vec![rows(2)]).expect("f16 plan");
+        let want = reference.run(vec![rows(2)]).expect("f32 plan");
+        assert_eq!(got[0].dtype(), DataType::F32);
+        for (x, y) in got[0].to_f64().iter().zip(want[0].to_f64()) {
+            assert!((x - y).abs() < 0.05, "f16 {x} vs f32 {y}");
         }
     }
 

@@ -212,7 +212,8 @@ fn an_optimizer_search_on_a_real_agent_measures_every_candidate_including_its_me
             "onnxruntime 1 thread",
             "onnxruntime host pool, extended graph optimizations",
             "onnxruntime host pool, basic graph optimizations",
-            "tract f16"
+            "tract f16",
+            "tract, one plan for every batch size"
         ],
         "{report}"
     );
