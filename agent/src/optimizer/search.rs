@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -96,7 +96,8 @@ pub struct Step {
     pub engine: String,
     /// Its ONNX file's name in the version directory.
     pub file: String,
-    /// `timed`, `rejected` (over the bound) or `failed` (did not load or run).
+    /// `timed`, `rejected` (over the bound), `dropped` (far slower than the baseline: see
+    /// [`SLOW_FACTOR`]) or `failed` (did not load or run).
     pub outcome: &'static str,
     /// Why it was rejected or failed, or how the batch sweep ended.
     pub why: String,
@@ -290,23 +291,54 @@ pub fn batch_of(
         .collect()
 }
 
-/// Runs every calibration request, pausing after each to keep to the CPU share.
+/// A candidate this many times slower per calibration request than the baseline (the
+/// baseline's median, at least [`SLOW_FLOOR`]) is dropped untimed, except by the memory
+/// strategy: no other strategy would pick it, and timing it would take the search that much
+/// longer (tract's emulated f16 on x86 is 25 to 230 times slower).
+pub const SLOW_FACTOR: u32 = 20;
+
+/// See [`SLOW_FACTOR`].
+pub const SLOW_FLOOR: Duration = Duration::from_millis(20);
+
+/// Why the calibration requests did not all run.
+#[derive(Debug)]
+enum CalibrationError {
+    /// A request failed (or the engine panicked).
+    Failed(String),
+    /// A request after the first (which may build plans) took longer than the limit.
+    TooSlow(String),
+}
+
+/// Runs every calibration request, pausing after each to keep to the CPU share; returns the
+/// outputs and the median time of one request. With `limit`, stops at the first request after
+/// the first that takes longer.
 fn run_all(
     engine: &dyn Engine,
     calibration: &Calibration,
     effort: &Effort,
-) -> Result<Vec<Vec<Tensor>>, String> {
-    calibration
-        .requests
-        .iter()
-        .enumerate()
-        .map(|(r, req)| {
-            let t = Instant::now();
-            let out = run_guarded(engine, req).map_err(|e| format!("calibration request {r}: {e}"));
-            effort.pause_after(t.elapsed());
-            out
-        })
-        .collect()
+    limit: Option<Duration>,
+) -> Result<(Vec<Vec<Tensor>>, Duration), CalibrationError> {
+    let mut outputs = Vec::with_capacity(calibration.requests.len());
+    let mut times = Vec::with_capacity(calibration.requests.len());
+    for (r, req) in calibration.requests.iter().enumerate() {
+        let t = Instant::now();
+        let out = run_guarded(engine, req)
+            .map_err(|e| CalibrationError::Failed(format!("calibration request {r}: {e}")))?;
+        let took = t.elapsed();
+        effort.pause_after(took);
+        if let Some(limit) = limit.filter(|l| r > 0 && took > *l) {
+            return Err(CalibrationError::TooSlow(format!(
+                "calibration request {r} took {:.1} ms, over {SLOW_FACTOR} times the baseline's ({:.1} ms allowed): dropped untimed",
+                took.as_secs_f64() * 1000.0,
+                limit.as_secs_f64() * 1000.0
+            )));
+        }
+        outputs.push(out);
+        times.push(took);
+    }
+    times.sort();
+    let median = times.get(times.len() / 2).copied().unwrap_or_default();
+    Ok((outputs, median))
 }
 
 /// Progress as the search goes: (step, of steps, what).
@@ -327,12 +359,16 @@ pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
     let baseline_load_ms = baseline_took.as_secs_f64() * 1000.0;
     let model_dir = super::footprint::model_dir_of(&spec.file);
     let calibration = calibration::load(&model_dir, &signature, spec.calibration_rows)?;
-    let reference = run_all(baseline.as_ref(), &calibration, &spec.effort).map_err(|e| {
-        format!(
-            "the baseline (tract) cannot run the calibration inputs ({}): {e}",
-            calibration.source
-        )
-    })?;
+    let (reference, baseline_median) = run_all(baseline.as_ref(), &calibration, &spec.effort, None)
+        .map_err(|e| {
+            let (CalibrationError::Failed(e) | CalibrationError::TooSlow(e)) = e;
+            format!(
+                "the baseline (tract) cannot run the calibration inputs ({}): {e}",
+                calibration.source
+            )
+        })?;
+    let slow_limit = (spec.strategy != Strategy::Memory)
+        .then(|| (baseline_median * SLOW_FACTOR).max(SLOW_FLOOR));
     let max_batch = spec.config.max_batch_size.min(signature.max_batch_size).max(1);
     let batched = signature.max_batch_size > 0;
     // A symbolic batch axis means nothing to a model that cannot batch.
@@ -365,12 +401,22 @@ pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
                 }
             }
         };
-        let agreement = match run_all(engine.as_ref(), &calibration, &spec.effort)
-            .and_then(|out| compare(&reference, &out))
-        {
-            Ok(a) => a,
-            Err(e) => {
+        // The baseline's outputs are the reference; it is not compared with itself or limited.
+        let limit = if index == 0 { None } else { slow_limit };
+        let agreement = match run_all(engine.as_ref(), &calibration, &spec.effort, limit) {
+            Ok((out, _)) => match compare(&reference, &out) {
+                Ok(a) => a,
+                Err(e) => {
+                    steps.push(failed(candidate, e));
+                    continue;
+                }
+            },
+            Err(CalibrationError::Failed(e)) => {
                 steps.push(failed(candidate, e));
+                continue;
+            }
+            Err(CalibrationError::TooSlow(why)) => {
+                steps.push(Step { outcome: "dropped", load_ms, ..failed(candidate, why) });
                 continue;
             }
         };
@@ -734,6 +780,41 @@ pub(crate) mod tests {
         assert_eq!(four[0].to_f64()[9..12], [0.0, 1.0, 2.0]);
         // A model that cannot batch runs the first request as it is.
         assert_eq!(batch_of(&calibration, 4, false).expect("as is")[0].shape(), &[2, 3]);
+    }
+
+    /// Sleeps `first` on its first run and `then` on every later one.
+    struct Sleeps(std::sync::atomic::AtomicUsize, Duration, Duration);
+    impl Engine for Sleeps {
+        fn run(
+            &self,
+            inputs: Vec<Tensor>,
+        ) -> Result<Vec<Tensor>, crate::serving::runner::RunError> {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::thread::sleep(if n == 0 { self.1 } else { self.2 });
+            Ok(inputs)
+        }
+    }
+
+    #[test]
+    fn a_candidate_far_slower_than_the_baseline_is_dropped_after_its_first_request() {
+        let calibration = Calibration { requests: vec![Vec::new(); 4], source: String::new() };
+        let effort = Effort { rounds: 1, max_time: Duration::from_secs(1), cpu_share: 1.0 };
+        let limit = Some(Duration::from_millis(20));
+        // A slow first run (plans built on first use) is not held against it.
+        let warming = Sleeps(Default::default(), Duration::from_millis(60), Duration::ZERO);
+        let (outputs, median) = run_all(&warming, &calibration, &effort, limit).expect("runs");
+        assert_eq!(outputs.len(), 4);
+        assert!(median < Duration::from_millis(20), "{median:?}");
+        let slow = Sleeps(Default::default(), Duration::ZERO, Duration::from_millis(30));
+        match run_all(&slow, &calibration, &effort, limit) {
+            Err(CalibrationError::TooSlow(why)) => {
+                assert!(why.starts_with("calibration request 1 took"), "{why}");
+                assert!(why.contains("over 20 times the baseline's (20.0 ms allowed)"), "{why}");
+            }
+            other => panic!("not dropped: {:?}", other.map(|(_, median)| median)),
+        }
+        // Without a limit (the baseline, the memory strategy) it runs to the end.
+        assert!(run_all(&slow, &calibration, &effort, None).is_ok());
     }
 
     #[test]
