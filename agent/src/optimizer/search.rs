@@ -294,7 +294,7 @@ pub fn batch_of(
 /// A candidate this many times slower per calibration request than the baseline (the
 /// baseline's median, at least [`SLOW_FLOOR`]) is dropped untimed, except by the memory
 /// strategy: no other strategy would pick it, and timing it would take the search that much
-/// longer (tract's emulated f16 on x86 is 25 to 230 times slower).
+/// longer (tract's emulated f16 on x86 is 23 to 230 times slower).
 pub const SLOW_FACTOR: u32 = 20;
 
 /// See [`SLOW_FACTOR`].
