@@ -185,6 +185,19 @@ fn main() -> anyhow::Result<()> {
             );
         }
         println!("  Pareto set: {}", report.pareto.join("; "));
+        if !report.baseline_instances.is_empty() {
+            let counts: Vec<String> = report
+                .baseline_instances
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{} -> {:.1} rows/s (p99 {:.3} ms)",
+                        t.instances, t.rows_per_s, t.p99_ms
+                    )
+                })
+                .collect();
+            println!("  baseline (tract) instances at once: {}", counts.join(", "));
+        }
         if !report.instances.is_empty() {
             let counts: Vec<String> = report
                 .instances

@@ -136,6 +136,10 @@ pub struct Report {
     /// The instance count those figures chose.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instances_chosen: Option<usize>,
+    /// The baseline at its best batch size with 1, 2, 4, ... instances at once (every
+    /// strategy, on a host with more than one core).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub baseline_instances: Vec<InstanceTiming>,
     /// Every candidate, baseline first.
     pub steps: Vec<Step>,
     /// The winner's name.
@@ -521,6 +525,24 @@ pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
             Err(e) => why.push_str(&format!("; instances not measured: {e}")),
         }
     }
+    // The baseline's figures per instance count too, at its own best batch size, whatever the
+    // strategy: what the model's current engine gains from more instances on this host.
+    let mut baseline_instances = Vec::new();
+    if max_instances > 1
+        && let Some((0, base)) = timed.first()
+    {
+        let base_batch = base.best_throughput(spec.slo_ms).map_or(1, |t| t.0);
+        let same = winner == Some(0) && batch.unwrap_or(1) == base_batch && !instances.is_empty();
+        if same {
+            baseline_instances.clone_from(&instances);
+        } else {
+            progress(total, total, "instances: baseline");
+            match instance_sweep(spec, &list[0], &calibration, base_batch, batched, max_instances) {
+                Ok((timings, _, _)) => baseline_instances = timings,
+                Err(e) => why.push_str(&format!("; the baseline's instances not measured: {e}")),
+            }
+        }
+    }
     Ok(Report {
         file: spec.file.display().to_string(),
         strategy: spec.strategy,
@@ -530,6 +552,7 @@ pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
         min_improvement: spec.min_improvement,
         instances,
         instances_chosen,
+        baseline_instances,
         winner: winner.map(name),
         batch,
         why,
@@ -878,6 +901,9 @@ pub(crate) mod tests {
             let chosen = report.instances_chosen.expect("no SLO: some count is chosen");
             assert!(counts.contains(&chosen), "{chosen} {counts:?}");
             assert!(report.why.contains("instance"), "{}", report.why);
+            let base: Vec<usize> = report.baseline_instances.iter().map(|t| t.instances).collect();
+            assert_eq!(base.first(), Some(&1), "{report:#?}");
+            assert!(report.baseline_instances.iter().all(|t| t.rows_per_s > 0.0));
         }
         let (again, batch, why) = choose_again(&report, Strategy::Throughput, None, None);
         assert_eq!((again, batch), (report.winner.clone(), report.batch));

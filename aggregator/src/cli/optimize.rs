@@ -369,22 +369,29 @@ fn report_text(r: &Value) -> String {
         )),
         None => out.push_str(&format!("No winner: {}\n", r["why"].as_str().unwrap_or(""))),
     }
-    let instances: Vec<String> = r["instances"]
-        .as_array()
-        .unwrap_or(&empty)
-        .iter()
-        .map(|t| {
-            format!(
-                "{} -> {:.1} rows/s (p99 {:.3} ms)",
-                t["instances"],
-                t["rows_per_s"].as_f64().unwrap_or(0.0),
-                t["p99_ms"].as_f64().unwrap_or(0.0)
-            )
-        })
-        .collect();
+    let counts = |key: &str| -> Vec<String> {
+        r[key]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} -> {:.1} rows/s (p99 {:.3} ms)",
+                    t["instances"],
+                    t["rows_per_s"].as_f64().unwrap_or(0.0),
+                    t["p99_ms"].as_f64().unwrap_or(0.0)
+                )
+            })
+            .collect()
+    };
+    let instances = counts("instances");
     if !instances.is_empty() {
         let chosen = r["instances_chosen"].as_u64().map_or("none".to_owned(), |k| k.to_string());
         out.push_str(&format!("Instances: {}; chosen: {chosen}\n", instances.join(", ")));
+    }
+    let baseline = counts("baseline_instances");
+    if !baseline.is_empty() {
+        out.push_str(&format!("Baseline instances: {}\n", baseline.join(", ")));
     }
     let pareto: Vec<&str> =
         r["pareto"].as_array().unwrap_or(&empty).iter().filter_map(Value::as_str).collect();
@@ -425,7 +432,8 @@ mod tests {
             "winner": "tract", "batch": 1, "why": "lowest p99 at one row: 1.500 ms", "pareto": ["tract"],
             "instances": [{"instances": 1, "batch": 1, "rounds": 3, "p50_ms": 1.4, "p99_ms": 1.5, "rows_per_s": 700.0},
                           {"instances": 2, "batch": 1, "rounds": 3, "p50_ms": 1.6, "p99_ms": 1.75, "rows_per_s": 1250.0}],
-            "instances_chosen": 2}});
+            "instances_chosen": 2,
+            "baseline_instances": [{"instances": 1, "batch": 1, "rounds": 3, "p50_ms": 1.4, "p99_ms": 1.5, "rows_per_s": 700.0}]}});
         let text = render(&record("done", done.clone(), None), false).expect("text");
         assert!(text.contains("search took 1.5 s"), "{text}");
         assert!(text.contains("700.0@1"), "{text}");
@@ -436,6 +444,7 @@ mod tests {
             text.contains("Instances: 1 -> 700.0 rows/s (p99 1.500 ms), 2 -> 1250.0 rows/s (p99 1.750 ms); chosen: 2"),
             "{text}"
         );
+        assert!(text.contains("Baseline instances: 1 -> 700.0 rows/s (p99 1.500 ms)\n"), "{text}");
         let failed = serde_json::json!({"state": "failed", "error": "no file"});
         assert_eq!(
             render(&record("failed", failed, None), false).expect("text"),

@@ -628,6 +628,13 @@ fn flotilla_optimize_runs_a_search_on_the_host_and_shows_its_report() {
         (record["state"] == "done").then_some(record)
     });
     assert_eq!(kept["agent"]["report"]["strategy"], "latency", "{kept}");
+    // A latency search chooses no instance count, but the baseline's figures per count are
+    // measured all the same where there is more than one core.
+    if cpus_listed() > 1 {
+        let base = kept["agent"]["report"]["baseline_instances"].as_array().unwrap();
+        assert_eq!(base[0]["instances"], 1, "{kept}");
+        assert!(kept["agent"]["report"]["instances_chosen"].is_null(), "{kept}");
+    }
     // Followed by the CLI to its report.
     let out = agg.cli(&search(&[]));
     let text = String::from_utf8_lossy(&out.stdout);
