@@ -212,6 +212,9 @@ fn search_history(
     let mut history = crate::control::optimize::SearchHistory::default();
     let recent = |at_ms: i64| now_ms.saturating_sub(at_ms) < SEARCH_AGAIN_AFTER_MS;
     for r in control.optimizations(None, None, usize::MAX)? {
+        if r.is_running() {
+            history.searching.insert(r.host.clone());
+        }
         if r.is_running() || recent(r.requested_ms) {
             history.recent.insert((r.host, r.model));
         }

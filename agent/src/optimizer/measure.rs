@@ -162,7 +162,8 @@ pub fn time_instances(
                     let mut times = Vec::with_capacity(rounds);
                     for round in 0..=rounds {
                         start.wait();
-                        // Everyone reads the same flag here: it was set before this barrier.
+                        // Everyone reads the same flag here: only the leader sets it, between
+                        // the end of one round and the start of the next.
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
@@ -178,16 +179,24 @@ pub fn time_instances(
                                     times.push(ms);
                                 }
                             }
+                            // Recorded only: setting `stop` here could let a thread still
+                            // waking from the start barrier skip this round's end barrier.
                             Err(e) => {
                                 error
                                     .lock()
                                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                                     .get_or_insert(e);
-                                stop.store(true, Ordering::Relaxed);
                             }
                         }
                         let leader = end.wait().is_leader();
                         if leader {
+                            if error
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .is_some()
+                            {
+                                stop.store(true, Ordering::Relaxed);
+                            }
                             let slowest_ms = lock(slowest);
                             *slowest.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
                                 0.0;
@@ -293,11 +302,13 @@ mod tests {
     #[test]
     fn a_failing_or_panicking_instance_ends_the_rounds_with_its_error() {
         let effort = Effort { rounds: 50, max_time: Duration::from_secs(10), cpu_share: 1.0 };
-        for panics in [false, true] {
-            let engine = FailsAt(std::sync::atomic::AtomicUsize::new(0), 7, panics);
-            let e = time_instances(&engine, &[], 1, 2, &effort).expect_err("fails");
+        // Many times, with instant runs: a failing thread must not leave another waiting at a
+        // barrier (that hung the search before).
+        for (panics, at) in (0..200).map(|i| (i % 2 == 1, 1 + i % 8)) {
+            let engine = FailsAt(std::sync::atomic::AtomicUsize::new(0), at, panics);
+            let e = time_instances(&engine, &[], 1, 4, &effort).expect_err("fails");
             let want = if panics { "the engine panicked" } else { "out of memory" };
-            assert!(e.contains(want) && e.starts_with("2 instances, batch of 1"), "{e}");
+            assert!(e.contains(want) && e.starts_with("4 instances, batch of 1"), "{e}");
         }
         // One run, and a timed batch, fail the same way instead of unwinding the search.
         let panics = FailsAt(std::sync::atomic::AtomicUsize::new(0), 0, true);

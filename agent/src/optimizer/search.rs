@@ -295,8 +295,8 @@ pub fn batch_of(
         .collect()
 }
 
-/// A candidate this many times slower per calibration request than the baseline (the
-/// baseline's median, at least [`SLOW_FLOOR`]) is dropped untimed, except by the memory
+/// A candidate this many times slower on a calibration request than the baseline on the same
+/// request (at least [`SLOW_FLOOR`]) is dropped untimed, except by the memory
 /// strategy: no other strategy would pick it, and timing it would take the search that much
 /// longer (tract's emulated f16 on x86 is 23 to 230 times slower).
 pub const SLOW_FACTOR: u32 = 20;
@@ -314,14 +314,14 @@ enum CalibrationError {
 }
 
 /// Runs every calibration request, pausing after each to keep to the CPU share; returns the
-/// outputs and the median time of one request. With `limit`, stops at the first request after
-/// the first that takes longer.
+/// outputs and each request's time. With `limits` (one per request), stops at the first
+/// request after the first that takes longer than its limit.
 fn run_all(
     engine: &dyn Engine,
     calibration: &Calibration,
     effort: &Effort,
-    limit: Option<Duration>,
-) -> Result<(Vec<Vec<Tensor>>, Duration), CalibrationError> {
+    limits: Option<&[Duration]>,
+) -> Result<(Vec<Vec<Tensor>>, Vec<Duration>), CalibrationError> {
     let mut outputs = Vec::with_capacity(calibration.requests.len());
     let mut times = Vec::with_capacity(calibration.requests.len());
     for (r, req) in calibration.requests.iter().enumerate() {
@@ -330,7 +330,7 @@ fn run_all(
             .map_err(|e| CalibrationError::Failed(format!("calibration request {r}: {e}")))?;
         let took = t.elapsed();
         effort.pause_after(took);
-        if let Some(limit) = limit.filter(|l| r > 0 && took > *l) {
+        if let Some(limit) = limits.and_then(|l| l.get(r)).filter(|l| r > 0 && took > **l) {
             return Err(CalibrationError::TooSlow(format!(
                 "calibration request {r} took {:.1} ms, over {SLOW_FACTOR} times the baseline's ({:.1} ms allowed): dropped untimed",
                 took.as_secs_f64() * 1000.0,
@@ -340,9 +340,7 @@ fn run_all(
         outputs.push(out);
         times.push(took);
     }
-    times.sort();
-    let median = times.get(times.len() / 2).copied().unwrap_or_default();
-    Ok((outputs, median))
+    Ok((outputs, times))
 }
 
 /// Progress as the search goes: (step, of steps, what).
@@ -363,7 +361,7 @@ pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
     let baseline_load_ms = baseline_took.as_secs_f64() * 1000.0;
     let model_dir = super::footprint::model_dir_of(&spec.file);
     let calibration = calibration::load(&model_dir, &signature, spec.calibration_rows)?;
-    let (reference, baseline_median) = run_all(baseline.as_ref(), &calibration, &spec.effort, None)
+    let (reference, baseline_times) = run_all(baseline.as_ref(), &calibration, &spec.effort, None)
         .map_err(|e| {
             let (CalibrationError::Failed(e) | CalibrationError::TooSlow(e)) = e;
             format!(
@@ -371,8 +369,8 @@ pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
                 calibration.source
             )
         })?;
-    let slow_limit = (spec.strategy != Strategy::Memory)
-        .then(|| (baseline_median * SLOW_FACTOR).max(SLOW_FLOOR));
+    let slow_limits: Option<Vec<Duration>> = (spec.strategy != Strategy::Memory)
+        .then(|| baseline_times.iter().map(|t| (*t * SLOW_FACTOR).max(SLOW_FLOOR)).collect());
     let max_batch = spec.config.max_batch_size.min(signature.max_batch_size).max(1);
     let batched = signature.max_batch_size > 0;
     // A symbolic batch axis means nothing to a model that cannot batch.
@@ -406,8 +404,8 @@ pub fn run(spec: &Spec, progress: Progress<'_>) -> Result<Report, String> {
             }
         };
         // The baseline's outputs are the reference; it is not compared with itself or limited.
-        let limit = if index == 0 { None } else { slow_limit };
-        let agreement = match run_all(engine.as_ref(), &calibration, &spec.effort, limit) {
+        let limits = if index == 0 { None } else { slow_limits.as_deref() };
+        let agreement = match run_all(engine.as_ref(), &calibration, &spec.effort, limits) {
             Ok((out, _)) => match compare(&reference, &out) {
                 Ok(a) => a,
                 Err(e) => {
@@ -822,19 +820,20 @@ pub(crate) mod tests {
     fn a_candidate_far_slower_than_the_baseline_is_dropped_after_its_first_request() {
         let calibration = Calibration { requests: vec![Vec::new(); 4], source: String::new() };
         let effort = Effort { rounds: 1, max_time: Duration::from_secs(1), cpu_share: 1.0 };
-        let limit = Some(Duration::from_millis(20));
+        let limits = [Duration::from_millis(20); 4];
+        let limit = Some(&limits[..]);
         // A slow first run (plans built on first use) is not held against it.
         let warming = Sleeps(Default::default(), Duration::from_millis(60), Duration::ZERO);
-        let (outputs, median) = run_all(&warming, &calibration, &effort, limit).expect("runs");
-        assert_eq!(outputs.len(), 4);
-        assert!(median < Duration::from_millis(20), "{median:?}");
+        let (outputs, times) = run_all(&warming, &calibration, &effort, limit).expect("runs");
+        assert_eq!((outputs.len(), times.len()), (4, 4));
+        assert!(times[0] >= Duration::from_millis(60) && times[1] < Duration::from_millis(20));
         let slow = Sleeps(Default::default(), Duration::ZERO, Duration::from_millis(30));
         match run_all(&slow, &calibration, &effort, limit) {
             Err(CalibrationError::TooSlow(why)) => {
                 assert!(why.starts_with("calibration request 1 took"), "{why}");
                 assert!(why.contains("over 20 times the baseline's (20.0 ms allowed)"), "{why}");
             }
-            other => panic!("not dropped: {:?}", other.map(|(_, median)| median)),
+            other => panic!("not dropped: {:?}", other.map(|(_, times)| times)),
         }
         // Without a limit (the baseline, the memory strategy) it runs to the end.
         assert!(run_all(&slow, &calibration, &effort, None).is_ok());

@@ -169,6 +169,8 @@ pub struct TractEngine {
     plans: Mutex<PlanCache>,
     /// f16 plans take f16 inputs and give f16 outputs; the engine casts at the edges.
     precision: TractPrecision,
+    /// Whether each output is FP32 in the signature (an f16 plan's are widened back to it).
+    outputs_f32: Vec<bool>,
     /// One plan per shape with the batch size left symbolic (every input's first axis), used
     /// for every batch size; set only for models that batch.
     symbolic_batch: bool,
@@ -250,6 +252,7 @@ impl TractEngine {
             input_types,
             plans: Mutex::default(),
             precision: config.loader.precision,
+            outputs_f32: signature.outputs.iter().map(|o| o.datatype == DataType::F32).collect(),
             symbolic_batch: config.loader.symbolic_batch && signature.max_batch_size > 0,
         };
         // A trial plan for one request, when the model fixes every size but the batch: it
@@ -462,9 +465,12 @@ impl Engine for TractEngine {
         let outputs = plan.run(values).map_err(|e| RunError(format!("{e:#}")))?;
         outputs
             .iter()
-            .map(|v| {
-                // ... and gives f32 back, as the signature says.
-                if self.precision == TractPrecision::F16 && v.datum_type() == DatumType::F16 {
+            .enumerate()
+            .map(|(i, v)| {
+                // ... and gives f32 back where the signature says FP32 (an output the file
+                // declares FP16 stays FP16).
+                let widen = self.outputs_f32.get(i).copied().unwrap_or(false);
+                if widen && v.datum_type() == DatumType::F16 {
                     let wide =
                         v.cast_to_dt(DatumType::F32).map_err(|e| RunError(format!("{e:#}")))?;
                     Tensor::from_tract(&wide).map_err(|e| RunError(e.0))

@@ -188,7 +188,9 @@ fn rollback(client: &Client, host: &str, model: &str, json: bool) -> anyhow::Res
         kind: "optimize_rollback".into(),
         payload: Some(serde_json::json!({"model": model})),
         ttl_secs: Some(60),
-        wait_secs: Some(60),
+        // Under the client's own 60 s request timeout, so a slow reload answers 202, not a
+        // transport error.
+        wait_secs: Some(45),
     };
     let view: DirectiveView = client
         .post_json("/api/v1/directives", Some(&request))

@@ -166,6 +166,11 @@ impl Delivery {
         Ok((decision, made))
     }
 
+    /// Whether `host` has a live connection (a delivery task) now.
+    pub fn is_connected(&self, host: &HostId) -> bool {
+        self.lock().contains_key(host)
+    }
+
     /// Wakes `host`'s delivery task, if it has one.
     pub fn wake(&self, host: &HostId) {
         if let Some(n) = self.lock().get(host) {

@@ -50,6 +50,9 @@ pub const SEARCH_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_se
 pub struct SearchHistory {
     /// (host, model) searched, or asked to be, within [`SEARCH_AGAIN_AFTER`].
     pub recent: BTreeSet<(String, String)>,
+    /// Hosts with a search running now (an agent runs one at a time, so asking would only be
+    /// refused, and would use up the model's week).
+    pub searching: BTreeSet<String>,
     /// Each host's hourly rate, where the cost report knows it.
     pub rates: BTreeMap<String, f64>,
 }
@@ -104,19 +107,26 @@ pub fn safe_actions(
                 .collect::<Vec<_>>()
                 .join(", ");
             let idle = idle_models(h, snapshot.now_ms);
+            // Busy: requests in the recent window, or in an hour that ended within the last
+            // hour (a model never asked for is not busy, however new).
             let busy = h
                 .recent
                 .models
                 .iter()
                 .filter(|(_, m)| m.requests > 0)
                 .map(|(name, _)| name.as_str())
-                .chain(idle.iter().filter(|(_, hours)| *hours == 0).map(|(m, _)| m.as_str()));
+                .chain(
+                    idle.iter()
+                        .filter(|(_, hours, ever_busy)| *hours == 0 && *ever_busy)
+                        .map(|(m, _, _)| m.as_str()),
+                );
             for model in busy.collect::<BTreeSet<_>>() {
                 let in_scope = !matches!(&b.scope, BudgetScope::Model(m) if m != model);
                 let key = (h.host.clone(), model.to_owned());
                 // One search per host at a time, once per model and week, one budget enough.
                 if !in_scope
                     || searched.recent.contains(&key)
+                    || searched.searching.contains(&h.host)
                     || out.iter().any(|a| a.host == h.host && a.rule == OPTIMIZE_RULE)
                 {
                     continue;
@@ -149,7 +159,7 @@ pub fn safe_actions(
                     idle_hours: 0,
                 });
             }
-            for (model, idle_hours) in idle {
+            for (model, idle_hours, _) in idle {
                 if matches!(&b.scope, BudgetScope::Model(m) if *m != model) {
                     continue;
                 }
@@ -197,8 +207,9 @@ pub fn safe_actions(
 }
 
 /// Models the host reported in its hourly history with their idle hours: full hours since the
-/// last hour with requests (or since the first hour reported, when none had any).
-fn idle_models(h: &crate::analytics::HostSnapshot, now_ms: i64) -> Vec<(String, i64)> {
+/// last hour with requests (or since the first hour reported, when none had any), and whether
+/// any hour had requests.
+fn idle_models(h: &crate::analytics::HostSnapshot, now_ms: i64) -> Vec<(String, i64, bool)> {
     let mut first: BTreeMap<&str, i64> = BTreeMap::new();
     let mut last_busy: BTreeMap<&str, i64> = BTreeMap::new();
     for (&t, stats) in h.hours.iter() {
@@ -214,8 +225,9 @@ fn idle_models(h: &crate::analytics::HostSnapshot, now_ms: i64) -> Vec<(String, 
         .into_iter()
         .filter(|(model, _)| h.recent.models.get(*model).is_none_or(|m| m.requests == 0))
         .map(|(model, since)| {
-            let idle_since = last_busy.get(model).copied().unwrap_or(since);
-            (model.to_owned(), (now_ms - idle_since).div_euclid(HOUR_MS))
+            let busy = last_busy.get(model).copied();
+            let idle_since = busy.unwrap_or(since);
+            (model.to_owned(), (now_ms - idle_since).div_euclid(HOUR_MS), busy.is_some())
         })
         .collect()
 }
@@ -293,7 +305,7 @@ mod tests {
         // Every busy model here was searched lately: only the idle ones get actions.
         let searched = SearchHistory {
             recent: [("a".to_owned(), "busy".to_owned())].into(),
-            rates: BTreeMap::new(),
+            ..SearchHistory::default()
         };
         let mut actions = safe_actions(&fleet, &snapshot, &BTreeMap::new(), &searched);
         actions.sort_by(|x, y| (&x.host, &x.model).cmp(&(&y.host, &y.model)));
@@ -367,6 +379,7 @@ mod tests {
         let searched = SearchHistory {
             recent: [("b".to_owned(), "ocr".to_owned())].into(),
             rates: [("a".to_owned(), 2.5)].into(),
+            ..SearchHistory::default()
         };
         let actions = safe_actions(&fleet, &snapshot, &BTreeMap::new(), &searched);
         let searches: Vec<&SafeAction> =
@@ -390,10 +403,17 @@ mod tests {
             recent: [("a", "ocr"), ("a", "asr"), ("b", "ocr")]
                 .map(|(h, m)| (h.to_owned(), m.to_owned()))
                 .into(),
-            rates: BTreeMap::new(),
+            ..SearchHistory::default()
         };
         assert!(
             safe_actions(&fleet, &snapshot, &BTreeMap::new(), &all)
+                .iter()
+                .all(|x| x.rule != OPTIMIZE_RULE)
+        );
+        // A host with a search running is not asked for another (it would be refused).
+        let running = SearchHistory { searching: ["a".to_owned()].into(), ..searched.clone() };
+        assert!(
+            safe_actions(&fleet, &snapshot, &BTreeMap::new(), &running)
                 .iter()
                 .all(|x| x.rule != OPTIMIZE_RULE)
         );

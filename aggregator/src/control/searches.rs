@@ -1,8 +1,9 @@
 //! Optimization searches on the agents, followed to their reports and kept: every `optimize`
 //! directive an agent accepts (from an operator, the CLI or a budget) becomes an
 //! [`OptimizationRecord`], and a follower asks the agent where the search stands (the
-//! `optimization` directive) every [`FOLLOW_EVERY`] until it reports, so the report is kept
-//! here (`GET /api/v1/optimizations`, `flotilla optimizations`) whether or not anyone watched.
+//! `optimization` directive) until it reports, every [`FOLLOW_EVERY`] at first and less often
+//! as the search goes on ([`follow_interval`]), so the report is kept here
+//! (`GET /api/v1/optimizations`, `flotilla optimizations`) whether or not anyone watched.
 //!
 //! Invariants:
 //! - One follower per host and model (the `following` map), so the map and the tasks are
@@ -13,8 +14,12 @@
 //! - A record stays `running` only while followed: at start the aggregator resumes every
 //!   `running` record, and a follower that cannot see the search end within [`MAX_FOLLOW`]
 //!   (the host gone, or an agent restart that lost it) marks it `lost`, with why.
-//! - The follower's directives are ordinary ones (recorded, pruned with the others); each has
-//!   a short lifetime, so a disconnected host does not pile them up.
+//! - The follower's directives are ordinary ones (recorded, pruned with the others), sent only
+//!   while the host is connected, so a host that is away does not pile them up; a search that
+//!   runs an hour adds about 180.
+//! - A follower writes a record only while it is still `running` in the store
+//!   ([`super::store::ControlStore::update_running_optimization`]), so a record marked final (superseded,
+//!   lost) is never put back to `running`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -31,8 +36,18 @@ use super::store::{
 };
 use crate::ingest::now_ms;
 
-/// Between two questions to the agent while a search runs.
+/// Between two questions to the agent in a search's first minute.
 pub const FOLLOW_EVERY: Duration = Duration::from_secs(3);
+
+/// Between two questions once a search has run `running_for`: every 3 s in the first minute
+/// (a progress bar someone may be watching), then every 10 s, and every 30 s after 10 minutes.
+pub fn follow_interval(running_for: Duration) -> Duration {
+    match running_for.as_secs() {
+        0..60 => FOLLOW_EVERY,
+        60..600 => Duration::from_secs(10),
+        _ => Duration::from_secs(30),
+    }
+}
 
 /// Longest a search is followed before it is marked lost.
 pub const MAX_FOLLOW: Duration = Duration::from_secs(12 * 3600);
@@ -120,7 +135,8 @@ impl Searches {
         match tokio::task::spawn_blocking(move || store.optimizations(None, None, usize::MAX)).await
         {
             Ok(Ok(records)) => {
-                for r in records.into_iter().filter(OptimizationRecord::is_running) {
+                // Oldest first: a newer running record of the same model supersedes an older.
+                for r in records.into_iter().rev().filter(OptimizationRecord::is_running) {
                     info!(host = %r.host, model = %r.model, "Following an unfinished optimization search again.");
                     self.follow(r.host, r.model, r.directive);
                 }
@@ -198,9 +214,11 @@ impl Searches {
                     answer.answered_ms.unwrap_or_else(now_ms),
                 );
                 let _ = tokio::task::spawn_blocking(move || {
-                    let Some(mut latest) =
-                        store.optimizations(Some(&host), Some(&m), 1)?.into_iter().next()
-                    else {
+                    // The search whose adoption was rolled back: the newest that adopted.
+                    let adopted = store.optimizations(Some(&host), Some(&m), usize::MAX)?;
+                    let Some(mut latest) = adopted.into_iter().find(|r| {
+                        r.agent["adopted"].as_str().is_some_and(|a| a.starts_with("now serving"))
+                    }) else {
                         return Ok(());
                     };
                     latest.note = Some(format!("rolled back: {message}"));
@@ -220,7 +238,8 @@ impl Searches {
         let (replaced, new_follower) = {
             let mut following = self.lock();
             match following.get_mut(&key) {
-                Some(f) if f.directive == directive => return,
+                // The same search, or an older one arriving late: the follower keeps the newer.
+                Some(f) if f.directive >= directive => return,
                 Some(f) => (Some(std::mem::replace(&mut f.directive, directive.clone())), None),
                 None => {
                     let follower =
@@ -310,7 +329,7 @@ fn mark(
     r.state = state.to_owned();
     r.note = Some(note.to_owned());
     r.updated_ms = now_ms();
-    if let Err(e) = store.put_optimization(&r) {
+    if let Err(e) = store.update_running_optimization(&r) {
         warn!(error = %common::daemon::error_chain(&e), host, model, "Could not mark an optimization search {state}.");
     }
 }
@@ -321,8 +340,9 @@ async fn follow_until_done(guard: FollowerGuard) {
     let (host_name, model) = guard.key.clone();
     let Ok(host) = HostId::new(&host_name) else { return };
     let store = searches.delivery.store().clone();
+    let mut interval = FOLLOW_EVERY;
     loop {
-        tokio::time::sleep(FOLLOW_EVERY).await;
+        tokio::time::sleep(interval).await;
         let Some(directive) = guard.directive() else { return };
         let (s, h, m) = (store.clone(), host.clone(), model.clone());
         let record =
@@ -338,9 +358,14 @@ async fn follow_until_done(guard: FollowerGuard) {
             }
             continue;
         };
-        let overdue = now_ms().saturating_sub(record.requested_ms) > ms(MAX_FOLLOW);
+        let running_for = now_ms().saturating_sub(record.requested_ms);
+        interval = follow_interval(Duration::from_millis(u64::try_from(running_for).unwrap_or(0)));
+        let overdue = running_for > ms(MAX_FOLLOW);
         let answer = if overdue {
             Err(format!("not seen to end within {} h", MAX_FOLLOW.as_secs() / 3600))
+        } else if !searches.delivery.is_connected(&host) {
+            // Nothing to ask until it is back (the search may still be running there).
+            continue;
         } else {
             searches.ask(&host, &model).await
         };
@@ -352,14 +377,12 @@ async fn follow_until_done(guard: FollowerGuard) {
                         let seen = state["started_unix_ms"].as_i64();
                         let first = record.agent["started_unix_ms"].as_i64();
                         let agent_state = state["state"].as_str().unwrap_or("").to_owned();
+                        // The agent replaced the model's state when it accepted this search, so
+                        // the first answer is this search's; a later change of start time means
+                        // another search replaced it (started on the agent directly).
                         if first.is_some() && seen != first {
                             record.state = "lost".into();
-                            record.note = Some("the agent now shows another search of this model (restarted, or a search started on the agent directly)".into());
-                        } else if first.is_none()
-                            && seen.is_some_and(|s| s < record.requested_ms - 60_000)
-                        {
-                            record.state = "lost".into();
-                            record.note = Some("the agent shows an older search of this model, not this one (the agent restarted?)".into());
+                            record.note = Some("the agent now shows another search of this model (started on the agent directly)".into());
                         } else {
                             record.state = match agent_state.as_str() {
                                 "running" => "running".into(),
@@ -399,8 +422,19 @@ async fn follow_until_done(guard: FollowerGuard) {
         }
         let s = store.clone();
         let r = record.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.put_optimization(&r)).await {
-            warn!(error = %common::daemon::error_chain(&e), host = %host_name, %model, "Could not store an optimization search's state.");
+        match tokio::task::spawn_blocking(move || s.update_running_optimization(&r)).await {
+            Ok(Ok(true)) => {}
+            // Marked final meanwhile (superseded): this follower moves on or ends.
+            Ok(Ok(false)) => {
+                if guard.finish(&record.directive) {
+                    return;
+                }
+                continue;
+            }
+            Ok(Err(e)) => {
+                warn!(error = %common::daemon::error_chain(&e), host = %host_name, %model, "Could not store an optimization search's state.");
+            }
+            Err(e) => warn!(error = %e, "Storing an optimization search's state failed."),
         }
         if !record.is_running() {
             info!(host = %host_name, %model, state = %record.state, "Optimization search followed to its end.");
@@ -431,7 +465,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unfinished_searches_are_followed_again_at_start_and_overdue_ones_are_lost() {
+    async fn unfinished_searches_are_followed_again_at_start_absent_hosts_are_not_asked_and_overdue_ones_are_lost()
+     {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
         let store: Arc<dyn ControlStore> = Arc::new(SledControlStore::open(&db).unwrap());
@@ -444,24 +479,26 @@ mod tests {
         let searches = Searches::new(Delivery::new(store.clone()));
         let shutdown = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(searches.clone().run(shutdown.clone()));
-        // gpu-1's search is asked after (its host is not connected: the question waits in the
-        // outbox); gpu-2's is past the longest follow and marked lost without a question.
-        let follow_up =
-            DirectiveFilter { host: Some(HostId::new("gpu-1").unwrap()), ..Default::default() };
+        // gpu-2's is past the longest follow and marked lost without a question. gpu-1's is
+        // followed again, but its host is not connected, so nothing is asked meanwhile.
         let deadline = tokio::time::Instant::now() + FOLLOW_EVERY * 4;
         loop {
-            let asked = store.directives(&follow_up, 10).unwrap();
             let lost = store.optimizations(Some(&HostId::new("gpu-2").unwrap()), None, 1).unwrap();
-            if !asked.is_empty() && lost[0].state == "lost" {
-                assert_eq!(asked[0].body, DirectiveBody::Optimization { model: "ocr".into() });
-                assert!(
-                    lost[0].note.as_deref().unwrap().starts_with("not seen to end within 12 h")
-                );
+            if lost[0].state == "lost" {
+                let note = lost[0].note.as_deref().unwrap();
+                assert!(note.starts_with("not seen to end within 12 h"), "{note}");
                 break;
             }
-            assert!(tokio::time::Instant::now() < deadline, "asked {asked:?}, gpu-2 {lost:?}");
+            assert!(tokio::time::Instant::now() < deadline, "gpu-2 {lost:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // Past gpu-1's first interval too: still running, still followed, nothing asked.
+        tokio::time::sleep(FOLLOW_EVERY + Duration::from_millis(500)).await;
+        let gpu1 = HostId::new("gpu-1").unwrap();
+        let still = store.optimizations(Some(&gpu1), None, 1).unwrap();
+        assert!(still[0].is_running(), "{still:?}");
+        let asked = DirectiveFilter { host: Some(gpu1), ..Default::default() };
+        assert!(store.directives(&asked, 10).unwrap().is_empty(), "no question to an absent host");
         assert_eq!(searches.lock().len(), 1, "only gpu-1 is still followed");
         let gpu2 = HostId::new("gpu-2").unwrap();
         assert!(
@@ -472,6 +509,13 @@ mod tests {
         );
         shutdown.cancel();
         task.await.unwrap();
+    }
+
+    #[test]
+    fn a_long_search_is_asked_less_often() {
+        assert_eq!(follow_interval(Duration::from_secs(5)), FOLLOW_EVERY);
+        assert_eq!(follow_interval(Duration::from_secs(90)), Duration::from_secs(10));
+        assert_eq!(follow_interval(Duration::from_secs(3600)), Duration::from_secs(30));
     }
 
     #[tokio::test]
@@ -502,6 +546,8 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "{records:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // An older search arriving late (a lagging listener) does not take the follower back.
+        searches.follow("gpu-1".into(), "ocr".into(), "00000001-000000000001".into());
         let following = searches.lock();
         assert_eq!(following.len(), 1, "one follower per host and model");
         assert_eq!(following.values().next().unwrap().directive, "00000001-000000000002");

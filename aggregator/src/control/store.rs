@@ -352,6 +352,10 @@ pub trait ControlStore: Send + Sync + std::fmt::Debug + 'static {
     /// Not flushed: a record lost in a crash is rewritten by the follower, which resumes the
     /// unfinished ones at start.
     fn put_optimization(&self, record: &OptimizationRecord) -> Result<(), StoreError>;
+    /// Replaces an optimization record only while the stored one is still `running` (a
+    /// compare-and-swap): a record already final (superseded, lost, done) stays as it is.
+    /// Returns whether it was replaced.
+    fn update_running_optimization(&self, record: &OptimizationRecord) -> Result<bool, StoreError>;
     /// Optimization records (of `host`, and `model`, when given), newest first, at most `limit`.
     fn optimizations(
         &self,
@@ -801,6 +805,29 @@ impl ControlStore for SledControlStore {
         Ok(())
     }
 
+    fn update_running_optimization(&self, record: &OptimizationRecord) -> Result<bool, StoreError> {
+        let key = optimization_key(&record.host, &record.model, &record.directive);
+        let new = encode("optimization", record)?;
+        loop {
+            let Some(old) = self.optimizations.get(&key).map_err(io("read optimization"))? else {
+                return Ok(false);
+            };
+            let running =
+                serde_json::from_slice::<OptimizationRecord>(&old).is_ok_and(|r| r.is_running());
+            if !running {
+                return Ok(false);
+            }
+            let swapped = self
+                .optimizations
+                .compare_and_swap(&key, Some(&old), Some(new.as_slice()))
+                .map_err(io("write optimization"))?;
+            // Changed meanwhile: look again.
+            if swapped.is_ok() {
+                return Ok(true);
+            }
+        }
+    }
+
     fn optimizations(
         &self,
         host: Option<&HostId>,
@@ -998,6 +1025,13 @@ mod tests {
         }
         let db = reopen(dir.path());
         let store = SledControlStore::open(&db).unwrap();
+        // A final record is not put back to running; a running one is updated.
+        let mut stale = record("a", "ocr", KEEP_OPTIMIZATIONS + 2);
+        stale.updated_ms = 7;
+        assert!(!store.update_running_optimization(&stale).unwrap(), "done stays done");
+        stale.directive = format!("00000001-{:012x}", KEEP_OPTIMIZATIONS + 1);
+        assert!(store.update_running_optimization(&stale).unwrap());
+        assert!(!store.update_running_optimization(&record("a", "gone", 1)).unwrap());
         let ocr = store.optimizations(Some(&host("a")), Some("ocr"), usize::MAX).unwrap();
         assert_eq!(ocr.len(), KEEP_OPTIMIZATIONS, "the oldest were dropped");
         assert_eq!(ocr[0].requested_ms, 1000 * (i64::try_from(KEEP_OPTIMIZATIONS).unwrap() + 2));
