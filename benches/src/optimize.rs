@@ -185,35 +185,21 @@ fn main() -> anyhow::Result<()> {
             );
         }
         println!("  Pareto set: {}", report.pareto.join("; "));
+        let counts = |timings: &[agent::optimizer::measure::InstanceTiming]| {
+            timings.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        };
         if !report.baseline_instances.is_empty() {
-            let counts: Vec<String> = report
-                .baseline_instances
-                .iter()
-                .map(|t| {
-                    format!(
-                        "{} -> {:.1} rows/s (p99 {:.3} ms)",
-                        t.instances, t.rows_per_s, t.p99_ms
-                    )
-                })
-                .collect();
-            println!("  baseline (tract) instances at once: {}", counts.join(", "));
+            println!(
+                "  baseline (tract) instances at once: {}",
+                counts(&report.baseline_instances)
+            );
         }
         if !report.instances.is_empty() {
-            let counts: Vec<String> = report
-                .instances
-                .iter()
-                .map(|t| {
-                    format!(
-                        "{} -> {:.1} rows/s (p99 {:.3} ms)",
-                        t.instances, t.rows_per_s, t.p99_ms
-                    )
-                })
-                .collect();
             println!(
                 "  balanced winner {} at batch {}, instances at once: {}; chosen: {}",
                 report.winner.as_deref().unwrap_or("none"),
                 report.batch.unwrap_or(1),
-                counts.join(", "),
+                counts(&report.instances),
                 report.instances_chosen.map_or("none".to_owned(), |k| k.to_string())
             );
         }

@@ -115,6 +115,22 @@ impl Fleet {
     }
 }
 
+impl Fleet {
+    /// Writes `policy` as `analytics.toml` and an aggregator config that reads it, with a
+    /// schedule that never fires during a test (passes are run through the CLI); returns the
+    /// config's path.
+    pub fn aggregator_config_with_analytics(&self, policy: &str) -> PathBuf {
+        std::fs::write(self.path().join("analytics.toml"), policy).expect("write analytics.toml");
+        let config = self.aggregator_config(0);
+        let mut text = std::fs::read_to_string(&config).expect("read aggregator config");
+        text.push_str(
+            "[analytics]\npolicy_file = \"analytics.toml\"\nschedule = \"0 0 0 1 1 *\"\n",
+        );
+        std::fs::write(&config, text).expect("write aggregator config");
+        config
+    }
+}
+
 impl Default for Fleet {
     fn default() -> Self {
         Self::new()

@@ -119,6 +119,13 @@ pub struct InstanceTiming {
     pub rows_per_s: f64,
 }
 
+impl std::fmt::Display for InstanceTiming {
+    /// `2 -> 1054.5 rows/s (p99 14.983 ms)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} -> {:.1} rows/s (p99 {:.3} ms)", self.instances, self.rows_per_s, self.p99_ms)
+    }
+}
+
 /// Times `instances` threads each running `engine` on `inputs` (one batch of `batch` rows) at
 /// the same moment: a warm-up round, then up to `effort.rounds` rounds. A round lasts as long
 /// as its slowest batch; after it the search pauses long enough that the CPU it used (up to

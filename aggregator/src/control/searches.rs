@@ -282,28 +282,32 @@ impl Searches {
             body,
             not_after_ms: now.saturating_add(ms(ASK_TTL)),
         };
+        // Subscribed before the send, so the answer cannot slip past.
+        let mut answers = self.delivery.answers();
         let (_, made) = self
             .delivery
             .submit(decision, vec![directive])
             .await
             .map_err(|e| common::daemon::error_chain(&e))?;
         let id = made.into_iter().next().ok_or("the follow-up was not recorded")?.id;
-        // Read back from the store: the answers channel may drop some under load.
-        let store = self.delivery.store().clone();
         let deadline = tokio::time::Instant::now() + ASK_TTL + super::delivery::ANSWER_TIMEOUT;
         loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let (s, key) = (store.clone(), id.clone());
-            let found = tokio::task::spawn_blocking(move || s.directive(&key))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| common::daemon::error_chain(&e))?;
-            match found {
-                Some(d) if d.state.is_final() => return Ok(d),
-                Some(_) if tokio::time::Instant::now() < deadline => {}
-                Some(_) => return Err("the agent did not answer in time".into()),
-                None => return Err("the follow-up directive was pruned unanswered".into()),
+            match tokio::time::timeout_at(deadline, answers.recv()).await {
+                Ok(Ok(answered)) if answered.id == id => return Ok(answered),
+                Ok(Ok(_)) => {}
+                // Missed answers (lagged) or time is up: read the record as it stands.
+                Ok(Err(_)) | Err(_) => break,
             }
+        }
+        let store = self.delivery.store().clone();
+        let found = tokio::task::spawn_blocking(move || store.directive(&id))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| common::daemon::error_chain(&e))?;
+        match found {
+            Some(d) if d.state.is_final() => Ok(d),
+            Some(_) => Err("the agent did not answer in time".into()),
+            None => Err("the follow-up directive was pruned unanswered".into()),
         }
     }
 }

@@ -197,22 +197,15 @@ fn approx(a: f64, b: f64) -> bool {
 fn seasonal_fleet_yields_forecast_costs_plan_and_a_delivered_budget_alert() {
     let fleet = Fleet::new();
     let (webhook, bodies) = webhook_receiver();
-    std::fs::write(
-        fleet.path().join("analytics.toml"),
-        format!(
+    let config = fleet.aggregator_config_with_analytics(
+        &format!(
             "webhook_url = \"{webhook}\"\ncost_window_hours = 24\n\
              [plans]\ndeferrable_models = [\"resnet\"]\n\
              [[budgets]]\nname = \"fleet-daily\"\namount = 50.0\nperiod = \"day\"\nscope = \"fleet\"\n\
              thresholds = [{{ pct = 100.0, on = \"forecast\", severity = \"critical\" }}]\n\
              [[alerts]]\nname = \"resnet-p95\"\nmodel = \"resnet\"\np95_latency_ms = 1000.0\n"
         ),
-    )
-    .unwrap();
-    let config = fleet.aggregator_config(0);
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    // A schedule that does not fire during the test: passes are triggered through the CLI.
-    text.push_str("[analytics]\npolicy_file = \"analytics.toml\"\nschedule = \"0 0 0 1 1 *\"\n");
-    std::fs::write(&config, text).unwrap();
+    );
     let agg = Aggregator::start(&config);
 
     let now_ms =

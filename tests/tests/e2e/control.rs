@@ -373,19 +373,13 @@ fn common_now_ms() -> i64 {
 #[test]
 fn a_crossed_auto_optimize_budget_records_directives_for_idle_models() {
     let fleet = Fleet::new();
-    std::fs::write(
-        fleet.path().join("analytics.toml"),
+    let config = fleet.aggregator_config_with_analytics(
         "cost_window_hours = 24\n\
          [[budgets]]\nname = \"tight\"\namount = 1.0\nperiod = \"day\"\nscope = \"fleet\"\n\
          auto_optimize = true\nthresholds = [{ pct = 50.0, on = \"forecast\", severity = \"critical\" }]\n\
          [[budgets]]\nname = \"flag-only\"\namount = 1.0\nperiod = \"day\"\nscope = \"fleet\"\n\
          thresholds = [{ pct = 50.0, on = \"forecast\", severity = \"warning\" }]\n",
-    )
-    .unwrap();
-    let config = fleet.aggregator_config(0);
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("[analytics]\npolicy_file = \"analytics.toml\"\nschedule = \"0 0 0 1 1 *\"\n");
-    std::fs::write(&config, text).unwrap();
+    );
     let agg = Aggregator::start(&config);
     let now_ms = common_now_ms();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -424,17 +418,11 @@ fn a_crossed_auto_optimize_budget_records_directives_for_idle_models() {
 #[test]
 fn a_crossed_auto_optimize_budget_searches_a_busy_model_and_adopts_the_cheapest() {
     let fleet = Fleet::new();
-    std::fs::write(
-        fleet.path().join("analytics.toml"),
+    let config = fleet.aggregator_config_with_analytics(
         "cost_window_hours = 24\n\
          [[budgets]]\nname = \"tight\"\namount = 0.0001\nperiod = \"day\"\nscope = \"fleet\"\n\
          auto_optimize = true\nthresholds = [{ pct = 50.0, on = \"forecast\", severity = \"critical\" }]\n",
-    )
-    .unwrap();
-    let config = fleet.aggregator_config(0);
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("[analytics]\npolicy_file = \"analytics.toml\"\nschedule = \"0 0 0 1 1 *\"\n");
-    std::fs::write(&config, text).unwrap();
+    );
     let agg = Aggregator::start(&config);
     let repo = fleet.path().join("models");
     install_ocr(&repo);
